@@ -1,0 +1,58 @@
+# peekcore: `make demo` runs the main job, `make test` runs everything CI runs.
+# Both set up a virtual environment first (.venv, reused when up to date).
+#
+# TORCH_SPEC picks the torch build installed before peekcore. The default is
+# the CPU build this project's machines carry; on a GPU machine install the
+# CUDA build of torch yourself first (see README.md) and it is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.peekcore-installed
+CU_FILES := $(wildcard csrc/cuda/*.cu)
+CPP_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu')
+
+.PHONY: setup demo test lint format cuda-check pytest bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(CPP_FILES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m peekcore demo
+
+test: setup lint cuda-check pytest
+
+lint: setup
+	$(VENV)/bin/ruff check peekcore tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check peekcore tests benchmarks setup.py
+	$(VENV)/bin/clang-format --dry-run -Werror $(CPP_FILES)
+
+format: setup
+	$(VENV)/bin/ruff format peekcore tests benchmarks setup.py
+	$(VENV)/bin/ruff check --fix peekcore tests benchmarks setup.py
+	$(VENV)/bin/clang-format -i $(CPP_FILES)
+
+# Compile-check every CUDA source for Ampere and Hopper (no GPU needed).
+cuda-check:
+	@if [ -z "$(CU_FILES)" ]; then echo "cuda-check: no .cu files"; \
+	elif ! command -v nvcc >/dev/null; then echo "cuda-check: SKIPPED, nvcc not found"; \
+	else set -e; tmp=$$(mktemp -d); for f in $(CU_FILES); do for arch in sm_80 sm_90; do \
+	  nvcc -std=c++17 -arch=$$arch -cubin -Icsrc/include -o $$tmp/out.cubin $$f; \
+	done; echo "cuda-check: $$f ok (sm_80, sm_90)"; done; rm -rf $$tmp; fi
+
+pytest: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf build $(VENV) peekcore/_core*.so

@@ -1,0 +1,122 @@
+// The one binding file of peekcore._core. Python (peekcore/kernels/native.py)
+// prepares contiguous buffers; this file checks them and crosses into C++.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+
+#include "cpu/cp_pass.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw py::value_error(what);
+}
+
+void require_c_contiguous(const py::array& a, const char* name) {
+  require((a.flags() & py::array::c_style) != 0, std::string(name) + " must be C-contiguous");
+}
+
+template <typename T>
+double run_pass(const py::array& chunk, int storage, const std::vector<std::int64_t>& dims,
+                const std::vector<py::array>& factors, const py::array& g, py::array& a_rows,
+                py::array& t_acc, py::array& ata, int update, int sweeps, bool want_norm,
+                std::int64_t block_bytes) {
+  const int R = static_cast<int>(a_rows.shape(1));
+  std::int64_t J = 1;
+  for (auto n : dims) J *= n;
+  require(chunk.ndim() == 2 && chunk.shape(1) == J, "chunk must be rows x J (flattened)");
+  require(a_rows.ndim() == 2 && a_rows.shape(0) == chunk.shape(0),
+          "a_rows must have one row per chunk sample");
+  require(t_acc.ndim() == 2 && t_acc.shape(0) == R && t_acc.shape(1) == J, "t_acc must be R x J");
+  require(py::isinstance<py::array_t<T>>(t_acc), "t_acc has the wrong dtype");
+  require(
+      py::isinstance<py::array_t<double>>(g) && g.ndim() == 2 && g.shape(0) == R && g.shape(1) == R,
+      "g must be a float64 R x R array");
+  require(py::isinstance<py::array_t<double>>(ata) && ata.shape(0) == R && ata.shape(1) == R,
+          "ata must be a float64 R x R array");
+  require(factors.size() == dims.size(), "one factor per resident mode");
+  for (auto* a : {&chunk, &g, static_cast<const py::array*>(&a_rows),
+                  static_cast<const py::array*>(&t_acc), static_cast<const py::array*>(&ata)})
+    require_c_contiguous(*a, "every buffer");
+  require(a_rows.writeable() && t_acc.writeable() && ata.writeable(), "outputs must be writable");
+
+  peekcore::PassArgs<T> args;
+  args.chunk = chunk.data();
+  args.storage = storage;
+  args.rows = chunk.shape(0);
+  args.dims = dims;
+  for (std::size_t m = 0; m < factors.size(); ++m) {
+    const auto& f = factors[m];
+    require(py::isinstance<py::array_t<T>>(f) && f.ndim() == 2 && f.shape(0) == dims[m] &&
+                f.shape(1) == R,
+            "factor " + std::to_string(m) + " must be I_m x R in the compute dtype");
+    require_c_contiguous(f, "every factor");
+    args.factors.push_back(static_cast<const T*>(f.data()));
+  }
+  args.g = static_cast<const double*>(g.data());
+  args.a_rows = static_cast<T*>(a_rows.mutable_data());
+  args.t_acc = static_cast<T*>(t_acc.mutable_data());
+  args.ata = static_cast<double*>(ata.mutable_data());
+  args.rank = R;
+  args.update = update;
+  args.sweeps = sweeps;
+  args.want_norm = want_norm;
+  args.block_bytes = block_bytes;
+  py::gil_scoped_release release;
+  return peekcore::pass_chunk<T>(args);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "peekcore native kernels (CPU pass; see peekcore.kernels)";
+  m.def(
+      "pass_chunk",
+      [](const py::array& chunk, int storage, const std::vector<std::int64_t>& dims,
+         const std::vector<py::array>& factors, const py::array& g, py::array a_rows,
+         py::array t_acc, py::array ata, int update, int sweeps, bool want_norm,
+         std::int64_t block_bytes) -> double {
+        if (py::isinstance<py::array_t<float>>(a_rows))
+          return run_pass<float>(chunk, storage, dims, factors, g, a_rows, t_acc, ata, update,
+                                 sweeps, want_norm, block_bytes);
+        if (py::isinstance<py::array_t<double>>(a_rows))
+          return run_pass<double>(chunk, storage, dims, factors, g, a_rows, t_acc, ata, update,
+                                  sweeps, want_norm, block_bytes);
+        throw py::type_error("a_rows must be float32 or float64 (the compute dtype)");
+      },
+      py::arg("chunk"), py::arg("storage"), py::arg("dims"), py::arg("factors"), py::arg("g"),
+      py::arg("a_rows"), py::arg("t_acc"), py::arg("ata"), py::arg("update"), py::arg("sweeps"),
+      py::arg("want_norm"), py::arg("block_bytes"));
+
+  m.def("build_info", []() {
+    py::dict info;
+    info["openmp"] = peekcore::has_openmp();
+    info["openmp_version"] = peekcore::openmp_version();
+    info["max_threads"] = peekcore::max_threads();
+    info["blas"] = std::string(peekcore::blas_config());
+#ifdef PEEKCORE_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    std::ostringstream cxx;
+#if defined(__clang__)
+    cxx << "clang " << __clang_major__ << "." << __clang_minor__ << "." << __clang_patchlevel__;
+#elif defined(__GNUC__)
+    cxx << "gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "." << __GNUC_PATCHLEVEL__;
+#else
+    cxx << "unknown";
+#endif
+    info["compiler"] = cxx.str();
+    info["cxx_standard"] = static_cast<long>(__cplusplus);
+    info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
+                       std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                       std::to_string(PYBIND11_VERSION_PATCH);
+    return info;
+  });
+}

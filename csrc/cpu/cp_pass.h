@@ -1,0 +1,48 @@
+// The per-chunk pass of streaming CP (shared/DESIGN.md, "one pass over the
+// data per ALS iteration"), CPU implementation.
+//
+// Input:  chunk X_b, b x J row-major, J = I_1 * ... * I_d (d >= 2 resident modes)
+//         resident factors F_m, I_m x R row-major, compute type T
+//         g: R x R float64, the inverse of the Hadamard Gram (ALS) or the Gram
+//            itself (HALS)
+// In/out: a_rows (b x R, T): the chunk's rows of the sample factor
+//         t_acc (R x J, T):  T += A_b^T X_b
+//         ata (R x R, double): A^T A += A_b^T A_b
+// Returns the chunk's sum of squares when asked (else 0).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace peekcore {
+
+enum class Update : int { kAls = 0, kHals = 1 };
+
+template <typename T>
+struct PassArgs {
+  const void* chunk = nullptr;
+  int storage = 0;  // peekcore::Storage
+  std::int64_t rows = 0;
+  std::vector<std::int64_t> dims;  // I_1 .. I_d
+  std::vector<const T*> factors;   // d pointers, I_m x R
+  const double* g = nullptr;       // R x R
+  T* a_rows = nullptr;             // rows x R
+  T* t_acc = nullptr;              // R x J
+  double* ata = nullptr;           // R x R
+  int rank = 0;
+  int update = 0;  // peekcore::Update
+  int sweeps = 1;  // HALS inner sweeps
+  bool want_norm = false;
+  std::int64_t block_bytes = 4 << 20;  // decoded bytes per block of samples
+};
+
+template <typename T>
+double pass_chunk(const PassArgs<T>& args);
+
+// Compile-time facts for build_info().
+bool has_openmp();
+int openmp_version();
+int max_threads();
+const char* blas_config();
+
+}  // namespace peekcore

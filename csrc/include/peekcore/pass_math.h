@@ -1,0 +1,63 @@
+// Shared scalar math for the per-chunk pass: storage decoding and the HALS
+// column update. Included by the CPU extension and by the CUDA sources, so the
+// two implementations cannot drift apart (see shared/STYLE.md, torch_scatter).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__CUDA_ARCH__)
+#define PEEK_HD __host__ __device__ __forceinline__
+#else
+#define PEEK_HD inline
+#endif
+
+namespace peekcore {
+
+// Storage kinds of the streamed chunk. Values match peekcore/kernels/native.py.
+enum class Storage : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// IEEE binary16 bits -> float, exact for every input (subnormals, inf, nan).
+PEEK_HD float half_bits_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu;
+  std::uint32_t man = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0x1fu) {  // inf / nan
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {  // normal
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {  // signed zero
+    bits = sign;
+  } else {  // subnormal: renormalize
+    exp = 113u;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// bfloat16 bits -> float: the upper half of a binary32.
+PEEK_HD float bf16_bits_to_float(std::uint16_t h) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// One HALS coordinate step for entry a of column r of a nonnegative factor:
+//   a <- max(0, a + (m_r - sum_k a_k g_kr) / g_rr)
+// `resid` is m_r - sum_k a_k g_kr. A column whose diagonal Gram entry is zero
+// (a dead component) is left unchanged; the solver re-seeds it.
+template <typename T>
+PEEK_HD T hals_step(T a, T resid, T g_rr) {
+  if (!(g_rr > T(0))) return a;
+  const T v = a + resid / g_rr;
+  return v > T(0) ? v : T(0);
+}
+
+}  // namespace peekcore

@@ -1,0 +1,57 @@
+"""peekcore: streaming CP and nonnegative CP of neural-network activations.
+
+Fit a CP model to an activation tensor (samples x channels x space) without
+holding it whole: ``peekcore.cp_als(data, rank)``.
+"""
+
+from __future__ import annotations
+
+from . import kernels, sources
+from ._native import available as _native_available
+from ._version import __version__
+from .model import CPModel, FitHistory
+from .solvers import cp_als
+from .solvers.engine import IterationInfo
+from .sources import ArraySource, ChunkSource
+
+__all__ = [
+    "ArraySource",
+    "CPModel",
+    "ChunkSource",
+    "FitHistory",
+    "IterationInfo",
+    "__version__",
+    "build_info",
+    "cp_als",
+    "kernels",
+    "sources",
+]
+
+
+def build_info() -> dict:
+    """What was compiled in: native extension, OpenMP, BLAS, CUDA, versions.
+
+    Returns
+    -------
+    dict
+        ``native`` (bool), and when built: ``openmp``, ``openmp_version``,
+        ``max_threads``, ``blas``, ``cuda``, ``compiler``, ``cxx_standard``,
+        ``pybind11``; plus ``peekcore``, ``torch``, ``numpy`` versions and
+        ``cupy`` (version or None).
+    """
+    import numpy
+    import torch
+
+    from . import _native
+
+    info: dict = {"peekcore": __version__, "torch": torch.__version__, "numpy": numpy.__version__}
+    info["native"] = _native_available()
+    if info["native"]:
+        info.update(_native.core().build_info())
+    try:
+        import cupy  # noqa: F401
+
+        info["cupy"] = cupy.__version__
+    except Exception:
+        info["cupy"] = None
+    return info

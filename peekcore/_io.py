@@ -1,0 +1,62 @@
+"""Atomic file writes: nothing the user wrote is lost if a write fails midway."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write"]
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path) -> Iterator[tuple[IO[bytes], str]]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, tmp
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically: temporary file beside it, fsync, rename.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination. Its folder must exist.
+    write : callable
+        Called with a binary file object to fill.
+
+    Returns
+    -------
+    pathlib.Path
+        The destination. On any error the destination is untouched and no
+        temporary file is left behind.
+    """
+    dest = Path(path)
+    if not dest.parent.exists():
+        raise FileNotFoundError(f"cannot write {dest}: folder {dest.parent} does not exist")
+    with _temporary_beside(dest) as (fh, tmp):
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return dest

@@ -1,0 +1,76 @@
+"""The C++ extension's pass (``peekcore._core.pass_chunk``): the CPU default."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._native import core
+from .base import ALS, PassKernel, PassStatistics
+
+__all__ = ["NativeKernel", "STORAGE_CODES"]
+
+# Must match peekcore::Storage in csrc/include/peekcore/pass_math.h
+STORAGE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+#: decoded bytes per block of samples; sized so a block stays in the L2/L3 cache
+DEFAULT_BLOCK_BYTES = 4 << 20
+
+
+def _numpy_view(x: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its int16 bits)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy()
+    return x.numpy()
+
+
+class NativeKernel(PassKernel):
+    """Blocked CPU pass: OpenBLAS for both contractions, OpenMP for the rest."""
+
+    name = "native"
+
+    def __init__(self, device: str | torch.device = "cpu", block_bytes: int = DEFAULT_BLOCK_BYTES):
+        super().__init__(device)
+        if self.device.type != "cpu":
+            raise ValueError("the native kernel runs on the CPU; use kernel='cuda' on a GPU")
+        self._core = core()
+        self.block_bytes = int(block_bytes)
+
+    def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> list:
+        return [f.to(dtype=dtype).contiguous().numpy() for f in factors]
+
+    def pass_chunk(
+        self,
+        chunk: torch.Tensor,
+        factors: list[np.ndarray],
+        g: torch.Tensor,
+        a_rows: torch.Tensor,
+        stats: PassStatistics,
+        *,
+        dims: tuple[int, ...],
+        update: str,
+        sweeps: int,
+        want_norm: bool,
+    ) -> float:
+        x = chunk.contiguous()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        out = a_rows if a_rows.is_contiguous() else a_rows.contiguous()
+        norm2 = self._core.pass_chunk(
+            _numpy_view(x.reshape(x.shape[0], -1)),
+            STORAGE_CODES[x.dtype],
+            list(dims),
+            factors,
+            g.contiguous().numpy(),
+            out.numpy(),
+            stats.t.numpy(),
+            stats.ata.numpy(),
+            0 if update == ALS else 1,
+            int(sweeps),
+            bool(want_norm),
+            self.block_bytes,
+        )
+        if out is not a_rows:
+            a_rows.copy_(out)
+        stats.rows += x.shape[0]
+        return norm2

@@ -1,0 +1,109 @@
+"""Streaming CP-ALS: one pass over the data per iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..kernels import ALS, PassKernel
+from ..model import CPModel
+from .engine import IterationInfo, fit_streaming
+
+__all__ = ["cp_als"]
+
+
+def cp_als(
+    data: Any,
+    rank: int,
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: Any = "random",
+    random_state: int | None = 0,
+    chunk_size: int | None = None,
+    max_chunk_bytes: int | None = None,
+    dtype: Any = None,
+    device: str | torch.device = "cpu",
+    kernel: str | PassKernel | None = None,
+    callback: Callable[[IterationInfo], Any] | None = None,
+    progress: bool | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: str | Path | None = None,
+) -> CPModel:
+    """CP decomposition by alternating least squares, streamed over the sample mode.
+
+    Each iteration reads the data once: every chunk's rows of the sample factor
+    are solved and ``T = X x_0 A^T`` is accumulated, from which the resident
+    factors are updated (shared/DESIGN.md). Results equal a dense ALS with the
+    same initialization and update order, to rounding, for any chunking.
+
+    Parameters
+    ----------
+    data : array, tensor, path or chunk source
+        ``N x I_1 x ... x I_d`` (``d >= 2``), mode 0 the samples: a numpy array
+        or memmap, a torch tensor, a ``.npy`` path (read lazily), or a chunk
+        source (``peekcore.sources``). Stored as float16, bfloat16, float32 or
+        float64.
+    rank : int
+        Number of components ``R``.
+    n_iter_max : int
+        Maximum number of iterations (passes).
+    tol : float
+        Stop when ``|fit_k - fit_{k-1}| <= tol * |fit_{k-1}|``.
+    init : {"random", "gram"}, CPModel or TensorLy CPTensor
+        ``"random"``: standard normal factors from ``random_state``. ``"gram"``:
+        leading eigenvectors of each resident mode's Gram matrix, accumulated in
+        one streamed pass. A model: its factors (weights folded into mode 0).
+    random_state : int or None
+        Seed for the random initialization.
+    chunk_size : int, optional
+        Samples per chunk; default from ``max_chunk_bytes`` (64 MiB).
+    max_chunk_bytes : int, optional
+        Bytes of stored data per chunk when ``chunk_size`` is not given.
+    dtype : {"float32", "float64"}, optional
+        Accumulation precision; default float64 for float64 data, else float32.
+        ``R x R`` solves always run in float64.
+    device : str or torch.device
+        ``"cpu"`` or a CUDA device.
+    kernel : {"native", "torch"} or PassKernel, optional
+        Pass implementation; default the C++ extension on the CPU.
+    callback : callable, optional
+        Called with an :class:`IterationInfo` after each iteration; a true
+        return value stops the fit.
+    progress : bool, optional
+        Show a progress bar; default: when stderr is a terminal.
+    checkpoint : path, optional
+        Write the fit state here (atomically) every ``checkpoint_every`` iterations.
+    checkpoint_every : int
+        Iterations between checkpoints.
+    resume : path, optional
+        Continue from a checkpoint; the result equals an uninterrupted fit.
+
+    Returns
+    -------
+    CPModel
+        Normalized: weights nonincreasing, unit-norm columns, deterministic signs.
+    """
+    return fit_streaming(
+        data,
+        rank,
+        method=ALS,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        init=init,
+        random_state=random_state,
+        chunk_size=chunk_size,
+        max_chunk_bytes=max_chunk_bytes,
+        dtype=dtype,
+        device=device,
+        kernel=kernel,
+        callback=callback,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )

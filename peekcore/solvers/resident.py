@@ -1,0 +1,86 @@
+"""Updates of the resident (non-sample) factors from a pass's statistics.
+
+Everything here is small: ``T`` is ``R x I_1 x ... x I_d`` and the solves are
+``R x R``. It runs in float64 torch on the kernel's device, so a GPU fit needs
+no host round trip until the fit scalar.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+__all__ = ["gram_inverse", "resident_mttkrp", "als_solve", "hals_columns", "hadamard"]
+
+
+def hadamard(mats: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise product of equally shaped matrices."""
+    out = mats[0].clone()
+    for m in mats[1:]:
+        out *= m
+    return out
+
+
+def gram_inverse(g: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric PSD Gram (Cholesky; pseudo-inverse when singular)."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(g, hermitian=True)
+
+
+def als_solve(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Least-squares factor update ``F = M G^-1`` (``M``: ``I x R``, ``G``: ``R x R``)."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(m.T, chol).T
+    return m @ torch.linalg.pinv(g, hermitian=True)
+
+
+def resident_mttkrp(t: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Tensor:
+    """MTTKRP of the full tensor for resident ``mode``, from ``T = X x_0 A^T``.
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        ``R x I_1 x ... x I_d``.
+    factors : list of torch.Tensor
+        The resident factors ``I_k x R`` (entry ``mode`` is not used).
+    mode : int
+        Index into ``factors`` (0 is the first resident mode).
+
+    Returns
+    -------
+    torch.Tensor
+        ``I_mode x R``: ``sum_{k != mode} T[r, ..., i_k, ...] F_k[i_k, r]``.
+    """
+    d = t.ndim - 1
+    letters = string.ascii_lowercase[:d]
+    operands = [t]
+    subs = ["z" + letters]
+    # contract the largest modes first: torch's einsum goes left to right
+    others = sorted((k for k in range(d) if k != mode), key=lambda k: -t.shape[k + 1])
+    for k in others:
+        operands.append(factors[k])
+        subs.append(letters[k] + "z")
+    expr = ",".join(subs) + "->" + letters[mode] + "z"
+    return torch.einsum(expr, *operands)
+
+
+def hals_columns(f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Nonnegative HALS sweeps on a factor (returns a new tensor).
+
+    Column ``r``: ``f_r <- max(0, f_r + (m_r - f g_r) / g_rr)``, in order
+    ``r = 0..R-1``, ``sweeps`` times; columns with ``g_rr == 0`` are skipped.
+    """
+    f = f.clone()
+    rank = f.shape[1]
+    diag = torch.diagonal(g).tolist()
+    for _ in range(sweeps):
+        for r in range(rank):
+            if not diag[r] > 0:
+                continue
+            resid = m[:, r] - f @ g[:, r]
+            f[:, r] = torch.clamp(f[:, r] + resid / diag[r], min=0)
+    return f

@@ -1,0 +1,158 @@
+"""Where chunks come from: the chunk-source protocol and its array sources.
+
+The chunk-source protocol
+-------------------------
+Every solver in peekcore reads its data through one small protocol, so that
+arrays in memory, memory-mapped files, activation stores and live models are
+interchangeable. A chunk source is any object with:
+
+``shape``
+    ``tuple[int, ...]`` of length >= 3. Mode 0 is the sample mode (images,
+    tokens); the other modes (channels, space, ...) are the *resident* modes.
+``dtype``
+    The stored element type as a string: ``"float16"``, ``"bfloat16"``,
+    ``"float32"`` or ``"float64"`` (a numpy or torch dtype is accepted too).
+``chunks(chunk_size)``
+    Returns a fresh iterator over consecutive slices along mode 0, each an
+    array of shape ``(b, *shape[1:])`` (numpy, torch or anything
+    ``numpy.asarray`` accepts), together covering samples ``0 .. shape[0]-1``
+    in order. ``chunk_size`` is a hint in samples; a source may yield other
+    sizes (a store yields its own chunks). It must be callable any number of
+    times and yield the same values each time: one call is one pass.
+
+Results do not depend on how a source chunks its data, beyond rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["ChunkSource", "ArraySource", "as_source", "dtype_name", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@runtime_checkable
+class ChunkSource(Protocol):
+    """Structural type of a chunk source (see the module docstring)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def chunks(self, chunk_size: int) -> Iterator[Any]: ...
+
+
+def dtype_name(dtype: Any) -> str:
+    """Name of a numpy / torch / string dtype as one of ``SUPPORTED_DTYPES``.
+
+    Raises
+    ------
+    TypeError
+        For integer, boolean, complex or unknown dtypes, with the fix.
+    """
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    if name in SUPPORTED_DTYPES:
+        return name
+    raise TypeError(
+        f"peekcore factors floating-point data (float16, bfloat16, float32 or float64); "
+        f"got dtype {name}. Convert first, e.g. data.astype(np.float32)."
+    )
+
+
+class ArraySource:
+    """A chunk source over an array held in memory or memory-mapped.
+
+    Parameters
+    ----------
+    array : numpy.ndarray, numpy.memmap or torch.Tensor (CPU or GPU)
+        Shape ``(N, I_1, ..., I_d)``. Chunks are views where the layout
+        allows, so nothing is copied for in-memory arrays; memory-mapped
+        arrays are read one chunk at a time.
+    """
+
+    def __init__(self, array: np.ndarray | torch.Tensor) -> None:
+        if isinstance(array, torch.Tensor):
+            self.array = array.detach()
+        else:
+            self.array = array
+        self._dtype = dtype_name(self.array.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.array.shape)
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or the torch device string of a GPU tensor."""
+        if isinstance(self.array, torch.Tensor):
+            return str(self.array.device)
+        return "cpu"
+
+    def chunks(self, chunk_size: int) -> Iterator[np.ndarray | torch.Tensor]:
+        n = self.shape[0]
+        step = max(1, int(chunk_size))
+        for start in range(0, n, step):
+            yield self.array[start : start + step]
+
+    def __repr__(self) -> str:
+        kind = type(self.array).__name__
+        return f"ArraySource({kind}, shape={self.shape}, dtype={self.dtype})"
+
+
+def as_source(data: Any) -> ChunkSource:
+    """Wrap user data as a chunk source.
+
+    Parameters
+    ----------
+    data : array, tensor, path or chunk source
+        A numpy array or memmap, a torch tensor, a path to a ``.npy`` file
+        (opened memory-mapped, read lazily), or any object that follows the
+        chunk-source protocol (returned as is).
+
+    Returns
+    -------
+    ChunkSource
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"no such data file: {path}")
+        if path.suffix != ".npy":
+            raise ValueError(
+                f"{path}: peekcore reads .npy files directly; for other formats load the "
+                "array yourself or pass a chunk source"
+            )
+        return ArraySource(np.load(path, mmap_mode="r"))
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        return ArraySource(data)
+    if isinstance(data, ChunkSource):
+        return data
+    if hasattr(data, "__cuda_array_interface__") or hasattr(data, "__dlpack__"):
+        try:
+            return ArraySource(torch.from_dlpack(data))
+        except Exception as err:  # pragma: no cover - depends on the producer
+            raise TypeError(f"could not import {type(data).__name__} through DLPack") from err
+    raise TypeError(
+        f"cannot read data of type {type(data).__name__}: pass a numpy array, a torch tensor, "
+        "a .npy path, or an object with shape, dtype and chunks(chunk_size) "
+        "(see peekcore.sources)"
+    )

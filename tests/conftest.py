@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import peekcore.kernels  # noqa: E402
+
+CPU_KERNELS = peekcore.kernels.names()
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """Random data per test: seeded by the test's name (and PEEKCORE_TEST_SEED, to vary it)."""
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("PEEKCORE_TEST_SEED", "0"))
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=CPU_KERNELS)
+def kernel(request) -> str:
+    return request.param

@@ -1,0 +1,74 @@
+"""Plain float64 numpy references (dense tensors, einsum MTTKRP) for the tests."""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+
+def mttkrp(x: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
+    """Dense MTTKRP by einsum: ``I_mode x R``."""
+    letters = string.ascii_lowercase[: x.ndim]
+    operands = [x]
+    subs = [letters]
+    for k, f in enumerate(factors):
+        if k != mode:
+            operands.append(f)
+            subs.append(letters[k] + "z")
+    return np.einsum(",".join(subs) + "->" + letters[mode] + "z", *operands, optimize=True)
+
+
+def gram_except(factors: list[np.ndarray], mode: int) -> np.ndarray:
+    g = np.ones((factors[0].shape[1],) * 2)
+    for k, f in enumerate(factors):
+        if k != mode:
+            g = g * (f.T @ f)
+    return g
+
+
+def als(x: np.ndarray, factors: list[np.ndarray], n_iter: int) -> list[np.ndarray]:
+    """Textbook CP-ALS: modes updated in order 0, 1, ..., d each iteration."""
+    factors = [np.array(f, dtype=np.float64) for f in factors]
+    for _ in range(n_iter):
+        for mode in range(x.ndim):
+            m = mttkrp(x, factors, mode)
+            factors[mode] = np.linalg.solve(gram_except(factors, mode), m.T).T
+    return factors
+
+
+def hals(x: np.ndarray, factors: list[np.ndarray], n_iter: int, sweeps: int) -> list[np.ndarray]:
+    """Nonnegative CP by HALS: modes in order, ``sweeps`` column sweeps per mode."""
+    factors = [np.array(f, dtype=np.float64) for f in factors]
+    for _ in range(n_iter):
+        for mode in range(x.ndim):
+            m = mttkrp(x, factors, mode)
+            g = gram_except(factors, mode)
+            f = factors[mode]
+            for _ in range(sweeps):
+                for r in range(f.shape[1]):
+                    if g[r, r] > 0:
+                        f[:, r] = np.maximum(0, f[:, r] + (m[:, r] - f @ g[:, r]) / g[r, r])
+    return factors
+
+
+def full(factors: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    rank = factors[0].shape[1]
+    w = np.ones(rank) if weights is None else weights
+    letters = string.ascii_lowercase[: len(factors)]
+    subs = ",".join(c + "z" for c in letters) + ",z->" + letters
+    return np.einsum(subs, *factors, w, optimize=True)
+
+
+def dense_fit(x: np.ndarray, factors: list[np.ndarray], weights: np.ndarray | None = None) -> float:
+    return 1.0 - np.linalg.norm(x - full(factors, weights)) / np.linalg.norm(x)
+
+
+def low_rank(rng: np.random.Generator, shape: tuple[int, ...], rank: int, noise: float = 0.0):
+    """A random rank-``rank`` tensor plus relative Gaussian noise, and its factors."""
+    factors = [rng.standard_normal((n, rank)) for n in shape]
+    x = full(factors)
+    if noise:
+        e = rng.standard_normal(shape)
+        x = x + noise * np.linalg.norm(x) / np.linalg.norm(e) * e
+    return x, factors
