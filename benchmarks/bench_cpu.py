@@ -86,7 +86,7 @@ def peak_overhead(args: argparse.Namespace) -> dict:
     code = f"""
 import resource, numpy as np, peekcore, json, sys
 rng = np.random.default_rng(0)
-x = np.abs(rng.standard_normal(({args.n}, {args.c}, {args.s}), dtype=np.float32))
+x = np.abs(rng.standard_normal(({args.n}, {args.c}, {args.s}), dtype=np.float32), out=None)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = peekcore.cp_als(x, {args.rank}, n_iter_max=3, tol=0, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -114,7 +114,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shape = (args.n, args.c, args.s)
     # nonnegative data so the same tensor serves ALS and HALS
-    x = np.abs(rng.standard_normal(shape, dtype=np.float32))
+    x = rng.standard_normal(shape, dtype=np.float32)
+    np.abs(x, out=x)  # in place: see activation_like in peekcore/cli.py
     x16 = x.astype(np.float16)
     init = (np.ones(args.rank), [rng.random((n, args.rank)) for n in shape])
     init_model = CPModel(*init)
