@@ -10,7 +10,7 @@ from . import kernels, sources
 from ._native import available as _native_available
 from ._version import __version__
 from .model import CPModel, FitHistory
-from .solvers import cp_als
+from .solvers import cp_als, ncp_hals
 from .solvers.engine import IterationInfo
 from .sources import ArraySource, ChunkSource
 
@@ -24,6 +24,7 @@ __all__ = [
     "build_info",
     "cp_als",
     "kernels",
+    "ncp_hals",
     "sources",
 ]
 

@@ -156,7 +156,11 @@ def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, 
 
 
 def gram_pass(
-    source: ChunkSource, chunk_size: int, compute_dtype: torch.dtype, device: torch.device
+    source: ChunkSource,
+    chunk_size: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    nonneg: bool = False,
 ) -> tuple[list[torch.Tensor], float]:
     """One streamed pass: every resident mode's Gram ``X_(m) X_(m)^T``, and ``||X||^2``."""
     shape = tuple(source.shape)
@@ -167,11 +171,28 @@ def gram_pass(
         x = chunk.to(device=device, dtype=compute_dtype)
         sq = float(torch.sum(x.to(torch.float64) ** 2))
         _check_finite(sq, offset, x.shape[0])
+        if nonneg:
+            check_nonnegative(x, offset)
         norm2 += sq
         for m in range(d):
             others = [k for k in range(d + 1) if k != m + 1]
             grams[m] += torch.tensordot(x, x, dims=(others, others)).to(torch.float64)
     return grams, norm2
+
+
+def check_nonnegative(x: torch.Tensor, offset: int) -> None:
+    """Refuse negative data for a nonnegative fit, naming the first offending samples."""
+    mins = torch.amin(x.reshape(x.shape[0], -1), dim=1)
+    bad = torch.nonzero(mins < 0)
+    if bad.numel():
+        first = offset + int(bad[0, 0])
+        last = offset + int(bad[-1, 0])
+        raise ValueError(
+            f"ncp_hals needs nonnegative data, but samples {first}..{last} of the chunk at "
+            f"{offset}..{offset + x.shape[0] - 1} hold negative values (smallest "
+            f"{float(mins.min()):.4g}); use cp_als for signed data, or factor nonnegative "
+            "activations (e.g. after a ReLU)"
+        )
 
 
 def _check_finite(norm2: float, offset: int, rows: int) -> None:
@@ -199,7 +220,9 @@ def initial_factors(
         mats = [draw((n, rank)) for n in shape]
         return _to_device(mats, device) + (None,)
     if isinstance(init, str) and init == "gram":
-        grams, norm2 = gram_pass(source, settings.chunk_size, settings.compute_dtype, device)
+        grams, norm2 = gram_pass(
+            source, settings.chunk_size, settings.compute_dtype, device, nonneg
+        )
         resident = []
         for g, n in zip(grams, shape[1:], strict=True):
             vals, vecs = torch.linalg.eigh(g)
@@ -303,6 +326,43 @@ def load_checkpoint(
     return a, resident, float(header["norm2"]), FitHistory(**header["history"])
 
 
+# ---------------------------------------------------------------- dead components
+
+
+def reseed_dead(
+    a: torch.Tensor,
+    resident: list[torch.Tensor],
+    grams: list[torch.Tensor],
+    iteration: int,
+    settings: FitSettings,
+    history: FitHistory,
+) -> None:
+    """Give components that HALS drove to zero a fresh nonnegative start (in place).
+
+    A column of a factor that is entirely zero makes its component dead: HALS
+    cannot move it again (its Gram diagonal is zero). Such a column is replaced
+    by a uniform random one, scaled to the mean norm of the factor's live
+    columns, drawn from a generator seeded by (random_state, iteration, mode) so
+    that resumed fits repeat it. Each event is recorded in ``history.reseeds``.
+    """
+    seed = settings.random_state if settings.random_state is not None else 0
+    factors = [(0, a, torch.sum(a.to(torch.float64) ** 2, dim=0))]
+    factors += [(m + 1, f, torch.diagonal(grams[m])) for m, f in enumerate(resident)]
+    for mode, f, diag in factors:
+        dead = torch.nonzero(diag <= 0).flatten().tolist()
+        if not dead:
+            continue
+        rng = np.random.default_rng([seed, iteration, mode])
+        live = diag > 0
+        scale = float(torch.sqrt(diag[live]).mean()) if bool(live.any()) else 1.0
+        for r in dead:
+            u = torch.as_tensor(rng.random(f.shape[0]), dtype=f.dtype, device=f.device)
+            f[:, r] = u * (scale / max(float(torch.linalg.norm(u)), 1e-300))
+            history.reseeds.append({"iteration": iteration + 1, "mode": mode, "component": r})
+        if mode > 0:
+            grams[mode - 1] = f.T @ f
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -394,13 +454,18 @@ def fit_streaming(
     try:
         for it in range(start_iter, settings.n_iter_max):
             t0 = time.perf_counter()
+            if method == HALS:
+                reseed_dead(a, resident, grams, it, settings, history)
             g_full = hadamard(grams)
             g = gram_inverse(g_full) if method == ALS else g_full
             factors = kern.prepare_factors(resident, compute)
             stats = kern.new_statistics(rank, width, compute)
             want_norm = norm2 is None
+            first_pass = it == 0 or want_norm
             total = 0.0
             for offset, chunk in iterate_chunks(source, settings.chunk_size):
+                if first_pass and method == HALS:
+                    check_nonnegative(chunk, offset)
                 rows = a[offset : offset + chunk.shape[0]]
                 n2 = kern.pass_chunk(
                     chunk.reshape(chunk.shape[0], width),

@@ -1,0 +1,92 @@
+"""Streaming nonnegative CP by HALS: one pass over the data per iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..kernels import HALS, PassKernel
+from ..model import CPModel
+from .engine import IterationInfo, fit_streaming
+
+__all__ = ["ncp_hals"]
+
+
+def ncp_hals(
+    data: Any,
+    rank: int,
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: Any = "random",
+    sweeps: int = 5,
+    random_state: int | None = 0,
+    chunk_size: int | None = None,
+    max_chunk_bytes: int | None = None,
+    dtype: Any = None,
+    device: str | torch.device = "cpu",
+    kernel: str | PassKernel | None = None,
+    callback: Callable[[IterationInfo], Any] | None = None,
+    progress: bool | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: str | Path | None = None,
+) -> CPModel:
+    """Nonnegative CP decomposition by HALS, streamed over the sample mode.
+
+    Each iteration reads the data once. Inside the pass every chunk's rows of
+    the sample factor get ``sweeps`` HALS sweeps from the chunk's MTTKRP and the
+    Gram, and ``T = X x_0 A^T`` accumulates as in :func:`peekcore.cp_als`; the
+    resident factors then get ``sweeps`` HALS sweeps each from ``T`` and the
+    Grams. Column update: ``f_r <- max(0, f_r + (m_r - F g_r) / g_rr)``.
+    Components that collapse to zero are re-seeded (``history.reseeds``).
+
+    Parameters
+    ----------
+    data : array, tensor, path or chunk source
+        Nonnegative ``N x I_1 x ... x I_d`` data (``d >= 2``), as for
+        :func:`peekcore.cp_als`. Negative values are refused with the sample
+        range that holds them.
+    rank : int
+        Number of components ``R``.
+    n_iter_max, tol : int, float
+        Iteration cap and stopping rule ``|fit_k - fit_{k-1}| <= tol * |fit_{k-1}|``.
+    init : {"random", "gram"}, CPModel or TensorLy CPTensor
+        ``"random"``: uniform [0, 1) factors from ``random_state``. ``"gram"``:
+        the positive parts of the leading Gram eigenvectors (one streamed pass).
+        A model must be nonnegative.
+    sweeps : int
+        HALS sweeps per factor update (TensorLy's HALS uses up to 5).
+    random_state, chunk_size, max_chunk_bytes, dtype, device, kernel, callback, progress
+        As for :func:`peekcore.cp_als`.
+    checkpoint, checkpoint_every, resume
+        Atomic checkpoints and bit-identical resume, as for :func:`peekcore.cp_als`.
+
+    Returns
+    -------
+    CPModel
+        Nonnegative factors, normalized (weights nonincreasing, unit columns).
+    """
+    return fit_streaming(
+        data,
+        rank,
+        method=HALS,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        init=init,
+        random_state=random_state,
+        chunk_size=chunk_size,
+        max_chunk_bytes=max_chunk_bytes,
+        dtype=dtype,
+        device=device,
+        kernel=kernel,
+        callback=callback,
+        progress=progress,
+        sweeps=sweeps,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )

@@ -1,0 +1,167 @@
+"""ncp_hals against a float64 numpy HALS, TensorLy, and on degenerate data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+
+import peekcore
+from peekcore.model import CPModel, normalize_factors
+
+SHAPES = [(23, 6, 5), (17, 4, 3, 5)]
+
+
+def _relu_low_rank(rng, shape, rank, noise=0.1):
+    factors = [rng.random((n, rank)) for n in shape]
+    x = ref.full(factors)
+    x = x + noise * x.std() * rng.standard_normal(shape)
+    return np.maximum(x, 0)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["3way", "4way"])
+@pytest.mark.parametrize("chunk", [1, 7, None], ids=["chunk1", "chunk7", "chunkall"])
+def test_matches_dense_numpy_hals(rng, kernel, shape, chunk):
+    rank, sweeps = 3, 2
+    x = _relu_low_rank(rng, shape, rank)
+    init = CPModel(np.ones(rank), [rng.random((n, rank)) + 0.05 for n in shape])
+    w_want, f_want = normalize_factors(ref.hals(x, init.factors, n_iter=10, sweeps=sweeps))
+    model = peekcore.ncp_hals(
+        x,
+        rank,
+        n_iter_max=10,
+        tol=0,
+        init=init,
+        sweeps=sweeps,
+        kernel=kernel,
+        chunk_size=chunk or shape[0],
+        progress=False,
+    )
+    assert model.history.inner_sweeps == [sweeps] * 10
+    assert _rel(model.weights, w_want) < 1e-10
+    for got, exp in zip(model.factors, f_want, strict=True):
+        assert _rel(got, exp) < 1e-10
+        assert np.all(got >= 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_objective_never_increases(rng, kernel, dtype):
+    x = _relu_low_rank(rng, (40, 9, 8), 4, noise=0.3).astype(dtype)
+    m = peekcore.ncp_hals(x, 5, n_iter_max=40, tol=0, random_state=3, kernel=kernel, progress=False)
+    err = np.asarray(m.history.rel_error)
+    slack = 1e-12 if dtype == np.float64 else 1e-5
+    assert np.all(np.diff(err) <= slack * err[:-1])
+
+
+def test_quality_against_tensorly_hals(rng, kernel):
+    tl = pytest.importorskip("tensorly")
+    from tensorly.cp_tensor import CPTensor
+    from tensorly.decomposition import non_negative_parafac_hals
+
+    tl.set_backend("numpy")
+    shape, rank = (40, 10, 9), 4
+    x = _relu_low_rank(rng, shape, rank, noise=0.2)
+    factors = [rng.random((n, rank)) for n in shape]
+    theirs = non_negative_parafac_hals(
+        x,
+        rank,
+        n_iter_max=100,
+        init=CPTensor((np.ones(rank), [f.copy() for f in factors])),
+        tol=0,
+    )
+    err_theirs = 1 - ref.dense_fit(x, list(theirs.factors), np.asarray(theirs.weights))
+    ours = peekcore.ncp_hals(
+        x,
+        rank,
+        n_iter_max=100,
+        tol=0,
+        kernel=kernel,
+        progress=False,
+        init=CPModel(np.ones(rank), factors),
+    )
+    err_ours = 1 - ref.dense_fit(x, ours.factors, ours.weights)
+    assert err_ours <= err_theirs + 1e-3
+
+
+def _no_nan(model):
+    assert np.all(np.isfinite(model.weights))
+    assert all(np.all(np.isfinite(f)) for f in model.factors)
+    assert all(np.isfinite(model.history.fit))
+
+
+def test_zero_channel(rng, kernel):
+    x = _relu_low_rank(rng, (30, 6, 5), 2)
+    x[:, 2, :] = 0
+    for fit in (peekcore.ncp_hals, peekcore.cp_als):
+        m = fit(x, 2, n_iter_max=30, kernel=kernel, progress=False)
+        _no_nan(m)
+        assert m.fit > 0.8
+
+
+def test_constant_tensor(kernel):
+    x = np.full((20, 4, 3), 2.5)
+    for rank in (1, 3):
+        m = peekcore.ncp_hals(x, rank, n_iter_max=50, kernel=kernel, progress=False)
+        _no_nan(m)
+        assert m.fit > 0.999
+        m = peekcore.cp_als(x, rank, n_iter_max=50, kernel=kernel, progress=False)
+        _no_nan(m)
+
+
+def test_rank_above_true_rank(rng, kernel):
+    x = _relu_low_rank(rng, (30, 6, 5), 2, noise=0.0)
+    m = peekcore.ncp_hals(x, 6, n_iter_max=100, kernel=kernel, progress=False)
+    _no_nan(m)
+    assert m.fit > 0.99
+    m = peekcore.cp_als(x, 6, n_iter_max=100, kernel=kernel, progress=False)
+    _no_nan(m)
+
+
+def test_collapsed_component_is_reseeded_and_recorded(rng, kernel):
+    shape, rank = (30, 6, 5), 3
+    x = _relu_low_rank(rng, shape, rank)
+    factors = [rng.random((n, rank)) + 0.1 for n in shape]
+    factors[1][:, 2] = 0  # a component that starts collapsed
+    m = peekcore.ncp_hals(
+        x,
+        rank,
+        n_iter_max=20,
+        tol=0,
+        kernel=kernel,
+        progress=False,
+        init=CPModel(np.ones(rank), factors),
+    )
+    _no_nan(m)
+    events = m.history.reseeds
+    assert {"iteration": 1, "mode": 1, "component": 2} in events
+    assert np.all(m.weights > 0)  # the component came back to life
+
+
+def test_negative_values_refused_with_range(rng, kernel):
+    x = _relu_low_rank(rng, (30, 6, 5), 2)
+    x[17, 1, 1] = -0.5
+    x[19, 0, 0] = -0.1
+    with pytest.raises(ValueError, match=r"samples 17\.\.19 of the chunk at 10\.\.19.*cp_als"):
+        peekcore.ncp_hals(x, 2, chunk_size=10, kernel=kernel, progress=False)
+    with pytest.raises(ValueError, match=r"samples 17\.\.17"):
+        x[19, 0, 0] = 0
+        peekcore.ncp_hals(x, 2, chunk_size=10, init="gram", progress=False)
+
+
+def test_negative_init_refused(rng):
+    x = _relu_low_rank(rng, (10, 4, 3), 2)
+    bad = CPModel(np.ones(2), [rng.standard_normal((n, 2)) for n in x.shape])
+    with pytest.raises(ValueError, match="nonnegative initial model"):
+        peekcore.ncp_hals(x, 2, init=bad, progress=False)
+
+
+def test_gram_init_nonnegative(rng, kernel):
+    x = _relu_low_rank(rng, (40, 8, 6), 3)
+    m = peekcore.ncp_hals(x, 3, n_iter_max=30, init="gram", kernel=kernel, progress=False)
+    _no_nan(m)
+    assert all(np.all(f >= 0) for f in m.factors)
+    assert m.fit > 0.8
