@@ -8,7 +8,27 @@ from .. import _native
 from .base import ALS, HALS, PassKernel, PassStatistics
 from .reference import TorchKernel
 
-__all__ = ["ALS", "HALS", "PassKernel", "PassStatistics", "TorchKernel", "get_kernel", "names"]
+__all__ = [
+    "ALS",
+    "HALS",
+    "PassKernel",
+    "PassStatistics",
+    "TorchKernel",
+    "cuda_available",
+    "get_kernel",
+    "names",
+]
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device and CuPy are present (the ``"cuda"`` kernel can run)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def names() -> list[str]:
@@ -16,6 +36,8 @@ def names() -> list[str]:
     out = ["torch"]
     if _native.available():
         out.append("native")
+    if cuda_available():
+        out.append("cuda")
     return out
 
 
@@ -25,7 +47,8 @@ def get_kernel(kernel: str | PassKernel | None, device: str | torch.device) -> P
     Parameters
     ----------
     kernel : {"native", "torch", "cuda"}, PassKernel or None
-        ``None`` picks the fastest available: the C++ extension on the CPU.
+        ``None`` picks the fastest available: the C++ extension on the CPU, the
+        CUDA kernels on a GPU when CuPy is installed (else the torch reference).
     device : str or torch.device
         ``"cpu"`` or a CUDA device.
     """
@@ -36,11 +59,15 @@ def get_kernel(kernel: str | PassKernel | None, device: str | torch.device) -> P
         if dev.type == "cpu":
             kernel = "native" if _native.available() else "torch"
         else:
-            kernel = "torch"
+            kernel = "cuda" if cuda_available() else "torch"
     if kernel == "torch":
         return TorchKernel(dev)
     if kernel == "native":
         from .native import NativeKernel
 
         return NativeKernel(dev)
+    if kernel == "cuda":
+        from .cuda import CudaKernel
+
+        return CudaKernel(dev)
     raise ValueError(f"unknown kernel {kernel!r}; choose from {names()}")

@@ -93,5 +93,13 @@ class PassKernel(ABC):
         A kernel may return a 0-d tensor to avoid a device synchronization.
         """
 
+    def hals_update(
+        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+    ) -> torch.Tensor:
+        """HALS sweeps on a resident factor (``I x R`` float64) from its MTTKRP and Gram."""
+        from ..solvers.resident import hals_columns
+
+        return hals_columns(f, m, g, sweeps)
+
     def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op on the CPU
         """Wait for queued device work (no-op on the CPU)."""

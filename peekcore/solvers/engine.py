@@ -25,7 +25,7 @@ from .._version import __version__
 from ..kernels import ALS, HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
 from ..sources import ChunkSource, as_source, dtype_name
-from .resident import als_solve, gram_inverse, hadamard, hals_columns, resident_mttkrp
+from .resident import als_solve, gram_inverse, hadamard, resident_mttkrp
 
 __all__ = ["IterationInfo", "FitSettings", "fit_streaming", "TORCH_DTYPES"]
 
@@ -35,7 +35,9 @@ TORCH_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-DEFAULT_MAX_CHUNK_BYTES = 64 << 20
+DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # CPU: a chunk is a unit of reading, blocks do the work
+DEVICE_RESIDENT_CHUNK_BYTES = 1 << 30  # data already on the GPU: few, large GEMMs
+DEVICE_STREAMED_CHUNK_BYTES = 256 << 20  # host -> GPU: double-buffered copies of this size
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,11 @@ def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def chunk_size_for(
-    shape: tuple[int, ...], stored: str, chunk_size: int | None, max_chunk_bytes: int | None
+    shape: tuple[int, ...],
+    stored: str,
+    chunk_size: int | None,
+    max_chunk_bytes: int | None,
+    default_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> int:
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
@@ -108,7 +114,7 @@ def chunk_size_for(
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         return int(chunk_size)
     per_sample = math.prod(shape[1:]) * torch.empty((), dtype=TORCH_DTYPES[stored]).element_size()
-    budget = DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+    budget = default_bytes if max_chunk_bytes is None else int(max_chunk_bytes)
     return max(1, min(shape[0], budget // per_sample))
 
 
@@ -150,6 +156,25 @@ def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, 
         raise ValueError(
             f"the source yielded {offset} samples in a pass but its shape declares {shape[0]}"
         )
+
+
+def _default_chunk_bytes(source: ChunkSource, kern: PassKernel) -> int:
+    if kern.device.type != "cuda":
+        return DEFAULT_MAX_CHUNK_BYTES
+    on_device = str(getattr(source, "device", "cpu")).startswith("cuda")
+    return DEVICE_RESIDENT_CHUNK_BYTES if on_device else DEVICE_STREAMED_CHUNK_BYTES
+
+
+def pass_chunks(
+    source: ChunkSource, chunk_size: int, kern: PassKernel
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The chunks of one pass, staged onto the kernel's GPU when it has one."""
+    chunks = iterate_chunks(source, chunk_size)
+    if kern.device.type == "cuda":
+        from ..staging import stage_to_device
+
+        return stage_to_device(chunks, kern.device)
+    return chunks
 
 
 # ---------------------------------------------------------------- init
@@ -418,7 +443,9 @@ def fit_streaming(
         tol=float(tol),
         init=init,
         random_state=random_state,
-        chunk_size=chunk_size_for(shape, stored, chunk_size, max_chunk_bytes),
+        chunk_size=chunk_size_for(
+            shape, stored, chunk_size, max_chunk_bytes, _default_chunk_bytes(source, kern)
+        ),
         compute_dtype=compute,
         sweeps=int(sweeps) if method == HALS else 0,
         checkpoint=Path(checkpoint) if checkpoint is not None else None,
@@ -451,10 +478,11 @@ def fit_streaming(
         leave=False,
     )
     norm2 = norm2_known
+    dead_seen = False
     try:
         for it in range(start_iter, settings.n_iter_max):
             t0 = time.perf_counter()
-            if method == HALS:
+            if method == HALS and (it == start_iter or dead_seen):
                 reseed_dead(a, resident, grams, it, settings, history)
             g_full = hadamard(grams)
             g = gram_inverse(g_full) if method == ALS else g_full
@@ -463,7 +491,7 @@ def fit_streaming(
             want_norm = norm2 is None
             first_pass = it == 0 or want_norm
             total = 0.0
-            for offset, chunk in iterate_chunks(source, settings.chunk_size):
+            for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
                 if first_pass and method == HALS:
                     check_nonnegative(chunk, offset)
                 rows = a[offset : offset + chunk.shape[0]]
@@ -495,12 +523,21 @@ def fit_streaming(
                 if method == ALS:
                     resident[m] = als_solve(mt, gm).contiguous()
                 else:
-                    resident[m] = hals_columns(resident[m], mt, gm, settings.sweeps).contiguous()
+                    resident[m] = kern.hals_update(
+                        resident[m], mt, gm, settings.sweeps
+                    ).contiguous()
                 grams[m] = resident[m].T @ resident[m]
                 new_grams[m] = grams[m]
             inner = torch.sum(mt * resident[-1])
             model2 = torch.sum(hadamard([ata, *grams]))
-            resid2 = float(norm2 - 2 * inner + model2)
+            # the one host transfer of the iteration: the residual, and whether a
+            # component died (zero column: zero Gram diagonal)
+            dead = torch.zeros((), dtype=torch.float64, device=inner.device)
+            if method == HALS:
+                for gram in (ata, *grams):
+                    dead = dead + torch.sum(torch.diagonal(gram) <= 0)
+            resid2, dead_count = torch.stack([norm2 - 2 * inner + model2, dead]).tolist()
+            dead_seen = dead_count > 0
             if not math.isfinite(resid2):
                 raise FloatingPointError(
                     f"the fit became non-finite at iteration {it + 1}: the data changed between "

@@ -3,7 +3,15 @@
 // two implementations cannot drift apart (see shared/STYLE.md, torch_scatter).
 #pragma once
 
+#if defined(__CUDACC_RTC__)
+// NVRTC has no C++ standard library headers.
+namespace std {
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+}  // namespace std
+#else
 #include <cstdint>
+#endif
 
 #if defined(__CUDACC__) || defined(__CUDA_ARCH__)
 #define PEEK_HD __host__ __device__ __forceinline__
@@ -15,6 +23,16 @@ namespace peekcore {
 
 // Storage kinds of the streamed chunk. Values match peekcore/kernels/native.py.
 enum class Storage : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+PEEK_HD float bits_to_float(std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
 
 // IEEE binary16 bits -> float, exact for every input (subnormals, inf, nan).
 PEEK_HD float half_bits_to_float(std::uint16_t h) {
@@ -36,17 +54,12 @@ PEEK_HD float half_bits_to_float(std::uint16_t h) {
     }
     bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
   }
-  float out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return out;
+  return bits_to_float(bits);
 }
 
 // bfloat16 bits -> float: the upper half of a binary32.
 PEEK_HD float bf16_bits_to_float(std::uint16_t h) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-  float out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return out;
+  return bits_to_float(static_cast<std::uint32_t>(h) << 16);
 }
 
 // One HALS coordinate step for entry a of column r of a nonnegative factor:

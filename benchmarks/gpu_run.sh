@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU machine's one script: build the extension, check every CUDA path
+# against the CPU float64 reference, then time the benchmark cases.
+# Usage (repository root, on the GPU machine): bash benchmarks/gpu_run.sh OUT_DIR
+# Wheels missing there (scipy-openblas32, tensorly) are expected in .whl/.
+set -uo pipefail
+OUT=${1:-${OUT:-/tmp/peekcore-gpu}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "import json, peekcore; print(json.dumps(peekcore.build_info()))" | tee "$OUT/build_info.json"
+for f in csrc/cuda/*.cu; do nvcc -std=c++17 -arch=sm_90 -cubin -Icsrc/include -o /tmp/x.cubin "$f" \
+  && echo "nvcc sm_90 ok: $f"; done
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+timeout 300 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -40

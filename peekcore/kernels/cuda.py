@@ -1,0 +1,259 @@
+"""CUDA implementation of the pass: cuBLAS for the two contractions, custom kernels for the rest.
+
+Per chunk ``X_b`` (``b x J`` on the GPU, float16 / bfloat16 / float32):
+
+1. ``M_b = X_b @ KR`` in one cuBLAS GEMM with float32 output. For half storage
+   the Khatri-Rao matrix is split into ``[KR_hi | KR_lo]`` (``J x 2R``, half),
+   so the product keeps about 22 bits of the float64 factors at no extra
+   memory traffic (the GEMM is bound by reading ``X_b``).
+2. ``update_rows`` (custom): the chunk's rows of A, ALS or HALS, in float64.
+3. ``AtA += A_b^T A_b`` (float64).
+4. ``T += A_b^T X_b``: for half storage, A_b is split the same way (scaled by
+   powers of two per column), ``P = [A_hi | A_lo]^T X_b`` runs in cuBLAS and
+   ``add_split`` (custom) folds ``P`` into ``T``.
+
+Kernels are launched on torch's current stream; nothing synchronizes the host.
+The KR matrix is built once per pass (``khatri_rao``, custom).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .base import ALS, PassKernel, PassStatistics
+from .cuda_loader import cupy_or_error, load_module
+from .reference import TorchKernel
+
+__all__ = ["CudaKernel", "KERNEL_NAMES"]
+
+_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
+KERNEL_NAMES = (
+    [f"peekcore::sum_squares<{t}>" for t in ("__half", "__nv_bfloat16", "float", "double")]
+    + [f"peekcore::khatri_rao<{t}>" for t in ("float", "__half", "__nv_bfloat16")]
+    + ["peekcore::update_rows<float, float>", "peekcore::update_rows<double, double>"]
+    + [f"peekcore::split_rows<{t}>" for t in ("__half", "__nv_bfloat16")]
+    + ["peekcore::add_split"]
+)
+MAX_RANK = 64  # kMaxRank in csrc/cuda/cp_pass.cu
+_THREADS = 256
+
+
+def _i32(v) -> np.int32:
+    """Kernel ``int`` argument (CuPy passes numpy scalars by their exact width)."""
+    return np.int32(v)
+
+
+def _i64(v) -> np.int64:
+    """Kernel ``long long`` argument."""
+    return np.int64(v)
+
+
+def _blocks(n: int, threads: int = _THREADS) -> int:
+    return max(1, math.ceil(n / threads))
+
+
+def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-column powers of two that bring the largest magnitude to (0.5, 1]."""
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.exp2(-torch.ceil(torch.log2(safe)))
+
+
+_OUT_DTYPE_MM: bool | None = None  # does this torch have mm(..., out_dtype=)?
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with float32 output for half inputs (cuBLAS accumulates in float32)."""
+    global _OUT_DTYPE_MM
+    if a.dtype == torch.float32:
+        return a @ b
+    if _OUT_DTYPE_MM is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_MM = True
+            return out
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_MM = False
+    # older torch: upcast (correct, but reads the chunk as float32)
+    return a.float() @ b.float()
+
+
+class _Factors:
+    """Resident factors of one pass and the Khatri-Rao matrices built from them."""
+
+    def __init__(self, factors: list[torch.Tensor]) -> None:
+        self.f64 = [f.to(torch.float64).contiguous() for f in factors]
+        self.kr: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class CudaKernel(PassKernel):
+    """The pass on a CUDA device (float32 accumulation; float64 goes to the torch path)."""
+
+    name = "cuda"
+
+    def __init__(self, device: str | torch.device = "cuda") -> None:
+        super().__init__(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"the cuda kernel needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cupy = cupy_or_error()
+        with self.cupy.cuda.Device(self.device.index):
+            self.module = load_module("cp_pass", KERNEL_NAMES)
+        self._reference = TorchKernel(self.device)
+
+    # -- launching ----------------------------------------------------------
+    def _launch(self, name: str, grid: int, block: int, args: tuple, shared: int = 0) -> None:
+        cp = self.cupy
+        stream = torch.cuda.current_stream(self.device)
+        # zero-copy through __cuda_array_interface__; CuPy has no bfloat16, and
+        # kernels take raw pointers, so bfloat16 travels as its int16 bits
+        conv = tuple(
+            cp.asarray(a.view(torch.int16) if a.dtype == torch.bfloat16 else a)
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in args
+        )
+        with cp.cuda.Device(self.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
+            self.module.get_function(name)((grid,), (block,), conv, shared_mem=shared)
+
+    # -- contract -----------------------------------------------------------
+    def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> _Factors:
+        return _Factors([f.to(self.device) for f in factors])
+
+    def _khatri_rao(
+        self, holder: _Factors, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype in holder.kr:
+            return holder.kr[dtype]
+        fs = holder.f64
+        rank = fs[0].shape[1]
+        dims = torch.tensor([f.shape[0] for f in fs], dtype=torch.int64, device=self.device)
+        ptrs = torch.tensor([f.data_ptr() for f in fs], dtype=torch.int64, device=self.device)
+        width = math.prod(f.shape[0] for f in fs)
+        split = dtype in (torch.float16, torch.bfloat16)
+        if split:  # largest |KR[:, r]| is the product of the columns' largest entries
+            amax = torch.ones(rank, dtype=torch.float64, device=self.device)
+            for f in fs:
+                amax = amax * f.abs().amax(dim=0)
+            scale = _pow2_scale(amax)
+        else:
+            scale = torch.ones(rank, dtype=torch.float64, device=self.device)
+        out = torch.empty((width, 2 * rank if split else rank), dtype=dtype, device=self.device)
+        self._launch(
+            f"peekcore::khatri_rao<{_TYPES[dtype]}>",
+            _blocks(width * rank),
+            _THREADS,
+            (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(split), out),
+        )
+        holder.kr[dtype] = (out, 1.0 / scale)
+        return holder.kr[dtype]
+
+    def pass_chunk(
+        self,
+        chunk: torch.Tensor,
+        factors: _Factors,
+        g: torch.Tensor,
+        a_rows: torch.Tensor,
+        stats: PassStatistics,
+        *,
+        dims: tuple[int, ...],
+        update: str,
+        sweeps: int,
+        want_norm: bool,
+    ) -> float | torch.Tensor:
+        rank = a_rows.shape[1]
+        if stats.t.dtype != torch.float32 or rank > MAX_RANK:
+            return self._reference.pass_chunk(
+                chunk, factors.f64, g, a_rows, stats,
+                dims=dims, update=update, sweeps=sweeps, want_norm=want_norm,
+            )  # fmt: skip
+        x = chunk.to(self.device, non_blocking=True).contiguous()
+        if x.dtype == torch.float64:
+            x = x.to(torch.float32)
+        rows, width = x.shape
+        norm2: float | torch.Tensor = 0.0
+        if want_norm:
+            norm2 = torch.zeros((), dtype=torch.float64, device=self.device)
+            n = x.numel()
+            self._launch(
+                f"peekcore::sum_squares<{_TYPES[x.dtype]}>",
+                min(_blocks(n), 8 * 1024),
+                _THREADS,
+                (x, _i64(n), norm2),
+            )
+        kr, inv_kr_scale = self._khatri_rao(factors, x.dtype)
+        half = x.dtype != torch.float32
+        m = mm_f32(x, kr)
+        g = g.to(self.device, torch.float64).contiguous()
+        self._launch(
+            "peekcore::update_rows<float, float>",
+            _blocks(rows, 128),
+            128,
+            (
+                m,
+                _i32(m.shape[1]),
+                inv_kr_scale,
+                g,
+                _i32(rank),
+                _i64(rows),
+                _i32(update != ALS),
+                _i32(sweeps),
+                a_rows,
+            ),
+            shared=8 * rank * rank,
+        )
+        a64 = a_rows.to(torch.float64)
+        stats.ata.addmm_(a64.T, a64)
+        if half:
+            scale = _pow2_scale(a_rows.abs().amax(dim=0))
+            a2 = torch.empty((rows, 2 * rank), dtype=x.dtype, device=self.device)
+            self._launch(
+                f"peekcore::split_rows<{_TYPES[x.dtype]}>",
+                _blocks(rows * rank),
+                _THREADS,
+                (a_rows, scale, _i32(rank), _i64(rows), a2),
+            )
+            p = mm_f32(a2.T, x)
+            self._launch(
+                "peekcore::add_split",
+                _blocks(rank * width),
+                _THREADS,
+                (p, 1.0 / scale, _i32(rank), _i64(width), stats.t),
+            )
+        else:
+            stats.t.addmm_(a_rows.T, x)
+        stats.rows += rows
+        return norm2
+
+    def hals_update(
+        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+    ) -> torch.Tensor:
+        rank = f.shape[1]
+        if rank > MAX_RANK or f.dtype != torch.float64:
+            return super().hals_update(f, m, g, sweeps)
+        out = f.contiguous().clone()
+        ones = torch.ones(rank, dtype=torch.float64, device=self.device)
+        self._launch(
+            "peekcore::update_rows<double, double>",
+            _blocks(out.shape[0], 128),
+            128,
+            (
+                m.contiguous(),
+                _i32(rank),
+                ones,
+                g.contiguous(),
+                _i32(rank),
+                _i64(out.shape[0]),
+                _i32(1),
+                _i32(sweeps),
+                out,
+            ),
+            shared=8 * rank * rank,
+        )
+        return out
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)

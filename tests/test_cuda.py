@@ -1,0 +1,133 @@
+"""CUDA paths against the CPU float64 reference (skipped without a GPU and CuPy).
+
+Fresh random data, sizes that are multiples of no tile size, outputs poisoned
+before each run so that unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import peekcore
+from peekcore.kernels import cuda_available
+from peekcore.kernels.base import ALS, HALS
+from peekcore.kernels.reference import TorchKernel
+from peekcore.solvers.resident import gram_inverse, hadamard, hals_columns
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and CuPy"),
+]
+
+STORED = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(37, 13, 11), (29, 5, 7, 3)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.fixture(autouse=True)
+def _strict_fp32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("stored", STORED, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=["3way", "4way"])
+@pytest.mark.parametrize("update", [ALS, HALS])
+@pytest.mark.parametrize("rank", [5, 17])
+def test_pass_chunk_matches_float64_reference(rng, stored, shape, update, rank):
+    from peekcore.kernels.cuda import CudaKernel
+
+    dims = shape[1:]
+    width = int(np.prod(dims))
+    x64 = torch.from_numpy(np.abs(rng.standard_normal((shape[0], width))))
+    x = x64.to(stored)  # what is stored; the reference sees exactly these values
+    factors = [torch.from_numpy(rng.random((n, rank)) + 0.1) for n in dims]
+    g_full = hadamard([f.T @ f for f in factors])
+    g = gram_inverse(g_full) if update == ALS else g_full
+    a0 = torch.from_numpy(rng.random((shape[0], rank)))
+    t0 = torch.from_numpy(rng.standard_normal((rank, width)))
+    ata0 = torch.from_numpy(rng.standard_normal((rank, rank)))
+
+    ref = TorchKernel("cpu")
+    ref_stats = ref.new_statistics(rank, width, torch.float64)
+    ref_stats.t += t0
+    ref_stats.ata += ata0
+    a_ref = a0.clone()
+    n_ref = ref.pass_chunk(x.double(), factors, g, a_ref, ref_stats, dims=dims, update=update,
+                           sweeps=3, want_norm=True)  # fmt: skip
+
+    dev = torch.device("cuda")
+    kern = CudaKernel(dev)
+    stats = kern.new_statistics(rank, width, torch.float32)
+    stats.t += t0.float().to(dev)
+    stats.ata += ata0.to(dev)
+    a = a0.float().to(dev) if update == HALS else torch.full((shape[0], rank), float("nan"),
+                                                             device=dev)  # fmt: skip
+    holder = kern.prepare_factors([f.to(dev) for f in factors], torch.float32)
+    n = kern.pass_chunk(x.to(dev), holder, g.to(dev), a, stats, dims=dims, update=update,
+                        sweeps=3, want_norm=True)  # fmt: skip
+    torch.cuda.synchronize()
+    assert torch.isfinite(a).all()
+    assert _rel(a, a_ref) < 2e-5
+    assert _rel(stats.t - t0.float().to(dev), ref_stats.t - t0) < 2e-5
+    assert _rel(stats.ata - ata0.to(dev), ref_stats.ata - ata0) < 2e-5
+    assert abs(float(n) - float(n_ref)) <= 1e-10 * float(n_ref)
+
+
+@pytest.mark.parametrize("rank", [3, 33])
+def test_hals_update_kernel_matches_torch(rng, rank):
+    from peekcore.kernels.cuda import CudaKernel
+
+    kern = CudaKernel("cuda")
+    f = torch.from_numpy(rng.random((301, rank)))
+    m = torch.from_numpy(rng.random((301, rank)) * rank)
+    b = torch.from_numpy(rng.random((50, rank)))
+    g = b.T @ b
+    want = hals_columns(f, m, g, 4)
+    got = kern.hals_update(f.cuda(), m.cuda(), g.cuda(), 4)
+    assert _rel(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("stored", STORED, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("method", ["cp_als", "ncp_hals"])
+def test_fit_on_gpu_matches_cpu(rng, stored, method):
+    shape, rank = (203, 19, 3, 7), 4
+    x = torch.from_numpy(np.abs(rng.standard_normal(shape))).to(stored)
+    fit = getattr(peekcore, method)
+    kw = dict(n_iter_max=8, tol=0, random_state=1, chunk_size=61, progress=False)
+    cpu = fit(x.double(), rank, **kw)
+    gpu = fit(x.cuda(), rank, device="cuda", **kw)
+    assert gpu.metadata["kernel"] == "cuda"
+    assert _rel(torch.from_numpy(gpu.weights), torch.from_numpy(cpu.weights)) < 1e-4
+    for a, b in zip(gpu.factors, cpu.factors, strict=True):
+        assert _rel(torch.from_numpy(a), torch.from_numpy(b)) < 1e-4
+
+
+def test_host_sources_stream_to_the_gpu(rng):
+    shape, rank = (150, 11, 9), 3
+    x = np.abs(rng.standard_normal(shape)).astype(np.float32)
+    kw = dict(n_iter_max=5, tol=0, random_state=2, chunk_size=40, progress=False, device="cuda")
+    resident = peekcore.cp_als(torch.from_numpy(x).cuda(), rank, **kw)
+    pinned = peekcore.cp_als(torch.from_numpy(x).pin_memory(), rank, **kw)
+    pageable = peekcore.cp_als(x, rank, **kw)
+    for m in (pinned, pageable):
+        np.testing.assert_allclose(m.weights, resident.weights, rtol=1e-6)
+
+
+def test_cupy_array_is_read_zero_copy(rng):
+    import cupy
+
+    x = np.abs(rng.standard_normal((60, 7, 6))).astype(np.float32)
+    kw = dict(n_iter_max=4, tol=0, random_state=0, progress=False, device="cuda")
+    a = peekcore.cp_als(cupy.asarray(x), 3, **kw)
+    b = peekcore.cp_als(torch.from_numpy(x).cuda(), 3, **kw)
+    np.testing.assert_array_equal(a.weights, b.weights)
