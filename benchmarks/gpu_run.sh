@@ -19,5 +19,5 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import json, peekcore; print(json.dumps(peekcore.build_info()))" | tee "$OUT/build_info.json"
 for f in csrc/cuda/*.cu; do nvcc -std=c++17 -arch=sm_90 -cubin -Icsrc/include -o /tmp/x.cubin "$f" \
   && echo "nvcc sm_90 ok: $f"; done
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
-timeout 300 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -40
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+timeout 240 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -40
