@@ -247,9 +247,9 @@ def kernels_vs_torch(args) -> None:
         cuda_time(
             lambda: kern._launch(
                 "peekcore::add_split",
-                (32 * width + 255) // 256,
+                (min((width + 255) // 256, 1024), 32),
                 256,
-                (p, inv, np.int32(32), np.int64(width), t),
+                (p, inv, np.int32(32), np.int64(width), np.int32(2), t),
             )
         ),  # fmt: skip
         cuda_time(lambda: t.add_((p[:32] + p[32:]) * inv[:, None])),

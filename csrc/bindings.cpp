@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 #include <string>
 
 #include "cpu/cp_pass.h"
@@ -104,15 +103,17 @@ PYBIND11_MODULE(_core, m) {
 #else
     info["cuda"] = false;
 #endif
-    std::ostringstream cxx;
+    // No iostreams here: with several C++ runtimes in one process (torch's, the
+    // system's) a locale-dependent stream crashed on a GPU machine (2026-11-26).
 #if defined(__clang__)
-    cxx << "clang " << __clang_major__ << "." << __clang_minor__ << "." << __clang_patchlevel__;
+    info["compiler"] = "clang " + std::to_string(__clang_major__) + "." +
+                       std::to_string(__clang_minor__) + "." + std::to_string(__clang_patchlevel__);
 #elif defined(__GNUC__)
-    cxx << "gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "." << __GNUC_PATCHLEVEL__;
+    info["compiler"] = "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) +
+                       "." + std::to_string(__GNUC_PATCHLEVEL__);
 #else
-    cxx << "unknown";
+    info["compiler"] = "unknown";
 #endif
-    info["compiler"] = cxx.str();
     info["cxx_standard"] = static_cast<long>(__cplusplus);
     info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                        std::to_string(PYBIND11_VERSION_MINOR) + "." +

@@ -3,13 +3,14 @@
 // The two contractions of a chunk with R columns run in cuBLAS (through torch,
 // float32 output from half inputs). These kernels do the rest:
 //   sum_squares<S>     ||X_b||^2 in float64, half decoded on the fly   (first pass)
-//   khatri_rao<O>      KR (J x R) of the resident factors, or its hi/lo split
-//                      into two half matrices [KR_hi | KR_lo] (J x 2R) so that a
-//                      half GEMM keeps about 22 bits of the float64 factors
+//   khatri_rao<O>      KR (J x R) of the resident factors, or its split into
+//                      half terms [KR_0 | KR_1 | ...] (J x terms*R) so that a
+//                      half GEMM keeps about 22 (float16, 2 terms) or 24
+//                      (bfloat16, 3 terms) bits of the float64 factors
 //   update_rows        rows of a factor from their MTTKRP: ALS (M G^-1) or HALS
 //                      sweeps, one thread per row, float64, G in shared memory
-//   split_rows<O>      A (b x R, float32) -> [A_hi | A_lo] (b x 2R, half), scaled
-//   add_split          T (R x J) += (P_hi + P_lo) * inv_scale  per row
+//   split_rows<O>      A (b x R, float32) -> its half terms (b x terms*R), scaled
+//   add_split          T (R x J) += (sum of the terms of P) * inv_scale  per row
 // Layouts are row-major; J is the product of the resident dimensions.
 // Loaded at run time by peekcore/kernels/cuda_loader.py (CuPy RawModule over
 // NVRTC) and compiled by nvcc in CI (`make cuda-check`).
@@ -69,13 +70,25 @@ __global__ void sum_squares(const S* __restrict__ x, long long n, double* __rest
   block_sum_atomic(acc, out);
 }
 
+// Write v as `terms` values of type O whose sum approximates v: hi, then the
+// rounding error of hi, and so on (float16: 2 terms ~ 22 bits; bfloat16: 3
+// terms ~ 24 bits). Entry t goes to out[t * stride].
+template <typename O>
+__device__ __forceinline__ void split_value(double v, int terms, long long stride, O* out) {
+  for (int t = 0; t < terms; ++t) {
+    const O part = from_double<O>(v);
+    out[t * stride] = part;
+    v -= to_double(part);
+  }
+}
+
 // Input: factor_ptrs (d device pointers to float64 I_m x R factors), dims (d).
-// Output: out, J x R (split == 0) or J x 2R as [hi | lo] (split == 1), each
+// Output: out, J x (terms * R): [KR_0 | KR_1 | ...] with KR = sum_t KR_t, each
 // entry multiplied by scale[r] (a power of two that keeps half in range).
 template <typename O>
 __global__ void khatri_rao(const unsigned long long* __restrict__ factor_ptrs,
                            const long long* __restrict__ dims, int d, int R, long long J,
-                           const double* __restrict__ scale, int split, O* __restrict__ out) {
+                           const double* __restrict__ scale, int terms, O* __restrict__ out) {
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= J * R) return;
   const long long j = idx / R;
@@ -87,17 +100,11 @@ __global__ void khatri_rao(const unsigned long long* __restrict__ factor_ptrs,
     rem /= dims[m];
     v *= reinterpret_cast<const double*>(factor_ptrs[m])[i * R + r];
   }
-  if (split) {
-    const O hi = from_double<O>(v);
-    out[j * 2 * R + r] = hi;
-    out[j * 2 * R + R + r] = from_double<O>(v - to_double(hi));
-  } else {
-    out[j * R + r] = from_double<O>(v);
-  }
+  split_value(v, terms, R, out + j * terms * R + r);
 }
 
 // Rows of a factor from their MTTKRP, one thread per row, in float64.
-// Input: m (rows x m_cols, M_T; m_cols == 2R sums the [hi | lo] halves),
+// Input: m (rows x m_cols, M_T; m_cols = terms * R, the terms are summed),
 //        inv_scale (R), g (R x R float64: G^-1 for ALS, G for HALS).
 // In/out: a (rows x R, float32 or float64 as A_T): HALS reads the old rows.
 // Assumes R <= kMaxRank (the Python side falls back to torch above it).
@@ -114,8 +121,8 @@ __global__ void update_rows(const M_T* __restrict__ m, int m_cols,
   double mi[kMaxRank];
   double ai[kMaxRank];
   for (int r = 0; r < R; ++r) {
-    double v = static_cast<double>(m[i * m_cols + r]);
-    if (m_cols == 2 * R) v += static_cast<double>(m[i * m_cols + R + r]);
+    double v = 0.0;
+    for (int c = r; c < m_cols; c += R) v += static_cast<double>(m[i * m_cols + c]);
     mi[r] = v * inv_scale[r];
   }
   if (!hals) {
@@ -137,28 +144,30 @@ __global__ void update_rows(const M_T* __restrict__ m, int m_cols,
 }
 
 // Input: a (rows x R float32), scale (R, powers of two).
-// Output: out (rows x 2R) = [hi | lo] of a * scale in half type O.
+// Output: out (rows x terms*R) = the split terms of a * scale in half type O.
 template <typename O>
 __global__ void split_rows(const float* __restrict__ a, const float* __restrict__ scale, int R,
-                           long long rows, O* __restrict__ out) {
+                           long long rows, int terms, O* __restrict__ out) {
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * R) return;
   const long long i = idx / R;
   const int r = static_cast<int>(idx % R);
-  const double v = static_cast<double>(a[idx]) * scale[r];
-  const O hi = from_double<O>(v);
-  out[i * 2 * R + r] = hi;
-  out[i * 2 * R + R + r] = from_double<O>(v - to_double(hi));
+  split_value(static_cast<double>(a[idx]) * scale[r], terms, R, out + i * terms * R + r);
 }
 
-// T (R x J) += (P[r] + P[R + r]) * inv_scale[r], P (2R x J) float32.
+// T (R x J) += (sum_t P[t * R + r]) * inv_scale[r], P (terms*R x J) float32.
+// Grid: x over columns, y over the R rows (no integer division per element).
 __global__ void add_split(const float* __restrict__ p, const float* __restrict__ inv_scale, int R,
-                          long long J, float* __restrict__ t) {
-  const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= R * J) return;
-  const long long r = idx / J;
-  const long long j = idx % J;
-  t[idx] += (p[r * J + j] + p[(r + R) * J + j]) * inv_scale[r];
+                          long long J, int terms, float* __restrict__ t) {
+  const int r = blockIdx.y;
+  const float s = inv_scale[r];
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; j < J;
+       j += stride) {
+    float acc = 0.0f;
+    for (int k = 0; k < terms; ++k) acc += p[(k * R + r) * J + j];
+    t[r * J + j] += acc * s;
+  }
 }
 
 #if !defined(__CUDACC_RTC__)
@@ -180,8 +189,9 @@ template __global__ void update_rows<float, float>(const float*, int, const doub
 template __global__ void update_rows<double, double>(const double*, int, const double*,
                                                      const double*, int, long long, int, int,
                                                      double*);
-template __global__ void split_rows<__half>(const float*, const float*, int, long long, __half*);
-template __global__ void split_rows<__nv_bfloat16>(const float*, const float*, int, long long,
+template __global__ void split_rows<__half>(const float*, const float*, int, long long, int,
+                                            __half*);
+template __global__ void split_rows<__nv_bfloat16>(const float*, const float*, int, long long, int,
                                                    __nv_bfloat16*);
 #endif
 

@@ -3,14 +3,16 @@
 Per chunk ``X_b`` (``b x J`` on the GPU, float16 / bfloat16 / float32):
 
 1. ``M_b = X_b @ KR`` in one cuBLAS GEMM with float32 output. For half storage
-   the Khatri-Rao matrix is split into ``[KR_hi | KR_lo]`` (``J x 2R``, half),
-   so the product keeps about 22 bits of the float64 factors at no extra
-   memory traffic (the GEMM is bound by reading ``X_b``).
-2. ``update_rows`` (custom): the chunk's rows of A, ALS or HALS, in float64.
+   the Khatri-Rao matrix is split into half terms ``[KR_0 | KR_1 | ...]``
+   (2 for float16, 3 for bfloat16), so the product keeps about 22-24 bits of
+   the float64 factors at no extra memory traffic (the GEMM is bound by
+   reading ``X_b``).
+2. the chunk's rows of A in float64: ALS as one small GEMM ``M G^-1``, HALS
+   by ``update_rows`` (custom, one thread per row).
 3. ``AtA += A_b^T A_b`` (float64).
 4. ``T += A_b^T X_b``: for half storage, A_b is split the same way (scaled by
-   powers of two per column), ``P = [A_hi | A_lo]^T X_b`` runs in cuBLAS and
-   ``add_split`` (custom) folds ``P`` into ``T``.
+   powers of two per column), ``P = [A_0 | A_1 | ...]^T X_b`` runs in cuBLAS
+   and ``add_split`` (custom) folds ``P`` into ``T``.
 
 Kernels are launched on torch's current stream; nothing synchronizes the host.
 The KR matrix is built once per pass (``khatri_rao``, custom).
@@ -19,6 +21,7 @@ The KR matrix is built once per pass (``khatri_rao``, custom).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -38,6 +41,9 @@ KERNEL_NAMES = (
     + ["peekcore::add_split"]
 )
 MAX_RANK = 64  # kMaxRank in csrc/cuda/cp_pass.cu
+# Half terms per float64 value in the split GEMMs: float16 keeps 11 bits a term
+# (2 terms ~ 22 bits), bfloat16 8 bits (3 terms ~ 24 bits, float32's precision).
+SPLIT_TERMS = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 1}
 _THREADS = 256
 
 
@@ -103,9 +109,25 @@ class CudaKernel(PassKernel):
         with self.cupy.cuda.Device(self.device.index):
             self.module = load_module("cp_pass", KERNEL_NAMES)
         self._reference = TorchKernel(self.device)
+        self._streams: dict[int, object] = {}
+
+    def _cupy_stream(self, stream: torch.cuda.Stream):
+        """CuPy's view of a torch stream (cached per stream)."""
+        ptr = stream.cuda_stream
+        if ptr not in self._streams:
+            cp = self.cupy
+            try:
+                self._streams[ptr] = cp.cuda.Stream.from_external(stream)
+            except Exception:  # noqa: BLE001 - older CuPy, or no stream protocol in torch
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._streams[ptr] = cp.cuda.ExternalStream(ptr)
+        return self._streams[ptr]
 
     # -- launching ----------------------------------------------------------
-    def _launch(self, name: str, grid: int, block: int, args: tuple, shared: int = 0) -> None:
+    def _launch(
+        self, name: str, grid: int | tuple, block: int, args: tuple, shared: int = 0
+    ) -> None:
         cp = self.cupy
         stream = torch.cuda.current_stream(self.device)
         # zero-copy through __cuda_array_interface__; CuPy has no bfloat16, and
@@ -116,8 +138,9 @@ class CudaKernel(PassKernel):
             else a
             for a in args
         )
-        with cp.cuda.Device(self.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
-            self.module.get_function(name)((grid,), (block,), conv, shared_mem=shared)
+        with cp.cuda.Device(self.device.index), self._cupy_stream(stream):
+            grid = grid if isinstance(grid, tuple) else (grid,)
+            self.module.get_function(name)(grid, (block,), conv, shared_mem=shared)
 
     # -- contract -----------------------------------------------------------
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> _Factors:
@@ -133,20 +156,20 @@ class CudaKernel(PassKernel):
         dims = torch.tensor([f.shape[0] for f in fs], dtype=torch.int64, device=self.device)
         ptrs = torch.tensor([f.data_ptr() for f in fs], dtype=torch.int64, device=self.device)
         width = math.prod(f.shape[0] for f in fs)
-        split = dtype in (torch.float16, torch.bfloat16)
-        if split:  # largest |KR[:, r]| is the product of the columns' largest entries
+        terms = SPLIT_TERMS[dtype]
+        if terms > 1:  # largest |KR[:, r]| is the product of the columns' largest entries
             amax = torch.ones(rank, dtype=torch.float64, device=self.device)
             for f in fs:
                 amax = amax * f.abs().amax(dim=0)
             scale = _pow2_scale(amax)
         else:
             scale = torch.ones(rank, dtype=torch.float64, device=self.device)
-        out = torch.empty((width, 2 * rank if split else rank), dtype=dtype, device=self.device)
+        out = torch.empty((width, terms * rank), dtype=dtype, device=self.device)
         self._launch(
             f"peekcore::khatri_rao<{_TYPES[dtype]}>",
             _blocks(width * rank),
             _THREADS,
-            (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(split), out),
+            (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(terms), out),
         )
         holder.kr[dtype] = (out, 1.0 / scale)
         return holder.kr[dtype]
@@ -188,40 +211,37 @@ class CudaKernel(PassKernel):
         half = x.dtype != torch.float32
         m = mm_f32(x, kr)
         g = g.to(self.device, torch.float64).contiguous()
-        self._launch(
-            "peekcore::update_rows<float, float>",
-            _blocks(rows, 128),
-            128,
-            (
-                m,
-                _i32(m.shape[1]),
-                inv_kr_scale,
-                g,
-                _i32(rank),
-                _i64(rows),
-                _i32(update != ALS),
-                _i32(sweeps),
-                a_rows,
-            ),
-            shared=8 * rank * rank,
-        )
+        if update == ALS:
+            # one float64 GEMM beats the one-thread-per-row kernel here (benchmarks/bench_gpu.py)
+            m64 = m.view(rows, -1, rank).sum(dim=1, dtype=torch.float64) * inv_kr_scale
+            a_rows.copy_(m64 @ g)
+        else:
+            self._launch(
+                "peekcore::update_rows<float, float>",
+                _blocks(rows, 128),
+                128,
+                (m, _i32(m.shape[1]), inv_kr_scale, g, _i32(rank), _i64(rows), _i32(1),
+                 _i32(sweeps), a_rows),
+                shared=8 * rank * rank,
+            )  # fmt: skip
         a64 = a_rows.to(torch.float64)
         stats.ata.addmm_(a64.T, a64)
         if half:
             scale = _pow2_scale(a_rows.abs().amax(dim=0))
-            a2 = torch.empty((rows, 2 * rank), dtype=x.dtype, device=self.device)
+            terms = SPLIT_TERMS[x.dtype]
+            a2 = torch.empty((rows, terms * rank), dtype=x.dtype, device=self.device)
             self._launch(
                 f"peekcore::split_rows<{_TYPES[x.dtype]}>",
                 _blocks(rows * rank),
                 _THREADS,
-                (a_rows, scale, _i32(rank), _i64(rows), a2),
+                (a_rows, scale, _i32(rank), _i64(rows), _i32(terms), a2),
             )
             p = mm_f32(a2.T, x)
             self._launch(
                 "peekcore::add_split",
-                _blocks(rank * width),
+                (min(_blocks(width), 1024), rank),
                 _THREADS,
-                (p, 1.0 / scale, _i32(rank), _i64(width), stats.t),
+                (p, 1.0 / scale, _i32(rank), _i64(width), _i32(terms), stats.t),
             )
         else:
             stats.t.addmm_(a_rows.T, x)
