@@ -96,10 +96,13 @@ class PassKernel(ABC):
     def hals_update(
         self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
     ) -> torch.Tensor:
-        """HALS sweeps on a resident factor (``I x R`` float64) from its MTTKRP and Gram."""
-        from ..solvers.resident import hals_columns
+        """HALS sweeps on a resident factor (``I x R`` float64) from its MTTKRP and Gram.
 
-        return hals_columns(f, m, g, sweeps)
+        Returns a new tensor; the default is the torch reference.
+        """
+        from .reference import hals_rows
+
+        return hals_rows(f.clone(), m, g, sweeps)
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op on the CPU
         """Wait for queued device work (no-op on the CPU)."""

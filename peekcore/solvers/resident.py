@@ -11,7 +11,7 @@ import string
 
 import torch
 
-__all__ = ["gram_inverse", "resident_mttkrp", "als_solve", "hals_columns", "hadamard"]
+__all__ = ["gram_inverse", "resident_mttkrp", "als_solve", "hadamard"]
 
 
 def hadamard(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -79,21 +79,3 @@ def resident_mttkrp(t: torch.Tensor, factors: list[torch.Tensor], mode: int) -> 
         subs.append(letters[k] + "z")
     expr = ",".join(subs) + "->" + letters[mode] + "z"
     return torch.einsum(expr, *operands)
-
-
-def hals_columns(f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int) -> torch.Tensor:
-    """Nonnegative HALS sweeps on a factor (returns a new tensor).
-
-    Column ``r``: ``f_r <- max(0, f_r + (m_r - f g_r) / g_rr)``, in order
-    ``r = 0..R-1``, ``sweeps`` times; columns with ``g_rr == 0`` are skipped.
-    """
-    f = f.clone()
-    rank = f.shape[1]
-    diag = torch.diagonal(g).tolist()
-    for _ in range(sweeps):
-        for r in range(rank):
-            if not diag[r] > 0:
-                continue
-            resid = m[:, r] - f @ g[:, r]
-            f[:, r] = torch.clamp(f[:, r] + resid / diag[r], min=0)
-    return f

@@ -1,0 +1,99 @@
+"""Checkpoints of a running fit (one model or a whole sweep): atomic, bit-identical resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .._io import atomic_write
+from .._version import __version__
+from ..model import FitHistory
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import ModelState, RunSettings
+
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_key"]
+
+FORMAT = "peekcore.checkpoint"
+VERSION = 2
+
+
+def checkpoint_key(shape: tuple[int, ...], settings: RunSettings, states: list[ModelState]) -> dict:
+    """What a checkpoint must agree with to be resumed: data shape, models, solver settings."""
+    return {
+        "shape": list(shape),
+        "ranks": [s.rank for s in states],
+        "seeds": [s.seed for s in states],
+        "method": settings.method,
+        "sweeps": settings.sweeps,
+        "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
+    }
+
+
+def save_checkpoint(
+    path: Path,
+    key: dict,
+    states: list[ModelState],
+    norm2: float,
+    iteration: int,
+) -> None:
+    """Write the state of every model after a whole iteration, atomically."""
+    arrays = {}
+    models = []
+    for k, s in enumerate(states):
+        arrays[f"m{k}_a"] = s.a.detach().cpu().numpy()
+        for i, f in enumerate(s.resident):
+            arrays[f"m{k}_resident_{i}"] = f.detach().cpu().numpy()
+        models.append({"history": asdict(s.history), "active": s.active})
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "norm2": norm2,
+        "iteration": iteration,
+        "models": models,
+        "peekcore_version": __version__,
+    }
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def load_checkpoint(
+    path: Path, key: dict, states: list[ModelState], device: torch.device
+) -> tuple[float, int]:
+    """Restore every model from a checkpoint (in place); returns ``(||X||^2, iteration)``.
+
+    Refuses a checkpoint written for other data, models or settings.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(bytes(data["header"]).decode())
+            if header.get("format") != FORMAT or header.get("key") != key:
+                raise ValueError(
+                    f"the checkpoint {path} was written for {header.get('key')}, but this fit "
+                    f"is {key}; resume with the same data and settings, or start afresh "
+                    "without resume="
+                )
+            for k, s in enumerate(states):
+                s.a = torch.as_tensor(data[f"m{k}_a"], device=device).contiguous()
+                s.resident = [
+                    torch.as_tensor(data[f"m{k}_resident_{i}"], device=device)
+                    for i in range(len(s.resident))
+                ]
+                s.history = FitHistory(**header["models"][k]["history"])
+                s.active = bool(header["models"][k]["active"])
+    except (KeyError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
+    except ValueError as err:
+        if "written for" in str(err):
+            raise
+        raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
+    return float(header["norm2"]), int(header["iteration"])

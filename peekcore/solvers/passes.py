@@ -1,0 +1,137 @@
+"""Reading a source for one pass: shape-checked chunks, staged onto the GPU when needed."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..kernels import PassKernel
+from ..sources import ChunkSource
+from .checks import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEVICE_RESIDENT_CHUNK_BYTES,
+    DEVICE_STREAMED_CHUNK_BYTES,
+)
+
+__all__ = [
+    "iterate_chunks",
+    "pass_chunks",
+    "default_chunk_bytes",
+    "gram_pass",
+    "check_nonnegative",
+    "check_finite",
+]
+
+
+def _as_tensor(chunk: Any) -> torch.Tensor:
+    if isinstance(chunk, torch.Tensor):
+        return chunk.detach()
+    arr = np.asarray(chunk)
+    with warnings.catch_warnings():
+        # memory-mapped and read-only arrays: the kernels never write to chunks
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Chunks of a source as tensors with their first sample index, shape-checked."""
+    shape = tuple(source.shape)
+    offset = 0
+    for chunk in source.chunks(chunk_size):
+        x = _as_tensor(chunk)
+        if tuple(x.shape[1:]) != shape[1:] or x.ndim != len(shape):
+            raise ValueError(
+                f"the chunk at samples {offset}..{offset + (x.shape[0] if x.ndim else 0)} has "
+                f"shape {tuple(x.shape)}, but the source's shape {shape} says each chunk is "
+                f"(b, {', '.join(map(str, shape[1:]))}); a chunk source must keep every "
+                "non-sample dimension fixed"
+            )
+        if x.dtype.is_floating_point is False:
+            raise TypeError(f"the chunk at sample {offset} has non-float dtype {x.dtype}")
+        b = x.shape[0]
+        if b == 0:
+            continue
+        if offset + b > shape[0]:
+            raise ValueError(
+                f"the source yielded more than the {shape[0]} samples its shape declares"
+            )
+        yield offset, x
+        offset += b
+    if offset != shape[0]:
+        raise ValueError(
+            f"the source yielded {offset} samples in a pass but its shape declares {shape[0]}"
+        )
+
+
+def default_chunk_bytes(source: ChunkSource, kern: PassKernel) -> int:
+    """Chunk byte budget for a source read by a kernel (CPU, GPU-resident, host to GPU)."""
+    if kern.device.type != "cuda":
+        return DEFAULT_MAX_CHUNK_BYTES
+    on_device = str(getattr(source, "device", "cpu")).startswith("cuda")
+    return DEVICE_RESIDENT_CHUNK_BYTES if on_device else DEVICE_STREAMED_CHUNK_BYTES
+
+
+def pass_chunks(
+    source: ChunkSource, chunk_size: int, kern: PassKernel
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The chunks of one pass, staged onto the kernel's GPU when it has one."""
+    chunks = iterate_chunks(source, chunk_size)
+    if kern.device.type == "cuda":
+        from ..staging import stage_to_device
+
+        return stage_to_device(chunks, kern.device)
+    return chunks
+
+
+def check_nonnegative(x: torch.Tensor, offset: int) -> None:
+    """Refuse negative data for a nonnegative fit, naming the first offending samples."""
+    mins = torch.amin(x.reshape(x.shape[0], -1), dim=1)
+    bad = torch.nonzero(mins < 0)
+    if bad.numel():
+        first = offset + int(bad[0, 0])
+        last = offset + int(bad[-1, 0])
+        raise ValueError(
+            f"ncp_hals needs nonnegative data, but samples {first}..{last} of the chunk at "
+            f"{offset}..{offset + x.shape[0] - 1} hold negative values (smallest "
+            f"{float(mins.min()):.4g}); use cp_als for signed data, or factor nonnegative "
+            "activations (e.g. after a ReLU)"
+        )
+
+
+def check_finite(norm2: float, offset: int, rows: int) -> None:
+    """Refuse a chunk whose sum of squares is NaN or Inf, naming its samples."""
+    if not math.isfinite(norm2):
+        raise ValueError(
+            f"the data holds NaN or Inf in samples {offset}..{offset + rows - 1}: clean or drop "
+            "those samples (e.g. np.nan_to_num) before fitting"
+        )
+
+
+def gram_pass(
+    source: ChunkSource,
+    chunk_size: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    nonneg: bool = False,
+) -> tuple[list[torch.Tensor], float]:
+    """One streamed pass: every resident mode's Gram ``X_(m) X_(m)^T``, and ``||X||^2``."""
+    shape = tuple(source.shape)
+    d = len(shape) - 1
+    grams = [torch.zeros((n, n), dtype=torch.float64, device=device) for n in shape[1:]]
+    norm2 = 0.0
+    for offset, chunk in iterate_chunks(source, chunk_size):
+        x = chunk.to(device=device, dtype=compute_dtype)
+        sq = float(torch.sum(x.to(torch.float64) ** 2))
+        check_finite(sq, offset, x.shape[0])
+        if nonneg:
+            check_nonnegative(x, offset)
+        norm2 += sq
+        for m in range(d):
+            others = [k for k in range(d + 1) if k != m + 1]
+            grams[m] += torch.tensordot(x, x, dims=(others, others)).to(torch.float64)
+    return grams, norm2
