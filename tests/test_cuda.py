@@ -13,8 +13,7 @@ import torch
 import peekcore
 from peekcore.kernels import cuda_available
 from peekcore.kernels.base import ALS, HALS
-from peekcore.kernels.reference import TorchKernel
-from peekcore.kernels.reference import hals_rows
+from peekcore.kernels.reference import TorchKernel, hals_rows
 from peekcore.solvers.resident import gram_inverse, hadamard
 
 pytestmark = [
