@@ -14,7 +14,7 @@ STAMP := $(VENV)/.peekcore-installed
 CU_FILES := $(wildcard csrc/cuda/*.cu)
 CPP_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu')
 
-.PHONY: setup demo test lint format cuda-check pytest bench clean
+.PHONY: setup demo test lint format cuda-check browser pytest bench clean
 
 setup: $(STAMP)
 
@@ -22,13 +22,20 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(CPP_FILES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,demo]"
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m peekcore demo
 
-test: setup lint cuda-check pytest
+test: setup lint cuda-check browser pytest
+
+# The report test renders HTML in headless Chromium (Debian's package; root installs it).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || true
+	@if command -v chromium >/dev/null; then echo "browser: chromium ready"; \
+	else echo "browser: chromium not installed, the report render test will skip"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check peekcore tests benchmarks setup.py
@@ -53,6 +60,8 @@ pytest: setup
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_store.py
 
 clean:
 	rm -rf build $(VENV) peekcore/_core*.so

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,4 +74,19 @@ class CMakeBuild(build_ext):
             ) from err
 
 
-setup(ext_modules=[CMakeExtension("peekcore._core")], cmdclass={"build_ext": CMakeBuild})
+class BuildPyWithCudaSources(build_py):
+    """Ship csrc/cuda and csrc/include as peekcore/_csrc: CuPy compiles them at run time."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # an editable install reads csrc/ in the checkout
+            return
+        dest = Path(self.build_lib) / "peekcore" / "_csrc"
+        for sub in ("cuda", "include"):
+            shutil.copytree(ROOT / "csrc" / sub, dest / sub, dirs_exist_ok=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("peekcore._core")],
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithCudaSources},
+)

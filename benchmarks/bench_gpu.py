@@ -151,8 +151,9 @@ def case_a_b(args) -> None:
     if not args.quick:
         try:
             x32 = x.float()
-            out["tensorly_f32_on_card"] = tensorly_per_iteration(x32, random_init(shape, rank), 4,
-                                                                 nonneg=False)  # fmt: skip
+            out["tensorly_f32_on_card"] = tensorly_per_iteration(
+                x32, random_init(shape, rank), 4, nonneg=False
+            )
             row("(a) TensorLy f32 on card", f"{out['tensorly_f32_on_card'] * 1e3:.1f} ms/iter")
         except torch.OutOfMemoryError as err:
             out["tensorly_f32_on_card"] = f"OOM: {str(err).splitlines()[0]}"
@@ -216,15 +217,24 @@ def kernels_vs_torch(args) -> None:
     gi = torch.rand((32, 32), device=DEV, dtype=torch.float64)
     a = torch.rand((20000, 32), device=DEV)
     ones = torch.ones(32, dtype=torch.float64, device=DEV)
-    args_als = (m, np.int32(64), ones, gi, np.int32(32), np.int64(20000), np.int32(0),
-                np.int32(1), a)  # fmt: skip
+    args_als = (
+        m,
+        np.int32(64),
+        ones,
+        gi,
+        np.int32(32),
+        np.int64(20000),
+        np.int32(0),
+        np.int32(1),
+        a,
+    )
     args_hals = args_als[:6] + (np.int32(1), np.int32(5), a)
     out["update_rows_als"] = (
         cuda_time(
             lambda: kern._launch(
                 "peekcore::update_rows<float, float>", 157, 128, args_als, shared=8 * 32 * 32
             )
-        ),  # fmt: skip
+        ),
         cuda_time(lambda: a.copy_((m[:, :32] + m[:, 32:]).double() @ gi)),
     )
     out["update_rows_hals"] = (
@@ -232,12 +242,12 @@ def kernels_vs_torch(args) -> None:
             lambda: kern._launch(
                 "peekcore::update_rows<float, float>", 157, 128, args_hals, shared=8 * 32 * 32
             )
-        ),  # fmt: skip
+        ),
         cuda_time(
             lambda: hals_rows(a.double(), (m[:, :32] + m[:, 32:]).double(), gi, 5),
             repeats=3,
             warmup=1,
-        ),  # fmt: skip
+        ),
     )
     p = torch.rand((64, 256 * 196), device=DEV)
     t = torch.zeros((32, 256 * 196), device=DEV)
@@ -251,12 +261,14 @@ def kernels_vs_torch(args) -> None:
                 256,
                 (p, inv, np.int32(32), np.int64(width), np.int32(2), t),
             )
-        ),  # fmt: skip
+        ),
         cuda_time(lambda: t.add_((p[:32] + p[32:]) * inv[:, None])),
     )
     for name, (ours, theirs) in out.items():
-        row(f"kernel {name}", f"{ours * 1e6:.1f} us vs torch {theirs * 1e6:.1f} us "
-                              f"({theirs / ours:.1f}x)")  # fmt: skip
+        row(
+            f"kernel {name}",
+            f"{ours * 1e6:.1f} us vs torch {theirs * 1e6:.1f} us ({theirs / ours:.1f}x)",
+        )
     RESULTS["kernels_vs_torch"] = out
 
 

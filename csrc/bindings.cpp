@@ -92,6 +92,25 @@ PYBIND11_MODULE(_core, m) {
       py::arg("a_rows"), py::arg("t_acc"), py::arg("ata"), py::arg("update"), py::arg("sweeps"),
       py::arg("want_norm"), py::arg("block_bytes"));
 
+  m.def(
+      "hals_rows",
+      [](py::array_t<double, py::array::c_style> f, py::array_t<double, py::array::c_style> m,
+         py::array_t<double, py::array::c_style> g, int sweeps) {
+        require(f.ndim() == 2 && m.ndim() == 2 && g.ndim() == 2, "f, m, g must be matrices");
+        const auto rows = f.shape(0);
+        const int R = static_cast<int>(f.shape(1));
+        require(m.shape(0) == rows && m.shape(1) == R, "m must have f's shape");
+        require(g.shape(0) == R && g.shape(1) == R, "g must be R x R");
+        require(f.writeable(), "f must be writable");
+        double* fp = f.mutable_data();
+        const double* mp = m.data();
+        const double* gp = g.data();
+        py::gil_scoped_release release;
+        peekcore::hals_rows(fp, mp, gp, rows, R, sweeps);
+      },
+      py::arg("f"), py::arg("m"), py::arg("g"), py::arg("sweeps"),
+      "HALS sweeps on the rows of f (rows x R, float64, in place) from m and the Gram g.");
+
   m.def("build_info", []() {
     py::dict info;
     info["openmp"] = peekcore::has_openmp();

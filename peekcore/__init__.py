@@ -1,30 +1,42 @@
 """peekcore: streaming CP and nonnegative CP of neural-network activations.
 
 Fit a CP model to an activation tensor (samples x channels x space) without
-holding it whole: ``peekcore.cp_als(data, rank)``.
+holding it whole: ``peekcore.cp_als(data, rank)`` / ``peekcore.ncp_hals``; sweep
+ranks with diagnostics: ``peekcore.rank_sweep``; capture a model's layers:
+``peekcore.capture``; pictures and reports: ``peekcore.report``.
 """
 
 from __future__ import annotations
 
-from . import kernels, sources
+from . import datasets, diagnostics, kernels, sources
 from ._native import available as _native_available
 from ._version import __version__
+from .capture import ModelSource, capture
 from .model import CPModel, FitHistory
 from .solvers import cp_als, ncp_hals
 from .solvers.engine import IterationInfo
 from .sources import ArraySource, ChunkSource
+from .store import ActivationStore
+from .sweep import RankSweep, rank_sweep
 
 __all__ = [
+    "ActivationStore",
     "ArraySource",
     "CPModel",
     "ChunkSource",
     "FitHistory",
     "IterationInfo",
+    "ModelSource",
+    "RankSweep",
     "__version__",
     "build_info",
+    "capture",
     "cp_als",
+    "datasets",
+    "diagnostics",
     "kernels",
     "ncp_hals",
+    "rank_sweep",
     "sources",
 ]
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write"]
+import numpy as np
+
+__all__ = ["atomic_write", "save_npz", "load_npz"]
 
 
 @contextlib.contextmanager
@@ -60,3 +63,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         finally:
             os.close(dir_fd)
     return dest
+
+
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], header: dict) -> Path:
+    """Write arrays and a JSON header (key ``"header"``) to one ``.npz``, atomically."""
+    blob = json.dumps(header, default=float).encode()
+    payload = {**arrays, "header": np.frombuffer(blob, dtype=np.uint8)}
+    return atomic_write(path, lambda fh: np.savez(fh, **payload))
+
+
+def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[str, Any]]:
+    """Read a file written by :func:`save_npz` whose header says ``format == fmt``.
+
+    Returns ``(header, arrays)``; refuses other files with a message naming ``what``.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        if "header" not in data:
+            raise ValueError(f"{path} is not a peekcore {what} file (no header)")
+        header = json.loads(bytes(data["header"]).decode())
+        if header.get("format") != fmt:
+            raise ValueError(
+                f"{path} is not a peekcore {what} file (it holds {header.get('format')!r})"
+            )
+        arrays = {k: data[k] for k in data.files if k != "header"}
+    return header, arrays

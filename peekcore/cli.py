@@ -1,21 +1,34 @@
-"""The ``peek`` command line.
+"""The ``peek`` command line (also ``python -m peekcore``).
 
-``peek demo``  fits a CP model to a generated activation-shaped tensor and
-               prints fit, iterations and time.
-``peek info``  prints what was compiled in (``peekcore.build_info()``).
+    peek demo      the embedded demo: digits CNN, rank per layer vs accuracy, report
+    peek capture   run a model over data and store layer activations (zarr)
+    peek fit       fit CP / nonnegative CP to an .npy file or a stored layer
+    peek sweep     rank sweep with diagnostics and an automatic rank choice
+    peek report    figures and a self-contained HTML report from result files
+    peek info      what a store, model, sweep or checkpoint file holds
+    peek bench     a quick side-by-side timing against TensorLy
+
+Every command prints a short summary (``--json`` for machine-readable output),
+reports errors in one line (``--debug`` for the traceback) and exits non-zero
+when it fails. ``peek fit`` and ``peek sweep`` run data-parallel under
+``torchrun --nproc-per-node N`` (``--distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
 import sys
 import time
 import traceback
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["main", "parse_ranks", "activation_like"]
 
 
 def activation_like(
@@ -35,56 +48,433 @@ def activation_like(
     return x.copy()
 
 
+def parse_ranks(text: str) -> list[int]:
+    """``"1-8"``, ``"2,4,8"``, ``"1-16:2"`` (step) -> a list of ranks."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not m:
+            raise ValueError(
+                f"bad rank range {text!r}: use e.g. 1-8, 2,4,8 or 1-16:2 (positive integers)"
+            )
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        step = int(m.group(3)) if m.group(3) else 1
+        if lo < 1 or hi < lo or step < 1:
+            raise ValueError(f"bad rank range {part!r}: need 1 <= first <= last and step >= 1")
+        out.extend(range(lo, hi + 1, step))
+    return sorted(set(out))
+
+
+def _open_data(path: str, layer: str | None):
+    """An .npy file, or a layer of an activation store."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or store: {p}")
+    if p.is_dir():
+        from .store import ActivationStore
+
+        store = ActivationStore(p)
+        if layer is None:
+            if len(store.layers) != 1:
+                raise ValueError(
+                    f"the store {p} holds layers {list(store.layers)}: choose one with --layer"
+                )
+            layer = store.layers[0]
+        if layer not in store:
+            import difflib
+
+            close = difflib.get_close_matches(layer, store.layers, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"no layer {layer!r} in {p} (it has {list(store.layers)}){hint}")
+        return store[layer]
+    if layer is not None:
+        raise ValueError(f"--layer applies to activation stores (folders), not to {p}")
+    return str(p)
+
+
+def _load_model(spec: str):
+    """``module:attribute`` (an nn.Module or a callable returning one) or a torch.save'd file."""
+    import torch
+
+    if ":" in spec and not Path(spec).exists():
+        module, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import the model {spec!r}: {err}") from err
+        model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise FileNotFoundError(f"no such model file: {p} (or give module:attribute)")
+        model = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_inputs(spec: str):
+    from . import datasets
+
+    if spec == "digits":
+        return datasets.digits()
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"no such data: {p} (use 'digits', an .npy file or a folder)")
+    if p.is_dir():
+        return datasets.image_folder(p)
+    return str(p)
+
+
+# ------------------------------------------------------------------- commands
+
+
 def _demo(args: argparse.Namespace) -> dict:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.small(args.seed) if args.small else DemoConfig(seed=args.seed)
+    log = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda line: None)
+    result = run_demo(args.out, cfg, progress=False, log=log)
+    return {
+        "finding": result.finding,
+        "accuracy": result.accuracy,
+        "chosen_rank": result.chosen_rank,
+        "correlation": result.correlation,
+        "report": result.report,
+        "seconds": result.seconds,
+    }
+
+
+def _capture(args: argparse.Namespace) -> dict:
+    from .capture import capture
+
+    model = _load_model(args.model)
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    t0 = time.perf_counter()
+    store = capture(
+        model,
+        _load_inputs(args.data),
+        layers,
+        args.store,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        device=args.device,
+        fold_spatial=args.fold_spatial,
+        overwrite=args.overwrite,
+        progress=None if not args.json else False,
+    )
+    return {
+        "store": str(store.path),
+        "layers": {name: list(store[name].shape) for name in store.layers},
+        "dtype": store.dtype,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _solver_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        n_iter_max=args.iters,
+        tol=args.tol,
+        random_state=args.seed,
+        device=args.device,
+        chunk_size=args.chunk_size,
+        dtype=args.dtype,
+        progress=None if not args.json else False,
+        distributed=True if args.distributed else None,
+    )
+
+
+def _rank0(result: dict) -> bool:
+    import torch
+
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _fit(args: argparse.Namespace) -> dict:
     import peekcore
 
-    x = activation_like(args.samples, args.channels, args.space, args.true_rank, args.seed)
-    print(
-        f"peekcore demo: a generated activation-shaped tensor {x.shape} ({x.dtype}, "
-        f"{x.nbytes / 2**20:.0f} MiB) of rank {args.true_rank} plus 10% noise; "
-        f"CP-ALS with rank {args.rank}",
-        file=sys.stderr,
+    data = _open_data(args.data, args.layer)
+    fit = peekcore.cp_als if args.method == "cp" else peekcore.ncp_hals
+    kw = _solver_kwargs(args)
+    model = fit(
+        data, args.rank, init=args.init, checkpoint=args.checkpoint, resume=args.resume, **kw
     )
-    t0 = time.perf_counter()
-    model = peekcore.cp_als(
-        x, args.rank, n_iter_max=args.iters, tol=1e-6, random_state=args.seed, progress=None
-    )
-    total = time.perf_counter() - t0
-    per_iter = float(np.median(model.history.seconds))
+    if args.out and _rank0({}):
+        model.save(args.out)
     return {
-        "shape": list(x.shape),
-        "rank": args.rank,
+        "rank": model.rank,
+        "shape": list(model.shape),
         "fit": model.fit,
         "iterations": model.history.n_iter,
         "converged": model.history.converged,
-        "seconds": total,
-        "seconds_per_iteration": per_iter,
-        "kernel": model.metadata["kernel"],
+        "stop_reason": model.history.stop_reason,
+        "seconds_per_iteration": float(np.median(model.history.seconds)),
+        "weights": model.weights.tolist(),
+        "out": args.out,
     }
+
+
+def _sweep(args: argparse.Namespace) -> dict:
+    from .sweep import rank_sweep
+
+    data = _open_data(args.data, args.layer)
+    kw = _solver_kwargs(args)
+    sweep = rank_sweep(
+        data,
+        parse_ranks(args.ranks),
+        args.replicates,
+        method=args.method,
+        compress=args.compress,
+        **kw,
+    )
+    if args.out and _rank0({}):
+        sweep.save(args.out)
+    return {
+        "chosen_rank": sweep.chosen_rank,
+        "reason": sweep.choice_reason,
+        "table": sweep.table(),
+        "compression": sweep.compression,
+        "seconds": sweep.seconds,
+        "out": args.out,
+    }
+
+
+def _report(args: argparse.Namespace) -> dict:
+    from . import report
+    from .report._common import load_result
+    from .sweep import RankSweep
+
+    out = Path(args.out)
+    figs = out.parent / (out.stem + "_figures")
+    figs.mkdir(parents=True, exist_ok=True)
+    images = np.load(args.images) if args.images else None
+    labels = np.load(args.labels) if args.labels else None
+    sections = []
+    for path in args.results:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"no such result file: {p}")
+        result = load_result(p)
+        name = p.stem
+        figures, components = [], []
+        model = result.model() if isinstance(result, RankSweep) else result
+        if isinstance(result, RankSweep):
+            figures.append(report.rank_sweep_figure(result, figs / f"{name}_sweep"))
+        if labels is not None:
+            figures.append(report.class_component_figure(model, labels, figs / f"{name}_classes"))
+        if images is not None:
+            for r in range(min(model.rank, args.components)):
+                components.append(
+                    report.component_figure(
+                        model,
+                        images,
+                        r,
+                        out_stem=figs / f"{name}_c{r}",
+                        labels=labels,
+                        spatial_shape=_spatial(args, model),
+                    )
+                )
+        summary = {"shape": list(model.shape), "rank": model.rank, "fit": model.fit}
+        sections.append(
+            report.LayerSection(name=name, summary=summary, figures=figures, components=components)
+        )
+    path = report.write_report(
+        out, title=args.title, settings={"results": args.results}, layers=sections
+    )
+    return {"report": str(path), "sections": [s.name for s in sections]}
+
+
+def _spatial(args: argparse.Namespace, model) -> tuple[int, int] | None:
+    if args.spatial:
+        h, w = (int(v) for v in args.spatial.lower().split("x"))
+        return h, w
+    if len(model.shape) == 3:
+        side = int(round(model.shape[2] ** 0.5))
+        if side * side == model.shape[2]:
+            return side, side
+    return None
 
 
 def _info(args: argparse.Namespace) -> dict:
     import peekcore
 
-    return peekcore.build_info()
+    if args.path is None:
+        return peekcore.build_info()
+    p = Path(args.path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or store: {p}")
+    if p.is_dir():
+        from .store import ActivationStore
+
+        store = ActivationStore(p)
+        return {
+            "kind": "activation store",
+            "path": str(p),
+            "layers": {
+                n: {"shape": list(store[n].shape), "dims": list(store[n].dims)}
+                for n in store.layers
+            },
+            "n_samples": store.n_samples,
+            "dtype": store.dtype,
+            "labels": store.labels is not None,
+            "provenance": store.provenance,
+        }
+    with np.load(p, allow_pickle=False) as data:
+        if "header" not in data:
+            raise ValueError(f"{p} is not a peekcore file (no header)")
+        header = json.loads(bytes(data["header"]).decode())
+    kind = header.get("format", "unknown")
+    if kind == "peekcore.CPModel":
+        m = peekcore.CPModel.load(p)
+        return {
+            "kind": "CP model",
+            "shape": list(m.shape),
+            "rank": m.rank,
+            "fit": m.fit,
+            "iterations": m.history.n_iter,
+            "metadata": m.metadata,
+        }
+    if kind == "peekcore.RankSweep":
+        from .sweep import RankSweep
+
+        s = RankSweep.load(p)
+        return {
+            "kind": "rank sweep",
+            "ranks": s.ranks,
+            "replicates": s.replicates,
+            "chosen_rank": s.chosen_rank,
+            "reason": s.choice_reason,
+            "table": s.table(),
+        }
+    if kind == "peekcore.checkpoint":
+        return {"kind": "checkpoint", "iteration": header["iteration"], "key": header["key"]}
+    raise ValueError(f"{p}: unknown peekcore file format {kind!r}")
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    import peekcore
+    from peekcore.model import CPModel
+
+    rng = np.random.default_rng(0)
+    shape = (args.samples, args.channels, args.space)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    np.abs(x, out=x)
+    init = CPModel(np.ones(args.rank), [rng.random((n, args.rank)) for n in shape])
+    kw = dict(n_iter_max=args.iters, tol=0, init=init, progress=False)
+    out: dict[str, Any] = {"shape": list(shape), "rank": args.rank}
+    for name, fn in (("cp_als", peekcore.cp_als), ("ncp_hals", peekcore.ncp_hals)):
+        m = fn(x, args.rank, **kw)
+        out[f"peekcore_{name}_s_per_iter"] = float(np.median(m.history.seconds[1:]))
+    try:
+        import tensorly as tl
+        from tensorly.decomposition import parafac
+
+        tl.set_backend("numpy")
+        t0 = time.perf_counter()
+        parafac(x, args.rank, n_iter_max=args.iters, init=init.to_tensorly(), tol=0)
+        out["tensorly_numpy_cp_s_per_iter"] = (time.perf_counter() - t0) / args.iters
+        out["speedup"] = out["tensorly_numpy_cp_s_per_iter"] / out["peekcore_cp_als_s_per_iter"]
+    except ImportError:
+        out["tensorly"] = "not installed"
+    return out
+
+
+# ------------------------------------------------------------------- parser
+
+
+def _solver_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", help="layer of an activation store (when DATA is a store folder)")
+    p.add_argument(
+        "--method",
+        choices=("cp", "ncp"),
+        default="cp",
+        help="cp: CP-ALS; ncp: nonnegative CP by HALS (default cp)",
+    )
+    p.add_argument("--iters", type=int, default=100, help="maximum iterations (default 100)")
+    p.add_argument("--tol", type=float, default=1e-8, help="stopping tolerance on fit change")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--dtype", default=None, help="accumulation dtype: float32 or float64")
+    p.add_argument("--chunk-size", type=int, default=None, help="samples per chunk")
+    p.add_argument(
+        "--distributed", action="store_true", help="data-parallel over torchrun's processes"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peek", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="peek",
+        description="peekcore: look inside neural networks through tensor factorization.",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit a generated activation-shaped tensor")
-    demo.add_argument("--samples", type=int, default=2000, help="sample-mode size (default 2000)")
-    demo.add_argument("--channels", type=int, default=256, help="channels (default 256)")
-    demo.add_argument("--space", type=int, default=196, help="spatial positions (default 196)")
-    demo.add_argument("--true-rank", type=int, default=8, help="planted rank (default 8)")
-    demo.add_argument("--rank", type=int, default=8, help="fitted rank (default 8)")
-    demo.add_argument("--iters", type=int, default=50, help="maximum iterations (default 50)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the embedded demo (digits CNN, ranks vs accuracy)")
+    demo.add_argument("--out", default="peek-demo", help="output folder (default peek-demo)")
+    demo.add_argument("--small", action="store_true", help="a fast, smaller configuration")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="what was compiled in")
+
+    cap = sub.add_parser("capture", help="store layer activations of a model over data")
+    cap.add_argument(
+        "--model",
+        required=True,
+        help="module:attribute (an nn.Module or factory) or a torch.save'd file",
+    )
+    cap.add_argument("--data", required=True, help="'digits', an .npy file or an image folder")
+    cap.add_argument("--layers", required=True, help="comma-separated layer names")
+    cap.add_argument("--store", required=True, help="output store folder (zarr)")
+    cap.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
+    cap.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    cap.add_argument("--device", default=None, help="device of the model (default its own)")
+    cap.add_argument("--fold-spatial", action="store_true", help="store N x C x (H*W)")
+    cap.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    cap.set_defaults(func=_capture)
+
+    fit = sub.add_parser("fit", help="fit CP or nonnegative CP")
+    fit.add_argument("data", help="an .npy file or an activation store folder")
+    fit.add_argument("--rank", type=int, required=True, help="number of components")
+    fit.add_argument("--init", default="random", choices=("random", "gram"), help="initialization")
+    fit.add_argument("--checkpoint", help="write a checkpoint here every iteration")
+    fit.add_argument("--resume", help="continue from this checkpoint")
+    fit.add_argument("--out", help="save the model here (.npz)")
+    _solver_options(fit)
+    fit.set_defaults(func=_fit)
+
+    sw = sub.add_parser("sweep", help="rank sweep with diagnostics and a rank choice")
+    sw.add_argument("data", help="an .npy file or an activation store folder")
+    sw.add_argument("--ranks", default="1-8", help="e.g. 1-8, 2,4,8 or 1-16:2 (default 1-8)")
+    sw.add_argument("--replicates", type=int, default=3, help="restarts per rank (default 3)")
+    sw.add_argument("--compress", action="store_true", help="compressed sweep (cp only)")
+    sw.add_argument("--out", help="save the sweep here (.npz)")
+    _solver_options(sw)
+    sw.set_defaults(func=_sweep)
+
+    rep = sub.add_parser("report", help="figures and an HTML report from result files")
+    rep.add_argument("results", nargs="+", help="model or sweep files (.npz)")
+    rep.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
+    rep.add_argument("--images", help="input images (.npy, N x H x W or N x C x H x W)")
+    rep.add_argument("--labels", help="labels (.npy, N)")
+    rep.add_argument("--components", type=int, default=4, help="components shown per result")
+    rep.add_argument("--spatial", help="spatial shape HxW of a folded 3-way model")
+    rep.add_argument("--title", default="peekcore report", help="report title")
+    rep.set_defaults(func=_report)
+
+    info = sub.add_parser("info", help="what a store or result file holds (none: the build)")
+    info.add_argument("path", nargs="?", help="store folder, model/sweep/checkpoint file")
     info.set_defaults(func=_info)
+
+    bench = sub.add_parser("bench", help="quick timing against TensorLy")
+    bench.add_argument("--samples", type=int, default=500)
+    bench.add_argument("--channels", type=int, default=128)
+    bench.add_argument("--space", type=int, default=196)
+    bench.add_argument("--rank", type=int, default=16)
+    bench.add_argument("--iters", type=int, default=5)
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -96,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one clear line; the traceback with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"peek {args.command}: error: {err}", file=sys.stderr)
+        msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+        print(f"peek {args.command}: error: {msg}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -104,5 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in result.items():
             if isinstance(value, float):
                 value = f"{value:.6g}"
+            elif isinstance(value, (dict, list)):
+                value = json.dumps(value, default=str)
             print(f"{key:>22}: {value}")
     return 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import load_npz, save_npz
 
 __all__ = ["CPModel", "FitHistory", "normalize_factors"]
 
@@ -191,18 +190,11 @@ class CPModel:
             "history": asdict(self.history),
             "metadata": self.metadata,
         }
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        save_npz(path, arrays, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CPModel:
         """Read a model written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as data:
-            if "header" not in data:
-                raise ValueError(f"{path} is not a peekcore model file (no header)")
-            header = json.loads(bytes(data["header"]).decode())
-            if header.get("format") != "peekcore.CPModel":
-                raise ValueError(f"{path} is not a peekcore model file")
-            factors = [data[f"factor_{i}"] for i in range(header["n_factors"])]
-            weights = data["weights"]
-        return cls(weights, factors, FitHistory(**header["history"]), header["metadata"])
+        header, data = load_npz(path, "peekcore.CPModel", "model")
+        factors = [data[f"factor_{i}"] for i in range(header["n_factors"])]
+        return cls(data["weights"], factors, FitHistory(**header["history"]), header["metadata"])

@@ -51,6 +51,16 @@ class ChunkSource(Protocol):
     def chunks(self, chunk_size: int) -> Iterator[Any]: ...
 
 
+def dtype_label(dtype: Any) -> str:
+    """The plain name of a numpy / torch / string dtype (``"float16"``, ``"int32"``, ...)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
 def dtype_name(dtype: Any) -> str:
     """Name of a numpy / torch / string dtype as one of ``SUPPORTED_DTYPES``.
 
@@ -59,13 +69,7 @@ def dtype_name(dtype: Any) -> str:
     TypeError
         For integer, boolean, complex or unknown dtypes, with the fix.
     """
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = str(dtype)
+    name = dtype_label(dtype)
     if name in SUPPORTED_DTYPES:
         return name
     raise TypeError(
@@ -112,6 +116,10 @@ class ArraySource:
         step = max(1, int(chunk_size))
         for start in range(0, n, step):
             yield self.array[start : start + step]
+
+    def shard(self, lo: int, hi: int) -> ArraySource:
+        """The rows ``[lo, hi)`` as a source of their own (a view, nothing copied)."""
+        return ArraySource(self.array[lo:hi])
 
     def __repr__(self) -> str:
         kind = type(self.array).__name__

@@ -84,7 +84,7 @@ def test_checkpoint_interval(tmp_path, monkeypatch):
     written = []
     real = engine.save_checkpoint
     monkeypatch.setattr(
-        engine, "save_checkpoint", lambda *a, **k: written.append(a[-1]) or real(*a, **k)
+        engine, "save_checkpoint", lambda *a, **k: written.append(a[4]) or real(*a, **k)
     )
     peekcore.cp_als(
         x, 2, n_iter_max=7, tol=0, checkpoint=tmp_path / "c.npz", checkpoint_every=3, progress=False

@@ -62,19 +62,24 @@ def test_pass_chunk_matches_float64_reference(rng, stored, shape, update, rank):
     ref_stats.t += t0
     ref_stats.ata += ata0
     a_ref = a0.clone()
-    n_ref = ref.pass_chunk(x.double(), factors, g, a_ref, ref_stats, dims=dims, update=update,
-                           sweeps=3, want_norm=True)  # fmt: skip
+    n_ref = ref.pass_chunk(
+        x.double(), factors, g, a_ref, ref_stats, dims=dims, update=update, sweeps=3, want_norm=True
+    )
 
     dev = torch.device("cuda")
     kern = CudaKernel(dev)
     stats = kern.new_statistics(rank, width, torch.float32)
     stats.t += t0.float().to(dev)
     stats.ata += ata0.to(dev)
-    a = a0.float().to(dev) if update == HALS else torch.full((shape[0], rank), float("nan"),
-                                                             device=dev)  # fmt: skip
+    a = (
+        a0.float().to(dev)
+        if update == HALS
+        else torch.full((shape[0], rank), float("nan"), device=dev)
+    )
     holder = kern.prepare_factors([f.to(dev) for f in factors], torch.float32)
-    n = kern.pass_chunk(x.to(dev), holder, g.to(dev), a, stats, dims=dims, update=update,
-                        sweeps=3, want_norm=True)  # fmt: skip
+    n = kern.pass_chunk(
+        x.to(dev), holder, g.to(dev), a, stats, dims=dims, update=update, sweeps=3, want_norm=True
+    )
     torch.cuda.synchronize()
     assert torch.isfinite(a).all()
     assert _rel(a, a_ref) < 2e-5

@@ -406,6 +406,21 @@ double pass_chunk(const PassArgs<T>& args) {
   return norm2;
 }
 
+void hals_rows(double* f, const double* m, const double* g, std::int64_t rows, int R, int sweeps) {
+  // Rows are independent: the sweep order within a row is what HALS fixes.
+#pragma omp parallel for schedule(static) if (rows * R * R * sweeps > (1 << 16))
+  for (std::int64_t i = 0; i < rows; ++i) {
+    double* fi = f + i * R;
+    const double* mi = m + i * R;
+    for (int s = 0; s < sweeps; ++s)
+      for (int r = 0; r < R; ++r) {
+        double resid = mi[r];
+        for (int k = 0; k < R; ++k) resid -= fi[k] * g[k * R + r];
+        fi[r] = hals_step(fi[r], resid, g[r * R + r]);
+      }
+  }
+}
+
 template double pass_chunk<float>(const PassArgs<float>&);
 template double pass_chunk<double>(const PassArgs<double>&);
 

@@ -190,9 +190,16 @@ class CudaKernel(PassKernel):
         rank = a_rows.shape[1]
         if stats.t.dtype != torch.float32 or rank > MAX_RANK:
             return self._reference.pass_chunk(
-                chunk, factors.f64, g, a_rows, stats,
-                dims=dims, update=update, sweeps=sweeps, want_norm=want_norm,
-            )  # fmt: skip
+                chunk,
+                factors.f64,
+                g,
+                a_rows,
+                stats,
+                dims=dims,
+                update=update,
+                sweeps=sweeps,
+                want_norm=want_norm,
+            )
         x = chunk.to(self.device, non_blocking=True).contiguous()
         if x.dtype == torch.float64:
             x = x.to(torch.float32)
@@ -220,10 +227,19 @@ class CudaKernel(PassKernel):
                 "peekcore::update_rows<float, float>",
                 _blocks(rows, 128),
                 128,
-                (m, _i32(m.shape[1]), inv_kr_scale, g, _i32(rank), _i64(rows), _i32(1),
-                 _i32(sweeps), a_rows),
+                (
+                    m,
+                    _i32(m.shape[1]),
+                    inv_kr_scale,
+                    g,
+                    _i32(rank),
+                    _i64(rows),
+                    _i32(1),
+                    _i32(sweeps),
+                    a_rows,
+                ),
                 shared=8 * rank * rank,
-            )  # fmt: skip
+            )
         a64 = a_rows.to(torch.float64)
         stats.ata.addmm_(a64.T, a64)
         if half:

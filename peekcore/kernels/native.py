@@ -39,6 +39,19 @@ class NativeKernel(PassKernel):
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> list:
         return [f.to(dtype=dtype).contiguous().numpy() for f in factors]
 
+    def hals_update(
+        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+    ) -> torch.Tensor:
+        """The resident HALS sweeps in C++ (same order and rounding as the reference)."""
+        out = f.detach().to(torch.float64).contiguous().clone()
+        self._core.hals_rows(
+            out.numpy(),
+            m.to(torch.float64).contiguous().numpy(),
+            g.to(torch.float64).contiguous().numpy(),
+            int(sweeps),
+        )
+        return out
+
     def pass_chunk(
         self,
         chunk: torch.Tensor,

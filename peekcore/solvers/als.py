@@ -33,6 +33,7 @@ def cp_als(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
+    distributed: bool | None = None,
 ) -> CPModel:
     """CP decomposition by alternating least squares, streamed over the sample mode.
 
@@ -81,7 +82,14 @@ def cp_als(
     checkpoint_every : int
         Iterations between checkpoints.
     resume : path, optional
-        Continue from a checkpoint; the result equals an uninterrupted fit.
+        Continue from a checkpoint; the result equals an uninterrupted fit (also
+        on another number of processes).
+    distributed : bool, optional
+        Data-parallel over the sample mode on torch.distributed: ``None`` (default)
+        when a process group with several processes is initialized, ``True`` to
+        initialize it from torchrun's environment, ``False`` never. Every process
+        passes the whole data and reads only its rows; every process returns the
+        same model (see ``peekcore.distributed``).
 
     Returns
     -------
@@ -106,4 +114,5 @@ def cp_als(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        distributed=distributed,
     )

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import save_npz
 from .._version import __version__
 from ..model import FitHistory
 
@@ -41,12 +41,18 @@ def save_checkpoint(
     states: list[ModelState],
     norm2: float,
     iteration: int,
+    full_a: list[torch.Tensor] | None = None,
 ) -> None:
-    """Write the state of every model after a whole iteration, atomically."""
+    """Write the state of every model after a whole iteration, atomically.
+
+    ``full_a`` holds every model's whole sample factor when this process has
+    only its rows (a data-parallel fit: rank 0 writes for all).
+    """
     arrays = {}
     models = []
     for k, s in enumerate(states):
-        arrays[f"m{k}_a"] = s.a.detach().cpu().numpy()
+        a = s.a if full_a is None else full_a[k]
+        arrays[f"m{k}_a"] = a.detach().cpu().numpy()
         for i, f in enumerate(s.resident):
             arrays[f"m{k}_resident_{i}"] = f.detach().cpu().numpy()
         models.append({"history": asdict(s.history), "active": s.active})
@@ -59,17 +65,19 @@ def save_checkpoint(
         "models": models,
         "peekcore_version": __version__,
     }
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    save_npz(path, arrays, header)
 
 
 def load_checkpoint(
-    path: Path, key: dict, states: list[ModelState], device: torch.device
+    path: Path, key: dict, states: list[ModelState], device: torch.device, comm: Any = None
 ) -> tuple[float, int]:
     """Restore every model from a checkpoint (in place); returns ``(||X||^2, iteration)``.
 
-    Refuses a checkpoint written for other data, models or settings.
+    A data-parallel fit keeps this process's rows of each sample factor, so a
+    checkpoint resumes on any number of processes. Refuses a checkpoint written
+    for other data, models or settings.
     """
+    rows = slice(comm.lo, comm.hi) if comm is not None and comm.active else slice(None)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -83,7 +91,7 @@ def load_checkpoint(
                     "without resume="
                 )
             for k, s in enumerate(states):
-                s.a = torch.as_tensor(data[f"m{k}_a"], device=device).contiguous()
+                s.a = torch.as_tensor(data[f"m{k}_a"][rows], device=device).contiguous()
                 s.resident = [
                     torch.as_tensor(data[f"m{k}_resident_{i}"], device=device)
                     for i in range(len(s.resident))

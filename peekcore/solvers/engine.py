@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..distributed import Communicator, ShardSource, communicator
 from ..kernels import ALS, HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
 from ..sources import ChunkSource, as_source, dtype_name
@@ -90,7 +91,8 @@ class ModelState:
         Still iterating.
     statistics : tuple, optional
         ``(T, AtA)`` of the model's last pass (``R x I_1 x ... x I_d`` and
-        ``R x R``, float64), in the scale of ``a`` and ``resident``.
+        ``R x R``, float64), in the scale of ``a`` and ``resident``; kept when
+        ``run_models(keep_statistics=True)``.
     """
 
     rank: int
@@ -105,7 +107,11 @@ class ModelState:
 
 @dataclass
 class Problem:
-    """A validated data source, kernel and settings (what ``prepare`` returns)."""
+    """A validated data source, kernel and settings (what ``prepare`` returns).
+
+    ``shape`` is the whole data's; in a data-parallel fit ``source`` holds this
+    process's rows ``comm.lo .. comm.hi`` of it.
+    """
 
     source: ChunkSource
     shape: tuple[int, ...]
@@ -113,6 +119,7 @@ class Problem:
     kernel: PassKernel
     device: torch.device
     settings: RunSettings
+    comm: Communicator = field(default_factory=Communicator)
 
 
 def prepare(
@@ -129,10 +136,14 @@ def prepare(
     sweeps: int,
     checkpoint: str | Path | None,
     checkpoint_every: int,
+    distributed: bool | None = None,
 ) -> Problem:
-    """Check the arguments of a fit and pick its kernel and chunking."""
+    """Check the arguments of a fit and pick its kernel, chunking and process shard."""
     source = as_source(data)
     shape = check_shape(tuple(int(n) for n in source.shape))
+    comm = communicator(distributed, shape[0])
+    if comm.active:
+        source = ShardSource(source, comm.lo, comm.hi)
     stored = dtype_name(source.dtype)
     n_iter_max, tol, sweeps = check_iterations(n_iter_max, tol, sweeps)
     compute = compute_dtype_for(stored, dtype)
@@ -150,13 +161,15 @@ def prepare(
         checkpoint=Path(checkpoint) if checkpoint is not None else None,
         checkpoint_every=max(1, int(checkpoint_every)),
     )
-    return Problem(source, shape, stored, kern, dev, settings)
+    return Problem(source, shape, stored, kern, dev, settings, comm)
 
 
 # ---------------------------------------------------------------- dead components
 
 
-def reseed_dead(state: ModelState, grams: list[torch.Tensor], iteration: int) -> None:
+def reseed_dead(
+    state: ModelState, grams: list[torch.Tensor], iteration: int, comm: Communicator
+) -> None:
     """Give components that HALS drove to zero a fresh nonnegative start (in place).
 
     A column of a factor that is entirely zero makes its component dead: HALS
@@ -167,7 +180,7 @@ def reseed_dead(state: ModelState, grams: list[torch.Tensor], iteration: int) ->
     """
     seed = state.seed if state.seed is not None else 0
     a = state.a
-    factors = [(0, a, torch.sum(a.to(torch.float64) ** 2, dim=0))]
+    factors = [(0, a, comm.allreduce_(torch.sum(a.to(torch.float64) ** 2, dim=0)))]
     factors += [(m + 1, f, torch.diagonal(grams[m])) for m, f in enumerate(state.resident)]
     for mode, f, diag in factors:
         dead = torch.nonzero(diag <= 0).flatten().tolist()
@@ -177,8 +190,10 @@ def reseed_dead(state: ModelState, grams: list[torch.Tensor], iteration: int) ->
         live = diag > 0
         scale = float(torch.sqrt(diag[live]).mean()) if bool(live.any()) else 1.0
         for r in dead:
-            u = torch.as_tensor(rng.random(f.shape[0]), dtype=f.dtype, device=f.device)
-            f[:, r] = u * (scale / max(float(torch.linalg.norm(u)), 1e-300))
+            # the sample mode draws all N rows and keeps this process's, as one process would
+            u = torch.as_tensor(rng.random(comm.n if mode == 0 else f.shape[0]), dtype=f.dtype)
+            u = u * (scale / max(float(torch.linalg.norm(u)), 1e-300))
+            f[:, r] = (u[comm.lo : comm.hi] if mode == 0 else u).to(f.device)
             state.history.reseeds.append({"iteration": iteration + 1, "mode": mode, "component": r})
         if mode > 0:
             grams[mode - 1] = f.T @ f
@@ -197,9 +212,12 @@ def run_models(
     progress: bool | None = None,
     desc: str = "fit",
     key: dict | None = None,
+    keep_statistics: bool = False,
 ) -> float:
     """Iterate every active model until it converges or ``n_iter_max`` passes are done.
 
+    With ``keep_statistics``, each model's ``statistics`` holds ``(T, AtA)`` of
+    its last pass when it stops (for diagnostics such as core consistency).
     Returns ``||X||^2`` (measured by the first pass when not given).
     """
     from tqdm.auto import tqdm
@@ -214,7 +232,7 @@ def run_models(
         initial=start_iter,
         desc=desc,
         unit="it",
-        disable=None if progress is None else not progress,
+        disable=(None if progress is None else not progress) or problem.comm.rank != 0,
         leave=False,
     )
     try:
@@ -227,7 +245,7 @@ def run_models(
             if method == HALS:
                 for s in active:
                     if it == start_iter or s.dead_seen:
-                        reseed_dead(s, grams[id(s)], it)
+                        reseed_dead(s, grams[id(s)], it, problem.comm)
             blocks = []
             for s in active:
                 g_full = hadamard(grams[id(s)])
@@ -263,12 +281,16 @@ def run_models(
                     n2 = float(n2)
                     check_finite(n2, offset, chunk.shape[0])
                     total += n2
+            comm = problem.comm
+            comm.allreduce_(stats.t)  # the one all-reduce of a data-parallel fit
+            comm.allreduce_(stats.ata)
             if want_norm:
-                norm2 = total
+                norm2 = comm.allreduce_scalar(total, problem.device)
                 if norm2 == 0.0:
                     raise ValueError("the data is all zeros: there is nothing to factor")
             t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
             scalars = []
+            pass_stats = []
             lo = 0
             for s in active:
                 hi = lo + s.rank
@@ -294,7 +316,7 @@ def run_models(
                     for gram in (ata, *gr):
                         dead = dead + torch.sum(torch.diagonal(gram) <= 0)
                 scalars += [norm2 - 2 * inner + model2, dead]
-                s.statistics = (t, ata)
+                pass_stats.append((t, ata))
                 lo = hi
             # the one host transfer of the iteration: residuals and dead-component counts
             values = torch.stack(scalars).tolist()
@@ -320,13 +342,18 @@ def run_models(
                         h.converged = True
                         h.stop_reason = "tol"
                         s.active = False
+                if keep_statistics and (not s.active or it == settings.n_iter_max - 1):
+                    t, ata = pass_stats[k]
+                    s.statistics = (t.clone(), ata.clone())  # its own slice, not the stack
             bar.update(1)
             if len(states) == 1:
                 bar.set_postfix(fit=f"{states[0].history.fit[-1]:.6f}")
             else:
                 bar.set_postfix(active=sum(s.active for s in states))
             if settings.checkpoint is not None and (it + 1) % settings.checkpoint_every == 0:
-                save_checkpoint(settings.checkpoint, key or {}, states, norm2, it + 1)
+                full = [problem.comm.gather_rows(s.a) for s in states]  # every process joins
+                if problem.comm.rank == 0:
+                    save_checkpoint(settings.checkpoint, key or {}, states, norm2, it + 1, full)
             if callback is not None and len(states) == 1:
                 h = states[0].history
                 info = IterationInfo(it + 1, h.fit[-1], h.rel_error[-1], h.seconds[-1])
@@ -345,7 +372,8 @@ def run_models(
 def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel:
     """Normalize a fitted model and attach its metadata."""
     settings = problem.settings
-    mats = [state.a.to(torch.float64).cpu().numpy()] + [f.cpu().numpy() for f in state.resident]
+    a = problem.comm.gather_rows(state.a)
+    mats = [a.to(torch.float64).cpu().numpy()] + [f.cpu().numpy() for f in state.resident]
     weights, factors = normalize_factors(mats)
     metadata = {
         "shape": list(problem.shape),
@@ -358,6 +386,7 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
         "chunk_size": settings.chunk_size,
         "kernel": problem.kernel.name,
         "device": str(problem.device),
+        "processes": problem.comm.world,
         "tol": settings.tol,
         "n_iter_max": settings.n_iter_max,
         "sweeps": settings.sweeps,
@@ -368,10 +397,16 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
 
 
 def new_state(
-    initializer: Initializer, rank: int, seed: int | None, compute: torch.dtype
+    initializer: Initializer,
+    rank: int,
+    seed: int | None,
+    compute: torch.dtype,
+    comm: Communicator | None = None,
 ) -> ModelState:
-    """A model at its initial factors."""
+    """A model at its initial factors (this process's rows of the sample factor)."""
     a64, resident = initializer.factors(rank, seed)
+    if comm is not None and comm.active:
+        a64 = a64[comm.lo : comm.hi]
     return ModelState(rank, seed, a64.to(compute).contiguous(), resident)
 
 
@@ -395,6 +430,7 @@ def fit_streaming(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
+    distributed: bool | None = None,
 ) -> CPModel:
     """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``)."""
     problem = prepare(
@@ -410,6 +446,7 @@ def fit_streaming(
         sweeps=sweeps,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
+        distributed=distributed,
     )
     rank = check_rank(rank, problem.shape)
     settings = problem.settings
@@ -420,16 +457,17 @@ def fit_streaming(
         chunk_size=settings.chunk_size,
         compute_dtype=settings.compute_dtype,
         device=problem.device,
+        comm=problem.comm,
     )
     t_init = time.perf_counter()
     if resume is not None:
         placeholder = [torch.empty(0)] * (len(problem.shape) - 1)
         state = ModelState(rank, random_state, torch.empty(0), placeholder)
         key = checkpoint_key(problem.shape, settings, [state])
-        norm2, start = load_checkpoint(Path(resume), key, [state], problem.device)
+        norm2, start = load_checkpoint(Path(resume), key, [state], problem.device, problem.comm)
         state.a = state.a.to(settings.compute_dtype).contiguous()
     else:
-        state = new_state(initializer, rank, random_state, settings.compute_dtype)
+        state = new_state(initializer, rank, random_state, settings.compute_dtype, problem.comm)
         state.history.init_seconds = time.perf_counter() - t_init
         key = checkpoint_key(problem.shape, settings, [state])
         norm2, start = initializer.norm2, 0

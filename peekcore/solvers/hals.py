@@ -34,6 +34,7 @@ def ncp_hals(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
+    distributed: bool | None = None,
 ) -> CPModel:
     """Nonnegative CP decomposition by HALS, streamed over the sample mode.
 
@@ -64,6 +65,8 @@ def ncp_hals(
         As for :func:`peekcore.cp_als`.
     checkpoint, checkpoint_every, resume
         Atomic checkpoints and bit-identical resume, as for :func:`peekcore.cp_als`.
+    distributed : bool, optional
+        Data-parallel over the sample mode, as for :func:`peekcore.cp_als`.
 
     Returns
     -------
@@ -89,4 +92,5 @@ def ncp_hals(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        distributed=distributed,
     )

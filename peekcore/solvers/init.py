@@ -35,6 +35,9 @@ class Initializer:
     chunk_size : int
     compute_dtype : torch.dtype
     device : torch.device
+    comm : Communicator, optional
+        For a data-parallel fit: the Gram pass is summed over the processes, and
+        every factor is drawn for all ``N`` samples (each process keeps its rows).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Initializer:
         chunk_size: int,
         compute_dtype: torch.dtype,
         device: torch.device,
+        comm: Any = None,
     ) -> None:
         is_model = isinstance(init, CPModel) or _is_cp_tensor(init)
         if not (isinstance(init, str) and init in ("random", "gram")) and not is_model:
@@ -54,11 +58,15 @@ class Initializer:
             )
         self.init = init
         self.source = source
+        # the whole data's shape (a process of a data-parallel fit reads only its rows)
         self.shape = tuple(int(n) for n in source.shape)
+        if comm is not None and comm.active:
+            self.shape = (comm.n, *self.shape[1:])
         self.nonneg = nonneg
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.device = device
+        self.comm = comm
         self.norm2: float | None = None  # measured by the Gram pass
         self._eig: list[torch.Tensor] | None = None
 
@@ -79,6 +87,10 @@ class Initializer:
                 grams, self.norm2 = gram_pass(
                     self.source, self.chunk_size, self.compute_dtype, device, self.nonneg
                 )
+                if self.comm is not None and self.comm.active:  # sum over the processes' rows
+                    for g in grams:
+                        self.comm.allreduce_(g)
+                    self.norm2 = self.comm.allreduce_scalar(self.norm2, device)
                 self._eig = []
                 for g in grams:
                     vals, vecs = torch.linalg.eigh(g)

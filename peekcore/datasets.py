@@ -1,0 +1,497 @@
+"""Inputs for activation capture: arrays, torch datasets and loaders, image folders, digits.
+
+:func:`peekcore.capture` and :class:`peekcore.ModelSource` accept any of
+
+- a numpy array or torch tensor of inputs ``(N, ...)``, or a tuple
+  ``(inputs, labels)`` of them, or a path to a ``.npy`` file (memory-mapped);
+- a torch ``Dataset`` whose items are an input tensor or a tuple
+  ``(input, label, ...)``;
+- a torch ``DataLoader`` (its batches are used as they come; it must not
+  shuffle);
+- a path to a folder of images in class subfolders (torchvision's
+  ``ImageFolder``; needs torchvision);
+- :func:`digits`: scikit-learn's bundled 8 x 8 digits (no download).
+
+Samples are numbered ``0 .. N-1`` in the order the data yields them; those
+numbers are the store's ``sample_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+__all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
+
+_HASH_FULL_BYTES = 16 << 20  # arrays up to this size are hashed whole; larger: 64 rows
+
+
+class ArrayDataset(Dataset):
+    """A dataset over an array of inputs and optional labels, sliced in batches.
+
+    Parameters
+    ----------
+    inputs : numpy.ndarray, numpy.memmap or torch.Tensor
+        Shape ``(N, ...)``: one model input per row (e.g. ``N x 3 x 224 x 224``).
+    labels : array-like, optional
+        Shape ``(N,)`` (or ``(N, ...)``), numeric.
+    transform : callable, optional
+        Applied to each input row (a tensor) before batching.
+    name : str, optional
+        Description recorded in the store as the data source.
+
+    Notes
+    -----
+    Indexing returns ``(input, label)`` when there are labels, else the input.
+    Batches are sliced straight from the array (no per-item collation) when
+    there is no ``transform``.
+    """
+
+    def __init__(
+        self,
+        inputs: Any,
+        labels: Any = None,
+        *,
+        transform: Callable | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(inputs, (np.ndarray, torch.Tensor)):
+            inputs = np.asarray(inputs)
+        if inputs.ndim < 1 or inputs.shape[0] == 0:
+            raise ValueError(
+                f"inputs must be an array of shape (N, ...) with N >= 1, got shape "
+                f"{tuple(inputs.shape)}"
+            )
+        self.inputs = inputs
+        if labels is not None:
+            if isinstance(labels, torch.Tensor):
+                labels = labels.detach().cpu().numpy()
+            labels = _numeric_labels(np.asarray(labels))
+            if labels.shape[0] != inputs.shape[0]:
+                raise ValueError(
+                    f"got {inputs.shape[0]} inputs but {labels.shape[0]} labels; pass one label "
+                    "per input row"
+                )
+        self.labels = labels
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __getitem__(self, index: int) -> Any:
+        x = _to_tensor(self.inputs[index])
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.labels is None:
+            return x
+        return x, torch.as_tensor(self.labels[index])
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Inputs ``start:stop`` as one tensor ``(stop-start, ...)`` and their labels."""
+        if self.transform is not None:
+            x = torch.stack(
+                [self.transform(_to_tensor(self.inputs[i])) for i in range(start, stop)]
+            )
+        else:
+            x = _to_tensor(self.inputs[start:stop])
+        y = None if self.labels is None else self.labels[start:stop]
+        return x, y
+
+    def description(self) -> str:
+        """What the data is, for the store's ``data_source`` attribute."""
+        if self.name is not None:
+            return self.name
+        kind = type(self.inputs).__name__
+        return f"{kind} inputs of shape {tuple(self.inputs.shape)}, dtype {self.inputs.dtype}"
+
+    def fingerprint(self) -> str:
+        """A hash of the inputs and labels (whole, or sampled rows for large arrays)."""
+        h = hashlib.sha256()
+        h.update(repr((tuple(self.inputs.shape), str(self.inputs.dtype))).encode())
+        _hash_rows(h, self.inputs)
+        if self.labels is not None:
+            _hash_rows(h, self.labels)
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset({self.description()}, labels={self.labels is not None})"
+
+
+def _to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr)  # memmaps and read-only views: torch wants writable memory
+    return torch.from_numpy(arr)
+
+
+def _hash_rows(h: Any, arr: Any) -> None:
+    if isinstance(arr, torch.Tensor):
+        arr = arr.detach().cpu()
+        if arr.dtype == torch.bfloat16:
+            arr = arr.view(torch.int16)
+        arr = arr.numpy()
+    n = int(arr.shape[0])
+    if arr.nbytes <= _HASH_FULL_BYTES:
+        h.update(np.ascontiguousarray(arr).tobytes())
+        return
+    for i in np.unique(np.linspace(0, n - 1, 64).astype(np.int64)):
+        h.update(np.ascontiguousarray(arr[int(i)]).tobytes())
+
+
+def _numeric_labels(y: np.ndarray) -> np.ndarray:
+    if y.dtype.kind in "biu":
+        return y.astype(np.int64, copy=False)
+    if y.dtype.kind == "f":
+        return y.astype(np.float64, copy=False)
+    raise TypeError(
+        f"labels must be numeric (integers or floats), got dtype {y.dtype}; map them to "
+        "numbers first, or pass data without labels"
+    )
+
+
+def digits(*, dtype: str = "float32") -> ArrayDataset:
+    """scikit-learn's bundled handwritten digits: 1,797 images, 8 x 8, no download.
+
+    Parameters
+    ----------
+    dtype : str
+        Dtype of the images.
+
+    Returns
+    -------
+    ArrayDataset
+        ``inputs`` of shape ``(1797, 1, 8, 8)`` scaled to ``[0, 1]``, ``labels``
+        of shape ``(1797,)`` (int64, 0..9).
+
+    Raises
+    ------
+    ImportError
+        When scikit-learn is not installed (``pip install scikit-learn``).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError(
+            "peekcore.datasets.digits() reads scikit-learn's bundled digits; install it with "
+            "`pip install scikit-learn` (or `pip install peekcore[test]`)"
+        ) from err
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(dtype)[:, None, :, :]
+    return ArrayDataset(images, bunch.target.astype(np.int64), name="sklearn digits (1797 x 8x8)")
+
+
+def image_folder(path: str | os.PathLike, transform: Callable | None = None) -> Dataset:
+    """A folder of images in class subfolders, read with torchvision's ``ImageFolder``.
+
+    Parameters
+    ----------
+    path : path-like
+        ``path/<class>/<image>``, as ``torchvision.datasets.ImageFolder`` expects.
+    transform : callable, optional
+        Per-image transform; default ``torchvision.transforms.ToTensor()``. Images
+        are batched, so give them one size (e.g. ``Resize`` + ``CenterCrop``).
+
+    Returns
+    -------
+    torch.utils.data.Dataset
+        Items ``(image C x H x W, class index)``, in sorted file order.
+
+    Raises
+    ------
+    ImportError
+        When torchvision is not installed.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such image folder: {folder}")
+    try:
+        from torchvision import datasets as tv_datasets
+        from torchvision import transforms as tv_transforms
+    except ImportError as err:
+        raise ImportError(
+            f"reading the image folder {folder} needs torchvision (its ImageFolder): install the "
+            "torchvision build that matches your torch (see pytorch.org), or load the images "
+            "yourself into a numpy array or a torch Dataset and pass that"
+        ) from err
+    if transform is None:
+        transform = tv_transforms.ToTensor()
+    return tv_datasets.ImageFolder(str(folder), transform=transform)
+
+
+# ---------------------------------------------------------------- the input plan
+
+
+class Inputs:
+    """Data to feed a model, in a fixed order, batch by batch (internal to capture).
+
+    Attributes
+    ----------
+    n_samples : int
+        Number of samples ``N`` to use.
+    description : str
+        What the data is (recorded as the store's ``data_source``).
+    fingerprint : str
+        Identifies the data for resume checks.
+    transform : str or None
+        ``repr`` of the per-sample transform, if any.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        batch_size: int,
+        n_samples: int | None,
+        num_workers: int,
+        transform: Callable | None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.loader: DataLoader | None = None
+        self.dataset: Dataset | None = None
+        if isinstance(data, DataLoader):
+            if transform is not None:
+                raise ValueError(
+                    "transform= applies to arrays and image folders; with a DataLoader put the "
+                    "transform in its Dataset"
+                )
+            self._init_loader(data)
+        else:
+            self._init_dataset(data, transform)
+        if n_samples is not None:
+            if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+                raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+            if n_samples > self.n_samples:
+                raise ValueError(
+                    f"n_samples={n_samples} but the data has only {self.n_samples} samples"
+                )
+            self.n_samples = int(n_samples)
+
+    # -- set-up
+
+    def _init_loader(self, loader: DataLoader) -> None:
+        if isinstance(loader.sampler, RandomSampler):
+            raise ValueError(
+                "the DataLoader shuffles (shuffle=True): capture needs a fixed sample order so "
+                "that stores resume and sample ids mean something; use shuffle=False"
+            )
+        try:
+            n = len(loader.sampler) if loader.batch_sampler is not None else len(loader.dataset)
+            if loader.drop_last:
+                n = len(loader) * int(loader.batch_size)
+        except TypeError as err:
+            raise TypeError(
+                "the DataLoader has no length (an IterableDataset?): pass n_samples= to say how "
+                "many samples to capture"
+            ) from err
+        self.loader = loader
+        self.n_samples = int(n)
+        ds = loader.dataset
+        self.description = f"DataLoader({_describe_dataset(ds)}, batch_size={loader.batch_size})"
+        self.transform = _transform_repr(getattr(ds, "transform", None))
+        self.fingerprint = _dataset_fingerprint(ds) + f"|loader batch_size={loader.batch_size}"
+
+    def _init_dataset(self, data: Any, transform: Callable | None) -> None:
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            if path.suffix == ".npy":
+                if not path.exists():
+                    raise FileNotFoundError(f"no such input file: {path}")
+                data = ArrayDataset(np.load(path, mmap_mode="r"), name=f"{path.name} (npy)")
+            else:
+                data = image_folder(path, transform)
+                transform = None
+        if isinstance(data, tuple) and len(data) == 2 and not isinstance(data, Dataset):
+            data = ArrayDataset(data[0], data[1], transform=transform)
+            transform = None
+        elif isinstance(data, (np.ndarray, torch.Tensor)):
+            data = ArrayDataset(data, transform=transform)
+            transform = None
+        if not isinstance(data, Dataset):
+            raise TypeError(
+                f"cannot read inputs of type {type(data).__name__}: pass a numpy array or tensor "
+                "(N, ...), a tuple (inputs, labels), a .npy path, a torch Dataset or DataLoader, "
+                "a folder of images, or peekcore.datasets.digits()"
+            )
+        if isinstance(data, ArrayDataset) and transform is not None:
+            data = ArrayDataset(data.inputs, data.labels, transform=transform, name=data.name)
+            transform = None
+        if transform is not None:
+            raise ValueError(
+                "transform= applies to arrays and image folders; with a torch Dataset put the "
+                "transform in the Dataset"
+            )
+        try:
+            self.n_samples = len(data)
+        except TypeError as err:
+            raise TypeError(
+                "the Dataset has no length: wrap it in a DataLoader and pass n_samples="
+            ) from err
+        if self.n_samples == 0:
+            raise ValueError("the data set is empty: there is nothing to capture")
+        self.dataset = data
+        self.description = _describe_dataset(data)
+        self.transform = _transform_repr(getattr(data, "transform", None))
+        self.fingerprint = _dataset_fingerprint(data)
+
+    # -- iteration
+
+    def batches(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor, np.ndarray | None]]:
+        """Batches ``(offset, inputs, labels)`` covering samples ``start .. N-1``.
+
+        Batch boundaries do not depend on ``start``: batches are the same as in a
+        pass from sample 0 (the first yielded one may begin before ``start``),
+        so a resumed capture runs the model on exactly the same batches.
+        """
+        if self.loader is not None:
+            yield from self._loader_batches(start)
+            return
+        bs = self.batch_size
+        first = (start // bs) * bs
+        ds = self.dataset
+        if isinstance(ds, ArrayDataset):
+            for lo in range(first, self.n_samples, bs):
+                hi = min(lo + bs, self.n_samples)
+                x, y = ds.batch(lo, hi)
+                yield lo, x, y
+            return
+        subset = Subset(ds, range(first, self.n_samples))
+        loader = DataLoader(
+            subset,
+            batch_size=bs,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        offset = first
+        for batch in loader:
+            x, y = split_batch(batch)
+            yield offset, x, y
+            offset += x.shape[0]
+
+    def _loader_batches(self, start: int) -> Iterator[tuple[int, torch.Tensor, np.ndarray | None]]:
+        offset = 0
+        for batch in self.loader:
+            if offset >= self.n_samples:
+                break
+            x, y = split_batch(batch)
+            b = x.shape[0]
+            if offset + b > self.n_samples:
+                keep = self.n_samples - offset
+                x = x[:keep]
+                y = None if y is None else y[:keep]
+                b = keep
+            if offset + b > start:
+                yield offset, x, y
+            offset += b
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Split a collated batch into ``(inputs, labels or None)``.
+
+    Parameters
+    ----------
+    batch : torch.Tensor or tuple
+        ``x`` of shape ``(b, ...)``, or ``(x, y, ...)`` with ``y`` of shape ``(b, ...)``.
+
+    Returns
+    -------
+    tuple
+        ``x`` and ``y`` as a numeric numpy array (int64 or float64), or ``None``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        y = None
+        if len(batch) > 1 and batch[1] is not None:
+            label = batch[1]
+            y = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label
+            y = _numeric_labels(np.asarray(y))
+        return batch[0], y
+    raise TypeError(
+        f"a data batch is a {type(batch).__name__}; peekcore expects a tensor of inputs or a "
+        "tuple (inputs, labels, ...): make the Dataset return (input, label) or wrap it"
+    )
+
+
+def _describe_dataset(ds: Any) -> str:
+    if isinstance(ds, ArrayDataset):
+        return ds.description()
+    root = getattr(ds, "root", None)
+    try:
+        n = len(ds)
+    except TypeError:
+        n = "?"
+    where = f", root={Path(root).name}" if root is not None else ""
+    return f"{type(ds).__module__}.{type(ds).__qualname__}(n={n}{where})"
+
+
+def _dataset_fingerprint(ds: Any) -> str:
+    if isinstance(ds, ArrayDataset):
+        return ds.fingerprint()
+    parts = [_describe_dataset(ds), _transform_repr(getattr(ds, "transform", None)) or ""]
+    samples = getattr(ds, "samples", None)  # ImageFolder: (path, class) pairs
+    if isinstance(samples, list):
+        h = hashlib.sha256()
+        for item in samples:
+            h.update(repr(item).encode())
+        parts.append(h.hexdigest())
+    return "|".join(parts)
+
+
+def _transform_repr(transform: Any) -> str | None:
+    return None if transform is None else repr(transform)
+
+
+def as_inputs(
+    data: Any,
+    *,
+    batch_size: int,
+    n_samples: int | None = None,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+    pin_memory: bool = False,
+) -> Inputs:
+    """Wrap any supported input data (see the module docstring) as :class:`Inputs`.
+
+    Parameters
+    ----------
+    data : array, tensor, tuple, path, Dataset or DataLoader
+        Inputs ``(N, ...)``, optionally with labels ``(N,)``.
+    batch_size : int
+        Samples per batch (a DataLoader keeps its own).
+    n_samples : int, optional
+        Use only the first ``n_samples``.
+    num_workers : int
+        DataLoader workers for a torch Dataset.
+    transform : callable, optional
+        Per-sample transform for arrays and image folders.
+    pin_memory : bool
+        Pin batches (for CUDA models).
+
+    Returns
+    -------
+    Inputs
+    """
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return Inputs(
+        data,
+        batch_size=batch_size,
+        n_samples=n_samples,
+        num_workers=num_workers,
+        transform=transform,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,992 @@
+"""Activation stores: captured layer activations on disk, in zarr (format 3).
+
+Layout of a store at ``path`` (a folder)::
+
+    path/zarr.json                       root group; its attributes describe the capture
+    path/labels                          (N,) int64 or float64, when the data had labels
+    path/sample_id                       (N,) int64: index of each sample in the data (one chunk)
+    path/layers/<layer>/activations      (N, C, ...) float16, bfloat16 or float32
+
+The activations and labels are chunked along the sample mode only, with the
+same number of samples per chunk (``chunk_size``), stored uncompressed with a
+CRC32C checksum per chunk; ``sample_id`` is one chunk, written at creation.
+Dimensions are named (``sample, channel, y, x``; ``sample, channel, token``
+for token outputs), so a layer opens with xarray::
+
+    xr.open_zarr(path, group="layers/layer3", consolidated=False)
+
+bfloat16 has no numpy or zarr type: such arrays hold the raw bfloat16 bit
+patterns as uint16 (attribute ``peekcore_dtype = "bfloat16"``); peekcore reads
+them back as ``torch.bfloat16``.
+
+The root attributes record the model class, a SHA-256 of its weights, the
+layers, the data source, the transform, the seed, the library versions, the
+settings of the capture (to check a resumed capture against) and its progress
+(``chunks_written`` of ``n_chunks``). ``ActivationStore(path)`` refuses a store
+that is incomplete, whose chunks are missing, or whose metadata disagrees with
+its arrays; :meth:`ActivationStore.verify` also reads every chunk (checksums)
+and scans for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .sources import dtype_label
+
+__all__ = ["ActivationStore", "StoredLayer", "StoreError", "STORE_DTYPES"]
+
+FORMAT = 1
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+_NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+_BF16_NAN_BITS = 0x7FC0
+READ_AHEAD = 2  # chunks read in background threads while the current one is used
+PROGRESS_EVERY_S = 0.2  # progress is recorded after a chunk at most this often (and at the end)
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary files of unfinished writes
+
+
+class StoreError(ValueError):
+    """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
+
+
+def _zarr() -> Any:
+    try:
+        import zarr
+    except ImportError as err:  # pragma: no cover - zarr is a dependency
+        raise ImportError(
+            "activation stores need zarr 3 (which needs Python >= 3.11): `pip install 'zarr>=3'`"
+        ) from err
+    if int(zarr.__version__.split(".")[0]) < 3:  # pragma: no cover
+        raise ImportError(
+            f"activation stores need zarr >= 3, found {zarr.__version__}: "
+            "`pip install -U 'zarr>=3'` (Python >= 3.11)"
+        )
+    return zarr
+
+
+def zarr_module() -> Any:
+    """The zarr module (version 3), or an ImportError that says how to install it."""
+    return _zarr()
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that holds a store dtype on disk (uint16 bits for bfloat16).
+
+    Parameters
+    ----------
+    dtype : {"float16", "bfloat16", "float32"}
+
+    Returns
+    -------
+    numpy.dtype
+    """
+    return np.dtype(_NUMPY_STORAGE[dtype])
+
+
+def check_store_dtype(dtype: Any) -> str:
+    """``dtype`` as one of ``STORE_DTYPES``, or a ``ValueError`` saying what is allowed.
+
+    Parameters
+    ----------
+    dtype : str, numpy dtype or torch.dtype
+
+    Returns
+    -------
+    str
+        ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    """
+    name = dtype_label(dtype)
+    if name not in STORE_DTYPES:
+        raise ValueError(
+            f"activations are stored as float16, bfloat16 or float32; got dtype={dtype!r}"
+        )
+    return name
+
+
+def to_storage(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in a store dtype as the numpy array written to disk (no copy).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        ``(b, ...)`` float16, bfloat16 or float32, on the CPU.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape; bfloat16 as its uint16 bit patterns.
+    """
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray | torch.Tensor:
+    """What a chunk source yields for stored data: numpy, or a bfloat16 tensor.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        ``(b, ...)`` as stored (uint16 bit patterns for bfloat16).
+    dtype : str
+        The store dtype.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``arr`` itself, or a ``torch.bfloat16`` view of it.
+    """
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return arr
+
+
+def _chunk_path(array_dir: Path, index: int, ndim: int) -> Path:
+    return array_dir.joinpath("c", str(index), *(["0"] * (ndim - 1)))
+
+
+def _layer_group(name: str) -> str:
+    return f"layers/{name}"
+
+
+# ---------------------------------------------------------------- reading
+
+
+class StoredLayer:
+    """One layer's activations in a store; a chunk source (``peekcore.sources``).
+
+    ``peekcore.cp_als(store["layer3"], rank=16)`` fits it without loading it whole.
+
+    Attributes
+    ----------
+    name : str
+        Layer name (as in ``model.get_submodule``).
+    shape : tuple of int
+        ``(N, C, ...)``: samples first.
+    dtype : str
+        ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    dims : tuple of str
+        Dimension names, e.g. ``("sample", "channel", "y", "x")``.
+    attrs : dict
+        The array's attributes (layer, model class, weights hash, ...).
+    chunk_size : int
+        Samples per stored chunk.
+    """
+
+    def __init__(
+        self, store: ActivationStore, name: str, array: Any, rows: tuple[int, int] | None = None
+    ) -> None:
+        self.store = store
+        self.name = name
+        self._array = array
+        self._lo, self._hi = rows if rows is not None else (0, int(array.shape[0]))
+        self.shape = (self._hi - self._lo, *(int(n) for n in array.shape[1:]))
+        self.attrs = dict(array.attrs)
+        self.dtype = str(self.attrs.get("peekcore_dtype", array.dtype))
+        self.dims = tuple(array.metadata.dimension_names or ())
+        self.chunk_size = int(array.chunks[0])
+        self._dir = store.path / _layer_group(name) / "activations"
+        self._np_dtype = np.dtype(array.dtype)
+        self._direct = _writes_directly(array)  # whole chunks are read without zarr's copies
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored data (without chunk padding and checksums)."""
+        return math.prod(self.shape) * storage_dtype(self.dtype).itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        cs = self.chunk_size
+        start, stop = start + self._lo, stop + self._lo  # rows of the whole array
+        try:
+            if self._direct and start % cs == 0 and (stop % cs == 0 or stop == start):
+                out = np.empty((stop - start, *self.shape[1:]), self._np_dtype)
+                for i in range(start // cs, stop // cs):
+                    _read_chunk_file(self._dir, i, out[i * cs - start : (i + 1) * cs - start])
+                return out
+            return self._array[start:stop]
+        except FileNotFoundError as err:
+            raise StoreError(
+                f"cannot read samples {start}..{stop - 1} of layer {self.name!r}: the chunk "
+                f"file {err.filename} is missing (deleted after the store was opened?); "
+                "capture the store again (overwrite=True)"
+            ) from err
+        except Exception as err:
+            raise StoreError(
+                f"cannot read samples {start}..{stop - 1} of layer {self.name!r} in "
+                f"{self.store.path}: {type(err).__name__}: {str(err).rstrip('.')}. The chunk "
+                "file is corrupt (truncated or changed on disk); capture the store again "
+                "(overwrite=True)"
+            ) from err
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray | torch.Tensor:
+        """Samples ``start:stop`` in the stored dtype.
+
+        Returns
+        -------
+        numpy.ndarray or torch.Tensor
+            ``(stop - start, *shape[1:])``: numpy for float16/float32, a
+            ``torch.bfloat16`` tensor for bfloat16.
+        """
+        stop = self.shape[0] if stop is None else min(int(stop), self.shape[0])
+        return from_storage(self._read(int(start), stop), self.dtype)
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[np.ndarray | torch.Tensor]:
+        """Consecutive slices ``(b, *shape[1:])`` covering all samples, in order.
+
+        Parameters
+        ----------
+        chunk_size : int, optional
+            Samples per slice; default the stored chunk size (fastest when it
+            is a multiple of it). The next ``READ_AHEAD`` slices are read in
+            background threads while the current one is used.
+
+        Yields
+        ------
+        numpy.ndarray or torch.Tensor
+            float16/float32 numpy arrays, or bfloat16 torch tensors.
+        """
+        step = self.chunk_size if chunk_size is None else max(1, int(chunk_size))
+        n = self.shape[0]
+        starts = list(range(0, n, step))
+        if not starts:
+            return
+        depth = READ_AHEAD
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="peekcore-read") as pool:
+            pending = collections.deque(
+                pool.submit(self._read, lo, min(lo + step, n)) for lo in starts[:depth]
+            )
+            for i in range(len(starts)):
+                arr = pending.popleft().result()
+                if i + depth < len(starts):
+                    nxt = starts[i + depth]
+                    pending.append(pool.submit(self._read, nxt, min(nxt + step, n)))
+                yield from_storage(arr, self.dtype)
+
+    def shard(self, lo: int, hi: int) -> StoredLayer:
+        """Samples ``[lo, hi)`` as a chunk source of their own; only those rows are read.
+
+        Parameters
+        ----------
+        lo, hi : int
+            ``0 <= lo < hi <= N``.
+
+        Returns
+        -------
+        StoredLayer
+            Shape ``(hi - lo, *shape[1:])``.
+        """
+        lo, hi = int(lo), int(hi)
+        if not 0 <= lo < hi <= self.shape[0]:
+            raise ValueError(f"shard rows [{lo}, {hi}) are not within [0, {self.shape[0]})")
+        return StoredLayer(self.store, self.name, self._array, (self._lo + lo, self._lo + hi))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """Numpy indexing; bfloat16 comes back as float32.
+
+        The rows the key selects are read (chunks span whole samples, so that is
+        what the disk has to give anyway), then the key is applied in memory.
+        """
+        expect = np.broadcast_to(np.empty((), np.uint8), self.shape)[key]  # bad keys fail here
+        out_dtype = np.float16 if self.dtype == "float16" else np.float32
+        if expect.size == 0:
+            return np.empty(expect.shape, out_dtype)
+        parts = key if isinstance(key, tuple) else (key,)
+        first, rest = (parts[0], parts[1:]) if parts else (slice(None), ())
+        if first is Ellipsis:
+            first, rest = slice(None), (Ellipsis, *rest)
+        if first is None:  # a new axis in front: read everything
+            lo, hi, local = 0, self.shape[0], key
+        else:
+            rows = np.atleast_1d(np.arange(self.shape[0])[first])
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if isinstance(first, slice):
+                r = range(self.shape[0])[first]
+                stop = r.stop - lo
+                first = slice(r.start - lo, stop if stop >= 0 else None, r.step)
+            elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+                first = int(rows[0]) - lo
+            else:
+                first = rows - lo
+            local = (first, *rest)
+        data = self._read(lo, hi)
+        if self.dtype == "bfloat16":
+            data = from_storage(data, "bfloat16").float().numpy()
+        return np.asarray(data[local], dtype=out_dtype)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        arr = self[...]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def to_xarray(self) -> Any:
+        """This layer (or shard) as a lazily read ``xarray.DataArray``.
+
+        See :meth:`ActivationStore.to_xarray`.
+        """
+        da = self.store.to_xarray(self.name)
+        if self._lo or self._hi != self._array.shape[0]:
+            da = da.isel(sample=slice(self._lo, self._hi))
+        return da
+
+    def __repr__(self) -> str:
+        rows = "" if self.shape[0] == self._array.shape[0] else f", rows={self._lo}..{self._hi}"
+        return (
+            f"StoredLayer({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"dims={self.dims}, chunk_size={self.chunk_size}{rows})"
+        )
+
+
+class ActivationStore:
+    """Captured activations of one or more layers, read from a zarr store.
+
+    Made by :func:`peekcore.capture`; open an existing one with
+    ``ActivationStore(path)``.
+
+    Parameters
+    ----------
+    path : path-like
+        The store folder.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    layers : tuple of str
+        Layer names, in capture order.
+    n_samples : int
+        ``N``, the same for every layer.
+    chunk_size : int
+        Samples per stored chunk.
+    dtype : str
+        Stored dtype of the activations.
+    attrs : dict
+        Root attributes: provenance (model class, weights hash, data source,
+        transform, seed, versions), settings and progress.
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    StoreError
+        Not a peekcore store, an unfinished capture, missing chunk files, or
+        metadata that disagrees with the arrays; the message says which and
+        what to do.
+
+    Examples
+    --------
+    >>> store = ActivationStore("acts.zarr")          # doctest: +SKIP
+    >>> model = peekcore.cp_als(store["layer3"], rank=16)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Any) -> None:
+        self.path = Path(path)
+        self._root, self.attrs = _open_root(self.path, mode="r")
+        _check_complete(self.path, self.attrs)
+        self._arrays = _check_arrays(self.path, self._root, self.attrs)
+        self.layers = tuple(self.attrs["layers"])
+        self.n_samples = int(self.attrs["n_samples"])
+        self.chunk_size = int(self.attrs["chunk_size"])
+        self.dtype = str(self.attrs["dtype"])
+        self._layers = {
+            name: StoredLayer(self, name, self._arrays[_layer_group(name)]) for name in self.layers
+        }
+
+    # -- mapping of layers
+
+    def __getitem__(self, layer: str) -> StoredLayer:
+        try:
+            return self._layers[layer]
+        except KeyError:
+            raise KeyError(
+                f"no layer {layer!r} in the store {self.path}; it has {list(self.layers)}"
+            ) from None
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._layers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def keys(self) -> tuple[str, ...]:
+        """Layer names, in capture order."""
+        return self.layers
+
+    # -- beside the activations
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Labels ``(N,)`` (int64 or float64), or ``None`` when the data had none."""
+        arr = self._arrays.get("labels")
+        return None if arr is None else np.asarray(arr[...])
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """``(N,)`` int64: the index of each stored sample in the data source."""
+        return np.asarray(self._arrays["sample_id"][...])
+
+    @property
+    def provenance(self) -> dict:
+        """Model class, weights hash, data source, transform, seed, versions."""
+        return dict(self.attrs["provenance"])
+
+    # -- checks and views
+
+    def verify(self) -> dict:
+        """Check completeness, read every chunk (checksums) and scan for NaN/Inf.
+
+        Returns
+        -------
+        dict
+            ``{"n_samples", "chunks", "layers": {name: {"shape", "dtype", "nonfinite"}}}``
+            when everything is in order.
+
+        Raises
+        ------
+        StoreError
+            Listing every problem found: missing or corrupt chunks, and for each
+            layer the number of NaN/Inf values and the first sample holding one.
+        """
+        problems: list[str] = []
+        try:
+            _check_complete(self.path, self.attrs)
+            _check_arrays(self.path, self._root, self.attrs)
+        except StoreError as err:
+            problems.append(str(err))
+        report: dict = {"n_samples": self.n_samples, "chunks": _n_chunks(self.attrs), "layers": {}}
+        for name in self.layers:
+            layer = self._layers[name]
+            bad = 0
+            first_bad: int | None = None
+            for lo in range(0, self.n_samples, self.chunk_size):
+                hi = min(lo + self.chunk_size, self.n_samples)
+                try:
+                    x = torch.as_tensor(layer.read(lo, hi))
+                except StoreError as err:
+                    problems.append(str(err))
+                    continue
+                lo_val, hi_val = torch.aminmax(x)  # fast; NaN and Inf show in the extremes
+                if math.isfinite(float(lo_val)) and math.isfinite(float(hi_val)):
+                    continue
+                finite = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
+                bad += int((~torch.isfinite(x)).sum())
+                if first_bad is None:
+                    first_bad = lo + int(torch.nonzero(~finite)[0, 0])
+            if bad:
+                problems.append(
+                    f"layer {name!r} holds {bad} NaN/Inf values (first in sample {first_bad}): "
+                    "the model produced them, or float16 overflowed (values above 65504); "
+                    "capture with dtype='bfloat16' or 'float32'"
+                )
+            report["layers"][name] = {"shape": layer.shape, "dtype": layer.dtype, "nonfinite": bad}
+        for key in ("labels", "sample_id"):
+            if key in self._arrays:
+                try:
+                    self._arrays[key][...]
+                except Exception as err:
+                    problems.append(f"cannot read {key}: {type(err).__name__}: {err}")
+        if problems:
+            raise StoreError(f"store {self.path} failed verification:\n- " + "\n- ".join(problems))
+        return report
+
+    def to_xarray(self, layer: str) -> Any:
+        """One layer as an ``xarray.DataArray``, read lazily.
+
+        Parameters
+        ----------
+        layer : str
+
+        Returns
+        -------
+        xarray.DataArray
+            Dimensions as stored (``sample, channel, y, x`` or ``sample,
+            channel, token``, ...); coordinates ``sample`` (the sample ids) and
+            ``label`` along ``sample`` when there are labels; attributes: the
+            array's and the root's provenance. bfloat16 layers hold uint16 bit
+            patterns (``attrs["peekcore_dtype"] == "bfloat16"``).
+        """
+        self[layer]  # a clear KeyError for unknown layers
+        try:
+            import xarray as xr
+        except ImportError as err:
+            raise ImportError("to_xarray needs xarray: `pip install xarray`") from err
+        ds = xr.open_dataset(
+            self.path,
+            engine="zarr",
+            group=_layer_group(layer),
+            consolidated=False,
+            chunks=None,
+            mask_and_scale=False,
+        )
+        da = ds["activations"]
+        coords = {"sample": ("sample", self.sample_ids)}
+        labels = self.labels
+        if labels is not None and labels.ndim == 1:
+            coords["label"] = ("sample", labels)
+        da = da.assign_coords(coords)
+        da.attrs = {**self.provenance, **dict(da.attrs)}
+        da.name = layer
+        return da
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{n}: {self._layers[n].shape[1:]}" for n in self.layers)
+        return (
+            f"ActivationStore({str(self.path)!r}, n_samples={self.n_samples}, dtype={self.dtype}, "
+            f"chunk_size={self.chunk_size}, layers={{{layers}}})"
+        )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
+    zarr = _zarr()
+    if not path.exists():
+        raise FileNotFoundError(f"no activation store at {path}")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(
+            f"{path} is not a zarr store (no zarr.json): not an activation store, or its "
+            "creation did not finish; capture it again"
+        )
+    try:
+        root = zarr.open_group(path, mode=mode, use_consolidated=False)
+    except Exception as err:
+        raise StoreError(
+            f"cannot open {path} as a zarr group ({type(err).__name__}: {err}); its zarr.json is "
+            "damaged: remove the folder and capture the store again"
+        ) from err
+    attrs = dict(root.attrs)
+    tag = attrs.get("peekcore")
+    if not isinstance(tag, Mapping) or tag.get("kind") != "activation store":
+        raise StoreError(
+            f"{path} is a zarr store but not a peekcore activation store (no 'peekcore' "
+            "attribute); open it with zarr or xarray instead"
+        )
+    if tag.get("format") != FORMAT:
+        raise StoreError(
+            f"{path} has store format {tag.get('format')!r}; this peekcore reads format {FORMAT}"
+        )
+    required = {"n_samples", "chunk_size", "dtype", "layers", "has_labels", "progress"}
+    missing = sorted(required - attrs.keys())
+    if missing:
+        raise StoreError(
+            f"the metadata of {path} lacks {missing}: the store is damaged; capture it again "
+            "(overwrite=True)"
+        )
+    return root, attrs
+
+
+def _n_chunks(attrs: Mapping) -> int:
+    return math.ceil(int(attrs["n_samples"]) / int(attrs["chunk_size"]))
+
+
+def _check_complete(path: Path, attrs: Mapping) -> None:
+    progress = attrs["progress"]
+    done, total = int(progress.get("chunks_written", -1)), _n_chunks(attrs)
+    if done != total:
+        raise StoreError(
+            f"the store {path} is incomplete: {done} of {total} chunks were written (the "
+            "capture stopped early). Run the same peekcore.capture(...) call again to resume "
+            "it, or pass overwrite=True to start over"
+        )
+
+
+def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = None) -> dict:
+    """Arrays by key after checking them against the root metadata.
+
+    ``upto``: check chunk files only for the first ``upto`` chunks (resume).
+    """
+    n, cs, dtype = int(attrs["n_samples"]), int(attrs["chunk_size"]), str(attrs["dtype"])
+    n_chunks = _n_chunks(attrs) if upto is None else upto
+    layers = attrs["layers"]
+    if not isinstance(layers, Mapping) or not layers:
+        raise StoreError(f"the metadata of {path} lists no layers; the store is damaged")
+    expect: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {}
+    for name, info in layers.items():
+        expect[_layer_group(name) + "/activations"] = (
+            (n, *info["shape"]),
+            storage_dtype(dtype),
+            f"layer {name!r}",
+        )
+    expect["sample_id"] = ((n,), np.dtype(np.int64), "sample_id")  # one chunk of n
+    if attrs["has_labels"]:
+        label = attrs.get("label_info", {})
+        expect["labels"] = ((n, *label.get("shape", [])), np.dtype(label.get("dtype")), "labels")
+    arrays = {}
+    fix = "the store is damaged or was changed by hand; capture it again (overwrite=True)"
+    for key, (shape, np_dtype, what) in expect.items():
+        try:
+            arr = root[key]
+        except KeyError:
+            raise StoreError(
+                f"{path}: the metadata lists {what} but there is no array {key}; {fix}"
+            ) from None
+        if tuple(arr.shape) != shape:
+            raise StoreError(
+                f"{path}: {what} has shape {tuple(arr.shape)} but the metadata says {shape}; {fix}"
+            )
+        if np.dtype(arr.dtype) != np_dtype:
+            raise StoreError(
+                f"{path}: {what} is stored as {arr.dtype} but the metadata says {np_dtype}; {fix}"
+            )
+        per_chunk, chunks_here = (n, 1) if key == "sample_id" else (cs, n_chunks)
+        if tuple(arr.chunks) != (per_chunk, *shape[1:]):
+            raise StoreError(
+                f"{path}: {what} is chunked {tuple(arr.chunks)}, not {per_chunk} samples per "
+                f"chunk as the metadata says; {fix}"
+            )
+        missing = [
+            i for i in range(chunks_here) if not _chunk_path(path / key, i, len(shape)).is_file()
+        ]
+        if missing:
+            shown = ", ".join(
+                f"{i} (samples {i * cs}..{min((i + 1) * cs, n) - 1})" for i in missing[:5]
+            )
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise StoreError(
+                f"{path}: {what} is missing {len(missing)} of {chunks_here} chunk files: chunk "
+                f"{shown}{more}. They were deleted or never written; capture the store again "
+                "(overwrite=True)"
+            )
+        arrays[key.removesuffix("/activations")] = arr
+    return arrays
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _json(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+class StoreWriter:
+    """Writes a store chunk by chunk and records progress after each (internal to capture).
+
+    A chunk ``k`` (samples ``k*chunk_size ..``) is written to every array, then
+    the root attribute ``progress.chunks_written`` is advanced (at most every
+    ``PROGRESS_EVERY_S`` seconds, and after the last chunk). Every file is
+    replaced atomically (temporary file, rename), so after a crash the store
+    holds whole files and ``chunks_written`` never counts a chunk that is not on
+    disk; a resumed capture rewrites everything from there.
+    """
+
+    def __init__(self, path: Path, root: Any, attrs: dict) -> None:
+        self.path = path
+        self.root = root
+        self.attrs = attrs
+        self.n_samples = int(attrs["n_samples"])
+        self.chunk_size = int(attrs["chunk_size"])
+        self.n_chunks = _n_chunks(attrs)
+        self.chunks_written = int(attrs["progress"]["chunks_written"])
+        self.layers = list(attrs["layers"])
+        self._acts = {name: root[_layer_group(name) + "/activations"] for name in self.layers}
+        self._labels = root["labels"] if attrs["has_labels"] else None
+        self._direct = {name: _writes_directly(arr) for name, arr in self._acts.items()}
+        self._extra = []
+        if self._labels is not None:
+            self._extra.append(("labels", self._labels, _writes_directly(self._labels)))
+        self.np_dtypes = {name: np.dtype(arr.dtype) for name, arr in self._acts.items()}
+        self._recorded_at = -math.inf
+
+    @property
+    def complete(self) -> bool:
+        return self.chunks_written == self.n_chunks
+
+    @property
+    def samples_written(self) -> int:
+        return min(self.chunks_written * self.chunk_size, self.n_samples)
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        n_samples: int,
+        chunk_size: int,
+        dtype: str,
+        layers: Mapping[str, Mapping[str, Any]],
+        label_info: Mapping[str, Any] | None,
+        attrs: Mapping[str, Any],
+    ) -> StoreWriter:
+        """Create an empty store (all metadata, no chunks) atomically.
+
+        ``layers[name]`` has ``shape`` (per sample), ``dims`` and ``attrs``.
+        The store is built in a temporary folder beside ``path`` and renamed, so
+        ``path`` either does not exist or holds complete metadata.
+        """
+        zarr = _zarr()
+        from zarr.codecs import Crc32cCodec
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        root_attrs = {
+            "peekcore": {"kind": "activation store", "format": FORMAT},
+            "n_samples": int(n_samples),
+            "chunk_size": int(chunk_size),
+            "dtype": dtype,
+            "layers": {
+                name: {"shape": list(info["shape"]), "dims": list(info["dims"])}
+                for name, info in layers.items()
+            },
+            "has_labels": label_info is not None,
+            **({"label_info": dict(label_info)} if label_info is not None else {}),
+            **dict(attrs),
+            "progress": {"chunks_written": 0, "n_chunks": math.ceil(n_samples / chunk_size)},
+        }
+        root_attrs = _json(root_attrs)
+        common = {
+            "compressors": (Crc32cCodec(),),
+            "filters": None,
+            "config": {"write_empty_chunks": True},
+            "chunk_key_encoding": {"name": "default", "separator": "/"},
+        }
+        try:
+            root = zarr.open_group(tmp, mode="w-", attributes=root_attrs, zarr_format=3)
+            group = root.create_group("layers")
+            fill = np.float32("nan") if dtype != "bfloat16" else _BF16_NAN_BITS
+            for name, info in layers.items():
+                shape = tuple(int(s) for s in info["shape"])
+                group.create_group(name).create_array(
+                    "activations",
+                    shape=(n_samples, *shape),
+                    dtype=storage_dtype(dtype),
+                    chunks=(chunk_size, *shape),
+                    fill_value=fill,
+                    dimension_names=tuple(info["dims"]),
+                    attributes=_json({**info.get("attrs", {}), "peekcore_dtype": dtype}),
+                    **common,
+                )
+            ids = root.create_array(
+                "sample_id",
+                shape=(n_samples,),
+                dtype=np.int64,
+                chunks=(n_samples,),
+                fill_value=-1,
+                dimension_names=("sample",),
+                **common,
+            )
+            ids[:] = np.arange(n_samples, dtype=np.int64)
+            if label_info is not None:
+                lshape = tuple(label_info["shape"])
+                ldtype = np.dtype(label_info["dtype"])
+                root.create_array(
+                    "labels",
+                    shape=(n_samples, *lshape),
+                    dtype=ldtype,
+                    chunks=(chunk_size, *lshape),
+                    fill_value=-1 if ldtype.kind == "i" else np.nan,
+                    dimension_names=("sample", *(f"label_{i}" for i in range(len(lshape)))),
+                    **common,
+                )
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: Path) -> StoreWriter:
+        """Open a store to resume writing it: check it, drop unfinished temporary files."""
+        for leftover in path.rglob("*.partial"):
+            if _PARTIAL.search(leftover.name):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        root, attrs = _open_root(path, mode="r+")
+        done = int(attrs["progress"].get("chunks_written", -1))
+        if not 0 <= done <= _n_chunks(attrs):
+            raise StoreError(
+                f"{path}: progress says {done} of {_n_chunks(attrs)} chunks written; the "
+                "metadata is damaged: capture again with overwrite=True"
+            )
+        _check_arrays(path, root, attrs, upto=done)
+        return cls(path, root, attrs)
+
+    @property
+    def direct(self) -> bool:
+        """Whether whole chunks are written as files directly (zarr's encoding, fewer copies)."""
+        return all(self._direct.values())
+
+    def write_chunk(
+        self,
+        index: int,
+        activations: Mapping[str, np.ndarray],
+        labels: np.ndarray | None,
+        checksums: Mapping[str, int] | None = None,
+    ) -> None:
+        """Write chunk ``index`` of every array, then record it as written.
+
+        Parameters
+        ----------
+        index : int
+            Must be ``chunks_written`` (chunks are written in order).
+        activations : mapping of layer -> ndarray
+            ``(b, *shape)`` in the storage dtype, ``b`` the chunk's sample count.
+        labels : ndarray or None
+            ``(b, ...)`` when the store has labels.
+        checksums : mapping of layer -> int, optional
+            CRC32C of each layer's chunk bytes, when the caller computed them.
+        """
+        if index != self.chunks_written:
+            raise RuntimeError(
+                f"chunk {index} written out of order (next is {self.chunks_written})"
+            )
+        lo = index * self.chunk_size
+        hi = min(lo + self.chunk_size, self.n_samples)
+        whole = hi - lo == self.chunk_size
+        checksums = checksums or {}
+        for name in self.layers:
+            data = activations[name]
+            if self._direct[name] and whole:
+                _write_chunk_file(
+                    self.path / _layer_group(name) / "activations",
+                    index,
+                    data,
+                    self.np_dtypes[name],
+                    checksums.get(name),
+                )
+            else:  # zarr pads the last, partial chunk with the fill value
+                self._acts[name][lo:hi] = data
+        for key, array, direct in self._extra:
+            if whole and direct:
+                _write_chunk_file(self.path / key, index, labels, np.dtype(array.dtype))
+            else:
+                array[lo:hi] = labels
+        self.chunks_written = index + 1
+        now = time.monotonic()
+        if self.complete or now - self._recorded_at >= PROGRESS_EVERY_S:
+            self.record_progress()
+            self._recorded_at = now
+
+    def record_progress(self) -> None:
+        """Record ``chunks_written`` in the root metadata (zarr replaces the file atomically)."""
+        progress = {"chunks_written": self.chunks_written, "n_chunks": self.n_chunks}
+        self.root.attrs.update({"progress": progress})
+
+
+def _writes_directly(array: Any) -> bool:
+    """Whether chunks of ``array`` may be written as files by :func:`_write_chunk_file`.
+
+    True for the encoding peekcore creates (zarr 3 ``bytes`` little-endian, then
+    ``crc32c``, "/"-separated default chunk keys) on a little-endian machine.
+    """
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    meta = array.metadata
+    codecs = list(getattr(meta, "codecs", ()))
+    encoding = getattr(meta, "chunk_key_encoding", None)
+    return (
+        sys.byteorder == "little"
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+        and isinstance(codecs[1], Crc32cCodec)
+        and getattr(encoding, "name", None) == "default"
+        and getattr(encoding, "separator", None) == "/"
+    )
+
+
+def _write_chunk_file(
+    array_dir: Path, index: int, data: np.ndarray, dtype: np.dtype, crc: int | None = None
+) -> None:
+    """Write one whole chunk the way zarr encodes it: raw bytes, then their CRC32C.
+
+    This is byte for byte what zarr's ``bytes`` + ``crc32c`` codecs produce, without
+    their copies; like zarr, the file is written beside its place and renamed.
+    ``crc``: the CRC32C of the bytes when already known.
+    """
+    import google_crc32c
+
+    data = np.ascontiguousarray(data, dtype=dtype)
+    if data.ndim == 0:
+        raise ValueError("a chunk has at least one dimension")
+    raw = data.reshape(-1).view(np.uint8)
+    path = _chunk_path(array_dir, index, data.ndim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            raw.tofile(fh)  # numpy's own write: no copy, and faster than fh.write here
+            if crc is None:
+                crc = google_crc32c.value(raw)
+            fh.write(np.uint32(crc).astype("<u4").tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _read_chunk_file(array_dir: Path, index: int, out: np.ndarray) -> None:
+    """Read one whole chunk written as :func:`_write_chunk_file` writes it into ``out``.
+
+    Checks the file's size and CRC32C, as zarr's codecs would (``ValueError``).
+    """
+    import google_crc32c
+
+    path = _chunk_path(array_dir, index, out.ndim)
+    raw = out.reshape(-1).view(np.uint8)
+    tail = bytearray(4)
+    with open(path, "rb", buffering=0) as fh:
+        got = fh.readinto(raw)
+        extra = fh.readinto(tail) if got == raw.size else 0
+        more = fh.read(1) if extra == 4 else b""
+    if got != raw.size or extra != 4 or more:
+        raise ValueError(f"chunk file {path} does not hold {raw.size + 4} bytes")
+    if np.frombuffer(bytes(tail), "<u4")[0] != google_crc32c.value(raw):
+        raise ValueError(f"chunk file {path} fails its CRC32C checksum")
+
+
+def remove_store(path: Path) -> None:
+    """Delete a peekcore store folder; refuse anything that is not one.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A store, or an empty folder.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` holds something that is not a peekcore activation store.
+    """
+    if not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        return
+    meta = path / "zarr.json"
+    try:
+        tag = json.loads(meta.read_text()).get("attributes", {}).get("peekcore", {})
+    except (OSError, ValueError):
+        tag = {}
+    if not path.is_dir() or not isinstance(tag, dict) or tag.get("kind") != "activation store":
+        raise FileExistsError(
+            f"{path} exists and is not a peekcore activation store; overwrite=True only "
+            "replaces stores: choose another path or remove it yourself"
+        )
+    shutil.rmtree(path)

@@ -1,0 +1,593 @@
+"""Rank sweeps: every (rank, replicate) model fitted in the same passes, then diagnosed.
+
+``rank_sweep`` stacks the factors of all models so each chunk is read once per
+iteration for all of them (shared/DESIGN.md); a model that has converged
+leaves the stack while the others go on. Each model is then scored from the
+statistics of its last pass (fit, explained variance, core consistency), the
+replicates of each rank are compared (stability, degeneracy), and a rank is
+chosen (:func:`peekcore.diagnostics.choose_rank`).
+
+With ``compress=True`` the sweep runs on a compressed copy of the data: the
+leading subspaces of the resident modes (from streamed Gram matrices) shrink
+every non-sample mode, one pass projects the data, the whole sweep runs on the
+small projected tensor, one exact pass on the full data evaluates (and
+refines) every model, and the chosen rank gets a few more exact passes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import diagnostics as diag
+from ._io import load_npz, save_npz
+from ._version import __version__
+from .kernels import ALS, HALS, PassKernel
+from .model import CPModel, FitHistory
+from .solvers.checks import check_rank
+from .solvers.engine import ModelState, Problem, finish_model, new_state, prepare, run_models
+from .solvers.init import Initializer
+from .solvers.passes import gram_pass, iterate_chunks
+from .sources import ArraySource
+
+__all__ = ["RankSweep", "rank_sweep"]
+
+_METHODS = {"cp": ALS, "ncp": HALS}
+#: replicates whose fit is within this of a rank's best count as having found that optimum
+STABILITY_FIT_TOL = 1e-3
+
+
+@dataclass
+class RankSweep:
+    """Every model of a rank sweep and every diagnostic.
+
+    Arrays are indexed ``[rank_index, replicate]`` (``K x P``) or
+    ``[rank_index]`` (``K``), in the order of ``ranks``.
+
+    Attributes
+    ----------
+    ranks : list of int
+    replicates : int
+    method : {"cp", "ncp"}
+    models : list of list of CPModel
+        ``models[k][p]``: rank ``ranks[k]``, replicate ``p`` (seed ``random_state + p``).
+    fit, explained_variance : ndarray
+        ``K x P``.
+    corcondia : ndarray
+        ``K x P`` core consistency, Bro-Kiers normalization (divide by R).
+    corcondia_core_norm : ndarray
+        ``K x P`` core consistency divided by the core's squared norm.
+    degeneracy : ndarray
+        ``K x P`` most negative congruence between two components.
+    stability : ndarray
+        ``K`` mean factor match score against the best replicate, over the
+        replicates whose fit is within ``STABILITY_FIT_TOL`` (1e-3) of the best:
+        did the runs that found the best fit find the same components? (nan
+        when fewer than two did.)
+    reached_best : ndarray
+        ``K`` share of the replicates whose fit is within 1e-3 of the best.
+    best : ndarray
+        ``K`` index of the best-fitting replicate of each rank.
+    chosen_rank : int
+    choice_reason : str
+    compression : dict
+        Empty for an exact sweep; else the subspace sizes, the share of
+        ``||X||^2`` they capture, and fits before and after the exact passes.
+    seconds : float
+        Wall time of the whole sweep.
+    metadata : dict
+    """
+
+    ranks: list[int]
+    replicates: int
+    method: str
+    models: list[list[CPModel]]
+    fit: np.ndarray
+    explained_variance: np.ndarray
+    corcondia: np.ndarray
+    corcondia_core_norm: np.ndarray
+    degeneracy: np.ndarray
+    stability: np.ndarray
+    reached_best: np.ndarray
+    best: np.ndarray
+    chosen_rank: int
+    choice_reason: str
+    compression: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    metadata: dict = field(default_factory=dict)
+
+    def model(self, rank: int | None = None, replicate: int | None = None) -> CPModel:
+        """A model of the sweep: the best replicate of ``rank`` (default the chosen rank)."""
+        rank = self.chosen_rank if rank is None else rank
+        if rank not in self.ranks:
+            raise KeyError(f"rank {rank} is not in this sweep (ranks {self.ranks})")
+        k = self.ranks.index(rank)
+        return self.models[k][int(self.best[k]) if replicate is None else replicate]
+
+    def table(self) -> list[dict]:
+        """One row per rank: the best replicate's scores and the rank's stability."""
+        rows = []
+        for k, r in enumerate(self.ranks):
+            b = int(self.best[k])
+            rows.append(
+                {
+                    "rank": r,
+                    "fit": float(self.fit[k, b]),
+                    "explained_variance": float(self.explained_variance[k, b]),
+                    "corcondia": float(self.corcondia[k, b]),
+                    "corcondia_core_norm": float(self.corcondia_core_norm[k, b]),
+                    "degeneracy": float(self.degeneracy[k, b]),
+                    "stability": float(self.stability[k]),
+                    "reached_best": float(self.reached_best[k]),
+                    "chosen": r == self.chosen_rank,
+                }
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        return (
+            f"RankSweep(ranks={self.ranks[0]}..{self.ranks[-1]} ({len(self.ranks)}), "
+            f"replicates={self.replicates}, method={self.method!r}, "
+            f"chosen_rank={self.chosen_rank})"
+        )
+
+    # ------------------------------------------------------------------ files
+    _ARRAYS = (
+        "fit",
+        "explained_variance",
+        "corcondia",
+        "corcondia_core_norm",
+        "degeneracy",
+        "stability",
+        "reached_best",
+        "best",
+    )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the sweep (every model and diagnostic) to one ``.npz``, atomically."""
+        arrays = {name: getattr(self, name) for name in self._ARRAYS}
+        histories = []
+        for k, row in enumerate(self.models):
+            for p, m in enumerate(row):
+                arrays[f"m{k}_{p}_weights"] = m.weights
+                for i, f in enumerate(m.factors):
+                    arrays[f"m{k}_{p}_factor_{i}"] = f
+                histories.append({"history": m.history.__dict__, "metadata": m.metadata})
+        header = {
+            "format": "peekcore.RankSweep",
+            "version": 1,
+            "ranks": self.ranks,
+            "replicates": self.replicates,
+            "method": self.method,
+            "n_factors": len(self.models[0][0].factors),
+            "chosen_rank": self.chosen_rank,
+            "choice_reason": self.choice_reason,
+            "compression": self.compression,
+            "seconds": self.seconds,
+            "metadata": self.metadata,
+            "models": histories,
+        }
+        save_npz(path, arrays, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RankSweep:
+        """Read a sweep written by :meth:`save`."""
+        header, data = load_npz(path, "peekcore.RankSweep", "rank sweep")
+        arrays = {name: data[name] for name in cls._ARRAYS}
+        models, j = [], 0
+        for k in range(len(header["ranks"])):
+            row = []
+            for p in range(header["replicates"]):
+                info = header["models"][j]
+                j += 1
+                factors = [data[f"m{k}_{p}_factor_{i}"] for i in range(header["n_factors"])]
+                history = FitHistory(**info["history"])
+                row.append(CPModel(data[f"m{k}_{p}_weights"], factors, history, info["metadata"]))
+            models.append(row)
+        return cls(
+            ranks=list(header["ranks"]),
+            replicates=int(header["replicates"]),
+            method=header["method"],
+            models=models,
+            chosen_rank=int(header["chosen_rank"]),
+            choice_reason=header["choice_reason"],
+            compression=header["compression"],
+            seconds=float(header["seconds"]),
+            metadata=header["metadata"],
+            **arrays,
+        )
+
+
+# ---------------------------------------------------------------------- fitting
+
+
+def _check_ranks(ranks: Any, shape: tuple[int, ...]) -> list[int]:
+    try:
+        ranks = [int(r) if not isinstance(r, bool) else r for r in ranks]
+    except TypeError as err:
+        raise TypeError(f"ranks must be a sequence of positive integers, got {ranks!r}") from err
+    if not ranks:
+        raise ValueError("ranks is empty: give at least one rank, e.g. range(1, 9)")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must be distinct, got {ranks}")
+    return sorted(check_rank(r, shape) for r in ranks)
+
+
+def _states(
+    initializer: Initializer,
+    ranks: list[int],
+    replicates: int,
+    random_state: int,
+    compute: torch.dtype,
+    comm: Any = None,
+) -> list[ModelState]:
+    return [
+        new_state(initializer, r, random_state + p, compute, comm)
+        for r in ranks
+        for p in range(replicates)
+    ]
+
+
+def _score(
+    states: list[ModelState],
+    models: list[CPModel],
+    ranks: list[int],
+    replicates: int,
+    norm2: float,
+) -> dict[str, np.ndarray]:
+    """Diagnostics of every model from the statistics of its last pass."""
+    shape = (len(ranks), replicates)
+    out = {
+        name: np.full(shape, np.nan)
+        for name in ("fit", "explained_variance", "corcondia", "corcondia_core_norm", "degeneracy")
+    }
+    for j, (s, m) in enumerate(zip(states, models, strict=True)):
+        k, p = divmod(j, replicates)
+        t, ata = (x.detach().cpu().numpy() for x in s.statistics)
+        resident = [f.detach().cpu().numpy() for f in s.resident]
+        scores = diag.fit_scores(t, ata, resident, norm2)
+        out["fit"][k, p] = scores.fit
+        out["explained_variance"][k, p] = scores.explained_variance
+        out["corcondia"][k, p] = diag.core_consistency(t, ata, resident, "bro-kiers")
+        out["corcondia_core_norm"][k, p] = diag.core_consistency(t, ata, resident, "core-norm")
+        out["degeneracy"][k, p] = diag.degeneracy(m)
+    return out
+
+
+def rank_sweep(
+    data: Any,
+    ranks: Any,
+    replicates: int = 3,
+    method: str = "cp",
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: str = "random",
+    random_state: int = 0,
+    sweeps: int = 5,
+    chunk_size: int | None = None,
+    max_chunk_bytes: int | None = None,
+    dtype: Any = None,
+    device: str | torch.device = "cpu",
+    kernel: str | PassKernel | None = None,
+    progress: bool | None = None,
+    compress: bool = False,
+    compress_dims: int | list[int] | None = None,
+    refine_iters: int = 5,
+    rank_rule: dict | None = None,
+    distributed: bool | None = None,
+) -> RankSweep:
+    """Fit every (rank, replicate) CP model in shared passes and choose a rank.
+
+    Parameters
+    ----------
+    data : array, tensor, path or chunk source
+        As for :func:`peekcore.cp_als`.
+    ranks : sequence of int
+        Candidate ranks (sorted on output).
+    replicates : int
+        Random restarts per rank; replicate ``p`` uses seed ``random_state + p``,
+        so ``cp_als(data, r, random_state=random_state + p)`` refits it alone.
+    method : {"cp", "ncp"}
+        CP-ALS or nonnegative CP (HALS, ``sweeps`` inner sweeps).
+    n_iter_max, tol : int, float
+        Per model, as for :func:`peekcore.cp_als`; a converged model stops
+        while the others go on.
+    init : {"random", "gram"}
+        ``"gram"`` is deterministic, so it needs ``replicates=1``.
+    chunk_size, max_chunk_bytes, dtype, device, kernel, progress
+        As for :func:`peekcore.cp_als`.
+    compress : bool
+        Run the sweep on the data projected onto the leading subspaces of its
+        resident modes (``method="cp"`` only), then evaluate every model with
+        one exact pass and refine the chosen rank with ``refine_iters`` more.
+    compress_dims : int or list of int, optional
+        Subspace size per resident mode (default ``min(I_m, 2 * max(ranks))``).
+    refine_iters : int
+        Exact passes for the chosen rank after a compressed sweep.
+    rank_rule : dict, optional
+        Keyword arguments for :func:`peekcore.diagnostics.choose_rank` (``rule``,
+        ``threshold``, ``stability_threshold``, ...).
+    distributed : bool, optional
+        Data-parallel over the sample mode, as for :func:`peekcore.cp_als`
+        (exact sweeps only).
+
+    Returns
+    -------
+    RankSweep
+    """
+    t_start = time.perf_counter()
+    if method not in _METHODS:
+        raise ValueError(f"method must be 'cp' or 'ncp', got {method!r}")
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ValueError(f"replicates must be a positive integer, got {replicates!r}")
+    if init == "gram" and replicates > 1:
+        raise ValueError(
+            "init='gram' is deterministic, so its replicates would be identical: use "
+            "init='random' for replicates, or replicates=1"
+        )
+    if compress and method != "cp":
+        raise ValueError(
+            "compress=True works with method='cp' only: a projected tensor is not "
+            "nonnegative, so HALS cannot run on it"
+        )
+    kw = dict(
+        n_iter_max=n_iter_max,
+        tol=tol,
+        chunk_size=chunk_size,
+        max_chunk_bytes=max_chunk_bytes,
+        dtype=dtype,
+        device=device,
+        kernel=kernel,
+        sweeps=sweeps,
+        checkpoint=None,
+        checkpoint_every=1,
+    )
+    problem = prepare(data, method=_METHODS[method], distributed=distributed, **kw)
+    if compress and problem.comm.active:
+        raise ValueError("compress=True runs in one process; use distributed=False")
+    ranks = _check_ranks(ranks, problem.shape)
+    if compress:
+        return _compressed_sweep(
+            problem,
+            ranks,
+            replicates,
+            random_state,
+            init,
+            progress,
+            compress_dims,
+            refine_iters,
+            rank_rule,
+            kw,
+            t_start,
+        )
+    settings = problem.settings
+    initializer = Initializer(
+        init,
+        problem.source,
+        nonneg=method == "ncp",
+        chunk_size=settings.chunk_size,
+        compute_dtype=settings.compute_dtype,
+        device=problem.device,
+        comm=problem.comm,
+    )
+    states = _states(
+        initializer, ranks, replicates, random_state, settings.compute_dtype, problem.comm
+    )
+    norm2 = run_models(
+        problem,
+        states,
+        norm2=initializer.norm2,
+        progress=progress,
+        desc=f"rank sweep ({len(states)} models)",
+        keep_statistics=True,
+    )
+    models = [finish_model(problem, s, initializer.name) for s in states]
+    return _assemble(
+        problem, states, models, ranks, replicates, method, norm2, rank_rule, {}, t_start
+    )
+
+
+def _assemble(
+    problem: Problem,
+    states: list[ModelState],
+    models: list[CPModel],
+    ranks: list[int],
+    replicates: int,
+    method: str,
+    norm2: float,
+    rank_rule: dict | None,
+    compression: dict,
+    t_start: float,
+) -> RankSweep:
+    scores = _score(states, models, ranks, replicates, norm2)
+    grid = [models[k * replicates : (k + 1) * replicates] for k in range(len(ranks))]
+    best = np.array([int(np.nanargmax(scores["fit"][k])) for k in range(len(ranks))])
+    stab = np.full(len(ranks), math.nan)
+    reached = np.zeros(len(ranks))
+    for k, row in enumerate(grid):
+        # replicates that found the best optimum (in fit); stability asks whether they
+        # agree on the components (an overfactored rank reaches one fit many ways)
+        fits = scores["fit"][k]
+        near = np.flatnonzero(fits >= np.nanmax(fits) - STABILITY_FIT_TOL)
+        reached[k] = len(near) / replicates
+        if len(near) > 1:
+            stab[k] = diag.stability([row[i] for i in near], fits=fits[near])
+    idx = np.arange(len(ranks))
+    choice = diag.choose_rank(
+        ranks,
+        scores["corcondia"][idx, best],
+        scores["fit"][idx, best],
+        stab if replicates > 1 else None,
+        **(rank_rule or {}),
+    )
+    return RankSweep(
+        ranks=ranks,
+        replicates=replicates,
+        method=method,
+        models=grid,
+        best=best,
+        stability=stab,
+        reached_best=reached,
+        chosen_rank=int(choice.rank),
+        choice_reason=choice.reason,
+        compression=compression,
+        seconds=time.perf_counter() - t_start,
+        metadata={
+            "shape": list(problem.shape),
+            "dtype": problem.stored,
+            "kernel": problem.kernel.name,
+            "device": str(problem.device),
+            "rule": choice.rule,
+            "high_quality_ranks": list(choice.high_quality),
+            "peekcore_version": __version__,
+        },
+        **scores,
+    )
+
+
+# ------------------------------------------------------------------ compressed
+
+
+def _project(problem: Problem, bases: list[torch.Tensor]) -> torch.Tensor:
+    """One pass: ``Y = X x_1 U_1^T x_2 U_2^T ...`` (``N x k_1 x ... x k_d``, float64)."""
+    shape = problem.shape
+    out = torch.empty((shape[0], *[u.shape[1] for u in bases]), dtype=torch.float64)
+    for offset, chunk in iterate_chunks(problem.source, problem.settings.chunk_size):
+        y = chunk.to(device=problem.device, dtype=problem.settings.compute_dtype)
+        for m, u in enumerate(bases):  # contract resident mode m (axis m + 1) with U_m
+            y = torch.movedim(torch.tensordot(y, u.to(y.dtype), dims=([m + 1], [0])), -1, m + 1)
+        out[offset : offset + chunk.shape[0]] = y.to(torch.float64).cpu()
+    return out
+
+
+def _compressed_sweep(
+    problem: Problem,
+    ranks: list[int],
+    replicates: int,
+    random_state: int,
+    init: str,
+    progress: bool | None,
+    compress_dims: int | list[int] | None,
+    refine_iters: int,
+    rank_rule: dict | None,
+    kw: dict,
+    t_start: float,
+) -> RankSweep:
+    settings = problem.settings
+    dims = problem.shape[1:]
+    if compress_dims is None:
+        compress_dims = [min(n, 2 * max(ranks)) for n in dims]
+    elif isinstance(compress_dims, int):
+        compress_dims = [min(n, compress_dims) for n in dims]
+    if len(compress_dims) != len(dims) or any(k < 1 for k in compress_dims):
+        raise ValueError(f"compress_dims must give one positive size per mode {dims}")
+    # 1. leading subspaces of every resident mode, from one streamed Gram pass
+    grams, norm2 = gram_pass(
+        problem.source, settings.chunk_size, settings.compute_dtype, problem.device
+    )
+    bases = []
+    for g, k in zip(grams, compress_dims, strict=True):
+        vals, vecs = torch.linalg.eigh(g)
+        bases.append(vecs[:, torch.argsort(vals, descending=True)[:k]].contiguous())
+    # 2. one pass projects the data; 3. the whole sweep on the small tensor
+    y = _project(problem, bases)
+    captured = float(torch.sum(y**2)) / norm2
+    small_kw = {**kw, "chunk_size": None, "kernel": None, "device": "cpu", "dtype": "float64"}
+    small = prepare(ArraySource(y), method=ALS, **small_kw)
+    small_init = Initializer(
+        init,
+        small.source,
+        nonneg=False,
+        chunk_size=small.settings.chunk_size,
+        compute_dtype=small.settings.compute_dtype,
+        device=small.device,
+    )
+    states = _states(small_init, ranks, replicates, random_state, torch.float64)
+    norm2_y = float(torch.sum(y**2))
+    run_models(
+        small,
+        states,
+        norm2=norm2_y,
+        progress=progress,
+        desc=f"compressed sweep ({len(states)} models)",
+    )
+    # fit on the full data of the lifted model: its residual is the small residual plus
+    # everything outside the subspaces (||X||^2 - ||Y||^2)
+    fit_small = [
+        1 - math.sqrt(max(norm2 - norm2_y + (s.history.rel_error[-1] ** 2) * norm2_y, 0) / norm2)
+        for s in states
+    ]
+    # 4. lift the resident factors back: B = U_1 B_y, ...
+    for s in states:
+        s.resident = [
+            (u.cpu() @ f).to(problem.device) for u, f in zip(bases, s.resident, strict=True)
+        ]
+        s.a = s.a.to(device=problem.device, dtype=settings.compute_dtype)
+        s.active = True
+        s.history = FitHistory(
+            fit=list(s.history.fit),
+            rel_error=list(s.history.rel_error),
+            seconds=list(s.history.seconds),
+            inner_sweeps=list(s.history.inner_sweeps),
+        )
+        s.history.converged, s.history.stop_reason = False, ""
+    # 5. one exact pass on the full data evaluates every model (an exact ALS step)
+    exact = Problem(
+        problem.source,
+        problem.shape,
+        problem.stored,
+        problem.kernel,
+        problem.device,
+        _with(settings, n_iter_max=1),
+        problem.comm,
+    )
+    run_models(exact, states, norm2=norm2, progress=False, keep_statistics=True)
+    models = [finish_model(problem, s, "compressed") for s in states]
+    sweep = _assemble(
+        problem, states, models, ranks, replicates, "cp", norm2, rank_rule, {}, t_start
+    )
+    # 6. refine the chosen rank's best replicate with more exact passes
+    k = sweep.ranks.index(sweep.chosen_rank)
+    b = int(sweep.best[k])
+    chosen = sweep.models[k][b]
+    if refine_iters > 0:
+        from .solvers.als import cp_als
+
+        refined = cp_als(
+            problem.source,
+            sweep.chosen_rank,
+            init=chosen,
+            n_iter_max=refine_iters,
+            tol=settings.tol,
+            chunk_size=settings.chunk_size,
+            device=problem.device,
+            kernel=problem.kernel,
+            dtype=settings.compute_dtype,
+            progress=False,
+        )
+        sweep.models[k][b] = refined
+        sweep.fit[k, b] = refined.fit
+    j = k * replicates + b
+    sweep.compression = {
+        "dims": list(compress_dims),
+        "captured_energy": captured,
+        "chosen_fit_compressed": fit_small[j],
+        "chosen_fit_after_exact_pass": float(models[j].fit),
+        "chosen_fit_refined": float(sweep.fit[k, b]),
+        "refine_iters": refine_iters,
+    }
+    sweep.seconds = time.perf_counter() - t_start
+    return sweep
+
+
+def _with(settings, **changes):
+    from dataclasses import replace
+
+    return replace(settings, **changes)

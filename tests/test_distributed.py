@@ -1,0 +1,159 @@
+"""Data-parallel fits on torch.distributed (gloo on loopback, CPU processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import peekcore
+from peekcore.distributed import shard_bounds
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import datetime, os, sys, time
+    import numpy as np, torch, peekcore
+    from peekcore.sweep import rank_sweep
+    torch.distributed.init_process_group(
+        "gloo", timeout=datetime.timedelta(seconds=float(os.environ["TIMEOUT"])))
+    rank = torch.distributed.get_rank()
+    x = np.load(os.environ["DATA"], mmap_mode="r")
+    kind, out = os.environ["KIND"], os.environ["OUT"]
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False)
+    def die(info):
+        if rank == 1 and info.iteration == 2:
+            os._exit(17)
+    if kind == "cp":
+        m = peekcore.cp_als(x, 3, init="gram", **kw)
+    elif kind == "ncp":
+        m = peekcore.ncp_hals(x, 3, **kw)
+    elif kind == "ckpt":
+        m = peekcore.ncp_hals(x, 3, checkpoint=out + ".ckpt.npz", checkpoint_every=5, **kw)
+    elif kind == "sweep":
+        s = rank_sweep(x, [1, 2, 3], 2, n_iter_max=12, tol=0, progress=False)
+        m = s.models[2][1]
+    elif kind == "die":
+        m = peekcore.cp_als(x, 3, callback=die, **kw)
+    if rank == 0:
+        m.save(out)
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _launch(tmp_path, world: int, kind: str, timeout: float = 60.0):
+    data = tmp_path / "x.npy"
+    out = tmp_path / f"{kind}_{world}.npz"
+    script = tmp_path / "worker.py"
+    script.write_text(SCRIPT)
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DATA=str(data),
+            OUT=str(out),
+            KIND=kind,
+            TIMEOUT=str(timeout),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return procs, out
+
+
+def _wait(procs, limit: float = 120.0):
+    t0 = time.time()
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=max(1.0, limit - (time.time() - t0)))
+        errs.append(err)
+    return [p.returncode for p in procs], errs, time.time() - t0
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.standard_normal((47, 6, 5)))  # 47 rows: uneven shards
+    np.save(tmp_path / "x.npy", x)
+    return x
+
+
+def test_shard_bounds_cover_everything():
+    for n, world in ((47, 2), (47, 3), (10, 4), (5, 5)):
+        bounds = [shard_bounds(n, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["cp", "ncp"])
+def test_equals_single_process(tmp_path, data, world, kind):
+    procs, out = _launch(tmp_path, world, kind)
+    codes, errs, _ = _wait(procs)
+    assert codes == [0] * world, errs
+    got = peekcore.CPModel.load(out)
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False)
+    if kind == "cp":
+        want = peekcore.cp_als(data, 3, init="gram", **kw)
+    else:
+        want = peekcore.ncp_hals(data, 3, **kw)
+    assert got.metadata["processes"] == world
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-10)
+    for a, b in zip(got.factors, want.factors, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.history.fit, want.history.fit, rtol=1e-10)
+
+
+def test_sweep_equals_single_process(tmp_path, data):
+    procs, out = _launch(tmp_path, 2, "sweep")
+    codes, errs, _ = _wait(procs)
+    assert codes == [0, 0], errs
+    from peekcore.sweep import rank_sweep
+
+    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=12, tol=0, progress=False).models[2][1]
+    np.testing.assert_allclose(peekcore.CPModel.load(out).weights, want.weights, rtol=1e-10)
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(tmp_path, data):
+    procs, out = _launch(tmp_path, 2, "ckpt")
+    codes, errs, _ = _wait(procs)
+    assert codes == [0, 0], errs
+    kw = dict(tol=0, random_state=3, chunk_size=7, progress=False)
+    ckpt = str(out) + ".ckpt.npz"
+    resumed = peekcore.ncp_hals(data, 3, n_iter_max=15, resume=ckpt, **kw)  # from iteration 10
+    straight = peekcore.ncp_hals(data, 3, n_iter_max=15, **kw)
+    np.testing.assert_allclose(resumed.weights, straight.weights, rtol=1e-10)
+
+
+def test_a_dead_process_is_reported_not_hung(tmp_path, data):
+    procs, _ = _launch(tmp_path, 2, "die", timeout=20.0)
+    codes, errs, seconds = _wait(procs, limit=90.0)
+    assert codes[1] == 17
+    assert codes[0] != 0  # the survivor failed in a collective instead of hanging
+    assert "PeerFailure" in errs[0] and "another process died" in errs[0]
+    assert seconds < 60

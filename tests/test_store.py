@@ -1,0 +1,473 @@
+"""Activation stores: round trips, xarray, resume after a kill, refusal of damaged stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_capture import SmallCNN, TinyTransformer, reference_cnn
+from torch import nn
+
+import peekcore
+from peekcore import ActivationStore, capture
+from peekcore.store import StoreError
+
+TESTS = Path(__file__).parent
+
+
+def cap(model, data, layers, path, **kw):
+    kw.setdefault("progress", False)
+    return capture(model, data, layers, path, **kw)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def chunk_file(store_path: Path, layer: str, index: int, ndim: int) -> Path:
+    return store_path.joinpath("layers", layer, "activations", "c", str(index), *["0"] * (ndim - 1))
+
+
+@pytest.fixture
+def images(rng):
+    return rng.standard_normal((61, 1, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture
+def digit_store(tmp_path_factory):
+    """conv1 + conv2 of the small CNN on the digits, float32, chunks that do not divide N."""
+    path = tmp_path_factory.mktemp("digits") / "digits.zarr"
+    return cap(
+        SmallCNN(),
+        peekcore.datasets.digits(),
+        ["conv1", "conv2"],
+        path,
+        dtype="float32",
+        batch_size=100,
+        chunk_size=250,
+    )
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("chunk_size", [7, 16, 61, 100])
+def test_round_trip_exact(images, tmp_path, dtype, chunk_size):
+    model = SmallCNN()
+    store = cap(
+        model,
+        images,
+        ["conv1", "conv2"],
+        tmp_path / "s.zarr",
+        dtype=dtype,
+        batch_size=16,
+        chunk_size=chunk_size,
+    )
+    ref = reference_cnn(model, images, 16)
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    assert store.chunk_size == min(chunk_size, 61)
+    for name in ("conv1", "conv2"):
+        layer = store[name]
+        assert layer.dtype == dtype and layer.shape == (61, *ref[name].shape[1:])
+        want = torch.from_numpy(ref[name]).to(tdt)
+        got = torch.as_tensor(layer.read())
+        if dtype == "float32":  # the hook saw the same numbers as the hand-run reference
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+        # whatever was captured reads back bit for bit, in any chunking
+        for size in (1, 5, chunk_size, 200):
+            parts = [torch.as_tensor(c) for c in layer.chunks(size)]
+            assert [p.shape[0] for p in parts[:-1]] == [size] * (len(parts) - 1)
+            assert torch.equal(torch.cat(parts), got)
+        assert layer[:].dtype == (np.float16 if dtype == "float16" else np.float32)
+        np.testing.assert_array_equal(np.asarray(layer)[3:9], got[3:9].float().numpy())
+
+
+def test_chunk_files_are_zarrs_own_encoding(images, tmp_path):
+    """Whole chunks are written without zarr's copies: the bytes must be what zarr writes."""
+    zarr = pytest.importorskip("zarr")
+    store = cap(
+        SmallCNN(),
+        (images, np.arange(61) % 3),
+        "conv2",
+        tmp_path / "s.zarr",
+        chunk_size=16,
+        batch_size=8,
+    )
+    keys = ["layers/conv2/activations", "sample_id", "labels"]
+    before = {k: files(store.path / k) for k in keys}
+    for key in keys:
+        arr = zarr.open_array(store.path / key, mode="r+")
+        arr[:] = arr[:]  # rewrite every chunk through zarr's codecs
+    assert {k: files(store.path / k) for k in keys} == before
+    assert len(before["layers/conv2/activations"]) == 1 + 4  # zarr.json + 4 chunks
+
+
+def test_shards_read_only_their_rows(digit_store):
+    layer = digit_store["conv2"]
+    whole = layer[:]
+    shard = layer.shard(240, 1010)  # starts inside a chunk, ends inside another
+    assert isinstance(shard, peekcore.ChunkSource) and shard.shape == (770, 10, 8, 8)
+    for size in (None, 100, 250):
+        np.testing.assert_array_equal(np.concatenate(list(shard.chunks(size))), whole[240:1010])
+    np.testing.assert_array_equal(shard[5], whole[245])
+    np.testing.assert_array_equal(shard[-3:, 2], whole[1007:1010, 2])
+    np.testing.assert_array_equal(shard[::-100], whole[240:1010][::-100])
+    np.testing.assert_array_equal(shard[..., 0], whole[240:1010, ..., 0])
+    np.testing.assert_array_equal(shard[[0, 3]], whole[[240, 243]])
+    inner = shard.shard(10, 20)
+    np.testing.assert_array_equal(inner.read(), whole[250:260])
+    assert inner.to_xarray().shape == (10, 10, 8, 8)
+    with pytest.raises(ValueError, match="not within"):
+        layer.shard(5, 5000)
+    with pytest.raises(IndexError):
+        shard[770]
+
+
+def test_reopened_store_has_everything(digit_store):
+    store = ActivationStore(digit_store.path)
+    assert store.layers == ("conv1", "conv2") and list(store) == ["conv1", "conv2"]
+    assert "conv2" in store and len(store) == 2
+    assert store.n_samples == 1797 and store.chunk_size == 250 and store.dtype == "float32"
+    np.testing.assert_array_equal(store.labels, peekcore.datasets.digits().labels)
+    np.testing.assert_array_equal(store.sample_ids, np.arange(1797))
+    prov = store.provenance
+    assert prov["model_class"] == "test_capture.SmallCNN"
+    assert len(prov["weights_sha256"]) == 64
+    assert prov["data_source"].startswith("sklearn digits")
+    assert prov["seed"] == 0 and prov["transform"] is None
+    assert set(prov["versions"]) >= {"peekcore", "torch", "numpy", "zarr"}
+    attrs = store["conv2"].attrs
+    assert attrs["layer"] == "conv2" and attrs["module"] == "Conv2d"
+    assert attrs["weights_sha256"] == prov["weights_sha256"]
+    with pytest.raises(KeyError, match=r"no layer 'fc'.*\['conv1', 'conv2'\]"):
+        store["fc"]
+    assert "n_samples=1797" in repr(store) and "conv2" in repr(store["conv2"])
+
+
+def test_opens_with_xarray(digit_store):
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(digit_store.path, group="layers/conv2", consolidated=False)
+    assert ds["activations"].dims == ("sample", "channel", "y", "x")
+    np.testing.assert_array_equal(ds["activations"].values, digit_store["conv2"][:])
+    da = digit_store.to_xarray("conv2")
+    assert da.dims == ("sample", "channel", "y", "x") and da.name == "conv2"
+    np.testing.assert_array_equal(da["label"].values, digit_store.labels)
+    np.testing.assert_array_equal(da.isel(sample=slice(5, 8)).values, digit_store["conv2"][5:8])
+    assert da.attrs["layer"] == "conv2" and "weights_sha256" in da.attrs
+    root = xr.open_zarr(digit_store.path, consolidated=False)
+    np.testing.assert_array_equal(root["labels"].values, digit_store.labels)
+
+
+def test_token_store_dims(rng, tmp_path):
+    x = rng.standard_normal((10, 5, 8)).astype(np.float32)
+    store = cap(TinyTransformer(), x, "blocks.0.mlp.0", tmp_path / "t.zarr")
+    da = store.to_xarray("blocks.0.mlp.0")
+    assert da.dims == ("sample", "channel", "token") and da.shape == (10, 12, 5)
+
+
+# ---------------------------------------------------------------- fits on stores
+
+
+def test_fit_on_store_equals_fit_in_memory(digit_store):
+    layer = digit_store["conv2"]
+    assert isinstance(layer, peekcore.ChunkSource)
+    x = layer[:]
+    assert x.dtype == np.float32
+    kw = dict(n_iter_max=6, tol=0.0, random_state=7, chunk_size=300, progress=False)
+    on_disk = peekcore.cp_als(layer, 5, **kw)
+    in_memory = peekcore.cp_als(x, 5, **kw)
+    np.testing.assert_allclose(on_disk.weights, in_memory.weights, rtol=1e-12, atol=0)
+    for a, b in zip(on_disk.factors, in_memory.factors, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_on_half_stores(images, tmp_path):
+    for dtype in ("float16", "bfloat16"):
+        store = cap(
+            SmallCNN(), images, "conv2", tmp_path / f"{dtype}.zarr", dtype=dtype, chunk_size=20
+        )
+        kw = dict(n_iter_max=3, tol=0.0, random_state=1, chunk_size=20, progress=False)
+        got = peekcore.cp_als(store["conv2"], 3, **kw)
+        ref = peekcore.cp_als(torch.as_tensor(store["conv2"].read()), 3, **kw)
+        np.testing.assert_allclose(got.weights, ref.weights, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- resume
+
+
+class SleepyCNN(SmallCNN):
+    """SmallCNN that sleeps in every forward, to be killed mid-capture."""
+
+    sleep = 0.0
+    calls = 0
+
+    def forward(self, x):
+        SleepyCNN.calls += 1
+        time.sleep(self.sleep)
+        return super().forward(x)
+
+
+def resume_job(path: str, sleep: float) -> ActivationStore:
+    """The capture the resume test kills and reruns (also run in a subprocess)."""
+    model = SleepyCNN(seed=4)
+    model.sleep = sleep
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((203, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 203)
+    return cap(
+        model, (x, y), ["conv1", "conv2"], path, dtype="float16", batch_size=8, chunk_size=20
+    )
+
+
+def progress_of(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "zarr.json").read_text())["attributes"]["progress"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_resume_after_kill_gives_the_same_store(tmp_path):
+    killed = tmp_path / "killed.zarr"
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_store; "
+        f"test_store.resume_job({str(killed)!r}, 0.15)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            p = progress_of(killed)
+            if p is not None and p["chunks_written"] >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.02)
+        else:
+            pytest.fail("the capture subprocess wrote no chunks within 60 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stderr.close()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    p = progress_of(killed)
+    assert 2 <= p["chunks_written"] < p["n_chunks"] == 11
+    with pytest.raises(StoreError, match=r"incomplete: \d+ of 11 chunks.*same peekcore.capture"):
+        ActivationStore(killed)
+    # a write cut short leaves zarr's temporary file: the resume removes it
+    (killed / "layers" / "conv1" / "activations" / "c").mkdir(parents=True, exist_ok=True)
+    leftover = killed / "layers" / "conv1" / "activations" / "c" / f"9.{'ab' * 16}.partial"
+    leftover.write_bytes(b"junk")
+
+    SleepyCNN.calls = 0
+    resumed = resume_job(str(killed), 0.0)
+    resumed_calls, SleepyCNN.calls = SleepyCNN.calls, 0
+    fresh = resume_job(str(tmp_path / "fresh.zarr"), 0.0)
+    assert resumed_calls <= SleepyCNN.calls - 5  # 20-sample chunks, batches of 8
+    assert not leftover.exists()
+    assert files(resumed.path) == files(fresh.path)
+    for name in ("conv1", "conv2"):
+        assert torch.equal(
+            torch.as_tensor(resumed[name].read()), torch.as_tensor(fresh[name].read())
+        )
+    resumed.verify()
+
+
+class Failing(SmallCNN):
+    """Raises in its forward after ``budget`` calls, like a process that dies."""
+
+    budget = -1
+
+    def forward(self, x):
+        if Failing.budget == 0:
+            raise KeyboardInterrupt
+        Failing.budget -= 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["array", "dataset", "loader"])
+def test_interrupted_capture_resumes_to_the_same_store(images, tmp_path, kind):
+    """Batches of 10, chunks of 16: a resume restarts inside a batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    labels = np.arange(61) % 4
+    data = {
+        "array": (images, labels),
+        "dataset": TensorDataset(torch.from_numpy(images), torch.from_numpy(labels)),
+        "loader": DataLoader(
+            TensorDataset(torch.from_numpy(images), torch.from_numpy(labels)), batch_size=10
+        ),
+    }[kind]
+    kw = dict(dtype="bfloat16", batch_size=10, chunk_size=16)
+    path = tmp_path / "s.zarr"
+    Failing.budget = 4
+    with pytest.raises(KeyboardInterrupt):
+        cap(Failing(), data, ["conv1", "conv2"], path, **kw)
+    assert progress_of(path)["chunks_written"] == 2  # 40 samples ran: 2 whole chunks
+    Failing.budget = -1
+    resumed = cap(Failing(), data, ["conv1", "conv2"], path, **kw)
+    fresh = cap(Failing(), data, ["conv1", "conv2"], tmp_path / "fresh.zarr", **kw)
+    assert files(resumed.path) == files(fresh.path)
+    np.testing.assert_array_equal(resumed.labels, labels)
+
+
+class Counting(SmallCNN):
+    calls = 0
+
+    def forward(self, x):
+        Counting.calls += 1
+        return super().forward(x)
+
+
+def test_rerun_of_a_complete_capture_does_no_work(images, tmp_path):
+    path = tmp_path / "s.zarr"
+    first = cap(Counting(), images, "conv2", path, batch_size=16)
+    before = files(path)
+    Counting.calls = 0
+    again = cap(Counting(), images, "conv2", path, batch_size=16)
+    assert Counting.calls == 0
+    assert files(path) == before and again.n_samples == first.n_samples
+
+
+def test_resume_with_other_settings_is_refused(images, tmp_path):
+    path = tmp_path / "s.zarr"
+    cap(SmallCNN(), images, "conv2", path, batch_size=16, chunk_size=10)
+    with pytest.raises(
+        StoreError, match=r"(?s)other settings.*batch_size: store has 16, this call 8"
+    ):
+        cap(SmallCNN(), images, "conv2", path, batch_size=8)
+    with pytest.raises(StoreError, match="weights_sha256"):
+        cap(SmallCNN(seed=1), images, "conv2", path, batch_size=16)
+    with pytest.raises(StoreError, match="data_fingerprint"):
+        cap(SmallCNN(), images + 1, "conv2", path, batch_size=16)
+    with pytest.raises(StoreError, match="chunk_size: store has 10, this call 12"):
+        cap(SmallCNN(), images, "conv2", path, batch_size=16, chunk_size=12)
+    store = cap(SmallCNN(), images, "conv2", path, batch_size=8, overwrite=True)
+    assert store.attrs["settings"]["batch_size"] == 8
+
+
+def test_overwrite_refuses_folders_that_are_not_stores(images, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a peekcore activation store"):
+        cap(SmallCNN(), images, "conv2", tmp_path / "mine", overwrite=True)
+    with pytest.raises(StoreError, match="not a zarr store"):
+        cap(SmallCNN(), images, "conv2", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- damaged stores
+
+
+@pytest.fixture
+def small_store(images, tmp_path):
+    return cap(
+        SmallCNN(), images, ["conv1", "conv2"], tmp_path / "s.zarr", dtype="float32", chunk_size=16
+    )
+
+
+def test_missing_chunk_is_refused(small_store):
+    chunk_file(small_store.path, "conv2", 2, 4).unlink()
+    with pytest.raises(
+        StoreError,
+        match=r"layer 'conv2' is missing 1 of 4 chunk files: chunk 2 "
+        r"\(samples 32..47\)",
+    ):
+        ActivationStore(small_store.path)
+    with pytest.raises(StoreError, match="missing 1 of 4"):
+        small_store.verify()
+
+
+def test_corrupt_chunk_is_refused(small_store):
+    path = chunk_file(small_store.path, "conv1", 1, 4)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    store = ActivationStore(small_store.path)  # files present: opens
+    with pytest.raises(StoreError, match=r"samples 16\.\.31 of layer 'conv1'.*corrupt"):
+        list(store["conv1"].chunks(16))
+    with pytest.raises(StoreError, match="failed verification"):
+        store.verify()
+    with pytest.raises(StoreError, match="checksum"):
+        store["conv1"][20]
+    path.write_bytes(bytes(raw[:50]))  # truncated
+    with pytest.raises(StoreError, match="corrupt"):
+        store["conv1"].read(16, 32)
+
+
+def edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_metadata_that_disagrees_with_arrays_is_refused(small_store):
+    root = small_store.path
+    edit_json(
+        root / "zarr.json", lambda m: m["attributes"]["layers"]["conv2"]["shape"].__setitem__(0, 11)
+    )
+    with pytest.raises(
+        StoreError,
+        match=r"layer 'conv2' has shape \(61, 10, 8, 8\) but the "
+        r"metadata says \(61, 11, 8, 8\)",
+    ):
+        ActivationStore(root)
+    edit_json(
+        root / "zarr.json", lambda m: m["attributes"]["layers"]["conv2"]["shape"].__setitem__(0, 10)
+    )
+    ActivationStore(root)
+    edit_json(root / "zarr.json", lambda m: m["attributes"].__setitem__("dtype", "float16"))
+    with pytest.raises(StoreError, match="stored as float32 but the metadata says float16"):
+        ActivationStore(root)
+    edit_json(root / "zarr.json", lambda m: m["attributes"].__setitem__("dtype", "float32"))
+    edit_json(
+        root / "zarr.json",
+        lambda m: m["attributes"]["layers"].__setitem__(
+            "conv9", {"shape": [1], "dims": ["sample"]}
+        ),
+    )
+    with pytest.raises(StoreError, match="lists layer 'conv9' but there is no array"):
+        ActivationStore(root)
+
+
+def test_not_a_store(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(StoreError, match="not a peekcore activation store"):
+        ActivationStore(tmp_path / "plain.zarr")
+    with pytest.raises(FileNotFoundError, match="no activation store"):
+        ActivationStore(tmp_path / "nothing.zarr")
+    (tmp_path / "broken.zarr").mkdir()
+    (tmp_path / "broken.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="damaged"):
+        ActivationStore(tmp_path / "broken.zarr")
+
+
+def test_verify_finds_nan_and_inf(images, tmp_path):
+    x = images.copy()
+    x[37, 0, 2, 2] = np.nan
+    x[50, 0, 1, 1] = 1e6  # overflows float16
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(ValueError, match="NaN or Inf for the batch starting at sample 32"):
+        cap(model, x, "0", tmp_path / "refused.zarr", batch_size=16)
+    store = cap(model, x, "0", tmp_path / "s.zarr", batch_size=16, check_finite=False)
+    with pytest.raises(
+        StoreError,
+        match=r"layer '0' holds 2 NaN/Inf values \(first in sample "
+        r"37\).*dtype='bfloat16'",
+    ):
+        store.verify()
+    clean = cap(model, images, "0", tmp_path / "c.zarr", batch_size=16)
+    report = clean.verify()
+    assert report["layers"]["0"] == {"shape": (61, 1, 8, 8), "dtype": "float16", "nonfinite": 0}

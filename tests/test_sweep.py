@@ -1,0 +1,92 @@
+"""rank_sweep: shared passes equal separate fits; diagnostics; save/load; compression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+
+import peekcore
+from peekcore.sweep import RankSweep, rank_sweep
+
+
+def _planted(rng, shape, rank, noise=0.1):
+    x, _ = ref.low_rank(rng, shape, rank, noise=noise)
+    return x
+
+
+@pytest.mark.parametrize("method", ["cp", "ncp"])
+def test_sweep_models_equal_separate_fits(rng, kernel, method):
+    x = np.abs(_planted(rng, (40, 7, 6), 3))
+    kw = dict(n_iter_max=25, tol=1e-7, kernel=kernel, progress=False)
+    sweep = rank_sweep(x, [1, 2, 3], replicates=2, method=method, random_state=10, **kw)
+    fit = peekcore.cp_als if method == "cp" else peekcore.ncp_hals
+    for k, r in enumerate(sweep.ranks):
+        for p in range(2):
+            alone = fit(x, r, random_state=10 + p, **kw)
+            together = sweep.models[k][p]
+            assert together.history.n_iter == alone.history.n_iter
+            np.testing.assert_allclose(together.weights, alone.weights, rtol=1e-9)
+            for a, b in zip(together.factors, alone.factors, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+            assert sweep.fit[k, p] == pytest.approx(alone.fit, abs=1e-10)
+
+
+def test_diagnostics_match_the_models(rng):
+    x = _planted(rng, (60, 9, 8), 3)
+    sweep = rank_sweep(x, range(1, 6), replicates=3, n_iter_max=150, tol=1e-10, progress=False)
+    for k, row in enumerate(sweep.models):
+        for p, m in enumerate(row):
+            assert sweep.fit[k, p] == pytest.approx(
+                ref.dense_fit(x, m.factors, m.weights), abs=1e-8
+            )
+            ev = 1 - np.linalg.norm(x - m.reconstruct()) ** 2 / np.linalg.norm(x) ** 2
+            assert sweep.explained_variance[k, p] == pytest.approx(ev, abs=1e-8)
+    k3 = sweep.ranks.index(3)
+    assert sweep.corcondia[k3, sweep.best[k3]] > 90
+    assert sweep.stability[k3] > 0.95
+    assert sweep.chosen_rank == 3
+    assert "rank 3" in sweep.choice_reason
+    assert [row["rank"] for row in sweep.table()] == [1, 2, 3, 4, 5]
+
+
+def test_save_load_roundtrip(tmp_path, rng):
+    x = _planted(rng, (30, 6, 5), 2)
+    sweep = rank_sweep(x, [1, 2, 3], replicates=2, n_iter_max=30, progress=False)
+    sweep.save(tmp_path / "s.npz")
+    back = RankSweep.load(tmp_path / "s.npz")
+    assert back.ranks == sweep.ranks and back.chosen_rank == sweep.chosen_rank
+    np.testing.assert_array_equal(back.corcondia, sweep.corcondia)
+    np.testing.assert_array_equal(back.model(2).factors[1], sweep.model(2).factors[1])
+    assert back.model(2).history == sweep.model(2).history
+    with pytest.raises(KeyError, match="not in this sweep"):
+        back.model(9)
+
+
+def test_compressed_sweep_refined_fit_close_to_exact(rng):
+    x = _planted(rng, (300, 40, 30), 4, noise=0.1)
+    kw = dict(replicates=3, n_iter_max=300, tol=1e-10, progress=False)
+    exact = rank_sweep(x, range(1, 7), **kw)
+    small = rank_sweep(x, range(1, 7), compress=True, **kw)
+    r = small.chosen_rank
+    assert r == exact.chosen_rank == 4
+    assert abs(small.model(r).fit - exact.model(r).fit) < 0.005
+    c = small.compression
+    assert 0.9 < c["captured_energy"] <= 1.0
+    assert c["chosen_fit_refined"] >= c["chosen_fit_after_exact_pass"] - 1e-9
+
+
+def test_bad_arguments(rng):
+    x = _planted(rng, (20, 5, 4), 2)
+    with pytest.raises(ValueError, match="ranks is empty"):
+        rank_sweep(x, [], progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        rank_sweep(x, [2, 2], progress=False)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        rank_sweep(x, [0, 1], progress=False)
+    with pytest.raises(ValueError, match="replicates would be identical"):
+        rank_sweep(x, [1, 2], replicates=2, init="gram", progress=False)
+    with pytest.raises(ValueError, match="method='cp' only"):
+        rank_sweep(np.abs(x), [1, 2], method="ncp", compress=True, progress=False)
+    with pytest.raises(ValueError, match="method must be"):
+        rank_sweep(x, [1], method="tucker", progress=False)
