@@ -24,7 +24,7 @@ template <typename T>
 double run_pass(const py::array& chunk, int storage, const std::vector<std::int64_t>& dims,
                 const std::vector<py::array>& factors, const py::array& g, py::array& a_rows,
                 py::array& t_acc, py::array& ata, int update, int sweeps, bool want_norm,
-                std::int64_t block_bytes) {
+                std::int64_t block_bytes, const std::vector<int>& model_ranks) {
   const int R = static_cast<int>(a_rows.shape(1));
   std::int64_t J = 1;
   for (auto n : dims) J *= n;
@@ -66,6 +66,17 @@ double run_pass(const py::array& chunk, int storage, const std::vector<std::int6
   args.sweeps = sweeps;
   args.want_norm = want_norm;
   args.block_bytes = block_bytes;
+  if (model_ranks.size() > 1) {
+    int start = 0;
+    for (int rank : model_ranks) {
+      for (int r = 0; r < rank; ++r) {
+        args.comp_lo.push_back(start);
+        args.comp_hi.push_back(start + rank);
+      }
+      start += rank;
+    }
+    require(start == R, "model_ranks must add up to the number of columns");
+  }
   py::gil_scoped_release release;
   return peekcore::pass_chunk<T>(args);
 }
@@ -79,18 +90,18 @@ PYBIND11_MODULE(_core, m) {
       [](const py::array& chunk, int storage, const std::vector<std::int64_t>& dims,
          const std::vector<py::array>& factors, const py::array& g, py::array a_rows,
          py::array t_acc, py::array ata, int update, int sweeps, bool want_norm,
-         std::int64_t block_bytes) -> double {
+         std::int64_t block_bytes, const std::vector<int>& model_ranks) -> double {
         if (py::isinstance<py::array_t<float>>(a_rows))
           return run_pass<float>(chunk, storage, dims, factors, g, a_rows, t_acc, ata, update,
-                                 sweeps, want_norm, block_bytes);
+                                 sweeps, want_norm, block_bytes, model_ranks);
         if (py::isinstance<py::array_t<double>>(a_rows))
           return run_pass<double>(chunk, storage, dims, factors, g, a_rows, t_acc, ata, update,
-                                  sweeps, want_norm, block_bytes);
+                                  sweeps, want_norm, block_bytes, model_ranks);
         throw py::type_error("a_rows must be float32 or float64 (the compute dtype)");
       },
       py::arg("chunk"), py::arg("storage"), py::arg("dims"), py::arg("factors"), py::arg("g"),
       py::arg("a_rows"), py::arg("t_acc"), py::arg("ata"), py::arg("update"), py::arg("sweeps"),
-      py::arg("want_norm"), py::arg("block_bytes"));
+      py::arg("want_norm"), py::arg("block_bytes"), py::arg("model_ranks") = std::vector<int>());
 
   m.def(
       "hals_rows",

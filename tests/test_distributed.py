@@ -157,3 +157,39 @@ def test_a_dead_process_is_reported_not_hung(tmp_path, data):
     assert codes[0] != 0  # the survivor failed in a collective instead of hanging
     assert "PeerFailure" in errs[0] and "another process died" in errs[0]
     assert seconds < 60
+
+
+def test_peek_fit_under_torchrun(tmp_path, data):
+    out = tmp_path / "m.npz"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "peekcore",
+        "--json",
+        "fit",
+        str(tmp_path / "x.npy"),
+        "--rank",
+        "3",
+        "--iters",
+        "6",
+        "--tol",
+        "0",
+        "--chunk-size",
+        "7",
+        "--distributed",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = peekcore.CPModel.load(out)
+    want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7, progress=False)
+    assert got.metadata["processes"] == 2
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-10)

@@ -291,11 +291,14 @@ double process_block(const PassArgs<T>& args, std::int64_t r0, std::int64_t nb, 
 
   // 4. sample-mode rows of the block, in float64
   const double* g = args.g;
+  const bool stacked = !args.comp_lo.empty();
+  auto lo = [&](int r) { return stacked ? args.comp_lo[r] : 0; };
+  auto hi = [&](int r) { return stacked ? args.comp_hi[r] : R; };
   if (args.update == static_cast<int>(Update::kAls)) {
     for (std::int64_t i = 0; i < nb; ++i)
       for (int r = 0; r < R; ++r) {
         double acc = 0.0;
-        for (int k = 0; k < R; ++k) acc += s.m[i * R + k] * g[k * R + r];
+        for (int k = lo(r); k < hi(r); ++k) acc += s.m[i * R + k] * g[k * R + r];
         s.a[i * R + r] = acc;
       }
   } else {
@@ -307,7 +310,7 @@ double process_block(const PassArgs<T>& args, std::int64_t r0, std::int64_t nb, 
         const double* mi = s.m.data() + i * R;
         for (int r = 0; r < R; ++r) {
           double resid = mi[r];
-          for (int k = 0; k < R; ++k) resid -= ai[k] * g[k * R + r];
+          for (int k = lo(r); k < hi(r); ++k) resid -= ai[k] * g[k * R + r];
           ai[r] = hals_step(ai[r], resid, g[r * R + r]);
         }
       }
@@ -321,7 +324,8 @@ double process_block(const PassArgs<T>& args, std::int64_t r0, std::int64_t nb, 
   for (std::int64_t i = 0; i < nb; ++i)
     for (int r = 0; r < R; ++r) {
       const double ar = static_cast<double>(s.a_t[i * R + r]);
-      for (int k = 0; k < R; ++k) ata[r * R + k] += ar * static_cast<double>(s.a_t[i * R + k]);
+      for (int k = lo(r); k < hi(r); ++k)
+        ata[r * R + k] += ar * static_cast<double>(s.a_t[i * R + k]);
     }
 
   // 5. T (R x J) += A_blk^T (R x nb) @ X_blk (nb x J), while X_blk is in cache

@@ -86,11 +86,15 @@ class PassKernel(ABC):
         update: str,
         sweeps: int,
         want_norm: bool,
+        blocks: tuple[int, ...] | None = None,
     ) -> float | torch.Tensor:
         """Run the pass on one chunk (``b x J``, stored dtype) and update ``stats``.
 
-        Returns the chunk's sum of squares (float64) when ``want_norm``, else 0.
-        A kernel may return a 0-d tensor to avoid a device synchronization.
+        ``blocks`` gives the ranks of models stacked side by side (a rank sweep):
+        ``g`` is then block diagonal and only the diagonal blocks of ``ata`` are
+        used, so a kernel may skip the rest. Returns the chunk's sum of squares
+        (float64) when ``want_norm``, else 0; a kernel may return a 0-d tensor
+        to avoid a device synchronization.
         """
 
     def hals_update(

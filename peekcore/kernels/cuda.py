@@ -186,6 +186,7 @@ class CudaKernel(PassKernel):
         update: str,
         sweeps: int,
         want_norm: bool,
+        blocks: tuple[int, ...] | None = None,
     ) -> float | torch.Tensor:
         rank = a_rows.shape[1]
         if stats.t.dtype != torch.float32 or rank > MAX_RANK:

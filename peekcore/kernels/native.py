@@ -64,6 +64,7 @@ class NativeKernel(PassKernel):
         update: str,
         sweeps: int,
         want_norm: bool,
+        blocks: tuple[int, ...] | None = None,
     ) -> float:
         x = chunk.contiguous()
         if x.device.type != "cpu":
@@ -82,6 +83,7 @@ class NativeKernel(PassKernel):
             int(sweeps),
             bool(want_norm),
             self.block_bytes,
+            list(blocks or ()),
         )
         if out is not a_rows:
             a_rows.copy_(out)

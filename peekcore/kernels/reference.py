@@ -73,6 +73,7 @@ class TorchKernel(PassKernel):
         update: str,
         sweeps: int,
         want_norm: bool,
+        blocks: tuple[int, ...] | None = None,
     ) -> float | torch.Tensor:
         dtype = stats.t.dtype
         x = chunk.to(device=self.device, dtype=dtype)

@@ -276,6 +276,7 @@ def run_models(
                     update=method,
                     sweeps=settings.sweeps,
                     want_norm=want_norm,
+                    blocks=tuple(s.rank for s in active),
                 )
                 if want_norm:
                     n2 = float(n2)
