@@ -32,7 +32,7 @@ __all__ = ["DemoConfig", "DigitsCNN", "run_demo", "CHECKPOINTS"]
 #: (name, epochs, shuffled labels)
 CHECKPOINTS = (
     ("untrained", 0, False),
-    ("brief", 1, False),
+    ("brief", 3, False),
     ("well-trained", 40, False),
     ("shuffled-labels", 40, True),
 )

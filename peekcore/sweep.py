@@ -458,12 +458,14 @@ def _assemble(
 def _project(problem: Problem, bases: list[torch.Tensor]) -> torch.Tensor:
     """One pass: ``Y = X x_1 U_1^T x_2 U_2^T ...`` (``N x k_1 x ... x k_d``, float32)."""
     shape = problem.shape
-    out = torch.empty((shape[0], *[u.shape[1] for u in bases]), dtype=torch.float32)
+    out = torch.empty(
+        (shape[0], *[u.shape[1] for u in bases]), dtype=torch.float32, device=problem.device
+    )
     for offset, chunk in iterate_chunks(problem.source, problem.settings.chunk_size):
         y = chunk.to(device=problem.device, dtype=problem.settings.compute_dtype)
         for m, u in enumerate(bases):  # contract resident mode m (axis m + 1) with U_m
             y = torch.movedim(torch.tensordot(y, u.to(y.dtype), dims=([m + 1], [0])), -1, m + 1)
-        out[offset : offset + chunk.shape[0]] = y.to(torch.float32).cpu()
+        out[offset : offset + chunk.shape[0]] = y.to(torch.float32)
     return out
 
 
@@ -499,7 +501,13 @@ def _compressed_sweep(
     # 2. one pass projects the data; 3. the whole sweep on the small tensor
     y = _project(problem, bases)
     captured = float(torch.sum(y.double() ** 2)) / norm2
-    small_kw = {**kw, "chunk_size": None, "kernel": None, "device": "cpu", "dtype": "float32"}
+    small_kw = {
+        **kw,
+        "chunk_size": None,
+        "kernel": None,
+        "device": problem.device,
+        "dtype": "float32",
+    }
     small = prepare(ArraySource(y), method=ALS, **small_kw)
     small_init = Initializer(
         init,
@@ -510,6 +518,7 @@ def _compressed_sweep(
         device=small.device,
     )
     states = _states(small_init, ranks, replicates, random_state, torch.float32)
+    bases = [u.to(problem.device) for u in bases]
     norm2_y = float(torch.sum(y.double() ** 2))
     run_models(
         small,
@@ -526,9 +535,7 @@ def _compressed_sweep(
     ]
     # 4. lift the resident factors back: B = U_1 B_y, ...
     for s in states:
-        s.resident = [
-            (u.cpu() @ f).to(problem.device) for u, f in zip(bases, s.resident, strict=True)
-        ]
+        s.resident = [u @ f.to(u.device) for u, f in zip(bases, s.resident, strict=True)]
         s.a = s.a.to(device=problem.device, dtype=settings.compute_dtype)
         s.active = True
         s.history = FitHistory(

@@ -189,7 +189,8 @@ class CudaKernel(PassKernel):
         blocks: tuple[int, ...] | None = None,
     ) -> float | torch.Tensor:
         rank = a_rows.shape[1]
-        if stats.t.dtype != torch.float32 or rank > MAX_RANK:
+        # float64 accumulation, or HALS rows wider than the row kernel: the torch path
+        if stats.t.dtype != torch.float32 or (update != ALS and rank > MAX_RANK):
             return self._reference.pass_chunk(
                 chunk,
                 factors.f64,
