@@ -16,6 +16,21 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw py::value_error(what);
 }
 
+// Ranks of models stacked side by side -> the column block of every column.
+void column_blocks(const std::vector<int>& model_ranks, int R, std::vector<int>& lo,
+                   std::vector<int>& hi) {
+  if (model_ranks.size() <= 1) return;
+  int start = 0;
+  for (int rank : model_ranks) {
+    for (int r = 0; r < rank; ++r) {
+      lo.push_back(start);
+      hi.push_back(start + rank);
+    }
+    start += rank;
+  }
+  require(start == R, "model_ranks must add up to the number of columns");
+}
+
 void require_c_contiguous(const py::array& a, const char* name) {
   require((a.flags() & py::array::c_style) != 0, std::string(name) + " must be C-contiguous");
 }
@@ -66,17 +81,7 @@ double run_pass(const py::array& chunk, int storage, const std::vector<std::int6
   args.sweeps = sweeps;
   args.want_norm = want_norm;
   args.block_bytes = block_bytes;
-  if (model_ranks.size() > 1) {
-    int start = 0;
-    for (int rank : model_ranks) {
-      for (int r = 0; r < rank; ++r) {
-        args.comp_lo.push_back(start);
-        args.comp_hi.push_back(start + rank);
-      }
-      start += rank;
-    }
-    require(start == R, "model_ranks must add up to the number of columns");
-  }
+  column_blocks(model_ranks, R, args.comp_lo, args.comp_hi);
   py::gil_scoped_release release;
   return peekcore::pass_chunk<T>(args);
 }
@@ -106,20 +111,24 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "hals_rows",
       [](py::array_t<double, py::array::c_style> f, py::array_t<double, py::array::c_style> m,
-         py::array_t<double, py::array::c_style> g, int sweeps) {
+         py::array_t<double, py::array::c_style> g, int sweeps,
+         const std::vector<int>& model_ranks) {
         require(f.ndim() == 2 && m.ndim() == 2 && g.ndim() == 2, "f, m, g must be matrices");
         const auto rows = f.shape(0);
         const int R = static_cast<int>(f.shape(1));
         require(m.shape(0) == rows && m.shape(1) == R, "m must have f's shape");
         require(g.shape(0) == R && g.shape(1) == R, "g must be R x R");
         require(f.writeable(), "f must be writable");
+        std::vector<int> lo, hi;
+        column_blocks(model_ranks, R, lo, hi);
         double* fp = f.mutable_data();
         const double* mp = m.data();
         const double* gp = g.data();
         py::gil_scoped_release release;
-        peekcore::hals_rows(fp, mp, gp, rows, R, sweeps);
+        peekcore::hals_rows(fp, mp, gp, rows, R, sweeps, lo, hi);
       },
       py::arg("f"), py::arg("m"), py::arg("g"), py::arg("sweeps"),
+      py::arg("model_ranks") = std::vector<int>(),
       "HALS sweeps on the rows of f (rows x R, float64, in place) from m and the Gram g.");
 
   m.def("build_info", []() {

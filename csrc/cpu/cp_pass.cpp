@@ -410,7 +410,9 @@ double pass_chunk(const PassArgs<T>& args) {
   return norm2;
 }
 
-void hals_rows(double* f, const double* m, const double* g, std::int64_t rows, int R, int sweeps) {
+void hals_rows(double* f, const double* m, const double* g, std::int64_t rows, int R, int sweeps,
+               const std::vector<int>& comp_lo, const std::vector<int>& comp_hi) {
+  const bool stacked = !comp_lo.empty();
   // Rows are independent: the sweep order within a row is what HALS fixes.
 #pragma omp parallel for schedule(static) if (rows * R * R * sweeps > (1 << 16))
   for (std::int64_t i = 0; i < rows; ++i) {
@@ -419,7 +421,9 @@ void hals_rows(double* f, const double* m, const double* g, std::int64_t rows, i
     for (int s = 0; s < sweeps; ++s)
       for (int r = 0; r < R; ++r) {
         double resid = mi[r];
-        for (int k = 0; k < R; ++k) resid -= fi[k] * g[k * R + r];
+        const int k0 = stacked ? comp_lo[r] : 0;
+        const int k1 = stacked ? comp_hi[r] : R;
+        for (int k = k0; k < k1; ++k) resid -= fi[k] * g[k * R + r];
         fi[r] = hals_step(fi[r], resid, g[r * R + r]);
       }
   }

@@ -98,10 +98,16 @@ class PassKernel(ABC):
         """
 
     def hals_update(
-        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+        self,
+        f: torch.Tensor,
+        m: torch.Tensor,
+        g: torch.Tensor,
+        sweeps: int,
+        blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """HALS sweeps on a resident factor (``I x R`` float64) from its MTTKRP and Gram.
 
+        ``blocks``: ranks of models stacked side by side (``g`` block diagonal).
         Returns a new tensor; the default is the torch reference.
         """
         from .reference import hals_rows

@@ -267,30 +267,49 @@ class CudaKernel(PassKernel):
         return norm2
 
     def hals_update(
-        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+        self,
+        f: torch.Tensor,
+        m: torch.Tensor,
+        g: torch.Tensor,
+        sweeps: int,
+        blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         rank = f.shape[1]
-        if rank > MAX_RANK or f.dtype != torch.float64:
-            return super().hals_update(f, m, g, sweeps)
+        if f.dtype != torch.float64:
+            return super().hals_update(f, m, g, sweeps, blocks)
         out = f.contiguous().clone()
-        ones = torch.ones(rank, dtype=torch.float64, device=self.device)
-        self._launch(
-            "peekcore::update_rows<double, double>",
-            _blocks(out.shape[0], 128),
-            128,
-            (
-                m.contiguous(),
-                _i32(rank),
-                ones,
-                g.contiguous(),
-                _i32(rank),
-                _i64(out.shape[0]),
-                _i32(1),
-                _i32(sweeps),
-                out,
-            ),
-            shared=8 * rank * rank,
-        )
+        m = m.contiguous()
+        g = g.contiguous()
+        lo = 0
+        for width in blocks if blocks and len(blocks) > 1 else (rank,):
+            hi = lo + width
+            if width > MAX_RANK:  # wider than the row kernel holds: the torch reference
+                out[:, lo:hi] = super().hals_update(
+                    out[:, lo:hi], m[:, lo:hi], g[lo:hi, lo:hi], sweeps
+                )
+            else:
+                part = out if width == rank else out[:, lo:hi].contiguous()
+                ones = torch.ones(width, dtype=torch.float64, device=self.device)
+                self._launch(
+                    "peekcore::update_rows<double, double>",
+                    _blocks(out.shape[0], 128),
+                    128,
+                    (
+                        m if width == rank else m[:, lo:hi].contiguous(),
+                        _i32(width),
+                        ones,
+                        g if width == rank else g[lo:hi, lo:hi].contiguous(),
+                        _i32(width),
+                        _i64(out.shape[0]),
+                        _i32(1),
+                        _i32(sweeps),
+                        part,
+                    ),
+                    shared=8 * width * width,
+                )
+                if part is not out:
+                    out[:, lo:hi] = part
+            lo = hi
         return out
 
     def synchronize(self) -> None:

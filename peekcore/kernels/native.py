@@ -40,7 +40,12 @@ class NativeKernel(PassKernel):
         return [f.to(dtype=dtype).contiguous().numpy() for f in factors]
 
     def hals_update(
-        self, f: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int
+        self,
+        f: torch.Tensor,
+        m: torch.Tensor,
+        g: torch.Tensor,
+        sweeps: int,
+        blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """The resident HALS sweeps in C++ (same order and rounding as the reference)."""
         out = f.detach().to(torch.float64).contiguous().clone()
@@ -49,6 +54,7 @@ class NativeKernel(PassKernel):
             m.to(torch.float64).contiguous().numpy(),
             g.to(torch.float64).contiguous().numpy(),
             int(sweeps),
+            list(blocks or ()),
         )
         return out
 

@@ -241,17 +241,23 @@ def run_models(
             if not active:
                 break
             t0 = time.perf_counter()
-            grams = {id(s): [f.T @ f for f in s.resident] for s in active}
             if method == HALS:
                 for s in active:
                     if it == start_iter or s.dead_seen:
-                        reseed_dead(s, grams[id(s)], it, problem.comm)
-            blocks = []
-            for s in active:
-                g_full = hadamard(grams[id(s)])
-                blocks.append(gram_inverse(g_full) if method == ALS else g_full)
-            g = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+                        reseed_dead(s, [f.T @ f for f in s.resident], it, problem.comm)
+            # All models side by side: columns of model k are [lo_k, hi_k). Every
+            # Gram-like matrix is block diagonal (``mask``), so one solve, one
+            # MTTKRP and one HALS call serve all models (no per-model launches).
+            ranks = [s.rank for s in active]
             stacked = [torch.cat([s.resident[m] for s in active], dim=1) for m in range(n_modes)]
+            dev = stacked[0].device
+            seg = torch.repeat_interleave(
+                torch.arange(len(active), device=dev), torch.tensor(ranks, device=dev)
+            )
+            mask = (seg[:, None] == seg[None, :]).to(torch.float64)
+            grams = [(f.T @ f) * mask for f in stacked]
+            g_full = hadamard(grams)
+            g = gram_inverse(g_full) if method == ALS else g_full
             factors = kern.prepare_factors(stacked, compute)
             if len(active) == 1:
                 active[0].a = active[0].a.contiguous()  # kernels write rows in place
@@ -290,37 +296,38 @@ def run_models(
                 if norm2 == 0.0:
                     raise ValueError("the data is all zeros: there is nothing to factor")
             t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
-            scalars = []
+            ata = stats.ata * mask
+            for m in range(n_modes):
+                gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
+                mt = resident_mttkrp(t_all, stacked, m)
+                if method == ALS:
+                    stacked[m] = als_solve(mt, gm).contiguous()
+                else:
+                    stacked[m] = kern.hals_update(
+                        stacked[m], mt, gm, settings.sweeps, blocks=tuple(ranks)
+                    ).contiguous()
+                grams[m] = (stacked[m].T @ stacked[m]) * mask
+            k_models = len(active)
+            inner = torch.zeros(k_models, dtype=torch.float64, device=dev)
+            inner.index_add_(0, seg, torch.sum(mt * stacked[-1], dim=0))
+            model2 = torch.zeros(k_models, dtype=torch.float64, device=dev)
+            model2.index_add_(0, seg, torch.sum(hadamard([ata, *grams]), dim=1))
+            dead = torch.zeros(k_models, dtype=torch.float64, device=dev)
+            if method == HALS:  # a zero column has a zero Gram diagonal
+                for gram in (ata, *grams):
+                    dead.index_add_(0, seg, (torch.diagonal(gram) <= 0).to(torch.float64))
+            # the one host transfer of the iteration: residuals and dead-component counts
+            resid = torch.stack([norm2 - 2 * inner + model2, dead], dim=1).flatten()
+            values = resid.tolist()
             pass_stats = []
             lo = 0
             for s in active:
                 hi = lo + s.rank
                 if len(active) > 1:
                     s.a = a[:, lo:hi]
-                t = t_all[lo:hi]
-                ata = stats.ata[lo:hi, lo:hi]
-                gr = grams[id(s)]
-                for m in range(n_modes):
-                    gm = hadamard([ata] + [gr[k] for k in range(n_modes) if k != m])
-                    mt = resident_mttkrp(t, s.resident, m)
-                    if method == ALS:
-                        s.resident[m] = als_solve(mt, gm).contiguous()
-                    else:
-                        s.resident[m] = kern.hals_update(
-                            s.resident[m], mt, gm, settings.sweeps
-                        ).contiguous()
-                    gr[m] = s.resident[m].T @ s.resident[m]
-                inner = torch.sum(mt * s.resident[-1])
-                model2 = torch.sum(hadamard([ata, *gr]))
-                dead = torch.zeros((), dtype=torch.float64, device=inner.device)
-                if method == HALS:  # a zero column has a zero Gram diagonal
-                    for gram in (ata, *gr):
-                        dead = dead + torch.sum(torch.diagonal(gram) <= 0)
-                scalars += [norm2 - 2 * inner + model2, dead]
-                pass_stats.append((t, ata))
+                s.resident = [f[:, lo:hi].contiguous() for f in stacked]
+                pass_stats.append((t_all[lo:hi], stats.ata[lo:hi, lo:hi]))
                 lo = hi
-            # the one host transfer of the iteration: residuals and dead-component counts
-            values = torch.stack(scalars).tolist()
             seconds = time.perf_counter() - t0
             for k, s in enumerate(active):
                 resid2, dead_count = values[2 * k], values[2 * k + 1]
