@@ -186,6 +186,11 @@ def test_demo_small_runs_and_reports(tmp_path, capsys):
     assert set(res["chosen_rank"]) == {"untrained", "brief"}
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["accuracy"]["brief"] > summary["accuracy"]["untrained"]
+    # deterministic for a given seed: a second run measures the same
+    code, again, _ = run(capsys, "demo", "--small", "--out", str(tmp_path / "demo2"))
+    assert code == 0
+    for key in ("finding", "accuracy", "chosen_rank", "correlation"):
+        assert again[key] == res[key]
 
 
 def test_module_entry_point():
