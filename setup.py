@@ -59,6 +59,8 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")
+        if os.environ.get("PEEKCORE_CUDA", "") not in ("", "0"):
+            args.append("-DPEEKCORE_CUDA=ON")
         args += os.environ.get("PEEKCORE_CMAKE_ARGS", "").split()
         try:
             subprocess.run([cmake, str(ROOT), *args], cwd=build_temp, check=True)

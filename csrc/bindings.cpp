@@ -4,9 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "cpu/cp_pass.h"
+#ifdef PEEKCORE_WITH_CUDA
+#include "cuda/launch.h"
+#endif
 
 namespace py = pybind11;
 
@@ -130,6 +134,43 @@ PYBIND11_MODULE(_core, m) {
       py::arg("f"), py::arg("m"), py::arg("g"), py::arg("sweeps"),
       py::arg("model_ranks") = std::vector<int>(),
       "HALS sweeps on the rows of f (rows x R, float64, in place) from m and the Gram g.");
+
+#ifdef PEEKCORE_WITH_CUDA
+  // CUDA launchers (device pointers and the stream as integers); a launch error
+  // raises RuntimeError with CUDA's message.
+  auto check = [](int code, const char* what) {
+    if (code != 0)
+      throw std::runtime_error(std::string(what) + ": " + peekcore::cuda::error_string(code));
+  };
+  m.def("cuda_sum_squares", [check](int storage, std::uintptr_t x, long long n, std::uintptr_t out,
+                                    int grid, std::uintptr_t stream) {
+    check(peekcore::cuda::sum_squares(storage, x, n, out, grid, stream), "sum_squares");
+  });
+  m.def("cuda_khatri_rao", [check](int out_type, std::uintptr_t ptrs, std::uintptr_t dims, int d,
+                                   int R, long long J, std::uintptr_t scale, int terms,
+                                   std::uintptr_t out, std::uintptr_t stream) {
+    check(peekcore::cuda::khatri_rao(out_type, ptrs, dims, d, R, J, scale, terms, out, stream),
+          "khatri_rao");
+  });
+  m.def("cuda_update_rows",
+        [check](int double_rows, std::uintptr_t mm, int m_cols, std::uintptr_t inv_scale,
+                std::uintptr_t g, int R, long long rows, int hals, int sweeps, std::uintptr_t a,
+                std::uintptr_t stream) {
+          check(peekcore::cuda::update_rows(double_rows, mm, m_cols, inv_scale, g, R, rows, hals,
+                                            sweeps, a, stream),
+                "update_rows");
+        });
+  m.def("cuda_split_rows",
+        [check](int out_type, std::uintptr_t a, std::uintptr_t scale, int R, long long rows,
+                int terms, std::uintptr_t out, std::uintptr_t stream) {
+          check(peekcore::cuda::split_rows(out_type, a, scale, R, rows, terms, out, stream),
+                "split_rows");
+        });
+  m.def("cuda_add_split", [check](std::uintptr_t p, std::uintptr_t inv_scale, int R, long long J,
+                                  int terms, std::uintptr_t t, std::uintptr_t stream) {
+    check(peekcore::cuda::add_split(p, inv_scale, R, J, terms, t, stream), "add_split");
+  });
+#endif
 
   m.def("build_info", []() {
     py::dict info;

@@ -21,13 +21,14 @@ __all__ = [
 
 
 def cuda_available() -> bool:
-    """Whether a CUDA device and CuPy are present (the ``"cuda"`` kernel can run)."""
+    """Whether the ``"cuda"`` kernel can run: a CUDA device, and CuPy or an extension
+    built with CUDA (``PEEKCORE_CUDA=1 pip install .``)."""
     if not torch.cuda.is_available():
         return False
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return False
+        return _native.available() and hasattr(_native.core(), "cuda_sum_squares")
     return True
 
 

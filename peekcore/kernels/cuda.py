@@ -47,6 +47,38 @@ SPLIT_TERMS = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 1}
 _THREADS = 256
 
 
+_TYPE_CODES = {"__half": 0, "__nv_bfloat16": 1, "float": 2, "double": 3}
+
+
+def launch_backend() -> str:
+    """``"cupy"`` (RawModule over NVRTC) or ``"extension"`` (peekcore._core built with CUDA).
+
+    ``PEEKCORE_CUDA_BACKEND`` picks one; by default CuPy when it imports.
+    """
+    import os
+
+    from .. import _native
+
+    wanted = os.environ.get("PEEKCORE_CUDA_BACKEND", "")
+    has_ext = _native.available() and hasattr(_native.core(), "cuda_sum_squares")
+    if wanted == "extension" or (wanted != "cupy" and not _has_cupy() and has_ext):
+        if not has_ext:
+            raise ImportError(
+                "PEEKCORE_CUDA_BACKEND=extension, but peekcore._core was built without CUDA: "
+                "reinstall with PEEKCORE_CUDA=1 pip install . (needs the CUDA toolkit)"
+            )
+        return "extension"
+    return "cupy"
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _i32(v) -> np.int32:
     """Kernel ``int`` argument (CuPy passes numpy scalars by their exact width)."""
     return np.int32(v)
@@ -105,9 +137,15 @@ class CudaKernel(PassKernel):
             raise ValueError(f"the cuda kernel needs a CUDA device, got {self.device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.cupy = cupy_or_error()
-        with self.cupy.cuda.Device(self.device.index):
-            self.module = load_module("cp_pass", KERNEL_NAMES)
+        self.backend = launch_backend()
+        if self.backend == "cupy":
+            self.cupy = cupy_or_error()
+            with self.cupy.cuda.Device(self.device.index):
+                self.module = load_module("cp_pass", KERNEL_NAMES)
+        else:
+            from .._native import core
+
+            self.core = core()
         self._reference = TorchKernel(self.device)
         self._streams: dict[int, object] = {}
 
@@ -128,8 +166,11 @@ class CudaKernel(PassKernel):
     def _launch(
         self, name: str, grid: int | tuple, block: int, args: tuple, shared: int = 0
     ) -> None:
-        cp = self.cupy
         stream = torch.cuda.current_stream(self.device)
+        if self.backend == "extension":
+            self._launch_extension(name, grid, args, stream.cuda_stream)
+            return
+        cp = self.cupy
         # zero-copy through __cuda_array_interface__; CuPy has no bfloat16, and
         # kernels take raw pointers, so bfloat16 travels as its int16 bits
         conv = tuple(
@@ -141,6 +182,27 @@ class CudaKernel(PassKernel):
         with cp.cuda.Device(self.device.index), self._cupy_stream(stream):
             grid = grid if isinstance(grid, tuple) else (grid,)
             self.module.get_function(name)(grid, (block,), conv, shared_mem=shared)
+
+    def _launch_extension(self, name: str, grid, args: tuple, stream: int) -> None:
+        """The same kernel through peekcore._core's launchers (built with PEEKCORE_CUDA=ON)."""
+        c = self.core
+        a = [x.data_ptr() if isinstance(x, torch.Tensor) else int(x) for x in args]
+        kind = name.removeprefix("peekcore::").split("<")[0]
+        code = _TYPE_CODES.get(
+            name[name.find("<") + 1 : name.find(",") if "," in name else name.find(">")], 2
+        )
+        if kind == "sum_squares":
+            c.cuda_sum_squares(code, a[0], a[1], a[2], int(grid), stream)
+        elif kind == "khatri_rao":
+            c.cuda_khatri_rao(code, *a, stream)
+        elif kind == "update_rows":
+            c.cuda_update_rows(int(code == 3), *a, stream)
+        elif kind == "split_rows":
+            c.cuda_split_rows(code, *a, stream)
+        elif kind == "add_split":
+            c.cuda_add_split(*a, stream)
+        else:  # pragma: no cover - a kernel added without a launcher
+            raise NotImplementedError(f"no extension launcher for {name}")
 
     # -- contract -----------------------------------------------------------
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> _Factors:
