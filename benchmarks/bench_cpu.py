@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from _table import finish
 
 import peekcore
 from peekcore.model import CPModel
@@ -181,13 +182,7 @@ def main() -> None:
             f" input {mem['input_bytes'] / 2**20:.0f} MiB)",
         )
     )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2, default=str)
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    finish(rows, res, args.json)
 
 
 if __name__ == "__main__":

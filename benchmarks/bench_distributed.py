@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from _table import finish
 
 WORKER = textwrap.dedent(
     """
@@ -96,8 +97,7 @@ def main() -> None:
         "fit_one": one["fit"],
         "fit_two": two["fit"],
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+
     rows = [
         ("case", f"{tuple(res['shape'])} float32, R={args.rank}, {cores} cores"),
         ("all-reduce per iteration", f"{values:,} values ({values * 4 / 2**20:.1f} MiB)"),
@@ -109,10 +109,7 @@ def main() -> None:
         ("ratio 2 / 1", f"{two['per_iteration'] / one['per_iteration']:.2f}"),
         ("|fit(2) - fit(1)|", f"{abs(one['fit'] - two['fit']):.2e}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    finish(rows, res, args.json)
 
 
 if __name__ == "__main__":

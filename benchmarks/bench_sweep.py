@@ -16,11 +16,11 @@ Side by side in one run (default: 2,000 x 256 x 196 float32, ranks 1..16,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
+from _table import finish
 
 import peekcore
 from peekcore.sweep import rank_sweep
@@ -99,13 +99,7 @@ def main() -> None:
     rows.append(("compressed / one fit (<= 3)", f"{ratio:.2f}"))
     rows.append(("chosen rank exact / compressed", f"{exact.chosen_rank} / {r}"))
     rows.append((f"fit gap at rank {r} (<= 0.005)", f"{res['fit_gap']:.5f}"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2, default=str)
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    finish(rows, res, args.json)
 
 
 if __name__ == "__main__":
