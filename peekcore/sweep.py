@@ -308,7 +308,7 @@ def rank_sweep(
         resident modes (``method="cp"`` only), then evaluate every model with
         one exact pass and refine the chosen rank with ``refine_iters`` more.
     compress_dims : int or list of int, optional
-        Subspace size per resident mode (default ``min(I_m, 2 * max(ranks))``).
+        Subspace size per resident mode (default ``min(I_m, max(ranks) + 8)``).
     refine_iters : int
         Exact passes for the chosen rank after a compressed sweep.
     rank_rule : dict, optional
@@ -485,7 +485,7 @@ def _compressed_sweep(
     settings = problem.settings
     dims = problem.shape[1:]
     if compress_dims is None:
-        compress_dims = [min(n, 2 * max(ranks)) for n in dims]
+        compress_dims = [min(n, max(ranks) + 8) for n in dims]
     elif isinstance(compress_dims, int):
         compress_dims = [min(n, compress_dims) for n in dims]
     if len(compress_dims) != len(dims) or any(k < 1 for k in compress_dims):
