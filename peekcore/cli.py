@@ -469,11 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     bench = sub.add_parser("bench", help="quick timing against TensorLy")
-    bench.add_argument("--samples", type=int, default=500)
-    bench.add_argument("--channels", type=int, default=128)
-    bench.add_argument("--space", type=int, default=196)
-    bench.add_argument("--rank", type=int, default=16)
-    bench.add_argument("--iters", type=int, default=5)
+    bench.add_argument("--samples", type=int, default=500, help="samples (default 500)")
+    bench.add_argument("--channels", type=int, default=128, help="channels (default 128)")
+    bench.add_argument("--space", type=int, default=196, help="spatial positions (default 196)")
+    bench.add_argument("--rank", type=int, default=16, help="rank (default 16)")
+    bench.add_argument("--iters", type=int, default=5, help="iterations timed (default 5)")
     bench.set_defaults(func=_bench)
     return parser
 

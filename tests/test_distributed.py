@@ -193,3 +193,41 @@ def test_peek_fit_under_torchrun(tmp_path, data):
     want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7, progress=False)
     assert got.metadata["processes"] == 2
     np.testing.assert_allclose(got.weights, want.weights, rtol=1e-10)
+
+
+def test_peek_sweep_under_torchrun(tmp_path, data):
+    out = tmp_path / "s.npz"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "peekcore",
+        "--json",
+        "sweep",
+        str(tmp_path / "x.npy"),
+        "--ranks",
+        "1-3",
+        "--replicates",
+        "2",
+        "--iters",
+        "8",
+        "--tol",
+        "0",
+        "--distributed",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from peekcore.sweep import RankSweep, rank_sweep
+
+    got = RankSweep.load(out)
+    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=8, tol=0, progress=False)
+    np.testing.assert_allclose(got.fit, want.fit, rtol=1e-10)
+    assert got.chosen_rank == want.chosen_rank
