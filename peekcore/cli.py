@@ -28,24 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "parse_ranks", "activation_like"]
-
-
-def activation_like(
-    n: int, channels: int, space: int, rank: int, seed: int, noise: float = 0.1
-) -> np.ndarray:
-    """A nonnegative, low-rank-plus-noise tensor shaped like ReLU activations (float32)."""
-    rng = np.random.default_rng(seed)
-    a = rng.gamma(1.0, 1.0, (n, rank))
-    b = rng.random((channels, rank)) ** 3
-    c = rng.random((space, rank)) ** 2
-    x = np.einsum("ir,jr,kr->ijk", a, b, c, optimize=True).astype(np.float32)
-    x += noise * x.std() * rng.standard_normal(x.shape, dtype=np.float32)
-    np.maximum(x, 0, out=x)
-    # A fresh copy: on this project's VMs, reading an array whose pages were first
-    # written by ufuncs ran up to 7x slower than reading a memcpy'd one (measured with
-    # torch and with peekcore alike, 2026-11-26; cause not established).
-    return x.copy()
+__all__ = ["main", "parse_ranks"]
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -186,7 +169,7 @@ def _solver_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _rank0(result: dict) -> bool:
+def _rank0() -> bool:
     import torch
 
     dist = torch.distributed
@@ -202,7 +185,7 @@ def _fit(args: argparse.Namespace) -> dict:
     model = fit(
         data, args.rank, init=args.init, checkpoint=args.checkpoint, resume=args.resume, **kw
     )
-    if args.out and _rank0({}):
+    if args.out and _rank0():
         model.save(args.out)
     return {
         "rank": model.rank,
@@ -230,7 +213,7 @@ def _sweep(args: argparse.Namespace) -> dict:
         compress=args.compress,
         **kw,
     )
-    if args.out and _rank0({}):
+    if args.out and _rank0():
         sweep.save(args.out)
     return {
         "chosen_rank": sweep.chosen_rank,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -552,7 +552,7 @@ def _compressed_sweep(
         problem.stored,
         problem.kernel,
         problem.device,
-        _with(settings, n_iter_max=1),
+        replace(settings, n_iter_max=1),
         problem.comm,
     )
     run_models(exact, states, norm2=norm2, progress=False, keep_statistics=True)
@@ -592,9 +592,3 @@ def _compressed_sweep(
     }
     sweep.seconds = time.perf_counter() - t_start
     return sweep
-
-
-def _with(settings, **changes):
-    from dataclasses import replace
-
-    return replace(settings, **changes)

@@ -159,8 +159,8 @@ def test_a_dead_process_is_reported_not_hung(tmp_path, data):
     assert seconds < 60
 
 
-def test_peek_fit_under_torchrun(tmp_path, data):
-    out = tmp_path / "m.npz"
+def _peek_under_torchrun(*argv: str) -> None:
+    """Run ``peek`` on 2 processes under torchrun (CPU, gloo); fail with its stderr."""
     cmd = [
         sys.executable,
         "-m",
@@ -172,6 +172,17 @@ def test_peek_fit_under_torchrun(tmp_path, data):
         "-m",
         "peekcore",
         "--json",
+        *argv,
+        "--distributed",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_peek_fit_under_torchrun(tmp_path, data):
+    out = tmp_path / "m.npz"
+    _peek_under_torchrun(
         "fit",
         str(tmp_path / "x.npy"),
         "--rank",
@@ -182,13 +193,9 @@ def test_peek_fit_under_torchrun(tmp_path, data):
         "0",
         "--chunk-size",
         "7",
-        "--distributed",
         "--out",
         str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    )
     got = peekcore.CPModel.load(out)
     want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7, progress=False)
     assert got.metadata["processes"] == 2
@@ -197,17 +204,7 @@ def test_peek_fit_under_torchrun(tmp_path, data):
 
 def test_peek_sweep_under_torchrun(tmp_path, data):
     out = tmp_path / "s.npz"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "peekcore",
-        "--json",
+    _peek_under_torchrun(
         "sweep",
         str(tmp_path / "x.npy"),
         "--ranks",
@@ -218,13 +215,9 @@ def test_peek_sweep_under_torchrun(tmp_path, data):
         "8",
         "--tol",
         "0",
-        "--distributed",
         "--out",
         str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    )
     from peekcore.sweep import RankSweep, rank_sweep
 
     got = RankSweep.load(out)

@@ -266,11 +266,13 @@ def run_models(
                 a = torch.cat([s.a for s in active], 1)
             r_total = a.shape[1]
             stats = kern.new_statistics(r_total, width, compute)
+            # The pass that measures ||X||^2 also vets the data; when a Gram pass
+            # measured it (init="gram"), that pass already did.
             want_norm = norm2 is None
-            first_pass = it == 0 or want_norm
+            blocks = tuple(ranks)
             total = 0.0
             for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
-                if first_pass and method == HALS:
+                if want_norm and method == HALS:
                     check_nonnegative(chunk, offset)
                 n2 = kern.pass_chunk(
                     chunk.reshape(chunk.shape[0], width),
@@ -282,14 +284,14 @@ def run_models(
                     update=method,
                     sweeps=settings.sweeps,
                     want_norm=want_norm,
-                    blocks=tuple(s.rank for s in active),
+                    blocks=blocks,
                 )
                 if want_norm:
                     n2 = float(n2)
                     check_finite(n2, offset, chunk.shape[0])
                     total += n2
             comm = problem.comm
-            comm.allreduce_(stats.t)  # the one all-reduce of a data-parallel fit
+            comm.allreduce_(stats.t)  # a data-parallel fit sums its statistics here
             comm.allreduce_(stats.ata)
             if want_norm:
                 norm2 = comm.allreduce_scalar(total, problem.device)
