@@ -86,6 +86,20 @@ __attribute__((target("avx512f"))) void outer_rows_avx512(const float* a, int R,
   }
 }
 
+// The last R % 8 rows of T, by their count.
+using RowsFn = void (*)(const float*, int, int, const float*, std::int64_t, std::int64_t,
+                        std::int64_t, float*);
+constexpr RowsFn kRemainderRows[8] = {
+    nullptr,
+    outer_rows_avx512<1>,
+    outer_rows_avx512<2>,
+    outer_rows_avx512<3>,
+    outer_rows_avx512<4>,
+    outer_rows_avx512<5>,
+    outer_rows_avx512<6>,
+    outer_rows_avx512<7>,
+};
+
 __attribute__((target("avx512f"))) void outer_acc_avx512(const float* a, int R, const float* x,
                                                          std::int64_t nb, std::int64_t J,
                                                          float* t) {
@@ -93,31 +107,7 @@ __attribute__((target("avx512f"))) void outer_acc_avx512(const float* a, int R, 
   for (std::int64_t j0 = 0; j0 < J32; j0 += 32) {
     int r0 = 0;
     for (; r0 + 8 <= R; r0 += 8) outer_rows_avx512<8>(a, R, r0, x, nb, J, j0, t);
-    switch (R - r0) {
-      case 7:
-        outer_rows_avx512<7>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 6:
-        outer_rows_avx512<6>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 5:
-        outer_rows_avx512<5>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 4:
-        outer_rows_avx512<4>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 3:
-        outer_rows_avx512<3>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 2:
-        outer_rows_avx512<2>(a, R, r0, x, nb, J, j0, t);
-        break;
-      case 1:
-        outer_rows_avx512<1>(a, R, r0, x, nb, J, j0, t);
-        break;
-      default:
-        break;
-    }
+    if (r0 < R) kRemainderRows[R - r0](a, R, r0, x, nb, J, j0, t);
   }
   for (int r = 0; r < R; ++r)  // remaining columns
     for (std::int64_t i = 0; i < nb; ++i) {
