@@ -33,7 +33,7 @@ struct PassArgs {
   int update = 0;  // peekcore::Update
   int sweeps = 1;  // HALS inner sweeps
   bool want_norm = false;
-  std::int64_t block_bytes = 4 << 20;  // decoded bytes per block of samples
+  std::int64_t block_bytes = 4 << 20;  // decoded bytes of one thread's share of a block
   // Several models stacked side by side (a rank sweep): component r belongs to
   // the model whose columns are [comp_lo[r], comp_hi[r]); g and A^T A are block
   // diagonal, so the row solves and A^T A only visit that block. Empty: one model.

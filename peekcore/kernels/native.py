@@ -13,7 +13,8 @@ __all__ = ["NativeKernel", "STORAGE_CODES"]
 # Must match peekcore::Storage in csrc/include/peekcore/pass_math.h
 STORAGE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
-#: decoded bytes per block of samples; sized so a block stays in the L2/L3 cache
+#: decoded bytes of one thread's share of a block of samples (its columns of the
+#: block); sized so the share stays in cache between the two contractions
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 
@@ -25,7 +26,7 @@ def _numpy_view(x: torch.Tensor) -> np.ndarray:
 
 
 class NativeKernel(PassKernel):
-    """Blocked CPU pass: OpenBLAS for both contractions, OpenMP for the rest."""
+    """Blocked CPU pass (C++, OpenMP): AVX-512 kernels for both contractions, else OpenBLAS."""
 
     name = "native"
 
