@@ -9,9 +9,10 @@ chosen (:func:`peekcore.diagnostics.choose_rank`).
 
 With ``compress=True`` the sweep runs on a compressed copy of the data: the
 leading subspaces of the resident modes (from streamed Gram matrices) shrink
-every non-sample mode, one pass projects the data, the whole sweep runs on the
-small projected tensor, one exact pass on the full data evaluates (and
-refines) every model, and the chosen rank gets a few more exact passes.
+every non-sample mode, one pass projects the data (and measures what the
+projection leaves out), the whole sweep runs on the small projected tensor,
+every model is scored exactly on the full data from those two passes' numbers
+(see ``_compressed_sweep``), and the chosen rank gets a few exact passes.
 """
 
 from __future__ import annotations
@@ -305,8 +306,10 @@ def rank_sweep(
         As for :func:`peekcore.cp_als`.
     compress : bool
         Run the sweep on the data projected onto the leading subspaces of its
-        resident modes (``method="cp"`` only), then evaluate every model with
-        one exact pass and refine the chosen rank with ``refine_iters`` more.
+        resident modes (``method="cp"`` only), score every model exactly on the
+        full data (fit, core consistency, stability and degeneracy of a model
+        inside the subspaces follow from the projected data and ``||X||^2``),
+        then refine the chosen rank with ``refine_iters`` exact passes.
     compress_dims : int or list of int, optional
         Subspace size per resident mode (default ``min(I_m, max(ranks) + 8)``).
     refine_iters : int
@@ -469,6 +472,14 @@ def _project(problem: Problem, bases: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _lifted_history(history: FitHistory, norm2: float, norm2_y: float) -> FitHistory:
+    """A compressed fit's history in terms of the full data (see ``_compressed_sweep``)."""
+    rel = [
+        math.sqrt(max(norm2 - norm2_y + e * e * norm2_y, 0.0) / norm2) for e in history.rel_error
+    ]
+    return replace(history, fit=[1.0 - e for e in rel], rel_error=rel)
+
+
 def _compressed_sweep(
     problem: Problem,
     ranks: list[int],
@@ -500,7 +511,7 @@ def _compressed_sweep(
         bases.append(vecs[:, torch.argsort(vals, descending=True)[:k]].contiguous())
     # 2. one pass projects the data; 3. the whole sweep on the small tensor
     y = _project(problem, bases)
-    captured = float(torch.sum(y.double() ** 2)) / norm2
+    norm2_y = float(torch.sum(y.double() ** 2))
     small_kw = {
         **kw,
         "chunk_size": None,
@@ -519,48 +530,35 @@ def _compressed_sweep(
     )
     states = _states(small_init, ranks, replicates, random_state, torch.float32)
     bases = [u.to(problem.device) for u in bases]
-    norm2_y = float(torch.sum(y.double() ** 2))
     run_models(
         small,
         states,
         norm2=norm2_y,
         progress=progress,
         desc=f"compressed sweep ({len(states)} models)",
+        keep_statistics=True,
     )
-    # fit on the full data of the lifted model: its residual is the small residual plus
-    # everything outside the subspaces (||X||^2 - ||Y||^2)
-    fit_small = [
-        1 - math.sqrt(max(norm2 - norm2_y + (s.history.rel_error[-1] ** 2) * norm2_y, 0) / norm2)
+    # 4. every model evaluated on the full data, exactly, from what the two
+    # passes measured. The lifted model (B = U_1 B_y, ...) lies in the
+    # subspaces, so X - M splits into two orthogonal parts, X - P X and the
+    # lifted Y - M_y: ||X - M||^2 = ||X||^2 - ||Y||^2 + ||Y - M_y||^2. Likewise
+    # <X, M>, the core-consistency core (B^+ = B_y^+ U_1^T) and the congruences
+    # between components equal their values on Y, so the small statistics
+    # scored against the full ||X||^2 are the full-data diagnostics.
+    lifted = [
+        replace(
+            s,
+            resident=[u @ f.to(u.device) for u, f in zip(bases, s.resident, strict=True)],
+            a=s.a.to(device=problem.device, dtype=settings.compute_dtype),
+            history=_lifted_history(s.history, norm2, norm2_y),
+        )
         for s in states
     ]
-    # 4. lift the resident factors back: B = U_1 B_y, ...
-    for s in states:
-        s.resident = [u @ f.to(u.device) for u, f in zip(bases, s.resident, strict=True)]
-        s.a = s.a.to(device=problem.device, dtype=settings.compute_dtype)
-        s.active = True
-        s.history = FitHistory(
-            fit=list(s.history.fit),
-            rel_error=list(s.history.rel_error),
-            seconds=list(s.history.seconds),
-            inner_sweeps=list(s.history.inner_sweeps),
-        )
-        s.history.converged, s.history.stop_reason = False, ""
-    # 5. one exact pass on the full data evaluates every model (an exact ALS step)
-    exact = Problem(
-        problem.source,
-        problem.shape,
-        problem.stored,
-        problem.kernel,
-        problem.device,
-        replace(settings, n_iter_max=1),
-        problem.comm,
-    )
-    run_models(exact, states, norm2=norm2, progress=False, keep_statistics=True)
-    models = [finish_model(problem, s, "compressed") for s in states]
+    models = [finish_model(problem, s, "compressed") for s in lifted]
     sweep = _assemble(
         problem, states, models, ranks, replicates, "cp", norm2, rank_rule, {}, t_start
     )
-    # 6. refine the chosen rank's best replicate with more exact passes
+    # 5. refine the chosen rank's best replicate with more exact passes
     k = sweep.ranks.index(sweep.chosen_rank)
     b = int(sweep.best[k])
     chosen = sweep.models[k][b]
@@ -584,9 +582,8 @@ def _compressed_sweep(
     j = k * replicates + b
     sweep.compression = {
         "dims": list(compress_dims),
-        "captured_energy": captured,
-        "chosen_fit_compressed": fit_small[j],
-        "chosen_fit_after_exact_pass": float(models[j].fit),
+        "captured_energy": norm2_y / norm2,
+        "chosen_fit_compressed": float(models[j].fit),
         "chosen_fit_refined": float(sweep.fit[k, b]),
         "refine_iters": refine_iters,
     }

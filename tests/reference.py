@@ -72,3 +72,29 @@ def low_rank(rng: np.random.Generator, shape: tuple[int, ...], rank: int, noise:
         e = rng.standard_normal(shape)
         x = x + noise * np.linalg.norm(x) / np.linalg.norm(e) * e
     return x, factors
+
+
+def core_dense(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """Least-squares Tucker core by brute force: ``vec(X) = (F_d ⊗ ... ⊗ F_1 ⊗ F_0) vec(G)``.
+
+    ``vec`` stacks mode 0 fastest (column-major, ``order="F"``), which is the
+    unfolding that matches the Kronecker product in this order.
+    """
+    kron = factors[0]
+    for f in factors[1:]:
+        kron = np.kron(f, kron)
+    g, *_ = np.linalg.lstsq(kron, x.reshape(-1, order="F"), rcond=None)
+    rank = factors[0].shape[1]
+    return g.reshape((rank,) * len(factors), order="F")
+
+
+def core_consistency_dense(
+    x: np.ndarray, factors: list[np.ndarray], normalization: str = "bro-kiers"
+) -> float:
+    """CORCONDIA from the dense tensor and the factors as given (no rescaling)."""
+    g = core_dense(x, factors)
+    s = np.zeros_like(g)
+    s[(np.arange(g.shape[0]),) * g.ndim] = 1.0
+    err = np.sum((g - s) ** 2)
+    denom = g.shape[0] if normalization == "bro-kiers" else np.sum(g**2)
+    return float(100 * (1 - err / denom))

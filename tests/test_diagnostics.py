@@ -38,32 +38,6 @@ def model_statistics(x: np.ndarray, model: CPModel):
     return t, ata, model.factors[1:]
 
 
-def core_dense(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
-    """Least-squares Tucker core by brute force: ``vec(X) = (F_d ⊗ ... ⊗ F_1 ⊗ F_0) vec(G)``.
-
-    ``vec`` stacks mode 0 fastest (column-major, ``order="F"``), which is the
-    unfolding that matches the Kronecker product in this order.
-    """
-    kron = factors[0]
-    for f in factors[1:]:
-        kron = np.kron(f, kron)
-    g, *_ = np.linalg.lstsq(kron, x.reshape(-1, order="F"), rcond=None)
-    rank = factors[0].shape[1]
-    return g.reshape((rank,) * len(factors), order="F")
-
-
-def core_consistency_dense(
-    x: np.ndarray, factors: list[np.ndarray], normalization: str = "bro-kiers"
-) -> float:
-    """CORCONDIA from the dense tensor and the factors as given (no rescaling)."""
-    g = core_dense(x, factors)
-    s = np.zeros_like(g)
-    s[(np.arange(g.shape[0]),) * g.ndim] = 1.0
-    err = np.sum((g - s) ** 2)
-    denom = g.shape[0] if normalization == "bro-kiers" else np.sum(g**2)
-    return float(100 * (1 - err / denom))
-
-
 def unit_columns(model: CPModel) -> list[np.ndarray]:
     """Factors with the weights absorbed into mode 0 (resident columns unit norm)."""
     return [model.factors[0] * model.weights, *model.factors[1:]]
@@ -81,7 +55,7 @@ def test_least_squares_core_matches_kronecker_lstsq(rng, shape):
     factors = [rng.standard_normal((n, rank)) * rng.uniform(0.2, 5, rank) for n in shape]
     t, ata = statistics(x, factors[0])
     g = least_squares_core(t, ata, factors[1:])
-    want = core_dense(x, factors)
+    want = ref.core_dense(x, factors)
     assert g.shape == (rank,) * len(shape)
     np.testing.assert_allclose(g, want, rtol=0, atol=1e-10 * np.abs(want).max())
 
@@ -104,7 +78,7 @@ def test_core_consistency_matches_dense(rng, normalization, shape, planted, rank
     model = peekcore.cp_als(x, rank, n_iter_max=30, tol=0, random_state=1, progress=False)
     t, ata, resident = model_statistics(x, model)
     got = core_consistency(t, ata, resident, normalization)
-    want = core_consistency_dense(x, unit_columns(model), normalization)
+    want = ref.core_consistency_dense(x, unit_columns(model), normalization)
     cond = np.prod([np.linalg.cond(f) for f in unit_columns(model)])
     assert got == pytest.approx(want, rel=max(1e-8, 1e-15 * cond), abs=1e-8)
     # the same from A without weights, the weights passed apart
@@ -152,7 +126,7 @@ def test_core_consistency_survives_rank_deficient_factors(rng):
     t, ata = statistics(x, factors[0])
     g = least_squares_core(t, ata, factors[1:])
     assert np.all(np.isfinite(g))
-    np.testing.assert_allclose(g, core_dense(x, factors), atol=1e-8)
+    np.testing.assert_allclose(g, ref.core_dense(x, factors), atol=1e-8)
     assert math.isfinite(core_consistency(t, ata, factors[1:]))
 
 
