@@ -125,6 +125,22 @@ bool cpu_has_avx512f() {
 }
 #endif
 
+// A calling thread's scratch, kept from one chunk to the next (OpenMP reuses
+// its threads): allocated per chunk, its megabytes of fresh pages were faulted
+// in and zeroed on every call. Slot k of type T holds n elements, contents
+// unspecified; released when far larger than asked for. (A chunk call costs
+// ~0.2 ms beyond its blocks at 2,000 x 256 x 196, R = 16.)
+template <typename T>
+T* thread_buffer(int slot, std::size_t n) {
+  thread_local std::array<std::vector<T>, 4> buffers;
+  std::vector<T>& b = buffers[static_cast<std::size_t>(slot)];
+  if (b.size() < n || b.size() > 4 * n + (std::size_t{1} << 22)) {
+    std::vector<T>().swap(b);
+    b.resize(n);
+  }
+  return b.data();
+}
+
 // One thread's columns [c0, c1) of T. With AVX-512 and float they are
 // accumulated packed (strips of 16 columns, see above) and added into the
 // R x J output by flush(); otherwise BLAS adds into the output directly.
@@ -135,7 +151,11 @@ class ColumnT {
       : R_(R), J_(J), c0_(c0), width_(c1 - c0), out_(out) {
 #ifdef PEEK_X86
     if (std::is_same_v<T, float> && cpu_has_avx512f())
-      packed_.assign(static_cast<std::size_t>(R * ((width_ + 15) / 16) * 16), T(0));
+      if constexpr (std::is_same_v<T, float>) {
+        const std::size_t n = static_cast<std::size_t>(R * ((width_ + 15) / 16) * 16);
+        packed_ = thread_buffer<float>(3, n);
+        std::fill(packed_, packed_ + n, 0.0f);
+      }
 #endif
   }
 
@@ -143,8 +163,8 @@ class ColumnT {
   void add(const T* a, const T* x, std::int64_t nb) {
 #ifdef PEEK_X86
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_.empty()) {
-        outer_acc_packed_avx512(a, R_, x, nb, width_, packed_.data());
+      if (packed_ != nullptr) {
+        outer_acc_packed_avx512(a, R_, x, nb, width_, packed_);
         return;
       }
     }
@@ -152,12 +172,17 @@ class ColumnT {
     gemm(CblasTrans, CblasNoTrans, R_, width_, nb, T(1), a, R_, x, width_, T(1), out_ + c0_, J_);
   }
 
-  // Add the packed accumulator into the output (a no-op on the BLAS path).
+  // Add the packed accumulator into the output (a no-op on the BLAS path), row
+  // by row so both sides are read in order.
   void flush() {
-    if (packed_.empty()) return;
-    for (std::int64_t j = 0; j < width_; ++j) {
-      const T* strip = packed_.data() + (j / 16) * R_ * 16 + j % 16;
-      for (int r = 0; r < R_; ++r) out_[r * J_ + c0_ + j] += strip[r * 16];
+    if (packed_ == nullptr) return;
+    for (int r = 0; r < R_; ++r) {
+      T* out = out_ + r * J_ + c0_;
+      for (std::int64_t j0 = 0; j0 < width_; j0 += 16) {
+        const float* tile = packed_ + (j0 * R_ + r * 16);  // strip j0 / 16, row r
+        const std::int64_t n = std::min<std::int64_t>(16, width_ - j0);
+        for (std::int64_t j = 0; j < n; ++j) out[j0 + j] += tile[j];
+      }
     }
   }
 
@@ -165,7 +190,7 @@ class ColumnT {
   int R_;
   std::int64_t J_, c0_, width_;
   T* out_;
-  std::vector<T> packed_;
+  float* packed_ = nullptr;  // this thread's buffer (slot 3)
 };
 
 // ---- W = X F_d for a block (the MTTKRP's first contraction) --------------------
@@ -446,9 +471,9 @@ double pass_chunk(const PassArgs<T>& args) {
     const std::int64_t p0 = P * tid / threads, p1 = P * (tid + 1) / threads;
     const std::int64_t c0 = p0 * K, width = (p1 - p0) * K;
     ColumnT<T> t_cols(R, J, c0, c0 + width, args.t_acc);
-    std::vector<T> xbuf(static_cast<std::size_t>(bs * width));
-    std::vector<T> w(static_cast<std::size_t>(bs * (p1 - p0) * R));
-    std::vector<T> a_t(static_cast<std::size_t>(bs * R));
+    T* xbuf = thread_buffer<T>(0, static_cast<std::size_t>(bs * width));
+    T* w = thread_buffer<T>(1, static_cast<std::size_t>(bs * (p1 - p0) * R));
+    T* a_t = thread_buffer<T>(2, static_cast<std::size_t>(bs * R));
     std::vector<double> m(static_cast<std::size_t>(bs * R)), a(m.size());
     double norm2 = 0.0;
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
@@ -456,17 +481,17 @@ double pass_chunk(const PassArgs<T>& args) {
       // 1. this thread's columns of the block (copied even when the stored type
       // is the compute type: measured faster than reading the chunk in place)
       for (std::int64_t i = 0; i < nb; ++i)
-        decode_block(args.chunk, args.storage, (r0 + i) * J + c0, width, xbuf.data() + i * width);
-      if (args.want_norm) norm2 += sum_squares(xbuf.data(), nb * width);
+        decode_block(args.chunk, args.storage, (r0 + i) * J + c0, width, xbuf + i * width);
+      if (args.want_norm) norm2 += sum_squares(xbuf, nb * width);
       // 2. W (nb * P_t x R)
-      last_mode.apply(xbuf.data(), nb * (p1 - p0), w.data());
+      last_mode.apply(xbuf, nb * (p1 - p0), w);
       // 3. M_t (nb x R) = sum_p W[i, p, :] * KR[p0 + p, :]
       double* mine = m_part.data() + ((blk & 1) * threads + tid) * bs * R;
       for (std::int64_t i = 0; i < nb; ++i) {
-        T* acc = a_t.data();  // scratch row
+        T* acc = a_t;  // scratch row
         std::fill(acc, acc + R, T(0));
         for (std::int64_t p = 0; p < p1 - p0; ++p) {
-          const T* wr = w.data() + (i * (p1 - p0) + p) * R;
+          const T* wr = w + (i * (p1 - p0) + p) * R;
           const T* kp = kr.data() + (p0 + p) * R;
           for (int r = 0; r < R; ++r) acc[r] += wr[r] * kp[r];
         }
@@ -486,11 +511,11 @@ double pass_chunk(const PassArgs<T>& args) {
       solve_rows(args, m.data(), nb, a.data());
       for (std::int64_t k = 0; k < nb * R; ++k) a_t[k] = static_cast<T>(a[k]);
       if (tid == 0) {
-        std::copy(a_t.begin(), a_t.begin() + nb * R, args.a_rows + r0 * R);
-        add_gram(args, a_t.data(), nb);  // from the rounded rows the model holds
+        std::copy(a_t, a_t + nb * R, args.a_rows + r0 * R);
+        add_gram(args, a_t, nb);  // from the rounded rows the model holds
       }
       // 5. T[:, c0:c0+width] += A_blk^T X_blk,t
-      t_cols.add(a_t.data(), xbuf.data(), nb);
+      t_cols.add(a_t, xbuf, nb);
     }
     t_cols.flush();
     norms[tid] = norm2;
