@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -111,6 +112,50 @@ def test_chunk_files_are_zarrs_own_encoding(images, tmp_path):
         arr[:] = arr[:]  # rewrite every chunk through zarr's codecs
     assert {k: files(store.path / k) for k in keys} == before
     assert len(before["layers/conv2/activations"]) == 1 + 4  # zarr.json + 4 chunks
+
+
+def test_write_behind_starts_each_chunk_file_and_changes_no_byte(images, tmp_path, monkeypatch):
+    """Every whole chunk file's writeback is started once it is complete; the bytes are the same."""
+    from peekcore import store as store_mod
+
+    started: list[int] = []
+    real = store_mod._start_writeback
+
+    def counting(fd: int) -> bool:
+        started.append(os.fstat(fd).st_size)
+        return real(fd)
+
+    monkeypatch.setattr(store_mod, "_start_writeback", counting)
+    kw = dict(dtype="float16", batch_size=8, chunk_size=16)
+    data = (images, np.arange(61) % 3)
+    on = cap(SmallCNN(), data, ["conv1", "conv2"], tmp_path / "on.zarr", **kw)
+    # 3 whole chunks of 16 (the last, partial one goes through zarr) of two layers and labels
+    chunk_bytes = {16 * math.prod(on[n].shape[1:]) * 2 + 4 for n in on} | {16 * 8 + 4}
+    assert len(started) == 3 * 3 and set(started) == chunk_bytes
+    started.clear()
+    monkeypatch.setattr(store_mod, "WRITE_BEHIND", False)
+    off = cap(SmallCNN(), data, ["conv1", "conv2"], tmp_path / "off.zarr", **kw)
+    assert started == []
+    assert files(on.path) == files(off.path)
+    on.verify()
+
+
+def test_start_writeback_is_a_hint(tmp_path):
+    """True where Linux started the writeback; never an error (False elsewhere or on pipes)."""
+    from peekcore.store import _start_writeback
+
+    path = tmp_path / "f"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 100_000)
+        fh.flush()
+        started = _start_writeback(fh.fileno())
+    assert started == sys.platform.startswith("linux")
+    r, w = os.pipe()
+    try:
+        assert _start_writeback(w) is False  # ESPIPE: refused, not raised
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_shards_read_only_their_rows(digit_store):
