@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import math
@@ -58,7 +59,13 @@ FORMAT = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 _NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _BF16_NAN_BITS = 0x7FC0
-READ_AHEAD = 2  # chunks read in background threads while the current one is used
+# chunks read in background threads while the current one is used: four reads in
+# flight kept the disk busier than two (direct reads 93% of a raw file's speed
+# against 77%, benchmarks/bench_store.py), up to READ_AHEAD_BYTES of them
+READ_AHEAD = 4
+READ_AHEAD_BYTES = 256 << 20
+READ_MODES = ("auto", "direct", "buffered")
+_DIRECT_ALIGN = 4096  # O_DIRECT buffers, offsets and lengths: multiples of the block size
 # start writing each chunk file to disk as soon as it is complete (see _start_writeback)
 WRITE_BEHIND = True
 PROGRESS_EVERY_S = 0.2  # progress is recorded after a chunk at most this often (and at the end)
@@ -208,6 +215,8 @@ class StoredLayer:
         self._dir = store.path / _layer_group(name) / "activations"
         self._np_dtype = np.dtype(array.dtype)
         self._direct = _writes_directly(array)  # whole chunks are read without zarr's copies
+        # whole chunk files bypass the page cache (O_DIRECT) when it cannot keep them
+        self._uncached = self._direct and _read_uncached(store.read_mode, self.nbytes)
 
     @property
     def ndim(self) -> int:
@@ -226,7 +235,19 @@ class StoredLayer:
         start, stop = start + self._lo, stop + self._lo  # rows of the whole array
         try:
             if self._direct and start % cs == 0 and (stop % cs == 0 or stop == start):
-                out = np.empty((stop - start, *self.shape[1:]), self._np_dtype)
+                shape = (stop - start, *self.shape[1:])
+                if self._uncached and stop - start == cs:  # read straight into the result
+                    nbytes = math.prod(shape) * self._np_dtype.itemsize
+                    buf = _aligned_blocks(nbytes + 4)
+                    got = _read_chunk_file_direct(self._dir, start // cs, buf, len(shape))
+                    if got:
+                        path = _chunk_path(self._dir, start // cs, len(shape))
+                        _check_chunk_bytes(
+                            path, buf[:nbytes], got, buf[nbytes : nbytes + 4].tobytes()
+                        )
+                        return buf[:nbytes].view(self._np_dtype).reshape(shape)
+                    self._uncached = False  # the file system refuses O_DIRECT
+                out = np.empty(shape, self._np_dtype)
                 for i in range(start // cs, stop // cs):
                     _read_chunk_file(self._dir, i, out[i * cs - start : (i + 1) * cs - start])
                 return out
@@ -264,8 +285,9 @@ class StoredLayer:
         ----------
         chunk_size : int, optional
             Samples per slice; default the stored chunk size (fastest when it
-            is a multiple of it). The next ``READ_AHEAD`` slices are read in
-            background threads while the current one is used.
+            is a multiple of it). The next ``READ_AHEAD`` slices (at most
+            ``READ_AHEAD_BYTES`` of them) are read in background threads while
+            the current one is used.
 
         Yields
         ------
@@ -277,7 +299,8 @@ class StoredLayer:
         starts = list(range(0, n, step))
         if not starts:
             return
-        depth = READ_AHEAD
+        row_bytes = math.prod(self.shape[1:]) * self._np_dtype.itemsize
+        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, step * row_bytes)))
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="peekcore-read") as pool:
             pending = collections.deque(
                 pool.submit(self._read, lo, min(lo + step, n)) for lo in starts[:depth]
@@ -372,10 +395,20 @@ class ActivationStore:
     ----------
     path : path-like
         The store folder.
+    read_mode : {"auto", "direct", "buffered"}
+        How whole chunk files are read. ``"direct"`` bypasses the page cache
+        (``O_DIRECT``): the disk's full speed, and a pass over a store larger
+        than memory does not evict everything else from the cache to no avail.
+        ``"buffered"`` goes through the cache, so later passes over a store
+        that fits in memory read at memory speed. ``"auto"`` (default): direct
+        for a layer larger than half of the memory available now, else
+        buffered. Where the file system refuses ``O_DIRECT`` (tmpfs), reads
+        are buffered.
 
     Attributes
     ----------
     path : pathlib.Path
+    read_mode : str
     layers : tuple of str
         Layer names, in capture order.
     n_samples : int
@@ -403,8 +436,11 @@ class ActivationStore:
     >>> model = peekcore.cp_als(store["layer3"], rank=16)  # doctest: +SKIP
     """
 
-    def __init__(self, path: Any) -> None:
+    def __init__(self, path: Any, *, read_mode: str = "auto") -> None:
+        if read_mode not in READ_MODES:
+            raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
         self.path = Path(path)
+        self.read_mode = read_mode
         self._root, self.attrs = _open_root(self.path, mode="r")
         _check_complete(self.path, self.attrs)
         self._arrays = _check_arrays(self.path, self._root, self.attrs)
@@ -955,18 +991,85 @@ def _read_chunk_file(array_dir: Path, index: int, out: np.ndarray) -> None:
 
     Checks the file's size and CRC32C, as zarr's codecs would (``ValueError``).
     """
-    import google_crc32c
-
     path = _chunk_path(array_dir, index, out.ndim)
     raw = out.reshape(-1).view(np.uint8)
-    tail = bytearray(4)
+    tail = bytearray(5)  # the CRC, and one byte more to see a longer file
     with open(path, "rb", buffering=0) as fh:
         got = fh.readinto(raw)
-        extra = fh.readinto(tail) if got == raw.size else 0
-        more = fh.read(1) if extra == 4 else b""
-    if got != raw.size or extra != 4 or more:
+        if got == raw.size:
+            got += fh.readinto(tail)
+    _check_chunk_bytes(path, raw, got, bytes(tail[:4]))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available for new data now (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_uncached(mode: str, nbytes: int) -> bool:
+    """Whether a layer of ``nbytes`` is read with ``O_DIRECT`` (see ``ActivationStore``)."""
+    if mode != "auto":
+        return mode == "direct" and hasattr(os, "O_DIRECT")
+    avail = _available_memory()
+    return hasattr(os, "O_DIRECT") and avail is not None and nbytes > avail // 2
+
+
+def _aligned_blocks(nbytes: int) -> np.ndarray:
+    """``uint8`` buffer for an ``O_DIRECT`` read of a file of ``nbytes``.
+
+    Its address is block-aligned and its size is ``nbytes + 1`` rounded up to
+    whole blocks: a direct read asks for whole blocks, and the extra byte
+    shows a file longer than expected.
+    """
+    size = -(-(nbytes + 1) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    base = np.empty(size + _DIRECT_ALIGN, np.uint8)
+    off = -base.ctypes.data % _DIRECT_ALIGN
+    return base[off : off + size]
+
+
+def _read_chunk_file_direct(array_dir: Path, index: int, buf: np.ndarray, ndim: int) -> int:
+    """Read one whole chunk file into ``buf`` (from :func:`_aligned_blocks`) with ``O_DIRECT``.
+
+    Returns the bytes read, or 0, having read nothing, where the file system
+    refuses ``O_DIRECT``. The caller checks the size and the CRC32C.
+    """
+    path = _chunk_path(array_dir, index, ndim)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as err:
+        if err.errno == errno.EINVAL:
+            return 0
+        raise
+    got = 0
+    try:
+        while got < buf.size:
+            n = os.readv(fd, [memoryview(buf[got:])])
+            got += n
+            if n == 0 or n % _DIRECT_ALIGN:  # end of file
+                break
+    except OSError as err:
+        if err.errno == errno.EINVAL and got == 0:  # alignment refused by this file system
+            return 0
+        raise
+    finally:
+        os.close(fd)
+    return got
+
+
+def _check_chunk_bytes(path: Path, raw: np.ndarray, got: int, tail: bytes) -> None:
+    """Refuse a chunk file of the wrong size or whose CRC32C does not match (``ValueError``)."""
+    import google_crc32c
+
+    if got != raw.size + 4:
         raise ValueError(f"chunk file {path} does not hold {raw.size + 4} bytes")
-    if np.frombuffer(bytes(tail), "<u4")[0] != google_crc32c.value(raw):
+    if np.frombuffer(tail, "<u4")[0] != google_crc32c.value(raw):
         raise ValueError(f"chunk file {path} fails its CRC32C checksum")
 
 

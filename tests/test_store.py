@@ -451,6 +451,58 @@ def test_corrupt_chunk_is_refused(small_store):
         store["conv1"].read(16, 32)
 
 
+def opens_direct(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_direct_reads_equal_buffered_reads(images, tmp_path, dtype):
+    store = cap(SmallCNN(), images, ["conv1"], tmp_path / "s.zarr", dtype=dtype, chunk_size=16)
+    direct = ActivationStore(store.path, read_mode="direct")
+    buffered = ActivationStore(store.path, read_mode="buffered")
+    assert direct["conv1"]._uncached == hasattr(os, "O_DIRECT")
+    assert not buffered["conv1"]._uncached
+    got = [np.asarray(c.float() if hasattr(c, "float") else c) for c in direct["conv1"].chunks()]
+    want = [np.asarray(c.float() if hasattr(c, "float") else c) for c in buffered["conv1"].chunks()]
+    assert [c.shape[0] for c in got] == [16, 16, 16, 13]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    if opens_direct(chunk_file(store.path, "conv1", 0, 4)):  # not on tmpfs, say
+        assert direct["conv1"]._uncached  # the whole chunks really took the O_DIRECT path
+    with pytest.raises(ValueError, match="read_mode must be one of"):
+        ActivationStore(store.path, read_mode="mmap")
+
+
+def test_direct_reads_refuse_corrupt_and_truncated_chunks(small_store):
+    path = chunk_file(small_store.path, "conv1", 1, 4)
+    good = path.read_bytes()
+    store = ActivationStore(small_store.path, read_mode="direct")
+    for bad, why in (
+        (good[:100] + bytes([good[100] ^ 0xFF]) + good[101:], "checksum"),
+        (good[:-7], "does not hold"),
+        (good + b"\0", "does not hold"),
+    ):
+        path.write_bytes(bad)
+        with pytest.raises(StoreError, match=rf"samples 16\.\.31 of layer 'conv1'.*{why}"):
+            list(store["conv1"].chunks(16))
+
+
+def test_auto_read_mode_bypasses_the_cache_only_for_layers_larger_than_memory(
+    small_store, monkeypatch
+):
+    from peekcore import store as store_mod
+
+    nbytes = small_store["conv1"].nbytes
+    monkeypatch.setattr(store_mod, "_available_memory", lambda: 4 * nbytes)
+    assert not ActivationStore(small_store.path)["conv1"]._uncached
+    monkeypatch.setattr(store_mod, "_available_memory", lambda: nbytes)
+    assert ActivationStore(small_store.path)["conv1"]._uncached == hasattr(os, "O_DIRECT")
+
+
 def edit_json(path: Path, change) -> None:
     meta = json.loads(path.read_text())
     change(meta)
