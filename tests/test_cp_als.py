@@ -252,3 +252,45 @@ def test_custom_chunk_source(rng, kernel):
     a = peekcore.cp_als(Uneven(), 2, **kw)
     b = peekcore.cp_als(x, 2, **kw)
     assert _rel(a.weights, b.weights) < 1e-12
+
+
+_THREADS_SCRIPT = """
+import numpy as np, sys
+sys.path.insert(0, {tests!r})
+import reference as ref
+import peekcore
+from peekcore.model import CPModel, normalize_factors
+rng = np.random.default_rng(3)
+shape, rank = (40, 9, 7), 4
+x, _ = ref.low_rank(rng, shape, rank, noise=0.2)
+init = CPModel(np.ones(rank), [rng.random((n, rank)) + 0.1 for n in shape])
+w, f = normalize_factors(ref.als(x, init.factors, n_iter=8))
+m = peekcore.cp_als(x, rank, n_iter_max=8, tol=0, init=init, kernel="native", progress=False)
+err = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(m.factors, f))
+print(err)
+"""
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OMP_NUM_THREADS": "3"},  # more threads than cores, uneven column split
+        {"OMP_NUM_THREADS": "2", "OMP_THREAD_LIMIT": "1"},  # the team is smaller than asked
+    ],
+    ids=["3threads", "team-smaller-than-asked"],
+)
+def test_native_pass_is_exact_for_any_team(env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _THREADS_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-10

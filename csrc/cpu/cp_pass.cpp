@@ -156,12 +156,13 @@ class ColumnT {
   ColumnT(int R, std::int64_t J, std::int64_t c0, std::int64_t c1, T* out)
       : R_(R), J_(J), c0_(c0), width_(c1 - c0), out_(out) {
 #ifdef PEEK_X86
-    if (std::is_same_v<T, float> && cpu_has_avx512f())
-      if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu_has_avx512f()) {
         const std::size_t n = static_cast<std::size_t>(R * ((width_ + 15) / 16) * 16);
         packed_ = thread_buffer<float>(3, n);
         std::fill(packed_, packed_ + n, 0.0f);
       }
+    }
 #endif
   }
 
@@ -470,11 +471,12 @@ double pass_chunk(const PassArgs<T>& args) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #ifdef _OPENMP
-    const int tid = omp_get_thread_num();
+    // the team may be smaller than asked for (omp_set_dynamic, thread limits)
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const int tid = 0;
+    const int tid = 0, team = 1;
 #endif
-    const std::int64_t p0 = P * tid / threads, p1 = P * (tid + 1) / threads;
+    const std::int64_t p0 = P * tid / team, p1 = P * (tid + 1) / team;
     const std::int64_t c0 = p0 * K, width = (p1 - p0) * K;
     ColumnT<T> t_cols(R, J, c0, c0 + width, args.t_acc);
     T* xbuf = thread_buffer<T>(0, static_cast<std::size_t>(bs * width));
@@ -492,7 +494,7 @@ double pass_chunk(const PassArgs<T>& args) {
       // 2. W (nb * P_t x R)
       last_mode.apply(xbuf, nb * (p1 - p0), w);
       // 3. M_t (nb x R) = sum_p W[i, p, :] * KR[p0 + p, :]
-      double* mine = m_part.data() + ((blk & 1) * threads + tid) * bs * R;
+      double* mine = m_part.data() + ((blk & 1) * team + tid) * bs * R;
       for (std::int64_t i = 0; i < nb; ++i) {
         T* acc = a_t;  // scratch row
         std::fill(acc, acc + R, T(0));
@@ -508,10 +510,10 @@ double pass_chunk(const PassArgs<T>& args) {
           a[k] = static_cast<double>(args.a_rows[r0 * R + k]);
 #pragma omp barrier
       // 4. M in a fixed order, then the rows; every thread gets the same A_blk
-      const double* parts = m_part.data() + (blk & 1) * threads * bs * R;
+      const double* parts = m_part.data() + (blk & 1) * team * bs * R;
       for (std::int64_t k = 0; k < nb * R; ++k) {
         double sum = 0.0;
-        for (int t = 0; t < threads; ++t) sum += parts[t * bs * R + k];
+        for (int t = 0; t < team; ++t) sum += parts[t * bs * R + k];
         m[k] = sum;
       }
       solve_rows(args, m.data(), nb, a.data());
