@@ -20,4 +20,13 @@ python3 -c "import json, peekcore; print(json.dumps(peekcore.build_info()))" | t
 for f in csrc/cuda/*.cu; do nvcc -std=c++17 -arch=sm_90 -cubin -Icsrc/include -o /tmp/x.cubin "$f" \
   && echo "nvcc sm_90 ok: $f"; done
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+# issue 6 on the card: the shared sweep against one-by-one fits, then where its
+# iterations go (operators by device and host time; SWEEP=0 skips both)
+if [ "${SWEEP:-1}" != 0 ]; then
+  timeout 150 python3 benchmarks/bench_sweep.py --device cuda --dtype float16 --n 10000 \
+    --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -12
+  timeout 90 python3 benchmarks/profile_sweep.py --device cuda --dtype float16 --n 10000 \
+    --out "$OUT" 2>&1 | head -45
+fi
+# the benchmark cases of issue 4, their table last
 timeout 240 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -40
