@@ -264,10 +264,21 @@ rng = np.random.default_rng(3)
 shape, rank = (40, 9, 7), 4
 x, _ = ref.low_rank(rng, shape, rank, noise=0.2)
 init = CPModel(np.ones(rank), [rng.random((n, rank)) + 0.1 for n in shape])
-w, f = normalize_factors(ref.als(x, init.factors, n_iter=8))
-m = peekcore.cp_als(x, rank, n_iter_max=8, tol=0, init=init, kernel="native", progress=False)
-err = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(m.factors, f))
-print(err)
+
+def err(model, want):
+    w, f = normalize_factors(want)
+    return max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(model.factors, f))
+
+
+kw = dict(n_iter_max=8, tol=0, init=init, kernel="native", progress=False)
+errs = [err(peekcore.cp_als(x, rank, **kw), ref.als(x, init.factors, n_iter=8))]
+xp = np.abs(x)  # HALS, and two models stacked in one pass (a sweep)
+errs.append(err(peekcore.ncp_hals(xp, rank, sweeps=2, **kw), ref.hals(xp, init.factors, 8, 2)))
+sweep = peekcore.rank_sweep(x, [2, 3], n_iter_max=8, tol=0, kernel="native", progress=False)
+for r in (2, 3):
+    alone = peekcore.cp_als(x, r, n_iter_max=8, tol=0, kernel="native", progress=False)
+    errs.append(err(sweep.model(r), [alone.factors[0] * alone.weights, *alone.factors[1:]]))
+print(max(errs))
 """
 
 
