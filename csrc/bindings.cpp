@@ -178,6 +178,7 @@ PYBIND11_MODULE(_core, m) {
     info["openmp_version"] = peekcore::openmp_version();
     info["max_threads"] = peekcore::max_threads();
     info["blas"] = std::string(peekcore::blas_config());
+    info["cpu_kernels"] = std::string(peekcore::cpu_kernels());
 #ifdef PEEKCORE_WITH_CUDA
     info["cuda"] = true;
 #else

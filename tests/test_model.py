@@ -72,5 +72,6 @@ def test_build_info_reports_the_build():
     if info["native"]:
         assert isinstance(info["openmp"], bool)
         assert "OpenBLAS" in info["blas"]
+        assert info["cpu_kernels"] in ("avx512", "blas")
         assert info["cxx_standard"] >= 201703
         assert info["cuda"] in (True, False)

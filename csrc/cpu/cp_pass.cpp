@@ -581,4 +581,11 @@ int max_threads() {
 
 const char* blas_config() { return scipy_openblas_get_config(); }
 
+const char* cpu_kernels() {
+#ifdef PEEK_X86
+  if (cpu_has_avx512f()) return "avx512";
+#endif
+  return "blas";
+}
+
 }  // namespace peekcore

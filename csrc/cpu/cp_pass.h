@@ -56,5 +56,8 @@ bool has_openmp();
 int openmp_version();
 int max_threads();
 const char* blas_config();
+// The contraction kernels the pass uses on this CPU (run-time detection):
+// "avx512" (register-tiled kernels, float) or "blas" (OpenBLAS only).
+const char* cpu_kernels();
 
 }  // namespace peekcore
