@@ -50,7 +50,8 @@ def build_info() -> dict:
         ``native`` (bool), and when built: ``openmp``, ``openmp_version``,
         ``max_threads``, ``blas``, ``cpu_kernels`` (``"avx512"`` where the CPU
         pass runs its own AVX-512 kernels for float32, ``"blas"`` where it
-        uses OpenBLAS only), ``cuda``, ``compiler``, ``cxx_standard``,
+        uses OpenBLAS only; ``PEEKCORE_CPU_KERNELS=blas`` forces the
+        latter), ``cuda``, ``compiler``, ``cxx_standard``,
         ``pybind11``; plus ``peekcore``, ``torch``, ``numpy`` versions and
         ``cupy`` (version or None).
     """

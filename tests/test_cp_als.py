@@ -287,8 +287,9 @@ print(max(errs))
     [
         {"OMP_NUM_THREADS": "3"},  # more threads than cores, uneven column split
         {"OMP_NUM_THREADS": "2", "OMP_THREAD_LIMIT": "1"},  # the team is smaller than asked
+        {"OMP_NUM_THREADS": "3", "PEEKCORE_CPU_KERNELS": "blas"},  # CPUs without AVX-512
     ],
-    ids=["3threads", "team-smaller-than-asked"],
+    ids=["3threads", "team-smaller-than-asked", "blas-kernels"],
 )
 def test_native_pass_is_exact_for_any_team(env):
     import os

@@ -20,9 +20,11 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -125,8 +127,13 @@ __attribute__((target("avx512f"))) void outer_acc_packed_avx512(const float* a, 
   }
 }
 
+// PEEKCORE_CPU_KERNELS=blas turns the AVX-512 kernels off (tests of the
+// fallback, comparisons).
 bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
+  static const bool has = [] {
+    const char* want = std::getenv("PEEKCORE_CPU_KERNELS");
+    return __builtin_cpu_supports("avx512f") && !(want && std::string(want) == "blas");
+  }();
   return has;
 }
 #endif
