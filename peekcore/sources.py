@@ -17,8 +17,12 @@ interchangeable. A chunk source is any object with:
     array of shape ``(b, *shape[1:])`` (numpy, torch or anything
     ``numpy.asarray`` accepts), together covering samples ``0 .. shape[0]-1``
     in order. ``chunk_size`` is a hint in samples; a source may yield other
-    sizes (a store yields its own chunks). It must be callable any number of
-    times and yield the same values each time: one call is one pass.
+    sizes. It must be callable any number of times and yield the same values
+    each time: one call is one pass.
+
+Optional: ``chunk_size`` (int), the source's own chunk in samples (an
+activation store's stored chunks). Without a chunk size from the user, the
+solvers then ask for a multiple of it, so that reads stay whole chunks.
 
 Results do not depend on how a source chunks its data, beyond rounding.
 """
@@ -33,7 +37,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["ChunkSource", "ArraySource", "as_source", "dtype_name", "SUPPORTED_DTYPES"]
+__all__ = [
+    "ChunkSource",
+    "ArraySource",
+    "as_source",
+    "dtype_name",
+    "natural_chunk_size",
+    "SUPPORTED_DTYPES",
+]
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -124,6 +135,12 @@ class ArraySource:
     def __repr__(self) -> str:
         kind = type(self.array).__name__
         return f"ArraySource({kind}, shape={self.shape}, dtype={self.dtype})"
+
+
+def natural_chunk_size(source: Any) -> int | None:
+    """The source's own chunk in samples (optional ``chunk_size`` attribute), or None."""
+    n = getattr(source, "chunk_size", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
 
 
 def as_source(data: Any) -> ChunkSource:

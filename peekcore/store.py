@@ -281,36 +281,66 @@ class StoredLayer:
     def chunks(self, chunk_size: int | None = None) -> Iterator[np.ndarray | torch.Tensor]:
         """Consecutive slices ``(b, *shape[1:])`` covering all samples, in order.
 
+        Reads are whole stored chunks, in order, the next ``READ_AHEAD`` (at
+        most ``READ_AHEAD_BYTES``) in background threads while the current
+        one is used. A multiple of the stored chunk size is read straight
+        into each slice; other sizes are cut from the stored chunks (views
+        inside one chunk, else copies), since reading such row ranges through
+        zarr ran 3x slower.
+
         Parameters
         ----------
         chunk_size : int, optional
-            Samples per slice; default the stored chunk size (fastest when it
-            is a multiple of it). The next ``READ_AHEAD`` slices (at most
-            ``READ_AHEAD_BYTES`` of them) are read in background threads while
-            the current one is used.
+            Samples per slice (the last may be shorter); default the stored
+            chunk size.
 
         Yields
         ------
         numpy.ndarray or torch.Tensor
             float16/float32 numpy arrays, or bfloat16 torch tensors.
         """
-        step = self.chunk_size if chunk_size is None else max(1, int(chunk_size))
+        cs = self.chunk_size
+        step = cs if chunk_size is None else max(1, int(chunk_size))
         n = self.shape[0]
-        starts = list(range(0, n, step))
-        if not starts:
+        if step % cs == 0 and self._lo % cs == 0 and (step == cs or not self._uncached):
+            # whole stored chunks per slice: each read straight into its slice
+            for arr in self._read_ahead([(lo, min(lo + step, n)) for lo in range(0, n, step)]):
+                yield from_storage(arr, self.dtype)
+            return
+        buf, filled, done = None, 0, 0  # the slice being assembled across stored chunks
+        cuts = [self._lo, *range((self._lo // cs + 1) * cs, self._hi, cs), self._hi]
+        stored = [(a - self._lo, b - self._lo) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        for piece in self._read_ahead([(a, b) for a, b in stored if b > a]):
+            pos = 0
+            while pos < len(piece):
+                if buf is None and len(piece) - pos >= min(step, n - done):
+                    take = min(step, n - done)  # inside this piece: a view
+                    yield from_storage(piece[pos : pos + take], self.dtype)
+                    pos, done = pos + take, done + take
+                    continue
+                if buf is None:
+                    buf, filled = np.empty((min(step, n - done), *self.shape[1:]), piece.dtype), 0
+                take = min(len(buf) - filled, len(piece) - pos)
+                buf[filled : filled + take] = piece[pos : pos + take]
+                filled, pos = filled + take, pos + take
+                if filled == len(buf):
+                    yield from_storage(buf, self.dtype)
+                    buf, done = None, done + filled
+
+    def _read_ahead(self, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """``self._read`` of each row range in order, the next ones in background threads."""
+        if not ranges:
             return
         row_bytes = math.prod(self.shape[1:]) * self._np_dtype.itemsize
-        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, step * row_bytes)))
+        most = max(b - a for a, b in ranges) * row_bytes
+        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, most)))
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="peekcore-read") as pool:
-            pending = collections.deque(
-                pool.submit(self._read, lo, min(lo + step, n)) for lo in starts[:depth]
-            )
-            for i in range(len(starts)):
+            pending = collections.deque(pool.submit(self._read, *r) for r in ranges[:depth])
+            for i in range(len(ranges)):
                 arr = pending.popleft().result()
-                if i + depth < len(starts):
-                    nxt = starts[i + depth]
-                    pending.append(pool.submit(self._read, nxt, min(nxt + step, n)))
-                yield from_storage(arr, self.dtype)
+                if i + depth < len(ranges):
+                    pending.append(pool.submit(self._read, *ranges[i + depth]))
+                yield arr
 
     def shard(self, lo: int, hi: int) -> StoredLayer:
         """Samples ``[lo, hi)`` as a chunk source of their own; only those rows are read.

@@ -237,6 +237,20 @@ def test_fit_on_store_equals_fit_in_memory(digit_store):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_solvers_read_whole_stored_chunks(digit_store):
+    layer = digit_store["conv2"]
+    cs = layer.chunk_size
+    row = layer.nbytes // layer.shape[0]
+    # without a chunk size: the largest multiple of the stored chunks in the budget
+    for budget, want in ((3 * cs * row + 5, 3 * cs), (cs * row // 2, cs)):
+        fit = peekcore.cp_als(layer, 2, n_iter_max=1, max_chunk_bytes=budget, progress=False)
+        assert fit.metadata["chunk_size"] == min(want, layer.shape[0])
+    # a chunk size that is not a multiple reads whole chunks too, and cuts them
+    got = list(layer.chunks(cs + 3))
+    assert [len(c) for c in got[:-1]] == [cs + 3] * (len(got) - 1)
+    np.testing.assert_array_equal(np.concatenate(got), layer[:])
+
+
 def test_fit_on_half_stores(images, tmp_path):
     for dtype in ("float16", "bfloat16"):
         store = cap(

@@ -93,8 +93,14 @@ def chunk_size_for(
     chunk_size: int | None,
     max_chunk_bytes: int | None,
     default_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    natural: int | None = None,
 ) -> int:
-    """Samples per chunk: ``chunk_size`` if given, else as many as fit in the byte budget."""
+    """Samples per chunk: ``chunk_size`` if given, else as many as fit in the byte budget.
+
+    ``natural``: the source's own chunk in samples (a store's stored chunks);
+    without a ``chunk_size`` the chunk is then the largest multiple of it in
+    the budget (at least one), so that reads stay whole stored chunks.
+    """
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -103,4 +109,6 @@ def chunk_size_for(
         return int(chunk_size)
     per_sample = math.prod(shape[1:]) * torch.empty((), dtype=TORCH_DTYPES[stored]).element_size()
     budget = default_bytes if max_chunk_bytes is None else int(max_chunk_bytes)
+    if natural is not None and natural >= 1:
+        return max(1, min(shape[0], max(1, budget // (natural * per_sample)) * natural))
     return max(1, min(shape[0], budget // per_sample))

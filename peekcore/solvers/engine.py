@@ -26,7 +26,7 @@ from .._version import __version__
 from ..distributed import Communicator, ShardSource, communicator
 from ..kernels import ALS, HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
-from ..sources import ChunkSource, as_source, dtype_name
+from ..sources import ChunkSource, as_source, dtype_name, natural_chunk_size
 from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from .checks import (
     check_iterations,
@@ -154,7 +154,12 @@ def prepare(
         n_iter_max=n_iter_max,
         tol=tol,
         chunk_size=chunk_size_for(
-            shape, stored, chunk_size, max_chunk_bytes, default_chunk_bytes(source, kern)
+            shape,
+            stored,
+            chunk_size,
+            max_chunk_bytes,
+            default_chunk_bytes(source, kern),
+            natural_chunk_size(source),
         ),
         compute_dtype=compute,
         sweeps=sweeps if method == HALS else 0,
