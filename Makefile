@@ -62,6 +62,7 @@ bench: setup
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_store_fit.py
 	$(PY) benchmarks/bench_distributed.py
 
 clean:
