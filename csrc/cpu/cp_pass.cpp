@@ -250,10 +250,67 @@ __attribute__((target("avx512f"))) void last_mode_avx512(const float* x, std::in
 using LastModeFn = void (*)(const float*, std::int64_t, std::int64_t, const float*, int, float*);
 constexpr LastModeFn kLastMode[5] = {nullptr, last_mode_avx512<1>, last_mode_avx512<2>,
                                      last_mode_avx512<3>, last_mode_avx512<4>};
+
+// For R <= 8 most lanes of that kernel's accumulators would be idle (it
+// spends K FMAs per row whatever R is), so narrow ranks take the other
+// orientation: 16 values of k per vector, one accumulator per (row, column),
+// the column sums reduced at the end: about K R / 16 FMAs per row. F comes
+// transposed and zero-padded to whole vectors (R x kpad).
+template <int QB, int RN>
+__attribute__((target("avx512f"))) void narrow_tile_avx512(const float* x, std::int64_t K,
+                                                           const float* ft, std::int64_t kpad,
+                                                           float* w) {
+  __m512 acc[QB][RN];
+  for (int q = 0; q < QB; ++q)
+    for (int r = 0; r < RN; ++r) acc[q][r] = _mm512_setzero_ps();
+  const std::int64_t k16 = K - K % 16;
+  for (std::int64_t k = 0; k < k16; k += 16) {
+    __m512 xq[QB];
+    for (int q = 0; q < QB; ++q) xq[q] = _mm512_loadu_ps(x + q * K + k);
+    for (int r = 0; r < RN; ++r) {
+      const __m512 fr = _mm512_loadu_ps(ft + r * kpad + k);
+      for (int q = 0; q < QB; ++q) acc[q][r] = _mm512_fmadd_ps(xq[q], fr, acc[q][r]);
+    }
+  }
+  if (k16 < K) {  // the last K % 16 values, once (not in the loop: see strip_rows_avx512)
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k16)) - 1u);
+    for (int q = 0; q < QB; ++q) {
+      const __m512 xq = _mm512_maskz_loadu_ps(tail, x + q * K + k16);
+      for (int r = 0; r < RN; ++r)
+        acc[q][r] = _mm512_fmadd_ps(xq, _mm512_loadu_ps(ft + r * kpad + k16), acc[q][r]);
+    }
+  }
+  // the sums of the lanes (not _mm512_reduce_add_ps: GCC 12 warns inside it)
+  alignas(64) float lanes[16];
+  for (int q = 0; q < QB; ++q)
+    for (int r = 0; r < RN; ++r) {
+      _mm512_store_ps(lanes, acc[q][r]);
+      float sum = 0.0f;
+      for (float v : lanes) sum += v;
+      w[q * RN + r] = sum;
+    }
+}
+
+template <int RN>
+__attribute__((target("avx512f"))) void narrow_avx512(const float* x, std::int64_t n,
+                                                      std::int64_t K, const float* ft,
+                                                      std::int64_t kpad, float* w) {
+  constexpr int QB = RN <= 6 ? 4 : 3;  // QB * RN <= 24 accumulators
+  std::int64_t q0 = 0;
+  for (; q0 + QB <= n; q0 += QB) narrow_tile_avx512<QB, RN>(x + q0 * K, K, ft, kpad, w + q0 * RN);
+  for (; q0 < n; ++q0) narrow_tile_avx512<1, RN>(x + q0 * K, K, ft, kpad, w + q0 * RN);
+}
+
+constexpr int kNarrowRank = 8;
+using NarrowFn = void (*)(const float*, std::int64_t, std::int64_t, const float*, std::int64_t,
+                          float*);
+constexpr NarrowFn kNarrow[kNarrowRank + 1] = {
+    nullptr,          narrow_avx512<1>, narrow_avx512<2>, narrow_avx512<3>, narrow_avx512<4>,
+    narrow_avx512<5>, narrow_avx512<6>, narrow_avx512<7>, narrow_avx512<8>};
 #endif
 
-// W = X F_d for every block of a pass: the kernel above for float and
-// R <= 64 on AVX-512, else BLAS.
+// W = X F_d for every block of a pass: the kernels above for float
+// on AVX-512 (narrow ones for R <= 8, else R <= 64), else BLAS.
 template <typename T>
 class LastModeProduct {
  public:
@@ -261,7 +318,12 @@ class LastModeProduct {
 #ifdef PEEK_X86
     if constexpr (std::is_same_v<T, float>) {
       rz_ = (R + 15) / 16;
-      if (rz_ <= 4 && cpu_has_avx512f()) {
+      if (R <= kNarrowRank && cpu_has_avx512f()) {
+        kpad_ = (K + 15) / 16 * 16;  // F^T, zero-padded rows
+        fpad_.assign(static_cast<std::size_t>(R * kpad_), 0.0f);
+        for (std::int64_t k = 0; k < K; ++k)
+          for (int r = 0; r < R; ++r) fpad_[r * kpad_ + k] = f[k * R + r];
+      } else if (rz_ <= 4 && cpu_has_avx512f()) {
         fpad_.assign(static_cast<std::size_t>(K * rz_ * 16), 0.0f);
         for (std::int64_t k = 0; k < K; ++k)
           std::copy(f + k * R, f + (k + 1) * R, fpad_.begin() + k * rz_ * 16);
@@ -274,6 +336,10 @@ class LastModeProduct {
   void apply(const T* x, std::int64_t n, T* w) const {
 #ifdef PEEK_X86
     if constexpr (std::is_same_v<T, float>) {
+      if (kpad_ > 0) {
+        kNarrow[R_](x, n, K_, fpad_.data(), kpad_, w);
+        return;
+      }
       if (!fpad_.empty()) {
         kLastMode[rz_](x, n, K_, fpad_.data(), R_, w);
         return;
@@ -288,7 +354,8 @@ class LastModeProduct {
   std::int64_t K_;
   int R_;
   int rz_ = 0;
-  std::vector<float> fpad_;
+  std::int64_t kpad_ = 0;    // > 0: the narrow kernel, fpad_ holds F^T (R x kpad_)
+  std::vector<float> fpad_;  // else F zero-padded to K x 16 rz_
 };
 
 // ---- decoding ----------------------------------------------------------------
