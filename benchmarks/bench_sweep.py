@@ -27,23 +27,22 @@ import peekcore
 from peekcore.sweep import rank_sweep
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def case_arguments(parser: argparse.ArgumentParser, iters: int) -> None:
+    """The sweep case's options (shared with profile_sweep.py)."""
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--c", type=int, default=256)
     parser.add_argument("--s", type=int, default=196)
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--replicates", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--skip-sequential", action="store_true")
-    parser.add_argument("--json")
-    args = parser.parse_args()
 
+
+def case_data(args: argparse.Namespace) -> torch.Tensor:
+    """A planted rank-8 nonnegative tensor plus 10% noise (like ReLU activations)."""
     rng = np.random.default_rng(0)
     shape = (args.n, args.c, args.s)
-    # planted rank-8 nonnegative structure plus noise, like ReLU activations
     true = 8
     a, b, c = (
         rng.gamma(1.0, 1.0, (args.n, true)),
@@ -52,9 +51,18 @@ def main() -> None:
     )
     x = np.einsum("ir,jr,kr->ijk", a, b, c, optimize=True).astype(np.float32)
     x += 0.1 * x.std() * rng.standard_normal(shape, dtype=np.float32)
-    data = torch.from_numpy(x.copy()).to(getattr(torch, args.dtype))
-    if args.device != "cpu":
-        data = data.to(args.device)
+    return torch.from_numpy(x.copy()).to(getattr(torch, args.dtype)).to(args.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    case_arguments(parser, iters=20)
+    parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    shape = (args.n, args.c, args.s)
+    data = case_data(args)
     ranks = list(range(1, args.max_rank + 1))
     kw = dict(n_iter_max=args.iters, tol=0.0, device=args.device, progress=False)
     res: dict = {"shape": shape, "ranks": ranks, "replicates": args.replicates, **vars(args)}

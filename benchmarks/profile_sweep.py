@@ -16,28 +16,19 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from bench_sweep import case_arguments, case_data
 
 from peekcore.sweep import rank_sweep
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--c", type=int, default=256)
-    parser.add_argument("--s", type=int, default=196)
-    parser.add_argument("--max-rank", type=int, default=16)
-    parser.add_argument("--replicates", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    case_arguments(parser, iters=3)
     parser.add_argument("--out", help="folder for the tables and a Chrome trace")
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
-    x = np.abs(rng.standard_normal((args.n, args.c, args.s), dtype=np.float32))
-    data = torch.from_numpy(x).to(getattr(torch, args.dtype)).to(args.device)
+    data = case_data(args)
     ranks = list(range(1, args.max_rank + 1))
     kw = dict(n_iter_max=args.iters, tol=0.0, device=args.device, progress=False)
     cuda = args.device.startswith("cuda")

@@ -239,12 +239,7 @@ class StoredLayer:
                 if self._uncached and stop - start == cs:  # read straight into the result
                     nbytes = math.prod(shape) * self._np_dtype.itemsize
                     buf = _aligned_blocks(nbytes + 4)
-                    got = _read_chunk_file_direct(self._dir, start // cs, buf, len(shape))
-                    if got:
-                        path = _chunk_path(self._dir, start // cs, len(shape))
-                        _check_chunk_bytes(
-                            path, buf[:nbytes], got, buf[nbytes : nbytes + 4].tobytes()
-                        )
+                    if _read_chunk_file_direct(self._dir, start // cs, buf, nbytes, len(shape)):
                         return buf[:nbytes].view(self._np_dtype).reshape(shape)
                     self._uncached = False  # the file system refuses O_DIRECT
                 out = np.empty(shape, self._np_dtype)
@@ -1064,18 +1059,22 @@ def _aligned_blocks(nbytes: int) -> np.ndarray:
     return base[off : off + size]
 
 
-def _read_chunk_file_direct(array_dir: Path, index: int, buf: np.ndarray, ndim: int) -> int:
-    """Read one whole chunk file into ``buf`` (from :func:`_aligned_blocks`) with ``O_DIRECT``.
+def _read_chunk_file_direct(
+    array_dir: Path, index: int, buf: np.ndarray, nbytes: int, ndim: int
+) -> bool:
+    """Read one whole chunk file of ``nbytes`` data bytes into ``buf`` with ``O_DIRECT``.
 
-    Returns the bytes read, or 0, having read nothing, where the file system
-    refuses ``O_DIRECT``. The caller checks the size and the CRC32C.
+    ``buf`` comes from :func:`_aligned_blocks` (``nbytes + 4``); the file's size
+    and CRC32C are checked as in :func:`_read_chunk_file` (``ValueError``).
+    Returns False, having read nothing, where the file system refuses
+    ``O_DIRECT``.
     """
     path = _chunk_path(array_dir, index, ndim)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as err:
         if err.errno == errno.EINVAL:
-            return 0
+            return False
         raise
     got = 0
     try:
@@ -1086,11 +1085,12 @@ def _read_chunk_file_direct(array_dir: Path, index: int, buf: np.ndarray, ndim: 
                 break
     except OSError as err:
         if err.errno == errno.EINVAL and got == 0:  # alignment refused by this file system
-            return 0
+            return False
         raise
     finally:
         os.close(fd)
-    return got
+    _check_chunk_bytes(path, buf[:nbytes], got, buf[nbytes : nbytes + 4].tobytes())
+    return True
 
 
 def _check_chunk_bytes(path: Path, raw: np.ndarray, got: int, tail: bytes) -> None:

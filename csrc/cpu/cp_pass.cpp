@@ -92,11 +92,12 @@ __attribute__((target("avx512f"))) void strip_rows_avx512(const float* a, int R,
   for (int r = 0; r < RB; ++r) acc[r] = _mm512_loadu_ps(tp + r * kStrip);
   for (std::int64_t i = 0; i < nb; ++i) {
     __m512 xi;
-    if constexpr (kPartial)
+    if constexpr (kPartial) {
       xi = _mm512_maskz_loadu_ps(cols, x + i * J);
-    else
+    } else {
       xi = _mm512_loadu_ps(x + i * J);
-    if constexpr (!kPartial) __builtin_prefetch(x + i * J + kPrefetchAhead, 0, 3);
+      __builtin_prefetch(x + i * J + kPrefetchAhead, 0, 3);
+    }
     const float* ai = a + i * R;
     for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ai[r]), xi, acc[r]);
   }
