@@ -31,6 +31,7 @@ from .model import CPModel
 
 __all__ = [
     "CORE_NORMALIZATIONS",
+    "core_consistencies",
     "FitScores",
     "RANK_RULES",
     "RankChoice",
@@ -449,6 +450,15 @@ def core_consistency(
             f"normalization must be one of {CORE_NORMALIZATIONS}, got {normalization!r}"
         )
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
+    g = _normalized_core(t, ata, factors, w)
+    value = _consistencies(g)[normalization]
+    return (value, g) if return_core else value
+
+
+def _normalized_core(
+    t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray], w: np.ndarray
+) -> np.ndarray:
+    """The least-squares core after unit-norm resident columns (scales absorbed into ``A``)."""
     rank = t.shape[0]
     scale = w.copy()
     unit = []
@@ -458,17 +468,39 @@ def core_consistency(
         scale = scale * norms
     t = scale.reshape((rank,) + (1,) * (t.ndim - 1)) * t
     ata = np.outer(scale, scale) * ata
-    g = _core(t, ata, unit)
+    return _core(t, ata, unit)
+
+
+def _consistencies(g: np.ndarray) -> dict[str, float]:
+    """Core consistency of core ``g`` (``R x ... x R``) in each of ``CORE_NORMALIZATIONS``."""
+    rank = g.shape[0]
     diff = g.copy()
-    diag = (np.arange(rank),) * g.ndim
-    diff[diag] -= 1.0
+    diff[(np.arange(rank),) * g.ndim] -= 1.0
     err = float(np.sum(diff**2))
-    if normalization == "bro-kiers":
-        value = 100.0 * (1.0 - err / rank)
-    else:
-        total = float(np.sum(g**2))
-        value = 100.0 * (1.0 - err / total) if total > 0 else -math.inf
-    return (value, g) if return_core else value
+    total = float(np.sum(g**2))
+    return {
+        "bro-kiers": 100.0 * (1.0 - err / rank),
+        "core-norm": 100.0 * (1.0 - err / total) if total > 0 else -math.inf,
+    }
+
+
+def core_consistencies(
+    t: Any, ata: Any, resident_factors: Sequence[Any], *, weights: Any = None
+) -> dict[str, float]:
+    """:func:`core_consistency` in every normalization, from one core.
+
+    Parameters
+    ----------
+    t, ata, resident_factors, weights
+        As for :func:`core_consistency`.
+
+    Returns
+    -------
+    dict
+        ``{"bro-kiers": value, "core-norm": value}``.
+    """
+    t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
+    return _consistencies(_normalized_core(t, ata, factors, w))
 
 
 # ----------------------------------------------------------------------- rank choice

@@ -255,8 +255,9 @@ def _score(
         scores = diag.fit_scores(t, ata, resident, norm2)
         out["fit"][k, p] = scores.fit
         out["explained_variance"][k, p] = scores.explained_variance
-        out["corcondia"][k, p] = diag.core_consistency(t, ata, resident, "bro-kiers")
-        out["corcondia_core_norm"][k, p] = diag.core_consistency(t, ata, resident, "core-norm")
+        consistency = diag.core_consistencies(t, ata, resident)  # one core, both normalizations
+        out["corcondia"][k, p] = consistency["bro-kiers"]
+        out["corcondia_core_norm"][k, p] = consistency["core-norm"]
         out["degeneracy"][k, p] = diag.degeneracy(m)
     return out
 

@@ -14,6 +14,7 @@ from peekcore.diagnostics import (
     RankChoice,
     choose_rank,
     congruence,
+    core_consistencies,
     core_consistency,
     degeneracy,
     factor_match_score,
@@ -85,6 +86,9 @@ def test_core_consistency_matches_dense(rng, normalization, shape, planted, rank
     t0, ata0 = statistics(x, model.factors[0])
     got_w = core_consistency(t0, ata0, resident, normalization, weights=model.weights)
     assert got_w == pytest.approx(got, rel=1e-9, abs=1e-9)
+    # both normalizations from one core (what rank_sweep scores with)
+    both = core_consistencies(t0, ata0, resident, weights=model.weights)
+    assert both[normalization] == pytest.approx(want, rel=max(1e-8, 1e-15 * cond), abs=1e-8)
 
 
 @pytest.mark.parametrize("normalization", ["bro-kiers", "core-norm"])
