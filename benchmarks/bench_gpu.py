@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 import traceback
 
@@ -56,6 +57,19 @@ def cuda_time(fn, repeats: int = 20, warmup: int = 3) -> float:
 def per_iteration(model: CPModel) -> float:
     s = model.history.seconds
     return float(np.median(s[1:]))
+
+
+def eager(fn):
+    """``fn()`` with the fit's CUDA-graph replay off (``PEEKCORE_CUDA_GRAPHS=0``)."""
+    old = os.environ.get("PEEKCORE_CUDA_GRAPHS")
+    os.environ["PEEKCORE_CUDA_GRAPHS"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["PEEKCORE_CUDA_GRAPHS"]
+        else:
+            os.environ["PEEKCORE_CUDA_GRAPHS"] = old
 
 
 def random_init(shape, rank, seed=0) -> CPModel:
@@ -108,16 +122,24 @@ def case_c_d(args) -> None:
             out[f"tensorly_{tag}"] = tensorly_per_iteration(x, init, 12, nonneg=False)
         except Exception as err:  # noqa: BLE001 - record and go on
             out[f"tensorly_{tag}"] = f"error: {err}"
+        out[f"peekcore_cuda_{tag}_eager"] = per_iteration(
+            eager(lambda: peekcore.cp_als(x, rank, **kw))
+        )
         ours, theirs = out[f"peekcore_cuda_{tag}"], out[f"tensorly_{tag}"]
         row(f"(c) cp_als {tag} peekcore", f"{ours * 1e3:.2f} ms/iter")
+        eager_s = out[f"peekcore_cuda_{tag}_eager"]
+        row(f"(c) cp_als {tag} without CUDA graphs", f"{eager_s * 1e3:.2f} ms/iter")
         if isinstance(theirs, float):
             row(f"(c) cp_als {tag} TensorLy", f"{theirs * 1e3:.2f} ms/iter")
             row(f"(c) speedup {tag} (>= 4)", f"{theirs / ours:.2f}x")
         row(f"(c) torch-reference kernel {tag}", f"{out[f'peekcore_torchref_{tag}'] * 1e3:.2f} ms")
     torch.backends.cuda.matmul.allow_tf32 = False
-    hals = per_iteration(peekcore.ncp_hals(x, rank, **{**kw, "n_iter_max": 12}))
+    hals = per_iteration(peekcore.ncp_hals(x, rank, **kw))
     out["peekcore_cuda_hals_fp32"] = hals
     row("(d) ncp_hals peekcore", f"{hals * 1e3:.2f} ms/iter")
+    hals_eager = per_iteration(eager(lambda: peekcore.ncp_hals(x, rank, **kw)))
+    out["peekcore_cuda_hals_fp32_eager"] = hals_eager
+    row("(d) ncp_hals without CUDA graphs", f"{hals_eager * 1e3:.2f} ms/iter")
     row("(d) ncp_hals / cp_als (<= 1.5)", f"{hals / out['peekcore_cuda_fp32']:.2f}")
     try:
         tl_hals = tensorly_per_iteration(x, init, 6, nonneg=True)

@@ -148,6 +148,7 @@ class CudaKernel(PassKernel):
             self.core = core()
         self._reference = TorchKernel(self.device)
         self._streams: dict[int, object] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cupy_stream(self, stream: torch.cuda.Stream):
         """CuPy's view of a torch stream (cached per stream)."""
@@ -215,8 +216,7 @@ class CudaKernel(PassKernel):
             return holder.kr[dtype]
         fs = holder.f64
         rank = fs[0].shape[1]
-        dims = torch.tensor([f.shape[0] for f in fs], dtype=torch.int64, device=self.device)
-        ptrs = torch.tensor([f.data_ptr() for f in fs], dtype=torch.int64, device=self.device)
+        ptrs, dims = self._factor_table(fs)
         width = math.prod(f.shape[0] for f in fs)
         terms = SPLIT_TERMS[dtype]
         if terms > 1:  # largest |KR[:, r]| is the product of the columns' largest entries
@@ -235,6 +235,25 @@ class CudaKernel(PassKernel):
         )
         holder.kr[dtype] = (out, 1.0 / scale)
         return holder.kr[dtype]
+
+    def _factor_table(self, fs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device arrays of the factors' addresses and row counts (int64), for ``khatri_rao``.
+
+        Kept per (addresses, rows): the same factors, as in every iteration of a
+        fit, need no new host-to-device copy, and none may happen while an
+        iteration is being captured as a CUDA graph. Equal keys mean equal
+        contents, so a reused address can never make an entry wrong.
+        """
+        key = tuple((f.data_ptr(), f.shape[0]) for f in fs)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 64:
+                self._tables.pop(next(iter(self._tables)))
+            table = self._tables[key] = (
+                torch.tensor([p for p, _ in key], dtype=torch.int64, device=self.device),
+                torch.tensor([n for _, n in key], dtype=torch.int64, device=self.device),
+            )
+        return table
 
     def pass_chunk(
         self,

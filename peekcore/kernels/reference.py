@@ -46,13 +46,16 @@ def hals_rows(a: torch.Tensor, m: torch.Tensor, g: torch.Tensor, sweeps: int) ->
     with ``g_rr == 0`` is left as is.
     """
     rank = a.shape[1]
+    # which columns move is decided on the device (torch.where), not by the host:
+    # no synchronization, so a GPU iteration can be captured as a CUDA graph
+    diag = torch.diagonal(g)
+    live = diag > 0
+    safe = torch.where(live, diag, torch.ones_like(diag))
     for _ in range(sweeps):
         for r in range(rank):
-            grr = g[r, r]
-            if not bool(grr > 0):
-                continue
             resid = m[:, r] - a @ g[:, r]
-            a[:, r] = torch.clamp(a[:, r] + resid / grr, min=0)
+            moved = torch.clamp(a[:, r] + resid / safe[r], min=0)
+            a[:, r] = torch.where(live[r], moved, a[:, r])
     return a
 
 

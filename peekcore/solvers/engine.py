@@ -8,6 +8,11 @@ the data is read once per iteration for all of them. A model that has
 converged leaves the stack; the others go on. The first pass also measures
 ``||X||^2`` and checks every chunk for NaN/Inf (and for negative values in a
 nonnegative fit).
+
+An iteration itself is ``peekcore.solvers.iteration.step``; on a GPU with
+the data on the card, it is replayed as a CUDA graph after the first pass
+(``peekcore.solvers.graphs``). This module keeps the loop: convergence,
+progress, checkpoints, callbacks.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from .._version import __version__
 from ..distributed import Communicator, ShardSource, communicator
-from ..kernels import ALS, HALS, PassKernel, get_kernel
+from ..kernels import HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
 from ..sources import ChunkSource, as_source, dtype_name, natural_chunk_size
 from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
@@ -35,9 +40,10 @@ from .checks import (
     chunk_size_for,
     compute_dtype_for,
 )
+from .graphs import MIN_ITERATIONS_LEFT, GraphedStep, capture_step, graphs_allowed
 from .init import Initializer
-from .passes import check_finite, check_nonnegative, default_chunk_bytes, pass_chunks
-from .resident import als_solve, gram_inverse, hadamard, resident_mttkrp
+from .iteration import Stack, step
+from .passes import default_chunk_bytes
 
 __all__ = [
     "IterationInfo",
@@ -93,6 +99,8 @@ class ModelState:
         ``(T, AtA)`` of the model's last pass (``R x I_1 x ... x I_d`` and
         ``R x R``, float64), in the scale of ``a`` and ``resident``; kept when
         ``run_models(keep_statistics=True)``.
+    graphed : int
+        Iterations replayed from a CUDA graph (``peekcore.solvers.graphs``).
     """
 
     rank: int
@@ -103,6 +111,7 @@ class ModelState:
     active: bool = True
     dead_seen: bool = False
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+    graphed: int = 0
 
 
 @dataclass
@@ -227,11 +236,8 @@ def run_models(
     """
     from tqdm.auto import tqdm
 
-    source, kern, settings = problem.source, problem.kernel, problem.settings
-    method, compute = settings.method, settings.compute_dtype
-    dims = problem.shape[1:]
-    width = math.prod(dims)
-    n_modes = len(dims)
+    settings = problem.settings
+    method = settings.method
     bar = tqdm(
         total=settings.n_iter_max,
         initial=start_iter,
@@ -240,6 +246,9 @@ def run_models(
         disable=(None if progress is None else not progress) or problem.comm.rank != 0,
         leave=False,
     )
+    stack: Stack | None = None
+    graphed: GraphedStep | None = None
+    use_graphs = graphs_allowed(problem)
     try:
         for it in range(start_iter, settings.n_iter_max):
             active = [s for s in states if s.active]
@@ -248,97 +257,34 @@ def run_models(
             t0 = time.perf_counter()
             if method == HALS:
                 for s in active:
-                    if it == start_iter or s.dead_seen:
+                    if it == start_iter or s.dead_seen:  # writes into the stack's columns
                         reseed_dead(s, [f.T @ f for f in s.resident], it, problem.comm)
-            # All models side by side: columns of model k are [lo_k, hi_k). Every
-            # Gram-like matrix is block diagonal (``mask``), so one solve, one
-            # MTTKRP and one HALS call serve all models (no per-model launches).
-            ranks = [s.rank for s in active]
-            stacked = [torch.cat([s.resident[m] for s in active], dim=1) for m in range(n_modes)]
-            dev = stacked[0].device
-            seg = torch.repeat_interleave(
-                torch.arange(len(active), device=dev), torch.tensor(ranks, device=dev)
-            )
-            mask = (seg[:, None] == seg[None, :]).to(torch.float64)
-            grams = [(f.T @ f) * mask for f in stacked]
-            g_full = hadamard(grams)
-            g = gram_inverse(g_full) if method == ALS else g_full
-            factors = kern.prepare_factors(stacked, compute)
-            if len(active) == 1:
-                active[0].a = active[0].a.contiguous()  # kernels write rows in place
-                a = active[0].a
-            else:
-                a = torch.cat([s.a for s in active], 1)
-            r_total = a.shape[1]
-            stats = kern.new_statistics(r_total, width, compute)
+            if stack is None or not stack.holds(active):
+                if stack is not None:
+                    for s in stack.states:
+                        if not s.active:
+                            Stack.release(s)
+                stack, graphed = Stack.of(active), None  # a model left: a new stack
             # The pass that measures ||X||^2 also vets the data; when a Gram pass
             # measured it (init="gram"), that pass already did.
-            want_norm = norm2 is None
-            blocks = tuple(ranks)
-            total = 0.0
-            for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
-                if want_norm and method == HALS:
-                    check_nonnegative(chunk, offset)
-                n2 = kern.pass_chunk(
-                    chunk.reshape(chunk.shape[0], width),
-                    factors,
-                    g,
-                    a[offset : offset + chunk.shape[0]],
-                    stats,
-                    dims=dims,
-                    update=method,
-                    sweeps=settings.sweeps,
-                    want_norm=want_norm,
-                    blocks=blocks,
-                )
-                if want_norm:
-                    n2 = float(n2)
-                    check_finite(n2, offset, chunk.shape[0])
-                    total += n2
-            comm = problem.comm
-            comm.allreduce_(stats.t)  # a data-parallel fit sums its statistics here
-            comm.allreduce_(stats.ata)
-            if want_norm:
-                norm2 = comm.allreduce_scalar(total, problem.device)
-                if norm2 == 0.0:
-                    raise ValueError("the data is all zeros: there is nothing to factor")
-            t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
-            ata = stats.ata * mask
-            for m in range(n_modes):
-                gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
-                mt = resident_mttkrp(t_all, stacked, m)
-                if method == ALS:
-                    stacked[m] = als_solve(mt, gm).contiguous()
-                else:
-                    stacked[m] = kern.hals_update(
-                        stacked[m], mt, gm, settings.sweeps, blocks=tuple(ranks)
-                    ).contiguous()
-                grams[m] = (stacked[m].T @ stacked[m]) * mask
-            k_models = len(active)
-            inner = torch.zeros(k_models, dtype=torch.float64, device=dev)
-            inner.index_add_(0, seg, torch.sum(mt * stacked[-1], dim=0))
-            model2 = torch.zeros(k_models, dtype=torch.float64, device=dev)
-            model2.index_add_(0, seg, torch.sum(hadamard([ata, *grams]), dim=1))
-            dead = torch.zeros(k_models, dtype=torch.float64, device=dev)
-            if method == HALS:  # a zero column has a zero Gram diagonal
-                for gram in (ata, *grams):
-                    dead.index_add_(0, seg, (torch.diagonal(gram) <= 0).to(torch.float64))
+            if graphed is not None:
+                result = graphed()
+            elif (
+                use_graphs and norm2 is not None and settings.n_iter_max - it >= MIN_ITERATIONS_LEFT
+            ):
+                graphed, result = capture_step(problem, stack, norm2)
+                use_graphs = graphed is not None
+            else:
+                result = step(problem, stack, norm2)
+            if norm2 is None:
+                norm2 = result.norm2
             # the one host transfer of the iteration: residuals and dead-component counts
-            resid = torch.stack([norm2 - 2 * inner + model2, dead], dim=1).flatten()
-            values = resid.tolist()
-            pass_stats = []
-            lo = 0
-            for s in active:
-                hi = lo + s.rank
-                if len(active) > 1:
-                    s.a = a[:, lo:hi]
-                s.resident = [f[:, lo:hi].contiguous() for f in stacked]
-                pass_stats.append((t_all[lo:hi], stats.ata[lo:hi, lo:hi]))
-                lo = hi
+            values = result.values.tolist()
             seconds = time.perf_counter() - t0
-            for k, s in enumerate(active):
+            for k, (s, (lo, hi)) in enumerate(zip(active, stack.columns(), strict=True)):
                 resid2, dead_count = values[2 * k], values[2 * k + 1]
                 s.dead_seen = dead_count > 0
+                s.graphed += graphed is not None
                 if not math.isfinite(resid2):
                     raise FloatingPointError(
                         f"the fit became non-finite at iteration {it + 1}: the data changed "
@@ -358,8 +304,8 @@ def run_models(
                         h.stop_reason = "tol"
                         s.active = False
                 if keep_statistics and (not s.active or it == settings.n_iter_max - 1):
-                    t, ata = pass_stats[k]
-                    s.statistics = (t.clone(), ata.clone())  # its own slice, not the stack
+                    # its own copies: the stack's statistics are refilled next iteration
+                    s.statistics = (result.t[lo:hi].clone(), result.ata[lo:hi, lo:hi].clone())
             bar.update(1)
             if len(states) == 1:
                 bar.set_postfix(fit=f"{states[0].history.fit[-1]:.6f}")
@@ -378,6 +324,7 @@ def run_models(
     finally:
         bar.close()
     for s in states:
+        Stack.release(s)
         if s.active:
             s.history.stop_reason = "n_iter_max"
             s.active = False
@@ -402,6 +349,7 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
         "kernel": problem.kernel.name,
         "device": str(problem.device),
         "processes": problem.comm.world,
+        "graphed_iterations": state.graphed,
         "tol": settings.tol,
         "n_iter_max": settings.n_iter_max,
         "sweeps": settings.sweeps,

@@ -81,7 +81,8 @@ def pass_chunks(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The chunks of one pass, staged onto the kernel's GPU when it has one."""
     chunks = iterate_chunks(source, chunk_size)
-    if kern.device.type == "cuda":
+    on_device = str(getattr(source, "device", "cpu")) == str(kern.device)
+    if kern.device.type == "cuda" and not on_device:  # already there: views, nothing staged
         from ..staging import stage_to_device
 
         return stage_to_device(chunks, kern.device)

@@ -1,0 +1,215 @@
+"""One iteration of the models being fitted: a pass over the data, then the resident updates.
+
+The active models sit side by side in a :class:`Stack` (model ``k`` owns
+columns ``[lo_k, hi_k)`` of every factor). Every Gram-like matrix is then
+block diagonal (``Stack.mask``), so one solve, one MTTKRP and one HALS call
+serve all models, and the data is read once per iteration for all of them.
+
+:func:`step` changes the stack's tensors in place and allocates nothing that
+outlives it, so that on a GPU the same call can be captured once as a CUDA
+graph and replayed (``peekcore.solvers.graphs``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import ALS
+from .passes import check_finite, check_nonnegative, pass_chunks
+from .resident import als_solve, gram_inverse, hadamard, resident_mttkrp
+
+__all__ = ["Stack", "StepResult", "step"]
+
+
+@dataclass
+class Stack:
+    """The active models side by side.
+
+    Attributes
+    ----------
+    states : list of ModelState
+        In column order; their ``a`` and ``resident`` are views of the stack.
+    ranks : tuple of int
+    resident : list of torch.Tensor
+        ``I_m x R_total`` float64, updated in place by :func:`step`.
+    a : torch.Tensor
+        ``N x R_total`` sample factor in the compute dtype (rows written in place).
+    seg : torch.Tensor
+        ``R_total`` int64: the model of each column.
+    mask : torch.Tensor
+        ``R_total x R_total`` float64: 1 inside a model's diagonal block, else 0.
+    """
+
+    states: list
+    ranks: tuple[int, ...]
+    resident: list[torch.Tensor]
+    a: torch.Tensor
+    seg: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, states: list) -> Stack:
+        """Stack the factors of ``states`` (copies) and point the states at their columns."""
+        ranks = tuple(s.rank for s in states)
+        n_modes = len(states[0].resident)
+        resident = [torch.cat([s.resident[m] for s in states], dim=1) for m in range(n_modes)]
+        if len(states) == 1:
+            a = states[0].a = states[0].a.contiguous()  # kernels write rows in place
+        else:
+            a = torch.cat([s.a for s in states], 1)
+        dev = resident[0].device
+        seg = torch.repeat_interleave(
+            torch.arange(len(states), device=dev), torch.tensor(ranks, device=dev)
+        )
+        mask = (seg[:, None] == seg[None, :]).to(torch.float64)
+        stack = cls(list(states), ranks, resident, a, seg, mask)
+        lo = 0
+        for s in states:
+            hi = lo + s.rank
+            s.a = a[:, lo:hi] if len(states) > 1 else a
+            s.resident = [f[:, lo:hi] for f in resident]
+            lo = hi
+        return stack
+
+    def holds(self, states: list) -> bool:
+        """Whether this stack is exactly ``states``, in order."""
+        return len(states) == len(self.states) and all(
+            s is t for s, t in zip(states, self.states, strict=True)
+        )
+
+    def columns(self) -> list[tuple[int, int]]:
+        """``(lo, hi)`` of each model's columns."""
+        bounds = [0, *itertools.accumulate(self.ranks)]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the tensors :func:`step` changes (``a``, then ``resident``)."""
+        return [self.a.clone(), *(f.clone() for f in self.resident)]
+
+    @staticmethod
+    def release(state) -> None:
+        """Give a model that leaves the stack its own copies of its columns.
+
+        Otherwise its views would keep the whole stack alive (``N x R_total``)
+        after the others moved on to a new one.
+        """
+        state.a = state.a.contiguous()
+        state.resident = [f.contiguous() for f in state.resident]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        """Put back a :meth:`snapshot` (in place, so views and graphs stay valid)."""
+        for dst, src in zip([self.a, *self.resident], saved, strict=True):
+            dst.copy_(src)
+
+
+@dataclass
+class StepResult:
+    """What one iteration gives back.
+
+    Attributes
+    ----------
+    values : torch.Tensor
+        ``2K`` float64 on the device: for model ``k``, ``||X - M_k||^2`` at
+        ``2k`` and its count of all-zero columns at ``2k + 1`` (the one host
+        transfer of an iteration).
+    t : torch.Tensor
+        ``R_total x I_1 x ... x I_d`` float64, ``X x_0 A^T`` of the pass.
+    ata : torch.Tensor
+        ``R_total x R_total`` float64, ``A^T A`` of the pass (all blocks).
+    norm2 : float or None
+        ``||X||^2`` when this pass measured it.
+    """
+
+    values: torch.Tensor
+    t: torch.Tensor
+    ata: torch.Tensor
+    norm2: float | None = None
+
+
+def step(problem, stack: Stack, norm2: float | None) -> StepResult:
+    """One pass over the data and the resident updates of every stacked model.
+
+    With ``norm2=None`` the pass also measures ``||X||^2`` and vets every chunk
+    (NaN/Inf, and negative values for a nonnegative fit), which stops the host
+    at each chunk; otherwise nothing here waits for the device.
+
+    Parameters
+    ----------
+    problem : Problem
+    stack : Stack
+        Changed in place: ``a`` (by the pass) and ``resident``.
+    norm2 : float or None
+        ``||X||^2`` if known.
+
+    Returns
+    -------
+    StepResult
+    """
+    source, kern, settings = problem.source, problem.kernel, problem.settings
+    method = settings.method
+    dims = problem.shape[1:]
+    width = math.prod(dims)
+    n_modes = len(dims)
+    mask, seg, stacked = stack.mask, stack.seg, stack.resident
+    grams = [(f.T @ f) * mask for f in stacked]
+    g_full = hadamard(grams)
+    g = gram_inverse(g_full) if method == ALS else g_full
+    factors = kern.prepare_factors(stacked, settings.compute_dtype)
+    a = stack.a
+    r_total = a.shape[1]
+    stats = kern.new_statistics(r_total, width, settings.compute_dtype)
+    want_norm = norm2 is None
+    total = 0.0
+    for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
+        if want_norm and method != ALS:
+            check_nonnegative(chunk, offset)
+        n2 = kern.pass_chunk(
+            chunk.reshape(chunk.shape[0], width),
+            factors,
+            g,
+            a[offset : offset + chunk.shape[0]],
+            stats,
+            dims=dims,
+            update=method,
+            sweeps=settings.sweeps,
+            want_norm=want_norm,
+            blocks=stack.ranks,
+        )
+        if want_norm:
+            n2 = float(n2)
+            check_finite(n2, offset, chunk.shape[0])
+            total += n2
+    comm = problem.comm
+    comm.allreduce_(stats.t)  # a data-parallel fit sums its statistics here
+    comm.allreduce_(stats.ata)
+    measured = None
+    if want_norm:
+        norm2 = measured = comm.allreduce_scalar(total, problem.device)
+        if norm2 == 0.0:
+            raise ValueError("the data is all zeros: there is nothing to factor")
+    t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
+    ata = stats.ata * mask
+    for m in range(n_modes):
+        gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
+        mt = resident_mttkrp(t_all, stacked, m)
+        if method == ALS:
+            stacked[m].copy_(als_solve(mt, gm))
+        else:
+            stacked[m].copy_(kern.hals_update(stacked[m], mt, gm, settings.sweeps, stack.ranks))
+        grams[m] = (stacked[m].T @ stacked[m]) * mask
+    k_models = len(stack.ranks)
+    dev = mask.device
+    inner = torch.zeros(k_models, dtype=torch.float64, device=dev)
+    inner.index_add_(0, seg, torch.sum(mt * stacked[-1], dim=0))
+    model2 = torch.zeros(k_models, dtype=torch.float64, device=dev)
+    model2.index_add_(0, seg, torch.sum(hadamard([ata, *grams]), dim=1))
+    dead = torch.zeros(k_models, dtype=torch.float64, device=dev)
+    if method != ALS:  # a zero column has a zero Gram diagonal
+        for gram in (ata, *grams):
+            dead.index_add_(0, seg, (torch.diagonal(gram) <= 0).to(torch.float64))
+    values = torch.stack([norm2 - 2 * inner + model2, dead], dim=1).flatten()
+    return StepResult(values, t_all, stats.ata, measured)

@@ -1,0 +1,123 @@
+"""The stacked iteration: views into the stack, snapshots, release, graph eligibility."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+from peekcore.solvers.engine import new_state, prepare
+from peekcore.solvers.graphs import agree, graphs_allowed
+from peekcore.solvers.init import Initializer
+from peekcore.solvers.iteration import Stack, step
+
+
+def _setup(rng, ranks, method="als", shape=(31, 6, 5)):
+    x, _ = ref.low_rank(rng, shape, 3, noise=0.1)
+    x = np.abs(x) if method == "hals" else x
+    problem = prepare(
+        x,
+        method=method,
+        n_iter_max=10,
+        tol=0.0,
+        chunk_size=12,
+        max_chunk_bytes=None,
+        dtype=None,
+        device="cpu",
+        kernel=None,
+        sweeps=2,
+        checkpoint=None,
+        checkpoint_every=1,
+    )
+    init = Initializer(
+        "random",
+        problem.source,
+        nonneg=method == "hals",
+        chunk_size=12,
+        compute_dtype=problem.settings.compute_dtype,
+        device=problem.device,
+    )
+    states = [
+        new_state(init, r, seed, problem.settings.compute_dtype) for seed, r in enumerate(ranks)
+    ]
+    return x, problem, states
+
+
+def test_states_see_the_stack_through_views(rng):
+    _, problem, states = _setup(rng, [2, 3])
+    before = [[f.clone() for f in s.resident] for s in states]
+    stack = Stack.of(states)
+    assert stack.columns() == [(0, 2), (2, 5)]
+    assert stack.holds(states) and not stack.holds(states[::-1]) and not stack.holds(states[:1])
+    for s, old in zip(states, before, strict=True):
+        for f, g in zip(s.resident, old, strict=True):
+            torch.testing.assert_close(f, g)
+    stack.resident[0][:, 3] = 7.0  # the second model's second column
+    assert torch.all(states[1].resident[0][:, 1] == 7.0)
+    assert not torch.any(states[0].resident[0] == 7.0)
+
+
+def test_step_then_restore_gives_the_same_step_again(rng):
+    _, problem, states = _setup(rng, [1, 3])
+    stack = Stack.of(states)
+    first = step(problem, stack, None)  # measures ||X||^2
+    saved = stack.snapshot()
+    again = step(problem, stack, first.norm2)
+    moved = stack.snapshot()
+    assert not all(torch.equal(a, b) for a, b in zip(saved, moved, strict=True))
+    stack.restore(saved)
+    for a, b in zip(stack.snapshot(), saved, strict=True):
+        assert torch.equal(a, b)
+    third = step(problem, stack, first.norm2)
+    assert torch.equal(third.values, again.values)
+    for a, b in zip(stack.snapshot(), moved, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_residuals_equal_the_dense_residual(rng):
+    """values[2k] is ||X - M_k||^2 of the factors after the step, checked densely."""
+    x, problem, states = _setup(rng, [2, 4])
+    stack = Stack.of(states)
+    norm2 = float(np.sum(x**2))
+    result = step(problem, stack, norm2)
+    for k, s in enumerate(states):
+        factors = [s.a.double().numpy(), *(f.numpy() for f in s.resident)]
+        want = float(np.sum((x - ref.full(factors)) ** 2))
+        assert result.values[2 * k].item() == pytest.approx(want, rel=1e-9, abs=1e-9 * norm2)
+        assert result.values[2 * k + 1].item() == 0.0
+
+
+def test_a_model_that_leaves_owns_its_columns(rng):
+    _, problem, states = _setup(rng, [2, 3, 1])
+    stack = Stack.of(states)
+    Stack.release(states[1])
+    for f in (states[1].a, *states[1].resident):
+        assert f.is_contiguous()
+        assert f.untyped_storage().data_ptr() != stack.a.untyped_storage().data_ptr()
+        assert all(
+            f.untyped_storage().data_ptr() != g.untyped_storage().data_ptr() for g in stack.resident
+        )
+    kept = [f.clone() for f in states[1].resident]
+    step(problem, stack, 1.0)  # the stack moves on; the released model does not
+    for f, g in zip(states[1].resident, kept, strict=True):
+        assert torch.equal(f, g)
+
+
+def test_agree_asks_for_agreement_at_the_given_scale():
+    w = torch.tensor([1.0, -2.0, 4.0])
+    assert agree([w.clone()], [w], [None])
+    assert agree([w + 1e-6], [w], [None])
+    assert not agree([w + 1e-2], [w], [None])
+    assert agree([w + 1e-2], [w], [1e3])  # residuals are judged against ||X||^2
+    assert not agree([w * math.nan], [w], [None])
+    assert agree([torch.empty(0)], [torch.empty(0)], [None])
+
+
+def test_graphs_are_for_gpu_resident_data_only(rng, monkeypatch):
+    _, problem, _ = _setup(rng, [2])
+    assert not graphs_allowed(problem)  # a CPU fit
+    monkeypatch.setenv("PEEKCORE_CUDA_GRAPHS", "0")
+    assert not graphs_allowed(problem)
