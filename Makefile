@@ -54,6 +54,12 @@ cuda-check:
 	else set -e; tmp=$$(mktemp -d); for f in $(CU_FILES); do for arch in sm_80 sm_90; do \
 	  nvcc -std=c++17 -arch=$$arch -cubin -Icsrc/include -o $$tmp/out.cubin $$f; \
 	done; echo "cuda-check: $$f ok (sm_80, sm_90)"; done; rm -rf $$tmp; fi
+	@# the extension with its CUDA launchers (PEEKCORE_CUDA=ON): bindings and launchers agree
+	@if command -v nvcc >/dev/null && [ -n "$(CU_FILES)" ]; then set -e; tmp=$$(mktemp -d); \
+	  $(VENV)/bin/cmake -S . -B $$tmp -DPEEKCORE_CUDA=ON -DPEEKCORE_CUDA_ARCHITECTURES=90 \
+	    -Dpybind11_DIR=$$($(PY) -c "import pybind11; print(pybind11.get_cmake_dir())") \
+	    -DPython_EXECUTABLE=$(abspath $(PY)) >$$tmp.log 2>&1 && $(VENV)/bin/cmake --build $$tmp -j2 >>$$tmp.log 2>&1 \
+	  || { tail -40 $$tmp.log; exit 1; }; rm -rf $$tmp $$tmp.log; echo "cuda-check: extension with CUDA launchers builds"; fi
 
 pytest: setup
 	$(PY) -m pytest -q

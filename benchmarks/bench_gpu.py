@@ -239,32 +239,16 @@ def kernels_vs_torch(args) -> None:
     gi = torch.rand((32, 32), device=DEV, dtype=torch.float64)
     a = torch.rand((20000, 32), device=DEV)
     ones = torch.ones(32, dtype=torch.float64, device=DEV)
-    args_als = (
-        m,
-        np.int32(64),
-        ones,
-        gi,
-        np.int32(32),
-        np.int64(20000),
-        np.int32(0),
-        np.int32(1),
-        a,
-    )
-    args_hals = args_als[:6] + (np.int32(1), np.int32(5), a)
+
+    def rows_kernel(hals: bool) -> None:
+        kern.update_rows(m, ones, gi, a, (32,), hals=hals, sweeps=5 if hals else 1)
+
     out["update_rows_als"] = (
-        cuda_time(
-            lambda: kern._launch(
-                "peekcore::update_rows<float, float>", 157, 128, args_als, shared=8 * 32 * 32
-            )
-        ),
+        cuda_time(lambda: rows_kernel(False)),
         cuda_time(lambda: a.copy_((m[:, :32] + m[:, 32:]).double() @ gi)),
     )
     out["update_rows_hals"] = (
-        cuda_time(
-            lambda: kern._launch(
-                "peekcore::update_rows<float, float>", 157, 128, args_hals, shared=8 * 32 * 32
-            )
-        ),
+        cuda_time(lambda: rows_kernel(True)),
         cuda_time(
             lambda: hals_rows(a.double(), (m[:, :32] + m[:, 32:]).double(), gi, 5),
             repeats=3,

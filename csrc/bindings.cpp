@@ -154,10 +154,10 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("cuda_update_rows",
         [check](int double_rows, std::uintptr_t mm, int m_cols, std::uintptr_t inv_scale,
-                std::uintptr_t g, int R, long long rows, int hals, int sweeps, std::uintptr_t a,
-                std::uintptr_t stream) {
-          check(peekcore::cuda::update_rows(double_rows, mm, m_cols, inv_scale, g, R, rows, hals,
-                                            sweeps, a, stream),
+                std::uintptr_t g, std::uintptr_t offsets, int models, int max_width, int R,
+                long long rows, int hals, int sweeps, std::uintptr_t a, std::uintptr_t stream) {
+          check(peekcore::cuda::update_rows(double_rows, mm, m_cols, inv_scale, g, offsets, models,
+                                            max_width, R, rows, hals, sweeps, a, stream),
                 "update_rows");
         });
   m.def("cuda_split_rows",

@@ -102,6 +102,82 @@ def test_hals_update_kernel_matches_torch(rng, rank):
     assert _rel(got, want) < 1e-12
 
 
+WIDTHS = (5, 17, 1, 9, 64)  # models side by side: 96 columns, one at the kernel's limit
+
+
+def _block_diagonal_system(rng, rows, widths):
+    """MTTKRP split in two float32 terms, powers-of-two scales, a Gram whose
+    off-diagonal blocks hold garbage (the kernel must not read them)."""
+    rank = sum(widths)
+    m = torch.from_numpy(rng.random((rows, 2 * rank))).float()
+    inv_scale = torch.exp2(torch.from_numpy(rng.integers(-3, 4, rank)).double())
+    g = torch.from_numpy(rng.standard_normal((rank, rank))) * 1e3
+    lo = 0
+    for w in widths:
+        b = torch.from_numpy(rng.random((w + 7, w)))
+        g[lo : lo + w, lo : lo + w] = b.T @ b
+        lo += w
+    return m, inv_scale, g
+
+
+@pytest.mark.parametrize("hals", [False, True], ids=["als", "hals"])
+def test_update_rows_solves_each_model_from_its_own_block(rng, hals):
+    from peekcore.kernels.cuda import CudaKernel
+
+    kern = CudaKernel("cuda")
+    rows, rank = 301, sum(WIDTHS)
+    m, inv_scale, g = _block_diagonal_system(rng, rows, WIDTHS)
+    a0 = torch.from_numpy(rng.random((rows, rank))).float()
+    msum = (m[:, :rank].double() + m[:, rank:].double()) * inv_scale
+    want = torch.empty((rows, rank), dtype=torch.float64)
+    lo = 0
+    for w in WIDTHS:
+        blk = slice(lo, lo + w)
+        if hals:
+            want[:, blk] = hals_rows(a0[:, blk].double().clone(), msum[:, blk], g[blk, blk], 3)
+        else:
+            want[:, blk] = msum[:, blk] @ g[blk, blk]
+        lo += w
+    a = a0.clone() if hals else torch.full((rows, rank), float("nan"))  # ALS writes every entry
+    a = a.cuda()
+    kern.update_rows(
+        m.cuda(), inv_scale.cuda(), g.cuda(), a, WIDTHS, hals=hals, sweeps=3 if hals else 1
+    )
+    assert not torch.isnan(a).any()
+    assert _rel(a, want) < 1e-6
+
+
+def test_hals_update_kernel_handles_models_side_by_side(rng):
+    from peekcore.kernels.cuda import CudaKernel
+
+    kern = CudaKernel("cuda")
+    rank = sum(WIDTHS)
+    _, _, g = _block_diagonal_system(rng, 1, WIDTHS)
+    f = torch.from_numpy(rng.random((203, rank)))
+    m = torch.from_numpy(rng.random((203, rank)) * 10)
+    want = f.clone()
+    lo = 0
+    for w in WIDTHS:
+        blk = slice(lo, lo + w)
+        want[:, blk] = hals_rows(f[:, blk].clone(), m[:, blk], g[blk, blk], 4)
+        lo += w
+    got = kern.hals_update(f.cuda(), m.cuda(), g.cuda(), 4, blocks=WIDTHS)
+    assert _rel(got, want) < 1e-12
+
+
+def test_nonnegative_sweep_wider_than_one_kernel_row_matches_cpu(rng):
+    """72 stacked columns (> 64, the row kernel's width): each model still runs in the
+    kernel, from its own block; the sweep equals the CPU float64 sweep."""
+    from peekcore.sweep import rank_sweep
+
+    x = np.abs(rng.standard_normal((230, 11, 9)))
+    kw = dict(n_iter_max=6, tol=0, method="ncp", progress=False)
+    cpu = rank_sweep(x, range(1, 9), 2, **kw)
+    gpu = rank_sweep(torch.from_numpy(x).float().cuda(), range(1, 9), 2, device="cuda", **kw)
+    assert gpu.models[0][0].metadata["kernel"] == "cuda"
+    np.testing.assert_allclose(gpu.fit, cpu.fit, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("stored", STORED, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("method", ["cp_als", "ncp_hals"])
 def test_fit_on_gpu_matches_cpu(rng, stored, method):

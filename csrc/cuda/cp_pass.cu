@@ -7,8 +7,9 @@
 //                      half terms [KR_0 | KR_1 | ...] (J x terms*R) so that a
 //                      half GEMM keeps about 22 (float16, 2 terms) or 24
 //                      (bfloat16, 3 terms) bits of the float64 factors
-//   update_rows        rows of a factor from their MTTKRP: ALS (M G^-1) or HALS
-//                      sweeps, one thread per row, float64, G in shared memory
+//   update_rows        rows of the factors of models side by side from their
+//                      MTTKRP: ALS (M G^-1) or HALS sweeps, one thread per row
+//                      and model, float64, the model's block of G in shared memory
 //   split_rows<O>      A (b x R, float32) -> its half terms (b x terms*R), scaled
 //   add_split          T (R x J) += (sum of the terms of P) * inv_scale  per row
 // Layouts are row-major; J is the product of the resident dimensions.
@@ -103,44 +104,54 @@ __global__ void khatri_rao(const unsigned long long* __restrict__ factor_ptrs,
   split_value(v, terms, R, out + j * terms * R + r);
 }
 
-// Rows of a factor from their MTTKRP, one thread per row, in float64.
+// Rows of the factors of K models side by side, from their MTTKRP, in float64:
+// model k owns columns [offsets[k], offsets[k+1]) of a, m (in each term) and g,
+// whose off-diagonal blocks are not read. Grid: x over rows (one thread per
+// row), y over the K models; each block keeps its model's block of g in shared
+// memory (8 * width^2 bytes for the widest model).
 // Input: m (rows x m_cols, M_T; m_cols = terms * R, the terms are summed),
-//        inv_scale (R), g (R x R float64: G^-1 for ALS, G for HALS).
+//        inv_scale (R), g (R x R float64: G^-1 for ALS, G for HALS),
+//        offsets (K + 1 int, offsets[K] = R).
 // In/out: a (rows x R, float32 or float64 as A_T): HALS reads the old rows.
-// Assumes R <= kMaxRank (the Python side falls back to torch above it).
+// Assumes every model's width <= kMaxRank (the Python side falls back to torch).
 constexpr int kMaxRank = 64;
 template <typename M_T, typename A_T>
 __global__ void update_rows(const M_T* __restrict__ m, int m_cols,
                             const double* __restrict__ inv_scale, const double* __restrict__ g,
-                            int R, long long rows, int hals, int sweeps, A_T* __restrict__ a) {
+                            const int* __restrict__ offsets, int R, long long rows, int hals,
+                            int sweeps, A_T* __restrict__ a) {
   extern __shared__ double g_sh[];
-  for (int k = threadIdx.x; k < R * R; k += blockDim.x) g_sh[k] = g[k];
+  const int lo = offsets[blockIdx.y];
+  const int w = offsets[blockIdx.y + 1] - lo;
+  for (int e = threadIdx.x; e < w * w; e += blockDim.x) g_sh[e] = g[(lo + e / w) * R + lo + e % w];
   __syncthreads();
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows) return;
+  const M_T* mi_row = m + i * m_cols + lo;
+  A_T* ai_row = a + i * R + lo;
   double mi[kMaxRank];
   double ai[kMaxRank];
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < w; ++r) {
     double v = 0.0;
-    for (int c = r; c < m_cols; c += R) v += static_cast<double>(m[i * m_cols + c]);
-    mi[r] = v * inv_scale[r];
+    for (int c = r; c < m_cols; c += R) v += static_cast<double>(mi_row[c]);
+    mi[r] = v * inv_scale[lo + r];
   }
   if (!hals) {
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < w; ++r) {
       double acc = 0.0;
-      for (int k = 0; k < R; ++k) acc += mi[k] * g_sh[k * R + r];
+      for (int k = 0; k < w; ++k) acc += mi[k] * g_sh[k * w + r];
       ai[r] = acc;
     }
   } else {
-    for (int r = 0; r < R; ++r) ai[r] = to_double(a[i * R + r]);
+    for (int r = 0; r < w; ++r) ai[r] = to_double(ai_row[r]);
     for (int s = 0; s < sweeps; ++s)
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < w; ++r) {
         double resid = mi[r];
-        for (int k = 0; k < R; ++k) resid -= ai[k] * g_sh[k * R + r];
-        ai[r] = hals_step(ai[r], resid, g_sh[r * R + r]);
+        for (int k = 0; k < w; ++k) resid -= ai[k] * g_sh[k * w + r];
+        ai[r] = hals_step(ai[r], resid, g_sh[r * w + r]);
       }
   }
-  for (int r = 0; r < R; ++r) a[i * R + r] = static_cast<A_T>(ai[r]);
+  for (int r = 0; r < w; ++r) ai_row[r] = static_cast<A_T>(ai[r]);
 }
 
 // Input: a (rows x R float32), scale (R, powers of two).
@@ -185,10 +196,10 @@ template __global__ void khatri_rao<__nv_bfloat16>(const unsigned long long*, co
                                                    int, long long, const double*, int,
                                                    __nv_bfloat16*);
 template __global__ void update_rows<float, float>(const float*, int, const double*, const double*,
-                                                   int, long long, int, int, float*);
+                                                   const int*, int, long long, int, int, float*);
 template __global__ void update_rows<double, double>(const double*, int, const double*,
-                                                     const double*, int, long long, int, int,
-                                                     double*);
+                                                     const double*, const int*, int, long long, int,
+                                                     int, double*);
 template __global__ void split_rows<__half>(const float*, const float*, int, long long, int,
                                             __half*);
 template __global__ void split_rows<__nv_bfloat16>(const float*, const float*, int, long long, int,

@@ -70,18 +70,18 @@ int khatri_rao(int out_type, std::uintptr_t factor_ptrs, std::uintptr_t dims, in
 }
 
 int update_rows(int double_rows, std::uintptr_t m, int m_cols, std::uintptr_t inv_scale,
-                std::uintptr_t g, int R, long long rows, int hals, int sweeps, std::uintptr_t a,
-                std::uintptr_t stream) {
-  const dim3 grid(blocks_for(rows, 128)), block(128);
-  const size_t shared = sizeof(double) * R * R;
+                std::uintptr_t g, std::uintptr_t offsets, int models, int max_width, int R,
+                long long rows, int hals, int sweeps, std::uintptr_t a, std::uintptr_t stream) {
+  const dim3 grid(blocks_for(rows, 128), static_cast<unsigned>(models)), block(128);
+  const size_t shared = sizeof(double) * max_width * max_width;
   if (double_rows) {
     peekcore::update_rows<double, double><<<grid, block, shared, as_stream(stream)>>>(
-        ptr<const double>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g), R, rows,
-        hals, sweeps, ptr<double>(a));
+        ptr<const double>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g),
+        ptr<const int>(offsets), R, rows, hals, sweeps, ptr<double>(a));
   } else {
     peekcore::update_rows<float, float><<<grid, block, shared, as_stream(stream)>>>(
-        ptr<const float>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g), R, rows,
-        hals, sweeps, ptr<float>(a));
+        ptr<const float>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g),
+        ptr<const int>(offsets), R, rows, hals, sweeps, ptr<float>(a));
   }
   return static_cast<int>(cudaGetLastError());
 }

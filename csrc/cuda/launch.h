@@ -19,8 +19,8 @@ int khatri_rao(int out_type, std::uintptr_t factor_ptrs, std::uintptr_t dims, in
                std::uintptr_t stream);
 // double_rows: m and a are float64 (else float32)
 int update_rows(int double_rows, std::uintptr_t m, int m_cols, std::uintptr_t inv_scale,
-                std::uintptr_t g, int R, long long rows, int hals, int sweeps, std::uintptr_t a,
-                std::uintptr_t stream);
+                std::uintptr_t g, std::uintptr_t offsets, int models, int max_width, int R,
+                long long rows, int hals, int sweeps, std::uintptr_t a, std::uintptr_t stream);
 int split_rows(int out_type, std::uintptr_t a, std::uintptr_t scale, int R, long long rows,
                int terms, std::uintptr_t out, std::uintptr_t stream);
 int add_split(std::uintptr_t p, std::uintptr_t inv_scale, int R, long long J, int terms,

@@ -196,14 +196,84 @@ class CudaKernel(PassKernel):
             c.cuda_sum_squares(code, a[0], a[1], a[2], int(grid), stream)
         elif kind == "khatri_rao":
             c.cuda_khatri_rao(code, *a, stream)
-        elif kind == "update_rows":
-            c.cuda_update_rows(int(code == 3), *a, stream)
         elif kind == "split_rows":
             c.cuda_split_rows(code, *a, stream)
         elif kind == "add_split":
             c.cuda_add_split(*a, stream)
         else:  # pragma: no cover - a kernel added without a launcher
             raise NotImplementedError(f"no extension launcher for {name}")
+
+    def _offsets(self, widths: tuple[int, ...]) -> torch.Tensor:
+        """Device int32 column offsets of models of ``widths`` side by side (cached)."""
+        table = self._tables.get(("offsets", widths))
+        if table is None:
+            bounds = [0]
+            for w in widths:
+                bounds.append(bounds[-1] + w)
+            table = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+            self._tables[("offsets", widths)] = table
+        return table
+
+    def update_rows(
+        self,
+        m: torch.Tensor,
+        inv_scale: torch.Tensor,
+        g: torch.Tensor,
+        a: torch.Tensor,
+        widths: tuple[int, ...],
+        *,
+        hals: bool,
+        sweeps: int,
+    ) -> None:
+        """Rows of ``a`` from their MTTKRP ``m`` by the ``update_rows`` kernel (in place).
+
+        ``a`` (``rows x R``) holds models of ``widths`` side by side; each model
+        uses only its diagonal block of ``g`` (``R x R`` float64). ``m`` is
+        ``rows x terms*R`` (the terms are summed, times ``inv_scale``). ``a`` and
+        ``m`` are both float32 or both float64; every width is at most
+        ``MAX_RANK``.
+        """
+        rank, rows = a.shape[1], a.shape[0]
+        widest = max(widths)
+        offsets = self._offsets(widths)
+        double = a.dtype == torch.float64
+        if self.backend == "extension":
+            self.core.cuda_update_rows(
+                int(double),
+                m.data_ptr(),
+                m.shape[1],
+                inv_scale.data_ptr(),
+                g.data_ptr(),
+                offsets.data_ptr(),
+                len(widths),
+                widest,
+                rank,
+                rows,
+                int(hals),
+                sweeps,
+                a.data_ptr(),
+                torch.cuda.current_stream(self.device).cuda_stream,
+            )
+            return
+        kind = "double, double" if double else "float, float"
+        self._launch(
+            f"peekcore::update_rows<{kind}>",
+            (_blocks(rows, 128), len(widths)),
+            128,
+            (
+                m,
+                _i32(m.shape[1]),
+                inv_scale,
+                g,
+                offsets,
+                _i32(rank),
+                _i64(rows),
+                _i32(int(hals)),
+                _i32(sweeps),
+                a,
+            ),
+            shared=8 * widest * widest,
+        )
 
     # -- contract -----------------------------------------------------------
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> _Factors:
@@ -270,8 +340,9 @@ class CudaKernel(PassKernel):
         blocks: tuple[int, ...] | None = None,
     ) -> float | torch.Tensor:
         rank = a_rows.shape[1]
+        widths = tuple(blocks) if blocks else (rank,)
         # float64 accumulation, or HALS rows wider than the row kernel: the torch path
-        if stats.t.dtype != torch.float32 or (update != ALS and rank > MAX_RANK):
+        if stats.t.dtype != torch.float32 or (update != ALS and max(widths) > MAX_RANK):
             return self._reference.pass_chunk(
                 chunk,
                 factors.f64,
@@ -305,24 +376,8 @@ class CudaKernel(PassKernel):
             # one float64 GEMM beats the one-thread-per-row kernel here (benchmarks/bench_gpu.py)
             m64 = m.view(rows, -1, rank).sum(dim=1, dtype=torch.float64) * inv_kr_scale
             a_rows.copy_(m64 @ g)
-        else:
-            self._launch(
-                "peekcore::update_rows<float, float>",
-                _blocks(rows, 128),
-                128,
-                (
-                    m,
-                    _i32(m.shape[1]),
-                    inv_kr_scale,
-                    g,
-                    _i32(rank),
-                    _i64(rows),
-                    _i32(1),
-                    _i32(sweeps),
-                    a_rows,
-                ),
-                shared=8 * rank * rank,
-            )
+        else:  # every model's rows from its own block of G, one launch
+            self.update_rows(m, inv_kr_scale, g, a_rows, widths, hals=True, sweeps=sweeps)
         a64 = a_rows.to(torch.float64)
         stats.ata.addmm_(a64.T, a64)
         if half:
@@ -356,41 +411,23 @@ class CudaKernel(PassKernel):
         blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         rank = f.shape[1]
-        if f.dtype != torch.float64:
-            return super().hals_update(f, m, g, sweeps, blocks)
-        out = f.contiguous().clone()
-        m = m.contiguous()
-        g = g.contiguous()
-        lo = 0
-        for width in blocks if blocks and len(blocks) > 1 else (rank,):
-            hi = lo + width
-            if width > MAX_RANK:  # wider than the row kernel holds: the torch reference
+        widths = tuple(blocks) if blocks else (rank,)
+        if f.dtype != torch.float64 or max(widths) > MAX_RANK:
+            # wider than the row kernel holds: the torch reference, model by model
+            out = f.clone()
+            lo = 0
+            for w in widths:
+                hi = lo + w
                 out[:, lo:hi] = super().hals_update(
                     out[:, lo:hi], m[:, lo:hi], g[lo:hi, lo:hi], sweeps
                 )
-            else:
-                part = out if width == rank else out[:, lo:hi].contiguous()
-                ones = torch.ones(width, dtype=torch.float64, device=self.device)
-                self._launch(
-                    "peekcore::update_rows<double, double>",
-                    _blocks(out.shape[0], 128),
-                    128,
-                    (
-                        m if width == rank else m[:, lo:hi].contiguous(),
-                        _i32(width),
-                        ones,
-                        g if width == rank else g[lo:hi, lo:hi].contiguous(),
-                        _i32(width),
-                        _i64(out.shape[0]),
-                        _i32(1),
-                        _i32(sweeps),
-                        part,
-                    ),
-                    shared=8 * width * width,
-                )
-                if part is not out:
-                    out[:, lo:hi] = part
-            lo = hi
+                lo = hi
+            return out
+        out = f.contiguous().clone()
+        ones = torch.ones(rank, dtype=torch.float64, device=self.device)
+        self.update_rows(
+            m.contiguous(), ones, g.contiguous(), out, widths, hals=True, sweeps=sweeps
+        )
         return out
 
     def synchronize(self) -> None:
