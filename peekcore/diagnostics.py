@@ -384,14 +384,25 @@ def least_squares_core(t: Any, ata: Any, resident_factors: Sequence[Any]) -> np.
     return _core(t, ata, factors)
 
 
-def _core(t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+def _core(
+    t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray], scale: np.ndarray | None = None
+) -> np.ndarray:
+    """``G`` of :func:`least_squares_core`, with mode 0 of ``t`` and ``ata`` scaled by ``scale``.
+
+    The mode products commute, so the resident modes shrink ``t`` first (the
+    largest first: each product costs R x the current size) and the sample
+    mode's scale and ``(A^T A)^+`` act on the ``R x ... x R`` result, never on
+    the ``R x I_1 x ... x I_d`` statistics.
+    """
     rank = t.shape[0]
-    g = (np.linalg.pinv(ata, hermitian=True) @ t.reshape(rank, -1)).reshape(t.shape)
-    # shrink the largest modes first: each product costs R * (current size of g)
+    g = t
     for k in sorted(range(1, g.ndim), key=lambda k: -g.shape[k]):
         pinv = np.linalg.pinv(factors[k - 1])  # R x I_k
         g = np.moveaxis(np.tensordot(pinv, g, axes=([1], [k])), 0, k)
-    return g
+    if scale is not None:
+        ata = np.outer(scale, scale) * ata
+        g = scale.reshape((rank,) + (1,) * (g.ndim - 1)) * g
+    return (np.linalg.pinv(ata, hermitian=True) @ g.reshape(rank, -1)).reshape(g.shape)
 
 
 def core_consistency(
@@ -459,16 +470,13 @@ def _normalized_core(
     t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray], w: np.ndarray
 ) -> np.ndarray:
     """The least-squares core after unit-norm resident columns (scales absorbed into ``A``)."""
-    rank = t.shape[0]
     scale = w.copy()
     unit = []
     for f in factors:
         norms = np.linalg.norm(f, axis=0)
         unit.append(f / np.where(norms > 0, norms, 1.0))
         scale = scale * norms
-    t = scale.reshape((rank,) + (1,) * (t.ndim - 1)) * t
-    ata = np.outer(scale, scale) * ata
-    return _core(t, ata, unit)
+    return _core(t, ata, unit, scale)
 
 
 def _consistencies(g: np.ndarray) -> dict[str, float]:
