@@ -16,6 +16,7 @@ of hanging.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterator
@@ -122,6 +123,15 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # peekcore made the group, so peekcore takes it down: a process that exits
+    # with a live gloo group can abort in its threads' destructors ("terminate
+    # called without an active exception"), failing a fit that had finished
+    atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def communicator(distributed: bool | None, n: int) -> Communicator:
