@@ -121,3 +121,81 @@ def test_graphs_are_for_gpu_resident_data_only(rng, monkeypatch):
     assert not graphs_allowed(problem)  # a CPU fit
     monkeypatch.setenv("PEEKCORE_CUDA_GRAPHS", "0")
     assert not graphs_allowed(problem)
+
+
+# ------------------------------------------- capture_step's control flow, without a GPU
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: capture runs the step eagerly, replay
+    applies ``bad`` (a stand-in for a graph that reads stale buffers)."""
+
+    bad = None
+    stack = None
+
+    def replay(self):
+        if _FakeGraph.bad is not None:
+            _FakeGraph.bad(_FakeGraph.stack)
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import contextlib
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "current_stream", lambda *a, **k: _FakeStream())
+    monkeypatch.setattr(cuda, "Stream", lambda *a, **k: _FakeStream())
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(cuda, "graph", lambda g, **k: contextlib.nullcontext())
+    _FakeGraph.bad = None
+    yield _FakeGraph
+    _FakeGraph.bad = _FakeGraph.stack = None
+
+
+def _reference_step(rng_seed):
+    """The eager outcome of the second iteration, from a fresh identical setup."""
+    rng = np.random.default_rng(rng_seed)
+    _, problem, states = _setup(rng, [2, 3])
+    stack = Stack.of(states)
+    norm2 = step(problem, stack, None).norm2
+    result = step(problem, stack, norm2)
+    return result.values.clone(), stack.snapshot()
+
+
+@pytest.mark.parametrize("failure", [None, "capture", "disagreement"])
+def test_capture_step_leaves_the_eager_outcome(fake_cuda, monkeypatch, failure):
+    from peekcore.solvers import graphs
+
+    want_values, want_state = _reference_step(5)
+    rng = np.random.default_rng(5)
+    _, problem, states = _setup(rng, [2, 3])
+    stack = Stack.of(states)
+    norm2 = step(problem, stack, None).norm2
+    fake_cuda.stack = stack
+    if failure == "capture":
+
+        def broken(g, **k):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(torch.cuda, "graph", broken)
+    elif failure == "disagreement":
+        fake_cuda.bad = lambda s: s.resident[0].add_(1.0)
+    if failure is None:
+        graphed, result = graphs.capture_step(problem, stack, norm2)
+        assert graphed is not None
+    else:
+        with pytest.warns(RuntimeWarning, match="CUDA-graph replay"):
+            graphed, result = graphs.capture_step(problem, stack, norm2)
+        assert graphed is None
+    torch.testing.assert_close(result.values, want_values, rtol=1e-12, atol=0)
+    for got, want in zip(stack.snapshot(), want_state, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # the states see the outcome through their views
+    torch.testing.assert_close(states[1].resident[0], want_state[1][:, 2:5], rtol=1e-12, atol=0)
