@@ -66,6 +66,7 @@ pytest: setup
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_modes.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_store_fit.py

@@ -306,3 +306,59 @@ def test_native_pass_is_exact_for_any_team(env):
         check=True,
     )
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-10
+
+
+# ------------------------------------------- the native pass merges trailing modes
+
+
+def test_trailing_modes_are_merged_where_the_leading_rows_allow():
+    from peekcore.kernels.native import MIN_LEADING_ROWS, trailing_start
+
+    assert MIN_LEADING_ROWS == 64
+    assert trailing_start([256, 196]) == 1  # 3-way: nothing to merge
+    assert trailing_start([256, 14, 14]) == 1  # C x (H*W)
+    assert trailing_start([8, 9, 3, 4]) == 2  # (8*9) x (3*4)
+    assert trailing_start([3, 64, 64]) == 2  # 3 rows are too few to share: C*H x W
+    assert trailing_start([2, 3, 4]) == 2  # never enough rows: the last mode alone
+
+
+def test_khatri_rao_orders_rows_like_a_row_major_reshape(rng):
+    from peekcore.kernels.native import khatri_rao
+
+    fs = [torch.from_numpy(rng.standard_normal((n, 3))) for n in (2, 4, 5)]
+    got = khatri_rao(fs)
+    want = np.einsum("ir,jr,kr->ijkr", *(f.numpy() for f in fs)).reshape(-1, 3)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("shape", "min_rows"),
+    [
+        ((23, 70, 3, 4), 64),  # real rule: 70 x (3*4)
+        ((19, 65, 2, 3, 2), 64),  # real rule: 65 x (2*3*2), three modes merged
+        ((21, 4, 3, 5, 2), 2),  # forced: 4 x (3*5*2)
+        ((21, 4, 3, 5, 2), 12),  # forced: (4*3) x (5*2)
+    ],
+    ids=["4way", "5way", "5way-merge3", "5way-merge2"],
+)
+@pytest.mark.parametrize("method", ["cp_als", "ncp_hals"])
+def test_merged_trailing_modes_give_the_same_fit(monkeypatch, rng, shape, min_rows, method):
+    """The native pass on merged modes against the torch reference pass (float64)."""
+    import peekcore.kernels.native as native
+
+    if "native" not in peekcore.kernels.names():
+        pytest.skip("native extension not built")
+    monkeypatch.setattr(native, "MIN_LEADING_ROWS", min_rows)
+    assert native.trailing_start(list(shape[1:])) < len(shape) - 2  # something is merged
+    x = np.abs(ref.low_rank(rng, shape, 3, noise=0.2)[0])
+    fit = getattr(peekcore, method)
+    kw = dict(n_iter_max=8, tol=0, random_state=2, chunk_size=7, progress=False)
+    got = fit(x, 3, kernel="native", **kw)
+    want = fit(x, 3, kernel="torch", **kw)
+    assert _rel(got.weights, want.weights) < 1e-10
+    for a, b in zip(got.factors, want.factors, strict=True):
+        assert _rel(a, b) < 1e-10
+    # half storage through the merged path: as float32 of the same values
+    half = fit(torch.from_numpy(x).half(), 3, kernel="native", **kw)
+    same = fit(torch.from_numpy(x).half().float(), 3, kernel="native", **kw)
+    assert _rel(half.weights, same.weights) < 1e-5

@@ -18,6 +18,37 @@ STORAGE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.fl
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 
+#: fewest rows P = I_1 * ... * I_{t-1} the leading modes may keep: the threads
+#: share a block by ranges of these rows
+MIN_LEADING_ROWS = 64
+
+
+def trailing_start(dims: list[int]) -> int:
+    """Where the trailing group of resident modes starts (index into ``dims``).
+
+    The pass contracts the trailing group first, as one matrix product over
+    ``K = I_t * ... * I_d`` per row of the leading modes. A small K starves
+    that product: an ``N x C x H x W`` layer contracted over W = 14 alone ran
+    3.5x slower than the same data folded to ``N x C x (H*W)``. So the trailing
+    group is as large as possible while the leading modes keep at least
+    ``MIN_LEADING_ROWS`` rows for the threads to share; 3-way data is unchanged.
+    """
+    lead = 1
+    for t in range(1, len(dims)):
+        lead *= dims[t - 1]
+        if lead >= MIN_LEADING_ROWS:
+            return t
+    return len(dims) - 1
+
+
+def khatri_rao(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Khatri-Rao product ``I_1 * ... * I_k x R`` of ``I_m x R`` factors, the last fastest."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
+    return out
+
+
 def _numpy_view(x: torch.Tensor) -> np.ndarray:
     """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its int16 bits)."""
     if x.dtype == torch.bfloat16:
@@ -38,7 +69,14 @@ class NativeKernel(PassKernel):
         self.block_bytes = int(block_bytes)
 
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> list:
-        return [f.to(dtype=dtype).contiguous().numpy() for f in factors]
+        """The factors the C++ pass contracts, trailing modes merged (see ``trailing_start``).
+
+        Merged modes travel as their Khatri-Rao product (formed in float64, one
+        rounding to ``dtype``); ``pass_chunk`` reads the grouped sizes from them.
+        """
+        t = trailing_start([f.shape[0] for f in factors])
+        merged = khatri_rao([f.to(torch.float64) for f in factors[t:]])
+        return [f.to(dtype=dtype).contiguous().numpy() for f in (*factors[:t], merged)]
 
     def hals_update(
         self,
@@ -80,7 +118,7 @@ class NativeKernel(PassKernel):
         norm2 = self._core.pass_chunk(
             _numpy_view(x.reshape(x.shape[0], -1)),
             STORAGE_CODES[x.dtype],
-            list(dims),
+            [f.shape[0] for f in factors],  # the modes as prepare_factors grouped them
             factors,
             g.contiguous().numpy(),
             out.numpy(),
