@@ -362,3 +362,23 @@ def test_merged_trailing_modes_give_the_same_fit(monkeypatch, rng, shape, min_ro
     half = fit(torch.from_numpy(x).half(), 3, kernel="native", **kw)
     same = fit(torch.from_numpy(x).half().float(), 3, kernel="native", **kw)
     assert _rel(half.weights, same.weights) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank"),
+    [((29, 7, 131), 8), ((29, 7, 67), 3), ((29, 7, 67), 1), ((29, 7, 14), 8), ((29, 7, 14), 1)],
+    ids=["narrow-r8", "narrow-r3", "narrow-r1", "wide-short-rows-r8", "narrow-short-rows-r1"],
+)
+def test_float32_pass_for_narrow_ranks_matches_dense_als(rng, shape, rank):
+    """R <= 8 takes the narrow or the wide AVX-512 kernel by the length of the rows
+    (``narrow_pays`` in csrc/cpu/cp_pass.cpp); both against dense float64 ALS."""
+    if "native" not in peekcore.kernels.names():
+        pytest.skip("native extension not built")
+    x, _ = ref.low_rank(rng, shape, rank, noise=0.2)
+    init = _random_init(rng, shape, rank)
+    w_want, f_want = normalize_factors(ref.als(x, init.factors, n_iter=8))
+    kw = dict(n_iter_max=8, tol=0, init=init, kernel="native", chunk_size=11, progress=False)
+    model = peekcore.cp_als(x.astype(np.float32), rank, **kw)
+    assert _rel(model.weights, w_want) < 1e-4
+    for got, exp in zip(model.factors, f_want, strict=True):
+        assert _rel(got, exp) < 1e-4

@@ -303,6 +303,17 @@ __attribute__((target("avx512f"))) void narrow_avx512(const float* x, std::int64
 }
 
 constexpr int kNarrowRank = 8;
+
+// Whether the narrow kernel beats the wide one for rows of K values and R <= 8
+// columns. Per row the wide kernel spends about 2 K operations (a broadcast and
+// an FMA per k); the narrow one about ceil(K / 16) (1 + 4 R / 3) vector
+// operations plus 17 R to sum the lanes of its R accumulators. The sums make
+// it lose on short rows: a 14 x 14 map contracted over 14 values ran 2x slower.
+inline bool narrow_pays(std::int64_t K, int R) {
+  const double narrow = static_cast<double>((K + 15) / 16) * (1.0 + 4.0 * R / 3.0) + 17.0 * R;
+  return narrow < 2.0 * static_cast<double>(K);
+}
+
 using NarrowFn = void (*)(const float*, std::int64_t, std::int64_t, const float*, std::int64_t,
                           float*);
 constexpr NarrowFn kNarrow[kNarrowRank + 1] = {
@@ -311,7 +322,7 @@ constexpr NarrowFn kNarrow[kNarrowRank + 1] = {
 #endif
 
 // W = X F_d for every block of a pass: the kernels above for float
-// on AVX-512 (narrow ones for R <= 8, else R <= 64), else BLAS.
+// on AVX-512 (narrow ones for R <= 8 where narrow_pays, else R <= 64), else BLAS.
 template <typename T>
 class LastModeProduct {
  public:
@@ -319,7 +330,7 @@ class LastModeProduct {
 #ifdef PEEK_X86
     if constexpr (std::is_same_v<T, float>) {
       rz_ = (R + 15) / 16;
-      if (R <= kNarrowRank && cpu_has_avx512f()) {
+      if (R <= kNarrowRank && narrow_pays(K, R) && cpu_has_avx512f()) {
         kpad_ = (K + 15) / 16 * 16;  // F^T, zero-padded rows
         fpad_.assign(static_cast<std::size_t>(R * kpad_), 0.0f);
         for (std::int64_t k = 0; k < K; ++k)
