@@ -519,6 +519,10 @@ void add_gram(const PassArgs<T>& args, const T* a, std::int64_t nb) {
 
 }  // namespace
 
+// Largest block share of one thread that the 2 R floor on the samples per
+// block may ask for (bytes of decoded scratch).
+constexpr std::int64_t kMaxShareBytes = std::int64_t{64} << 20;
+
 // One OpenMP team shares every block (see the file comment); the split of the
 // columns depends only on the thread count, so results are reproducible for
 // a given count. BLAS runs single-threaded inside the team: one threading
@@ -541,10 +545,16 @@ double pass_chunk(const PassArgs<T>& args) {
   static std::once_flag blas_single;
   std::call_once(blas_single, [] { scipy_openblas_set_num_threads(1); });
   const int threads = static_cast<int>(std::min<std::int64_t>(max_threads(), P));
-  // Samples per block: the block's share of one thread fills block_bytes.
+  // Samples per block: the block's share of one thread fills block_bytes, but
+  // at least 2 R samples (with at most kMaxShareBytes of scratch): every block
+  // reads and writes the thread's R rows of T once, so blocks of fewer samples
+  // move more bytes of T than of X. A 64 x 112 x 112 map (J = 802,816) got
+  // blocks of 2 samples from block_bytes alone.
   const std::int64_t share = (J + threads - 1) / threads;
-  const std::int64_t bs = std::clamp<std::int64_t>(
-      args.block_bytes / static_cast<std::int64_t>(share * sizeof(T)), 1, args.rows);
+  const std::int64_t share_bytes = share * static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t fill = args.block_bytes / share_bytes;
+  const std::int64_t floor_rows = std::min<std::int64_t>(2 * R, kMaxShareBytes / share_bytes);
+  const std::int64_t bs = std::clamp<std::int64_t>(std::max(fill, floor_rows), 1, args.rows);
   const std::int64_t blocks = (args.rows + bs - 1) / bs;
 
   const std::vector<T> kr = khatri_rao_leading(args);
