@@ -49,7 +49,7 @@ def main() -> None:
                 case[name] = per_iteration(model)
                 case[f"{name}_fit"] = model.fit
             native.MIN_LEADING_ROWS = merged_rule
-            k = native.trailing_start(list(shape[1:]))
+            k = native.trailing_start(list(shape[1:]), peekcore.build_info()["max_threads"])
             case["grouping"] = f"{shape[1:][:k]} x {shape[1:][k:]}"
             res["cases"].append(case)
             rows.append(

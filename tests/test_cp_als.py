@@ -320,6 +320,9 @@ def test_trailing_modes_are_merged_where_the_leading_rows_allow():
     assert trailing_start([8, 9, 3, 4]) == 2  # (8*9) x (3*4)
     assert trailing_start([3, 64, 64]) == 2  # 3 rows are too few to share: C*H x W
     assert trailing_start([2, 3, 4]) == 2  # never enough rows: the last mode alone
+    # a wide machine keeps 4 rows per thread: 64 x 56 x 56 on 128 threads
+    assert trailing_start([64, 56, 56], threads=2) == 1
+    assert trailing_start([64, 56, 56], threads=128) == 2
 
 
 def test_khatri_rao_orders_rows_like_a_row_major_reshape(rng):
@@ -349,6 +352,8 @@ def test_merged_trailing_modes_give_the_same_fit(monkeypatch, rng, shape, min_ro
     if "native" not in peekcore.kernels.names():
         pytest.skip("native extension not built")
     monkeypatch.setattr(native, "MIN_LEADING_ROWS", min_rows)
+    rule = native.trailing_start  # the grouping as on one thread, whatever this machine has
+    monkeypatch.setattr(native, "trailing_start", lambda dims, threads=1: rule(dims, 1))
     assert native.trailing_start(list(shape[1:])) < len(shape) - 2  # something is merged
     x = np.abs(ref.low_rank(rng, shape, 3, noise=0.2)[0])
     fit = getattr(peekcore, method)

@@ -18,12 +18,12 @@ STORAGE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.fl
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 
-#: fewest rows P = I_1 * ... * I_{t-1} the leading modes may keep: the threads
-#: share a block by ranges of these rows
+#: fewest rows P = I_1 * ... * I_{t-1} the leading modes may keep (and at least
+#: 4 per thread): the threads share a block by ranges of these rows
 MIN_LEADING_ROWS = 64
 
 
-def trailing_start(dims: list[int]) -> int:
+def trailing_start(dims: list[int], threads: int = 1) -> int:
     """Where the trailing group of resident modes starts (index into ``dims``).
 
     The pass contracts the trailing group first, as one matrix product over
@@ -31,12 +31,14 @@ def trailing_start(dims: list[int]) -> int:
     that product: an ``N x C x H x W`` layer contracted over W = 14 alone ran
     3.5x slower than the same data folded to ``N x C x (H*W)``. So the trailing
     group is as large as possible while the leading modes keep at least
-    ``MIN_LEADING_ROWS`` rows for the threads to share; 3-way data is unchanged.
+    ``max(MIN_LEADING_ROWS, 4 * threads)`` rows for the ``threads`` of the
+    pass to share; 3-way data is unchanged.
     """
+    need = max(MIN_LEADING_ROWS, 4 * threads)
     lead = 1
     for t in range(1, len(dims)):
         lead *= dims[t - 1]
-        if lead >= MIN_LEADING_ROWS:
+        if lead >= need:
             return t
     return len(dims) - 1
 
@@ -67,6 +69,7 @@ class NativeKernel(PassKernel):
             raise ValueError("the native kernel runs on the CPU; use kernel='cuda' on a GPU")
         self._core = core()
         self.block_bytes = int(block_bytes)
+        self.threads = int(self._core.build_info()["max_threads"])  # the pass's OpenMP team
 
     def prepare_factors(self, factors: list[torch.Tensor], dtype: torch.dtype) -> list:
         """The factors the C++ pass contracts, trailing modes merged (see ``trailing_start``).
@@ -74,7 +77,7 @@ class NativeKernel(PassKernel):
         Merged modes travel as their Khatri-Rao product (formed in float64, one
         rounding to ``dtype``); ``pass_chunk`` reads the grouped sizes from them.
         """
-        t = trailing_start([f.shape[0] for f in factors])
+        t = trailing_start([f.shape[0] for f in factors], self.threads)
         merged = khatri_rao([f.to(torch.float64) for f in factors[t:]])
         return [f.to(dtype=dtype).contiguous().numpy() for f in (*factors[:t], merged)]
 
