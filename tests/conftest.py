@@ -25,3 +25,14 @@ def rng(request) -> np.random.Generator:
 @pytest.fixture(params=CPU_KERNELS)
 def kernel(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def strict_fp32():
+    """cuBLAS in full float32 (TF32 off) for the test: GPU tolerances assume it."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -98,3 +98,15 @@ def core_consistency_dense(
     err = np.sum((g - s) ** 2)
     denom = g.shape[0] if normalization == "bro-kiers" else np.sum(g**2)
     return float(100 * (1 - err / denom))
+
+
+def rel_error(got, want) -> float:
+    """``||got - want|| / ||want||`` in float64, for numpy arrays or tensors on any device."""
+
+    def as64(a):
+        if hasattr(a, "detach"):  # a torch tensor
+            a = a.detach().double().cpu().numpy()
+        return np.asarray(a, dtype=np.float64)
+
+    got, want = as64(got), as64(want)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))

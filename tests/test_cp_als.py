@@ -326,7 +326,7 @@ def test_trailing_modes_are_merged_where_the_leading_rows_allow():
 
 
 def test_khatri_rao_orders_rows_like_a_row_major_reshape(rng):
-    from peekcore.kernels.native import khatri_rao
+    from peekcore.kernels.base import khatri_rao
 
     fs = [torch.from_numpy(rng.standard_normal((n, 3))) for n in (2, 4, 5)]
     got = khatri_rao(fs)

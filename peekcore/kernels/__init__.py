@@ -15,14 +15,25 @@ __all__ = [
     "PassStatistics",
     "TorchKernel",
     "cuda_available",
+    "cuda_kernels_available",
     "get_kernel",
     "names",
 ]
 
 
 def cuda_available() -> bool:
-    """Whether the ``"cuda"`` kernel can run: a CUDA device, and CuPy or an extension
-    built with CUDA (``PEEKCORE_CUDA=1 pip install .``)."""
+    """Whether the ``"cuda"`` kernel can run: a CUDA device.
+
+    Its custom kernels need CuPy or an extension built with CUDA
+    (``PEEKCORE_CUDA=1 pip install .``, see :func:`cuda_kernels_available`);
+    without either it runs the same pass with torch operations.
+    """
+    return torch.cuda.is_available()
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the ``"cuda"`` kernel has its custom kernels: a CUDA device, and CuPy or
+    an extension built with CUDA."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -49,7 +60,8 @@ def get_kernel(kernel: str | PassKernel | None, device: str | torch.device) -> P
     ----------
     kernel : {"native", "torch", "cuda"}, PassKernel or None
         ``None`` picks the fastest available: the C++ extension on the CPU, the
-        CUDA kernels on a GPU when CuPy is installed (else the torch reference).
+        CUDA pass on a GPU (its custom kernels through CuPy or the extension,
+        else the same steps as torch operations).
     device : str or torch.device
         ``"cpu"`` or a CUDA device.
     """

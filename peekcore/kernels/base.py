@@ -25,10 +25,22 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PassKernel", "PassStatistics", "ALS", "HALS"]
+__all__ = ["PassKernel", "PassStatistics", "ALS", "HALS", "khatri_rao"]
 
 ALS = "als"
 HALS = "hals"
+
+
+def khatri_rao(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Khatri-Rao product ``I_1 * ... * I_k x R`` of ``I_m x R`` factors, the last fastest.
+
+    Row ``(i_1, ..., i_k)`` in row-major order, so ``X.reshape(b, -1) @ khatri_rao(F)``
+    contracts the modes of ``X`` (``b x I_1 x ... x I_k``) with the factors.
+    """
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
+    return out
 
 
 @dataclass

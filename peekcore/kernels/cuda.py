@@ -16,6 +16,11 @@ Per chunk ``X_b`` (``b x J`` on the GPU, float16 / bfloat16 / float32):
 
 Kernels are launched on torch's current stream; nothing synchronizes the host.
 The KR matrix is built once per pass (``khatri_rao``, custom).
+
+The custom kernels launch through CuPy or the compiled extension; with
+neither (``backend="torch"``) each runs as torch operations instead, the same
+steps with the same rounding, so the pass works on a GPU without either and
+its logic is tested on the CPU (``tests/test_cuda_pass_logic.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import warnings
 import numpy as np
 import torch
 
-from .base import ALS, PassKernel, PassStatistics
+from .base import ALS, PassKernel, PassStatistics, khatri_rao
 from .cuda_loader import cupy_or_error, load_module
-from .reference import TorchKernel
+from .reference import TorchKernel, hals_rows
 
 __all__ = ["CudaKernel", "KERNEL_NAMES"]
 
@@ -51,9 +56,13 @@ _TYPE_CODES = {"__half": 0, "__nv_bfloat16": 1, "float": 2, "double": 3}
 
 
 def launch_backend() -> str:
-    """``"cupy"`` (RawModule over NVRTC) or ``"extension"`` (peekcore._core built with CUDA).
+    """How the custom kernels run: ``"cupy"``, ``"extension"`` or ``"torch"``.
 
-    ``PEEKCORE_CUDA_BACKEND`` picks one; by default CuPy when it imports.
+    ``"cupy"``: RawModule over NVRTC; ``"extension"``: peekcore._core built with
+    CUDA; ``"torch"``: the same steps as torch operations (no custom kernel;
+    what a machine with neither gets, and what runs this class on the CPU).
+    ``PEEKCORE_CUDA_BACKEND`` picks one; by default CuPy when it imports, else
+    the extension when it has CUDA, else torch.
     """
     import os
 
@@ -61,6 +70,8 @@ def launch_backend() -> str:
 
     wanted = os.environ.get("PEEKCORE_CUDA_BACKEND", "")
     has_ext = _native.available() and hasattr(_native.core(), "cuda_sum_squares")
+    if wanted == "torch":
+        return "torch"
     if wanted == "extension" or (wanted != "cupy" and not _has_cupy() and has_ext):
         if not has_ext:
             raise ImportError(
@@ -68,7 +79,9 @@ def launch_backend() -> str:
                 "reinstall with PEEKCORE_CUDA=1 pip install . (needs the CUDA toolkit)"
             )
         return "extension"
-    return "cupy"
+    if wanted == "cupy" or _has_cupy():
+        return "cupy"
+    return "torch"
 
 
 def _has_cupy() -> bool:
@@ -99,23 +112,37 @@ def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-torch.ceil(torch.log2(safe)))
 
 
-_OUT_DTYPE_MM: bool | None = None  # does this torch have mm(..., out_dtype=)?
+_OUT_DTYPE_MM: dict[tuple[str, torch.dtype], bool] = {}  # has mm(..., out_dtype=) there?
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with float32 output for half inputs (cuBLAS accumulates in float32)."""
-    global _OUT_DTYPE_MM
     if a.dtype == torch.float32:
         return a @ b
-    if _OUT_DTYPE_MM is not False:
+    key = (a.device.type, a.dtype)
+    if _OUT_DTYPE_MM.get(key, True):
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
-            _OUT_DTYPE_MM = True
+            _OUT_DTYPE_MM[key] = True
             return out
-        except (TypeError, RuntimeError):
-            _OUT_DTYPE_MM = False
-    # older torch: upcast (correct, but reads the chunk as float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[key] = False
+    # older torch, or no such kernel on this device: upcast (exact for half
+    # values, but reads the chunk as float32)
     return a.float() @ b.float()
+
+
+def split_into(v: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` (``n x terms*R``, half) = the terms of ``v`` (``n x R``, float64).
+
+    The torch form of the kernels' ``split_value``: the nearest half value,
+    then the nearest half value of what it missed, and so on.
+    """
+    rank = v.shape[1]
+    for t in range(out.shape[1] // rank):
+        part = v.to(out.dtype)
+        out[:, t * rank : (t + 1) * rank] = part
+        v = v - part.to(torch.float64)
 
 
 class _Factors:
@@ -131,18 +158,23 @@ class CudaKernel(PassKernel):
 
     name = "cuda"
 
-    def __init__(self, device: str | torch.device = "cuda") -> None:
+    def __init__(self, device: str | torch.device = "cuda", backend: str | None = None) -> None:
         super().__init__(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"the cuda kernel needs a CUDA device, got {self.device}")
-        if self.device.index is None:
+        self.backend = backend or launch_backend()
+        if self.backend not in ("cupy", "extension", "torch"):
+            raise ValueError(f"backend must be 'cupy', 'extension' or 'torch', got {backend!r}")
+        if self.device.type != "cuda" and self.backend != "torch":
+            raise ValueError(
+                f"the cuda kernel needs a CUDA device, got {self.device} (backend='torch' runs "
+                "its steps as torch operations on any device)"
+            )
+        if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = launch_backend()
         if self.backend == "cupy":
             self.cupy = cupy_or_error()
             with self.cupy.cuda.Device(self.device.index):
                 self.module = load_module("cp_pass", KERNEL_NAMES)
-        else:
+        elif self.backend == "extension":
             from .._native import core
 
             self.core = core()
@@ -234,6 +266,22 @@ class CudaKernel(PassKernel):
         ``MAX_RANK``.
         """
         rank, rows = a.shape[1], a.shape[0]
+        if self.backend == "torch":
+            terms = m.shape[1] // rank
+            lo = 0
+            for w in widths:
+                hi = lo + w
+                msum = sum(
+                    m[:, t * rank + lo : t * rank + hi].to(torch.float64) for t in range(terms)
+                ) * inv_scale[lo:hi].to(torch.float64)
+                block = g[lo:hi, lo:hi].to(torch.float64)
+                if hals:
+                    rows_new = hals_rows(a[:, lo:hi].to(torch.float64), msum, block, sweeps)
+                else:
+                    rows_new = msum @ block
+                a[:, lo:hi] = rows_new.to(a.dtype)
+                lo = hi
+            return
         widest = max(widths)
         offsets = self._offsets(widths)
         double = a.dtype == torch.float64
@@ -286,7 +334,6 @@ class CudaKernel(PassKernel):
             return holder.kr[dtype]
         fs = holder.f64
         rank = fs[0].shape[1]
-        ptrs, dims = self._factor_table(fs)
         width = math.prod(f.shape[0] for f in fs)
         terms = SPLIT_TERMS[dtype]
         if terms > 1:  # largest |KR[:, r]| is the product of the columns' largest entries
@@ -297,12 +344,16 @@ class CudaKernel(PassKernel):
         else:
             scale = torch.ones(rank, dtype=torch.float64, device=self.device)
         out = torch.empty((width, terms * rank), dtype=dtype, device=self.device)
-        self._launch(
-            f"peekcore::khatri_rao<{_TYPES[dtype]}>",
-            _blocks(width * rank),
-            _THREADS,
-            (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(terms), out),
-        )
+        if self.backend == "torch":
+            split_into(khatri_rao(fs) * scale, out)
+        else:
+            ptrs, dims = self._factor_table(fs)
+            self._launch(
+                f"peekcore::khatri_rao<{_TYPES[dtype]}>",
+                _blocks(width * rank),
+                _THREADS,
+                (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(terms), out),
+            )
         holder.kr[dtype] = (out, 1.0 / scale)
         return holder.kr[dtype]
 
@@ -324,6 +375,52 @@ class CudaKernel(PassKernel):
                 torch.tensor([n for _, n in key], dtype=torch.int64, device=self.device),
             )
         return table
+
+    # -- the custom kernels, or their torch form (backend "torch") ------------
+    def _sum_squares(self, x: torch.Tensor) -> torch.Tensor:
+        """``||x||^2`` as a 0-d float64 tensor (no host synchronization)."""
+        out = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.backend == "torch":
+            flat = x.reshape(-1)
+            step = 1 << 24  # float64 copies of this many values at a time
+            for i in range(0, flat.numel(), step):
+                out += torch.sum(flat[i : i + step].to(torch.float64) ** 2)
+            return out
+        n = x.numel()
+        self._launch(
+            f"peekcore::sum_squares<{_TYPES[x.dtype]}>",
+            min(_blocks(n), 8 * 1024),
+            _THREADS,
+            (x, _i64(n), out),
+        )
+        return out
+
+    def _split_rows(self, a: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` (``rows x terms*R``, half) = the terms of ``a * scale`` (``a`` float32)."""
+        rank, rows = a.shape[1], a.shape[0]
+        if self.backend == "torch":
+            split_into(a.to(torch.float64) * scale.to(torch.float64), out)
+            return
+        self._launch(
+            f"peekcore::split_rows<{_TYPES[out.dtype]}>",
+            _blocks(rows * rank),
+            _THREADS,
+            (a, scale, _i32(rank), _i64(rows), _i32(out.shape[1] // rank), out),
+        )
+
+    def _add_split(self, p: torch.Tensor, inv_scale: torch.Tensor, t: torch.Tensor) -> None:
+        """``t`` (``R x J`` float32) += (sum of the terms of ``p``) * ``inv_scale`` per row."""
+        rank, width = t.shape
+        terms = p.shape[0] // rank
+        if self.backend == "torch":
+            t += p.view(terms, rank, width).sum(dim=0) * inv_scale[:, None]
+            return
+        self._launch(
+            "peekcore::add_split",
+            (min(_blocks(width), 1024), rank),
+            _THREADS,
+            (p, inv_scale, _i32(rank), _i64(width), _i32(terms), t),
+        )
 
     def pass_chunk(
         self,
@@ -360,14 +457,7 @@ class CudaKernel(PassKernel):
         rows, width = x.shape
         norm2: float | torch.Tensor = 0.0
         if want_norm:
-            norm2 = torch.zeros((), dtype=torch.float64, device=self.device)
-            n = x.numel()
-            self._launch(
-                f"peekcore::sum_squares<{_TYPES[x.dtype]}>",
-                min(_blocks(n), 8 * 1024),
-                _THREADS,
-                (x, _i64(n), norm2),
-            )
+            norm2 = self._sum_squares(x)
         kr, inv_kr_scale = self._khatri_rao(factors, x.dtype)
         half = x.dtype != torch.float32
         m = mm_f32(x, kr)
@@ -384,19 +474,9 @@ class CudaKernel(PassKernel):
             scale = _pow2_scale(a_rows.abs().amax(dim=0))
             terms = SPLIT_TERMS[x.dtype]
             a2 = torch.empty((rows, terms * rank), dtype=x.dtype, device=self.device)
-            self._launch(
-                f"peekcore::split_rows<{_TYPES[x.dtype]}>",
-                _blocks(rows * rank),
-                _THREADS,
-                (a_rows, scale, _i32(rank), _i64(rows), _i32(terms), a2),
-            )
+            self._split_rows(a_rows, scale, a2)
             p = mm_f32(a2.T, x)
-            self._launch(
-                "peekcore::add_split",
-                (min(_blocks(width), 1024), rank),
-                _THREADS,
-                (p, 1.0 / scale, _i32(rank), _i64(width), _i32(terms), stats.t),
-            )
+            self._add_split(p, 1.0 / scale, stats.t)
         else:
             stats.t.addmm_(a_rows.T, x)
         stats.rows += rows
@@ -431,4 +511,5 @@ class CudaKernel(PassKernel):
         return out
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

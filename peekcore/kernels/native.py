@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .._native import core
-from .base import ALS, PassKernel, PassStatistics
+from .base import ALS, PassKernel, PassStatistics, khatri_rao
 
 __all__ = ["NativeKernel", "STORAGE_CODES"]
 
@@ -41,14 +41,6 @@ def trailing_start(dims: list[int], threads: int = 1) -> int:
         if lead >= need:
             return t
     return len(dims) - 1
-
-
-def khatri_rao(factors: list[torch.Tensor]) -> torch.Tensor:
-    """Khatri-Rao product ``I_1 * ... * I_k x R`` of ``I_m x R`` factors, the last fastest."""
-    out = factors[0]
-    for f in factors[1:]:
-        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
-    return out
 
 
 def _numpy_view(x: torch.Tensor) -> np.ndarray:
