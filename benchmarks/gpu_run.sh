@@ -26,6 +26,7 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests
 PEEKCORE_CUDA_BACKEND=extension timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_cuda.py tests/test_cuda_pass.py -k "pass_chunk or update_rows or hals_update or graph" 2>&1 \
   | tee "$OUT/pytest_cuda_extension.log" | tail -3
+echo "checks done at $(( $(date +%s) - t0 )) s"
 # issue 6 on the card: the shared sweep against one-by-one fits, then where its
 # iterations go (operators by device and host time; SWEEP=0 skips both)
 if [ "${SWEEP:-1}" != 0 ]; then
@@ -33,6 +34,8 @@ if [ "${SWEEP:-1}" != 0 ]; then
     --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -12
   timeout 90 python3 benchmarks/profile_sweep.py --device cuda --dtype float16 --n 10000 \
     --out "$OUT" 2>&1 | head -45
+  echo "sweep benchmarks done at $(( $(date +%s) - t0 )) s"
 fi
 # the benchmark cases of issue 4, their table last
 timeout 240 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -40
+echo "gpu_run.sh: $(( $(date +%s) - t0 )) s in all (issue 4 asks for under 6 minutes)"
