@@ -15,7 +15,7 @@ from peekcore.solvers.init import Initializer
 from peekcore.solvers.iteration import Stack, step
 
 
-def _setup(rng, ranks, method="als", shape=(31, 6, 5)):
+def _setup(rng, ranks, method="als", shape=(31, 6, 5), kernel=None):
     x, _ = ref.low_rank(rng, shape, 3, noise=0.1)
     x = np.abs(x) if method == "hals" else x
     problem = prepare(
@@ -27,7 +27,7 @@ def _setup(rng, ranks, method="als", shape=(31, 6, 5)):
         max_chunk_bytes=None,
         dtype=None,
         device="cpu",
-        kernel=None,
+        kernel=kernel() if callable(kernel) else kernel,
         sweeps=2,
         checkpoint=None,
         checkpoint_every=1,
@@ -159,10 +159,19 @@ def fake_cuda(monkeypatch):
     _FakeGraph.bad = _FakeGraph.stack = None
 
 
-def _reference_step(rng_seed):
+def _gpu_pass_as_torch():
+    from peekcore.kernels.cuda import CudaKernel
+
+    return CudaKernel("cpu", backend="torch")
+
+
+KERNELS = [None, _gpu_pass_as_torch]
+
+
+def _reference_step(rng_seed, kernel, method):
     """The eager outcome of the second iteration, from a fresh identical setup."""
     rng = np.random.default_rng(rng_seed)
-    _, problem, states = _setup(rng, [2, 3])
+    _, problem, states = _setup(rng, [2, 3], method=method, kernel=kernel)
     stack = Stack.of(states)
     norm2 = step(problem, stack, None).norm2
     result = step(problem, stack, norm2)
@@ -170,12 +179,14 @@ def _reference_step(rng_seed):
 
 
 @pytest.mark.parametrize("failure", [None, "capture", "disagreement"])
-def test_capture_step_leaves_the_eager_outcome(fake_cuda, monkeypatch, failure):
+@pytest.mark.parametrize("kernel", KERNELS, ids=["native", "gpu-pass-as-torch"])
+@pytest.mark.parametrize("method", ["als", "hals"])
+def test_capture_step_leaves_the_eager_outcome(fake_cuda, monkeypatch, failure, kernel, method):
     from peekcore.solvers import graphs
 
-    want_values, want_state = _reference_step(5)
+    want_values, want_state = _reference_step(5, kernel, method)
     rng = np.random.default_rng(5)
-    _, problem, states = _setup(rng, [2, 3])
+    _, problem, states = _setup(rng, [2, 3], method=method, kernel=kernel)
     stack = Stack.of(states)
     norm2 = step(problem, stack, None).norm2
     fake_cuda.stack = stack
