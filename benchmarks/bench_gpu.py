@@ -133,6 +133,17 @@ def case_c_d(args) -> None:
             row(f"(c) cp_als {tag} TensorLy", f"{theirs * 1e3:.2f} ms/iter")
             row(f"(c) speedup {tag} (>= 4)", f"{theirs / ours:.2f}x")
         row(f"(c) torch-reference kernel {tag}", f"{out[f'peekcore_torchref_{tag}'] * 1e3:.2f} ms")
+        # the same CUDA pass with its custom kernels as torch operations (no CuPy)
+        from peekcore.kernels.cuda import CudaKernel
+
+        as_torch = CudaKernel(DEV, backend="torch")
+        out[f"peekcore_cuda_torchbackend_{tag}"] = per_iteration(
+            peekcore.cp_als(x, rank, kernel=as_torch, **kw)
+        )
+        row(
+            f"(c) cuda pass, torch backend {tag}",
+            f"{out[f'peekcore_cuda_torchbackend_{tag}'] * 1e3:.2f} ms/iter",
+        )
     torch.backends.cuda.matmul.allow_tf32 = False
     hals = per_iteration(peekcore.ncp_hals(x, rank, **kw))
     out["peekcore_cuda_hals_fp32"] = hals
