@@ -181,6 +181,21 @@ def case_a_b(args) -> None:
     row("(a) read floor (tensor / copy rate)", f"{floor * 1e3:.2f} ms")
     row("(a) cp_als f16 on card (<= 10 ms)", f"{out['peekcore_f16_on_card'] * 1e3:.2f} ms/iter")
     row("(a) peak extra GPU memory (<= 2 GiB)", f"{out['peak_extra_bytes'] / 2**30:.2f} GiB")
+    # Larger chunks than the default 1 GiB: fewer GEMMs, longer ones (less
+    # split-K in X @ KR, fewer passes over the P temporary of A^T X).
+    sample_bytes = 2 * shape[1] * shape[2]
+    for gib in (2, 4):
+        rows = min(n, (gib << 30) // sample_bytes)
+        try:
+            m = peekcore.cp_als(
+                x, rank, n_iter_max=6, tol=0, device="cuda", chunk_size=rows, progress=False
+            )
+            out[f"peekcore_f16_on_card_chunk_{gib}gib"] = per_iteration(m)
+            row(f"(a) same, {gib} GiB chunks", f"{per_iteration(m) * 1e3:.2f} ms/iter")
+        except Exception as err:  # noqa: BLE001 - record and go on
+            out[f"peekcore_f16_on_card_chunk_{gib}gib"] = f"error: {err}"
+            row(f"(a) same, {gib} GiB chunks", f"error: {str(err).splitlines()[0][:60]}")
+        torch.cuda.empty_cache()
     if not args.quick:
         try:
             x32 = x.float()
