@@ -20,6 +20,7 @@ context, kernel compiles, library handles) fall on neither side.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -90,6 +91,15 @@ def main() -> None:
     res["shared_seconds"] = time.perf_counter() - t0
     # the part of the sweep that is iterations (every model logs the shared iteration time)
     res["shared_iteration_seconds"] = iteration_seconds(exact.models[0][0])
+    if args.device.startswith("cuda"):  # the same sweep with its iterations run eagerly
+        os.environ["PEEKCORE_CUDA_GRAPHS"] = "0"
+        try:
+            t0 = time.perf_counter()
+            eager = rank_sweep(data, ranks, args.replicates, **kw)
+            res["shared_seconds_no_graphs"] = time.perf_counter() - t0
+            res["shared_iteration_seconds_no_graphs"] = iteration_seconds(eager.models[0][0])
+        finally:
+            del os.environ["PEEKCORE_CUDA_GRAPHS"]
     if not args.skip_sequential:
         t0 = time.perf_counter()
         for r in ranks:
@@ -124,6 +134,14 @@ def main() -> None:
             f"({res['shared_iteration_seconds'] * 1e3:.1f} ms per iteration)",
         )
     )
+    if "shared_seconds_no_graphs" in res:
+        rows.append(
+            (
+                "the same without CUDA graphs",
+                f"{res['shared_seconds_no_graphs']:.2f} s "
+                f"({res['shared_iteration_seconds_no_graphs'] * 1e3:.1f} ms per iteration)",
+            )
+        )
     if "sequential_seconds" in res:
         rows.append(("the same models one by one", f"{res['sequential_seconds']:.2f} s"))
         speedup = res["sequential_seconds"] / res["shared_seconds"]
