@@ -210,3 +210,20 @@ def test_capture_step_leaves_the_eager_outcome(fake_cuda, monkeypatch, failure, 
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     # the states see the outcome through their views
     torch.testing.assert_close(states[1].resident[0], want_state[1][:, 2:5], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dims", [(6, 5), (4, 3, 5), (3, 4, 2, 3)], ids=["3way", "4way", "5way"])
+def test_resident_mttkrps_in_update_order_equal_the_einsum(rng, dims):
+    """Modes 0..d-2 from one Y = T x_d F_d, the last from T: each equals the plain
+    einsum MTTKRP with the factors as ALS has updated them by then."""
+    from peekcore.solvers.resident import ResidentMTTKRP, resident_mttkrp
+
+    rank = 3
+    t = torch.from_numpy(rng.standard_normal((rank, *dims)))
+    factors = [torch.from_numpy(rng.standard_normal((n, rank))) for n in dims]
+    mttkrp = ResidentMTTKRP(t)
+    for m in range(len(dims)):
+        want = resident_mttkrp(t, factors, m)
+        got = mttkrp(m, factors)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        factors[m].copy_(torch.from_numpy(rng.standard_normal((dims[m], rank))))  # ALS's update

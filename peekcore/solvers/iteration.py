@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import ALS
 from .passes import check_finite, check_nonnegative, pass_chunks
-from .resident import als_solve, gram_inverse, hadamard, resident_mttkrp
+from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard
 
 __all__ = ["Stack", "StepResult", "step"]
 
@@ -193,9 +193,10 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
             raise ValueError("the data is all zeros: there is nothing to factor")
     t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
     ata = stats.ata * mask
+    mttkrp = ResidentMTTKRP(t_all)
     for m in range(n_modes):
         gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
-        mt = resident_mttkrp(t_all, stacked, m)
+        mt = mttkrp(m, stacked)
         if method == ALS:
             stacked[m].copy_(als_solve(mt, gm))
         else:

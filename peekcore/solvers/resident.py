@@ -11,7 +11,9 @@ import string
 
 import torch
 
-__all__ = ["gram_inverse", "resident_mttkrp", "als_solve", "hadamard"]
+from ..kernels.base import khatri_rao
+
+__all__ = ["ResidentMTTKRP", "gram_inverse", "resident_mttkrp", "als_solve", "hadamard"]
 
 
 def hadamard(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -79,3 +81,41 @@ def resident_mttkrp(t: torch.Tensor, factors: list[torch.Tensor], mode: int) -> 
         subs.append(letters[k] + "z")
     expr = ",".join(subs) + "->" + letters[mode] + "z"
     return torch.einsum(expr, *operands)
+
+
+class ResidentMTTKRP:
+    """The resident MTTKRPs of one iteration, in the order ALS updates the modes.
+
+    Modes ``0 .. d-2`` share ``Y = T x_d F_d`` (``R x I_1 x ... x I_{d-1}``),
+    formed at the first call: ``F_d`` changes only after them. The last mode
+    contracts ``T`` with the Khatri-Rao product of the (updated) others. So
+    ``T`` is read twice per iteration, each time as one batched matrix product
+    over its natural ``R x (I_1 ... I_{d-1}) x I_d`` layout, with no permuted
+    copy of it; per-mode ``einsum`` read it once per mode through permuted
+    copies (the three MTTKRPs of a 64 x 112 x 112 layer at R = 16: 150 -> 21 ms).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        ``R x I_1 x ... x I_d`` float64, contiguous.
+    """
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        self.t3 = t.reshape(t.shape[0], -1, t.shape[-1])  # R x P x K, a view
+        self.y: torch.Tensor | None = None
+
+    def __call__(self, mode: int, factors: list[torch.Tensor]) -> torch.Tensor:
+        """MTTKRP of resident ``mode`` (``I_mode x R``) with the ``factors`` as they are now.
+
+        Call with ``mode = 0, 1, ..., d-1`` in turn, updating ``factors[mode]``
+        in between (the last factor must not change before the last mode).
+        """
+        d = len(factors)
+        if mode < d - 1:
+            if self.y is None:  # R x P: for each r, T[r] (P x K) @ F_d[:, r]
+                y = torch.bmm(self.t3, factors[-1].T.unsqueeze(2)).squeeze(2)
+                self.y = y.reshape(self.t.shape[:-1])
+            return resident_mttkrp(self.y, factors[:-1], mode)
+        w = khatri_rao(list(factors[:-1]))  # P x R
+        return torch.bmm(w.T.unsqueeze(1), self.t3).squeeze(1).T  # K x R
