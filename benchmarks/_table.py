@@ -1,9 +1,18 @@
-"""The short table every benchmark script prints last (and its JSON file)."""
+"""What every benchmark script shares: seconds per iteration, the short table it prints
+last (and its JSON file)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+
+def per_iteration(model) -> float:
+    """Median seconds of a fit's iterations, leaving out the first (it also measures
+    and vets the data) unless it is the only one."""
+    s = model.history.seconds
+    return float(statistics.median(s[1:] if len(s) > 1 else s))
 
 
 def finish(rows: list[tuple[str, str]], results: dict, json_path: str | None) -> None:

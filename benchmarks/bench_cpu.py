@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from _table import finish
+from _table import finish, per_iteration
 
 import peekcore
 from peekcore.model import CPModel
@@ -51,12 +51,6 @@ def read_rate(x: np.ndarray, repeats: int = 3) -> float:
         float(t.sum())
         best = max(best, x.nbytes / (time.perf_counter() - t0))
     return best
-
-
-def per_iteration(model: CPModel) -> float:
-    """Median seconds per iteration, leaving out the first (it also measures ||X||^2)."""
-    s = model.history.seconds
-    return float(np.median(s[1:] if len(s) > 1 else s))
 
 
 def time_tensorly(x: np.ndarray, init, rank: int, iters: int, backend: str, nonneg: bool) -> float:

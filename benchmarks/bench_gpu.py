@@ -25,6 +25,7 @@ import traceback
 
 import numpy as np
 import torch
+from _table import per_iteration
 
 import peekcore
 from peekcore.model import CPModel
@@ -52,11 +53,6 @@ def cuda_time(fn, repeats: int = 20, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return float(np.median(times))
-
-
-def per_iteration(model: CPModel) -> float:
-    s = model.history.seconds
-    return float(np.median(s[1:]))
 
 
 def eager(fn):

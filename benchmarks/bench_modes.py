@@ -16,16 +16,12 @@ import argparse
 
 import numpy as np
 import torch
-from _table import finish
+from _table import finish, per_iteration
 
 import peekcore
 import peekcore.kernels.native as native
 
 SHAPES = [(4096, 256, 14, 14), (2048, 64, 28, 28), (1024, 512, 7, 7), (2000, 256, 196)]
-
-
-def per_iteration(model: peekcore.CPModel) -> float:
-    return float(np.median(model.history.seconds[1:]))
 
 
 def main() -> None:

@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from _table import finish
+from _table import finish, per_iteration
 from torch import nn
 
 import peekcore
-
-
-def per_iteration(model: peekcore.CPModel) -> float:
-    return statistics.median(model.history.seconds[1:])
 
 
 def main() -> None:

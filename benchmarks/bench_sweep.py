@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import torch
-from _table import finish
+from _table import finish, per_iteration
 
 import peekcore
 from peekcore.sweep import rank_sweep
@@ -58,11 +58,6 @@ def case_data(args: argparse.Namespace) -> torch.Tensor:
     return torch.from_numpy(x.copy()).to(getattr(torch, args.dtype)).to(args.device)
 
 
-def iteration_seconds(model) -> float:
-    """Median seconds of a model's iterations after the first (which also vets the data)."""
-    return float(np.median(model.history.seconds[1:]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     case_arguments(parser, iters=20)
@@ -90,14 +85,14 @@ def main() -> None:
     exact = rank_sweep(data, ranks, args.replicates, **kw)
     res["shared_seconds"] = time.perf_counter() - t0
     # the part of the sweep that is iterations (every model logs the shared iteration time)
-    res["shared_iteration_seconds"] = iteration_seconds(exact.models[0][0])
+    res["shared_iteration_seconds"] = per_iteration(exact.models[0][0])
     if args.device.startswith("cuda"):  # the same sweep with its iterations run eagerly
         os.environ["PEEKCORE_CUDA_GRAPHS"] = "0"
         try:
             t0 = time.perf_counter()
             eager = rank_sweep(data, ranks, args.replicates, **kw)
             res["shared_seconds_no_graphs"] = time.perf_counter() - t0
-            res["shared_iteration_seconds_no_graphs"] = iteration_seconds(eager.models[0][0])
+            res["shared_iteration_seconds_no_graphs"] = per_iteration(eager.models[0][0])
         finally:
             del os.environ["PEEKCORE_CUDA_GRAPHS"]
     if not args.skip_sequential:
@@ -109,7 +104,7 @@ def main() -> None:
     t0 = time.perf_counter()
     one = peekcore.cp_als(data, args.max_rank, **kw)
     res["one_fit_seconds"] = time.perf_counter() - t0
-    res["one_fit_iteration_seconds"] = iteration_seconds(one)
+    res["one_fit_iteration_seconds"] = per_iteration(one)
     t0 = time.perf_counter()
     small = rank_sweep(data, ranks, args.replicates, compress=True, **kw)
     res["compressed_seconds"] = time.perf_counter() - t0
