@@ -227,3 +227,17 @@ def test_resident_mttkrps_in_update_order_equal_the_einsum(rng, dims):
         got = mttkrp(m, factors)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         factors[m].copy_(torch.from_numpy(rng.standard_normal((dims[m], rank))))  # ALS's update
+
+
+def test_on_device_reads_a_sources_device():
+    from peekcore.solvers.passes import on_device
+    from peekcore.sources import ArraySource
+
+    host = ArraySource(np.zeros((3, 2, 2), np.float32))
+    assert on_device(host, torch.device("cpu"))
+    assert not on_device(host, torch.device("cuda", 0))
+
+    class Declares:  # a custom source that says where its chunks are
+        device = "cuda"
+
+    assert not on_device(Declares(), torch.device("cpu"))

@@ -20,11 +20,12 @@ The KR matrix is built once per pass (``khatri_rao``, custom).
 The custom kernels launch through CuPy or the compiled extension; with
 neither (``backend="torch"``) each runs as torch operations instead, the same
 steps with the same rounding, so the pass works on a GPU without either and
-its logic is tested on the CPU (``tests/test_cuda_pass_logic.py``).
+its logic is tested on the CPU (``tests/test_cuda_pass.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -239,9 +240,7 @@ class CudaKernel(PassKernel):
         """Device int32 column offsets of models of ``widths`` side by side (cached)."""
         table = self._tables.get(("offsets", widths))
         if table is None:
-            bounds = [0]
-            for w in widths:
-                bounds.append(bounds[-1] + w)
+            bounds = [0, *itertools.accumulate(widths)]
             table = torch.tensor(bounds, dtype=torch.int32, device=self.device)
             self._tables[("offsets", widths)] = table
         return table
@@ -261,12 +260,19 @@ class CudaKernel(PassKernel):
 
         ``a`` (``rows x R``) holds models of ``widths`` side by side; each model
         uses only its diagonal block of ``g`` (``R x R`` float64). ``m`` is
-        ``rows x terms*R`` (the terms are summed, times ``inv_scale``). ``a`` and
-        ``m`` are both float32 or both float64; every width is at most
-        ``MAX_RANK``.
+        ``rows x terms*R`` (the terms are summed, times ``inv_scale``). The
+        kernel takes ``a`` and ``m`` both float32 or both float64 and models up
+        to ``MAX_RANK`` wide; anything else (and the torch backend) runs the same
+        steps as torch operations, model by model.
         """
         rank, rows = a.shape[1], a.shape[0]
-        if self.backend == "torch":
+        in_kernel = (
+            self.backend != "torch"
+            and max(widths) <= MAX_RANK
+            and a.dtype == m.dtype
+            and a.dtype in (torch.float32, torch.float64)
+        )
+        if not in_kernel:
             terms = m.shape[1] // rank
             lo = 0
             for w in widths:
@@ -438,8 +444,8 @@ class CudaKernel(PassKernel):
     ) -> float | torch.Tensor:
         rank = a_rows.shape[1]
         widths = tuple(blocks) if blocks else (rank,)
-        # float64 accumulation, or HALS rows wider than the row kernel: the torch path
-        if stats.t.dtype != torch.float32 or (update != ALS and max(widths) > MAX_RANK):
+        # float64 accumulation: the torch path
+        if stats.t.dtype != torch.float32:
             return self._reference.pass_chunk(
                 chunk,
                 factors.f64,
@@ -491,20 +497,9 @@ class CudaKernel(PassKernel):
         blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         rank = f.shape[1]
-        widths = tuple(blocks) if blocks else (rank,)
-        if f.dtype != torch.float64 or max(widths) > MAX_RANK:
-            # wider than the row kernel holds: the torch reference, model by model
-            out = f.clone()
-            lo = 0
-            for w in widths:
-                hi = lo + w
-                out[:, lo:hi] = super().hals_update(
-                    out[:, lo:hi], m[:, lo:hi], g[lo:hi, lo:hi], sweeps
-                )
-                lo = hi
-            return out
         out = f.contiguous().clone()
         ones = torch.ones(rank, dtype=torch.float64, device=self.device)
+        widths = tuple(blocks) if blocks else (rank,)
         self.update_rows(
             m.contiguous(), ones, g.contiguous(), out, widths, hals=True, sweeps=sweeps
         )

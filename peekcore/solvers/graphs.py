@@ -24,6 +24,7 @@ import torch
 
 from ..sources import ArraySource
 from .iteration import Stack, StepResult, step
+from .passes import on_device
 
 __all__ = ["GraphedStep", "agree", "capture_step", "graphs_allowed"]
 
@@ -51,7 +52,7 @@ def graphs_allowed(problem) -> bool:
     return (
         isinstance(source, ArraySource)
         and isinstance(source.array, torch.Tensor)
-        and source.array.device == problem.kernel.device
+        and on_device(source, problem.kernel.device)
     )
 
 

@@ -72,8 +72,25 @@ def default_chunk_bytes(source: ChunkSource, kern: PassKernel) -> int:
     """Chunk byte budget for a source read by a kernel (CPU, GPU-resident, host to GPU)."""
     if kern.device.type != "cuda":
         return DEFAULT_MAX_CHUNK_BYTES
-    on_device = str(getattr(source, "device", "cpu")).startswith("cuda")
-    return DEVICE_RESIDENT_CHUNK_BYTES if on_device else DEVICE_STREAMED_CHUNK_BYTES
+    if on_device(source, kern.device):
+        return DEVICE_RESIDENT_CHUNK_BYTES
+    return DEVICE_STREAMED_CHUNK_BYTES
+
+
+def on_device(source: ChunkSource, device: torch.device) -> bool:
+    """Whether ``source`` says (by its optional ``device``) its chunks lie on ``device``.
+
+    A CUDA device without an index means the current one, on either side.
+    """
+    where = torch.device(str(getattr(source, "device", "cpu")))
+    if where.type != device.type:
+        return False
+    if where.type != "cuda":
+        return True
+    current = torch.cuda.current_device
+    return (current() if where.index is None else where.index) == (
+        current() if device.index is None else device.index
+    )
 
 
 def pass_chunks(
@@ -81,8 +98,7 @@ def pass_chunks(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The chunks of one pass, staged onto the kernel's GPU when it has one."""
     chunks = iterate_chunks(source, chunk_size)
-    on_device = str(getattr(source, "device", "cpu")) == str(kern.device)
-    if kern.device.type == "cuda" and not on_device:  # already there: views, nothing staged
+    if kern.device.type == "cuda" and not on_device(source, kern.device):  # else: views
         from ..staging import stage_to_device
 
         return stage_to_device(chunks, kern.device)
