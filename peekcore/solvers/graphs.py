@@ -130,7 +130,7 @@ def capture_step(problem, stack: Stack, norm2: float) -> tuple[GraphedStep | Non
         graph.replay()
     except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
         return fall_back(f"capture failed: {type(err).__name__}: {err}")
-    got = [result.values, *stack.snapshot()]
+    got = [result.values, stack.a, *stack.resident]  # compared, not kept: no copies
     if not agree(got, [values, *outcome], [norm2] + [None] * len(outcome)):
         return fall_back("the replayed iteration disagreed with the eager one")
     return GraphedStep(graph, result), result
