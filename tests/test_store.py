@@ -19,7 +19,7 @@ from torch import nn
 
 import peekcore
 from peekcore import ActivationStore, capture
-from peekcore.store import StoreError
+from peekcore.store import StoreError, to_storage
 
 TESTS = Path(__file__).parent
 
@@ -491,18 +491,66 @@ def test_direct_reads_equal_buffered_reads(images, tmp_path, dtype):
         ActivationStore(store.path, read_mode="mmap")
 
 
-def test_direct_reads_refuse_corrupt_and_truncated_chunks(small_store):
+def buffered_reads(monkeypatch, how: str) -> list[int]:
+    """Make buffered chunk reads go through a mapping (``"mapped"``) or ``read`` (``"read"``).
+
+    Returns a list that counts the mapped copies.
+    """
+    from peekcore import store as store_mod
+
+    copies: list[int] = []
+    real = store_mod._copy_mapped
+
+    def counting(fd, raw):
+        copies.append(raw.size)
+        return real(fd, raw)
+
+    monkeypatch.setattr(store_mod, "_copy_mapped", counting)
+    monkeypatch.setattr(store_mod, "_MAP_MIN_BYTES", 0)  # the test chunks are small
+    if how == "read":
+        monkeypatch.setattr(store_mod, "_MAP_READS", False)
+    return copies
+
+
+@pytest.mark.parametrize("how", ["mapped", "read"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_buffered_reads_mapped_or_read_equal_zarrs_reads(images, tmp_path, dtype, how, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    store = cap(SmallCNN(), images, ["conv1"], tmp_path / "s.zarr", dtype=dtype, chunk_size=16)
+    want = zarr.open_array(store.path / "layers" / "conv1" / "activations", mode="r")[:]
+    copies = buffered_reads(monkeypatch, how)
+    layer = ActivationStore(store.path, read_mode="buffered")["conv1"]
+    got = [to_storage(torch.as_tensor(c)) for c in layer.chunks()]
+    assert [len(c) for c in got] == [16, 16, 16, 13]
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    # the three whole chunk files (the last chunk is cut from its padded file by zarr)
+    assert len(copies) == (3 if how == "mapped" and map_reads() else 0)
+
+
+def map_reads() -> bool:
+    from peekcore import store as store_mod
+
+    return store_mod._MAP_READS
+
+
+@pytest.mark.parametrize("how", ["direct", "mapped", "read"])
+def test_reads_refuse_corrupt_truncated_and_longer_chunks(small_store, how, monkeypatch):
     path = chunk_file(small_store.path, "conv1", 1, 4)
     good = path.read_bytes()
-    store = ActivationStore(small_store.path, read_mode="direct")
+    if how != "direct":
+        copies = buffered_reads(monkeypatch, how)
+    store = ActivationStore(small_store.path, read_mode="direct" if how == "direct" else "buffered")
     for bad, why in (
         (good[:100] + bytes([good[100] ^ 0xFF]) + good[101:], "checksum"),
         (good[:-7], "does not hold"),
         (good + b"\0", "does not hold"),
+        (good[:-1] + bytes([good[-1] ^ 0x01]), "checksum"),  # the stored CRC itself
     ):
         path.write_bytes(bad)
         with pytest.raises(StoreError, match=rf"samples 16\.\.31 of layer 'conv1'.*{why}"):
-            list(store["conv1"].chunks(16))
+            store["conv1"].read(16, 32)  # chunk 1 alone, no reads ahead
+    if how == "mapped" and map_reads():
+        assert len(copies) == 2  # the two damaged files of the right size
 
 
 def test_auto_read_mode_bypasses_the_cache_only_for_layers_larger_than_memory(
