@@ -70,6 +70,7 @@ _DIRECT_ALIGN = 4096  # O_DIRECT buffers, offsets and lengths: multiples of the 
 # buffered reads of chunk files this large go through a huge-page mapping (_copy_mapped)
 _MAP_READS = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 _MAP_MIN_BYTES = 2 << 20
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value
 # start writing each chunk file to disk as soon as it is complete (see _start_writeback)
 WRITE_BEHIND = True
 PROGRESS_EVERY_S = 0.2  # progress is recorded after a chunk at most this often (and at the end)
@@ -205,7 +206,12 @@ class StoredLayer:
     """
 
     def __init__(
-        self, store: ActivationStore, name: str, array: Any, rows: tuple[int, int] | None = None
+        self,
+        store: ActivationStore,
+        name: str,
+        array: Any,
+        rows: tuple[int, int] | None = None,
+        verified: dict[int, tuple] | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -221,6 +227,9 @@ class StoredLayer:
         self._direct = _writes_directly(array)  # whole chunks are read without zarr's copies
         # whole chunk files bypass the page cache (O_DIRECT) when it cannot keep them
         self._uncached = self._direct and _read_uncached(store.read_mode, self.nbytes)
+        # chunk files whose CRC32C passed in this process (shared with shards); see
+        # _read_chunk_file. Direct reads come from the disk each time and are always checked.
+        self._verified: dict[int, tuple] = {} if verified is None else verified
 
     @property
     def ndim(self) -> int:
@@ -234,7 +243,9 @@ class StoredLayer:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
+    def _read(self, start: int, stop: int, view: bool = False) -> np.ndarray:
+        """Rows ``start:stop`` as stored; ``view``: a whole stored chunk may come back as a
+        private mapping of its file (:func:`_map_chunk_file`), else a new array."""
         cs = self.chunk_size
         start, stop = start + self._lo, stop + self._lo  # rows of the whole array
         try:
@@ -246,9 +257,15 @@ class StoredLayer:
                     if _read_chunk_file_direct(self._dir, start // cs, buf, nbytes, len(shape)):
                         return buf[:nbytes].view(self._np_dtype).reshape(shape)
                     self._uncached = False  # the file system refuses O_DIRECT
+                if view and not self._uncached and stop - start == cs:
+                    at = (self._dir, start // cs, shape, self._np_dtype)
+                    mapped = _map_chunk_file(*at, self._verified)
+                    if mapped is not None:
+                        return mapped
                 out = np.empty(shape, self._np_dtype)
                 for i in range(start // cs, stop // cs):
-                    _read_chunk_file(self._dir, i, out[i * cs - start : (i + 1) * cs - start])
+                    rows = out[i * cs - start : (i + 1) * cs - start]
+                    _read_chunk_file(self._dir, i, rows, self._verified)
                 return out
             return self._array[start:stop]
         except FileNotFoundError as err:
@@ -282,10 +299,13 @@ class StoredLayer:
 
         Reads are whole stored chunks, in order, the next ``READ_AHEAD`` (at
         most ``READ_AHEAD_BYTES``) in background threads while the current
-        one is used. A multiple of the stored chunk size is read straight
-        into each slice; other sizes are cut from the stored chunks (views
-        inside one chunk, else copies), since reading such row ranges through
-        zarr ran 3x slower.
+        one is used. With buffered reads on Linux (see ``ActivationStore``'s
+        ``read_mode``), a stored chunk comes back as a private mapping of its
+        file, with no copy (writing to it copies the pages written). A larger
+        multiple of the stored chunk size is read straight into each new
+        slice; other sizes are cut from the stored chunks (views inside one
+        chunk, else copies), since reading such row ranges through zarr ran
+        3x slower.
 
         Parameters
         ----------
@@ -303,13 +323,14 @@ class StoredLayer:
         n = self.shape[0]
         if step % cs == 0 and self._lo % cs == 0 and (step == cs or not self._uncached):
             # whole stored chunks per slice: each read straight into its slice
-            for arr in self._read_ahead([(lo, min(lo + step, n)) for lo in range(0, n, step)]):
+            ranges = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+            for arr in self._read_ahead(ranges, view=step == cs):
                 yield from_storage(arr, self.dtype)
             return
         buf, filled, done = None, 0, 0  # the slice being assembled across stored chunks
         cuts = [self._lo, *range((self._lo // cs + 1) * cs, self._hi, cs), self._hi]
         stored = [(a - self._lo, b - self._lo) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-        for piece in self._read_ahead([(a, b) for a, b in stored if b > a]):
+        for piece in self._read_ahead([(a, b) for a, b in stored if b > a], view=True):
             pos = 0
             while pos < len(piece):
                 if buf is None and len(piece) - pos >= min(step, n - done):
@@ -326,7 +347,7 @@ class StoredLayer:
                     yield from_storage(buf, self.dtype)
                     buf, done = None, done + filled
 
-    def _read_ahead(self, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+    def _read_ahead(self, ranges: list[tuple[int, int]], view: bool) -> Iterator[np.ndarray]:
         """``self._read`` of each row range in order, the next ones in background threads."""
         if not ranges:
             return
@@ -334,11 +355,11 @@ class StoredLayer:
         most = max(b - a for a, b in ranges) * row_bytes
         depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, most)))
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="peekcore-read") as pool:
-            pending = collections.deque(pool.submit(self._read, *r) for r in ranges[:depth])
+            pending = collections.deque(pool.submit(self._read, *r, view) for r in ranges[:depth])
             for i in range(len(ranges)):
                 arr = pending.popleft().result()
                 if i + depth < len(ranges):
-                    pending.append(pool.submit(self._read, *ranges[i + depth]))
+                    pending.append(pool.submit(self._read, *ranges[i + depth], view))
                 yield arr
 
     def shard(self, lo: int, hi: int) -> StoredLayer:
@@ -357,7 +378,8 @@ class StoredLayer:
         lo, hi = int(lo), int(hi)
         if not 0 <= lo < hi <= self.shape[0]:
             raise ValueError(f"shard rows [{lo}, {hi}) are not within [0, {self.shape[0]})")
-        return StoredLayer(self.store, self.name, self._array, (self._lo + lo, self._lo + hi))
+        rows = (self._lo + lo, self._lo + hi)
+        return StoredLayer(self.store, self.name, self._array, rows, self._verified)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         """Numpy indexing; bfloat16 comes back as float32.
@@ -432,7 +454,12 @@ class ActivationStore:
         that fits in memory read at memory speed. ``"auto"`` (default): direct
         for a layer larger than half of the memory available now, else
         buffered. Where the file system refuses ``O_DIRECT`` (tmpfs), reads
-        are buffered.
+        are buffered. Buffered passes (``chunks()``) on Linux hand out the
+        stored chunks as private mappings of their files, without a copy.
+        Each chunk file's CRC32C is checked the first time this object reads
+        it, and again whenever the file has changed since (its inode, size,
+        modification or change time); direct reads and :meth:`verify` check
+        every time.
 
     Attributes
     ----------
@@ -548,6 +575,7 @@ class ActivationStore:
         report: dict = {"n_samples": self.n_samples, "chunks": _n_chunks(self.attrs), "layers": {}}
         for name in self.layers:
             layer = self._layers[name]
+            layer._verified.clear()  # check every checksum again
             bad = 0
             first_bad: int | None = None
             for lo in range(0, self.n_samples, self.chunk_size):
@@ -1015,18 +1043,27 @@ def _write_chunk_file(
         raise
 
 
-def _read_chunk_file(array_dir: Path, index: int, out: np.ndarray) -> None:
+def _read_chunk_file(
+    array_dir: Path, index: int, out: np.ndarray, verified: dict[int, tuple] | None = None
+) -> None:
     """Read one whole chunk written as :func:`_write_chunk_file` writes it into ``out``.
 
     Checks the file's size and CRC32C, as zarr's codecs would (``ValueError``).
     Files of at least ``_MAP_MIN_BYTES`` are read through a mapping advised
     ``MADV_HUGEPAGE`` where Linux offers it (:func:`_copy_mapped`); others with
     one ``read``. Both go through the page cache.
+
+    ``verified``: chunk index -> identity of the file (device, inode, size,
+    modification and change times) when its CRC32C last passed in this
+    process. A file whose identity has not changed since is not checked again:
+    its bytes come from the page cache that the check read, and any write to
+    the file changes its change time. The dict is updated.
     """
     path = _chunk_path(array_dir, index, out.ndim)
     raw = out.reshape(-1).view(np.uint8)
     with open(path, "rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
+        st = os.fstat(fh.fileno())
+        size = st.st_size
         if size == raw.size + 4 and size >= _MAP_MIN_BYTES and _MAP_READS:
             tail = _copy_mapped(fh.fileno(), raw)
             got = size
@@ -1035,7 +1072,12 @@ def _read_chunk_file(array_dir: Path, index: int, out: np.ndarray) -> None:
             got = fh.readinto(raw)
             if got == raw.size:
                 got += fh.readinto(tail)
+    ident = (st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
+    if verified is not None and got == raw.size + 4 and verified.get(index) == ident:
+        return
     _check_chunk_bytes(path, raw, got, bytes(tail[:4]))
+    if verified is not None:
+        verified[index] = ident
 
 
 def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
@@ -1057,6 +1099,46 @@ def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
         np.copyto(raw, src)
         del src  # the mapping closes only once no array sees it
         return mapped[raw.size : raw.size + 4]
+
+
+def _map_chunk_file(
+    array_dir: Path, index: int, shape: tuple[int, ...], dtype: np.dtype, verified: dict
+) -> np.ndarray | None:
+    """One whole chunk file's data as an array backed by a private mapping of the file, or None.
+
+    None where mappings are not used (``_MAP_READS``), for files under
+    ``_MAP_MIN_BYTES`` and for files of the wrong size (the caller's ``read``
+    then gives the error). The CRC32C is checked, which also brings every page
+    in, unless ``verified`` says this file passed before (see
+    :func:`_read_chunk_file`); then the pages are mapped in ahead of use
+    (``MADV_POPULATE_READ``) instead. The mapping lives as long as the array:
+    no copy and no new memory for a pass over data in the page cache. The
+    array is writable; a write copies the page it touches (``MAP_PRIVATE``).
+    Until then the bytes are the file's, so the file must not be changed in
+    place while the array is used; peekcore only ever replaces chunk files by
+    a rename.
+    """
+    if not _MAP_READS:
+        return None
+    path = _chunk_path(array_dir, index, len(shape))
+    nbytes = math.prod(shape) * dtype.itemsize
+    with open(path, "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size != nbytes + 4 or st.st_size < _MAP_MIN_BYTES:
+            return None
+        # private: writes to the array copy the page they touch, never reach the file
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
+        mapped.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(mapped, np.uint8, count=nbytes)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if verified.get(index) == ident:
+        with contextlib.suppress(OSError):  # Linux >= 5.14; else the pages fault in on use
+            mapped.madvise(_MADV_POPULATE_READ)
+    else:
+        _check_chunk_bytes(path, raw, st.st_size, mapped[nbytes : nbytes + 4])
+        verified[index] = ident
+    return raw.view(dtype).reshape(shape)
 
 
 def _available_memory() -> int | None:

@@ -387,3 +387,19 @@ def test_float32_pass_for_narrow_ranks_matches_dense_als(rng, shape, rank):
     assert _rel(model.weights, w_want) < 1e-4
     for got, exp in zip(model.factors, f_want, strict=True):
         assert _rel(got, exp) < 1e-4
+
+
+def test_chunk_size_for_natural_chunks():
+    from peekcore.solvers.checks import chunk_size_for
+
+    shape, mib = (10_000, 256, 1024), 1 << 20  # float32: 1 MiB per sample
+    pick = lambda **kw: chunk_size_for(shape, "float32", None, None, 64 * mib, **kw)  # noqa: E731
+    assert pick() == 64  # no natural chunk: the budget
+    assert pick(natural=5) == 60  # the largest multiple in the budget
+    assert pick(natural=5, natural_alone_bytes=4 * mib) == 5  # big enough to read alone
+    assert pick(natural=3, natural_alone_bytes=4 * mib) == 63  # too small: grouped
+    assert pick(natural=100, natural_alone_bytes=4 * mib) == 100  # over the budget: one
+    # an explicit budget or chunk size wins over reading natural chunks alone
+    assert chunk_size_for(shape, "float32", None, 32 * mib, 64 * mib, 5, 4 * mib) == 30
+    assert chunk_size_for(shape, "float32", 7, None, 64 * mib, 5, 4 * mib) == 7
+    assert chunk_size_for((12, 256, 1024), "float32", None, None, 64 * mib, 50, mib) == 12

@@ -237,7 +237,7 @@ def test_fit_on_store_equals_fit_in_memory(digit_store):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_solvers_read_whole_stored_chunks(digit_store):
+def test_solvers_read_whole_stored_chunks(digit_store, monkeypatch):
     layer = digit_store["conv2"]
     cs = layer.chunk_size
     row = layer.nbytes // layer.shape[0]
@@ -245,6 +245,14 @@ def test_solvers_read_whole_stored_chunks(digit_store):
     for budget, want in ((3 * cs * row + 5, 3 * cs), (cs * row // 2, cs)):
         fit = peekcore.cp_als(layer, 2, n_iter_max=1, max_chunk_bytes=budget, progress=False)
         assert fit.metadata["chunk_size"] == min(want, layer.shape[0])
+    # the default budget on the CPU: stored chunks of at least NATURAL_CHUNK_ALONE_BYTES are
+    # read alone (mapped, no copy), smaller ones grouped up to the budget
+    from peekcore.solvers import engine
+
+    for alone, alone_ok in ((cs * row, True), (cs * row + 1, False)):
+        monkeypatch.setattr(engine, "NATURAL_CHUNK_ALONE_BYTES", alone)
+        fit = peekcore.cp_als(layer, 2, n_iter_max=1, progress=False)
+        assert (fit.metadata["chunk_size"] == cs) == alone_ok
     # a chunk size that is not a multiple reads whole chunks too, and cuts them
     got = list(layer.chunks(cs + 3))
     assert [len(c) for c in got[:-1]] == [cs + 3] * (len(got) - 1)
@@ -491,40 +499,42 @@ def test_direct_reads_equal_buffered_reads(images, tmp_path, dtype):
         ActivationStore(store.path, read_mode="mmap")
 
 
-def buffered_reads(monkeypatch, how: str) -> list[int]:
-    """Make buffered chunk reads go through a mapping (``"mapped"``) or ``read`` (``"read"``).
+def buffered_reads(monkeypatch, how: str) -> dict[str, int]:
+    """Make buffered chunk reads go through mappings (``"mapped"``) or ``read`` (``"read"``).
 
-    Returns a list that counts the mapped copies.
+    Returns counts of the chunks copied out of a mapping (``"copy"``, what
+    ``read()`` does) and of those handed out as mappings (``"map"``, what
+    ``chunks()`` does), and of the CRC32C checks (``"crc"``).
     """
     from peekcore import store as store_mod
 
-    copies: list[int] = []
-    real = store_mod._copy_mapped
+    counts = {"copy": 0, "map": 0, "crc": 0}
+    copy, map_file, check = (
+        store_mod._copy_mapped,
+        store_mod._map_chunk_file,
+        store_mod._check_chunk_bytes,
+    )
 
-    def counting(fd, raw):
-        copies.append(raw.size)
-        return real(fd, raw)
+    def copying(fd, raw):
+        counts["copy"] += 1
+        return copy(fd, raw)
 
-    monkeypatch.setattr(store_mod, "_copy_mapped", counting)
+    def mapping(*args):
+        arr = map_file(*args)
+        counts["map"] += arr is not None
+        return arr
+
+    def checking(*args):
+        counts["crc"] += 1
+        return check(*args)
+
+    monkeypatch.setattr(store_mod, "_copy_mapped", copying)
+    monkeypatch.setattr(store_mod, "_map_chunk_file", mapping)
+    monkeypatch.setattr(store_mod, "_check_chunk_bytes", checking)
     monkeypatch.setattr(store_mod, "_MAP_MIN_BYTES", 0)  # the test chunks are small
     if how == "read":
         monkeypatch.setattr(store_mod, "_MAP_READS", False)
-    return copies
-
-
-@pytest.mark.parametrize("how", ["mapped", "read"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_buffered_reads_mapped_or_read_equal_zarrs_reads(images, tmp_path, dtype, how, monkeypatch):
-    zarr = pytest.importorskip("zarr")
-    store = cap(SmallCNN(), images, ["conv1"], tmp_path / "s.zarr", dtype=dtype, chunk_size=16)
-    want = zarr.open_array(store.path / "layers" / "conv1" / "activations", mode="r")[:]
-    copies = buffered_reads(monkeypatch, how)
-    layer = ActivationStore(store.path, read_mode="buffered")["conv1"]
-    got = [to_storage(torch.as_tensor(c)) for c in layer.chunks()]
-    assert [len(c) for c in got] == [16, 16, 16, 13]
-    np.testing.assert_array_equal(np.concatenate(got), want)
-    # the three whole chunk files (the last chunk is cut from its padded file by zarr)
-    assert len(copies) == (3 if how == "mapped" and map_reads() else 0)
+    return counts
 
 
 def map_reads() -> bool:
@@ -533,12 +543,69 @@ def map_reads() -> bool:
     return store_mod._MAP_READS
 
 
+@pytest.mark.parametrize("how", ["mapped", "read"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_buffered_reads_mapped_or_read_equal_zarrs_reads(images, tmp_path, dtype, how, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    store = cap(SmallCNN(), images, ["conv1"], tmp_path / "s.zarr", dtype=dtype, chunk_size=16)
+    want = zarr.open_array(store.path / "layers" / "conv1" / "activations", mode="r")[:]
+    counts = buffered_reads(monkeypatch, how)
+    layer = ActivationStore(store.path, read_mode="buffered")["conv1"]
+    got = [to_storage(torch.as_tensor(c)) for c in layer.chunks()]
+    assert [len(c) for c in got] == [16, 16, 16, 13]
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    np.testing.assert_array_equal(to_storage(torch.as_tensor(layer.read(0, 48))), want[:48])
+    mapped = how == "mapped" and map_reads()
+    # chunks(): the three whole chunk files as mappings (zarr reads the padded last one);
+    # read(): copies of them
+    assert (counts["map"], counts["copy"]) == ((3, 3) if mapped else (0, 0))
+
+
+def test_mapped_chunks_are_private_copies_on_write(images, tmp_path, monkeypatch):
+    store = cap(SmallCNN(), images, ["conv1"], tmp_path / "s.zarr", dtype="float32", chunk_size=16)
+    before = files(store.path)
+    counts = buffered_reads(monkeypatch, "mapped")
+    layer = ActivationStore(store.path, read_mode="buffered")["conv1"]
+    first = next(iter(layer.chunks()))
+    want = np.array(first)
+    first *= -2.0  # numpy writes
+    torch.as_tensor(first).add_(1.0)  # and torch writes, through the same memory
+    np.testing.assert_array_equal(first, want * -2.0 + 1.0)
+    assert files(store.path) == before  # nothing reached the files
+    np.testing.assert_array_equal(next(iter(layer.chunks())), want)
+    assert (counts["map"] > 0) == map_reads()
+
+
+@pytest.mark.parametrize("how", ["mapped", "read"])
+def test_checksums_are_checked_once_per_unchanged_file(small_store, how, monkeypatch):
+    counts = buffered_reads(monkeypatch, how)
+    store = ActivationStore(small_store.path, read_mode="buffered")
+    layer = store["conv1"]
+    for _ in range(3):
+        assert sum(len(c) for c in layer.chunks()) == 61
+    assert counts["crc"] == 3  # the three whole chunk files, once (zarr checks the last)
+    assert sum(len(c) for c in layer.shard(16, 48).chunks()) == 32  # shards share the record
+    assert counts["crc"] == 3
+    path = chunk_file(small_store.path, "conv1", 1, 4)
+    good, times = path.read_bytes(), path.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    path.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])  # same size
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))  # even with the old mtime
+    with pytest.raises(StoreError, match=r"samples 16\.\.31 of layer 'conv1'.*checksum"):
+        list(layer.chunks())
+    path.write_bytes(good)
+    assert sum(len(c) for c in layer.chunks()) == 61
+    with pytest.raises(StoreError, match="missing"):  # verify() checks everything again
+        chunk_file(small_store.path, "conv1", 2, 4).unlink()
+        store.verify()
+
+
 @pytest.mark.parametrize("how", ["direct", "mapped", "read"])
 def test_reads_refuse_corrupt_truncated_and_longer_chunks(small_store, how, monkeypatch):
     path = chunk_file(small_store.path, "conv1", 1, 4)
     good = path.read_bytes()
     if how != "direct":
-        copies = buffered_reads(monkeypatch, how)
+        counts = buffered_reads(monkeypatch, how)
     store = ActivationStore(small_store.path, read_mode="direct" if how == "direct" else "buffered")
     for bad, why in (
         (good[:100] + bytes([good[100] ^ 0xFF]) + good[101:], "checksum"),
@@ -549,8 +616,11 @@ def test_reads_refuse_corrupt_truncated_and_longer_chunks(small_store, how, monk
         path.write_bytes(bad)
         with pytest.raises(StoreError, match=rf"samples 16\.\.31 of layer 'conv1'.*{why}"):
             store["conv1"].read(16, 32)  # chunk 1 alone, no reads ahead
+        with pytest.raises(StoreError, match=rf"samples 16\.\.31 of layer 'conv1'.*{why}"):
+            list(store["conv1"].chunks(16))
     if how == "mapped" and map_reads():
-        assert len(copies) == 2  # the two damaged files of the right size
+        assert counts["copy"] == 2  # read(): the two damaged files of the right size
+        assert counts["map"] >= 2  # chunks(): those two again, and chunk 0 maybe
 
 
 def test_auto_read_mode_bypasses_the_cache_only_for_layers_larger_than_memory(

@@ -34,6 +34,7 @@ from ..model import CPModel, FitHistory, normalize_factors
 from ..sources import ChunkSource, as_source, dtype_name, natural_chunk_size
 from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from .checks import (
+    NATURAL_CHUNK_ALONE_BYTES,
     check_iterations,
     check_rank,
     check_shape,
@@ -169,6 +170,8 @@ def prepare(
             max_chunk_bytes,
             default_chunk_bytes(source, kern),
             natural_chunk_size(source),
+            # on a GPU fewer, larger chunks pay more than a saved host copy
+            NATURAL_CHUNK_ALONE_BYTES if kern.device.type != "cuda" else None,
         ),
         compute_dtype=compute,
         sweeps=sweeps if method == HALS else 0,
