@@ -1053,11 +1053,11 @@ def _read_chunk_file(
     ``MADV_HUGEPAGE`` where Linux offers it (:func:`_copy_mapped`); others with
     one ``read``. Both go through the page cache.
 
-    ``verified``: chunk index -> identity of the file (device, inode, size,
-    modification and change times) when its CRC32C last passed in this
-    process. A file whose identity has not changed since is not checked again:
-    its bytes come from the page cache that the check read, and any write to
-    the file changes its change time. The dict is updated.
+    ``verified``: chunk index -> :func:`_file_identity` of the file when its
+    CRC32C last passed in this process. A file whose identity has not changed
+    since is not checked again: its bytes come from the page cache that the
+    check read, and any write to the file changes its change time. The dict
+    is updated.
     """
     path = _chunk_path(array_dir, index, out.ndim)
     raw = out.reshape(-1).view(np.uint8)
@@ -1072,12 +1072,17 @@ def _read_chunk_file(
             got = fh.readinto(raw)
             if got == raw.size:
                 got += fh.readinto(tail)
-    ident = (st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
+    ident = _file_identity(st)
     if verified is not None and got == raw.size + 4 and verified.get(index) == ident:
         return
     _check_chunk_bytes(path, raw, got, bytes(tail[:4]))
     if verified is not None:
         verified[index] = ident
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or written: device, inode, size, times (ns)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
@@ -1102,7 +1107,11 @@ def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
 
 
 def _map_chunk_file(
-    array_dir: Path, index: int, shape: tuple[int, ...], dtype: np.dtype, verified: dict
+    array_dir: Path,
+    index: int,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    verified: dict[int, tuple],
 ) -> np.ndarray | None:
     """One whole chunk file's data as an array backed by a private mapping of the file, or None.
 
@@ -1131,7 +1140,7 @@ def _map_chunk_file(
     with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
         mapped.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapped, np.uint8, count=nbytes)
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    ident = _file_identity(st)
     if verified.get(index) == ident:
         with contextlib.suppress(OSError):  # Linux >= 5.14; else the pages fault in on use
             mapped.madvise(_MADV_POPULATE_READ)
