@@ -1064,10 +1064,10 @@ def _read_chunk_file(
     with open(path, "rb", buffering=0) as fh:
         st = os.fstat(fh.fileno())
         size = st.st_size
+        tail: bytes | bytearray | None = None
         if size == raw.size + 4 and size >= _MAP_MIN_BYTES and _MAP_READS:
-            tail = _copy_mapped(fh.fileno(), raw)
-            got = size
-        else:
+            tail, got = _copy_mapped(fh.fileno(), raw), size
+        if tail is None:
             tail = bytearray(5)  # the CRC, and one byte more to see a longer file
             got = fh.readinto(raw)
             if got == raw.size:
@@ -1085,10 +1085,11 @@ def _file_identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
+def _copy_mapped(fd: int, raw: np.ndarray) -> bytes | None:
     """Copy the first ``raw.size`` bytes of file ``fd`` into ``raw`` through a mapping.
 
-    Returns the 4 bytes after them (the CRC). With ``MADV_HUGEPAGE`` a cold
+    Returns the 4 bytes after them (the CRC), or None where the file cannot be
+    mapped (out of mappings, say), having copied nothing. With ``MADV_HUGEPAGE`` a cold
     file is read ahead in 2 MiB folios from its first byte, where ``read``
     starts every file with small pages and small requests: on the test VM
     32 chunk files of 25 MiB read at 2.6-2.7 GB/s this way against 2.0-2.2
@@ -1097,7 +1098,11 @@ def _copy_mapped(fd: int, raw: np.ndarray) -> bytes:
     truncated by another process during the copy would end the process
     (``SIGBUS``), but chunk files are only ever replaced by a rename.
     """
-    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapped:
+    try:
+        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    except OSError:
+        return None
+    with mapped:
         with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
             mapped.madvise(mmap.MADV_HUGEPAGE)
         src = np.frombuffer(mapped, np.uint8, count=raw.size)
@@ -1135,8 +1140,10 @@ def _map_chunk_file(
         st = os.fstat(fh.fileno())
         if st.st_size != nbytes + 4 or st.st_size < _MAP_MIN_BYTES:
             return None
-        # private: writes to the array copy the page they touch, never reach the file
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:  # private: writes to the array copy the page they touch, never reach the file
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError:  # out of mappings or commit charge (strict overcommit): read instead
+            return None
     with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
         mapped.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapped, np.uint8, count=nbytes)

@@ -700,3 +700,22 @@ def test_verify_finds_nan_and_inf(images, tmp_path):
     clean = cap(model, images, "0", tmp_path / "c.zarr", batch_size=16)
     report = clean.verify()
     assert report["layers"]["0"] == {"shape": (61, 1, 8, 8), "dtype": "float16", "nonfinite": 0}
+
+
+def test_chunks_are_read_when_a_file_cannot_be_mapped(small_store, monkeypatch):
+    """mmap failing (strict overcommit, too many mappings) falls back to reading the file."""
+    from peekcore import store as store_mod
+
+    want = [np.array(c) for c in ActivationStore(small_store.path)["conv1"].chunks()]
+    counts = buffered_reads(monkeypatch, "mapped")
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(store_mod.mmap, "mmap", refused)
+    got = list(ActivationStore(small_store.path, read_mode="buffered")["conv1"].chunks())
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert counts["map"] == 0 and counts["crc"] == 3
+    layer = ActivationStore(small_store.path, read_mode="buffered")["conv1"]
+    np.testing.assert_array_equal(layer.read(0, 48), np.concatenate(want[:3]))  # read() too
