@@ -41,6 +41,8 @@ import contextlib
 import difflib
 import hashlib
 import math
+import operator
+import os
 import queue
 import sys
 import threading
@@ -53,13 +55,14 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .datasets import Inputs, as_inputs
+from .datasets import Inputs, as_inputs, strip_addresses
 from .store import (
     ActivationStore,
     StoreError,
     StoreWriter,
+    check_replaceable,
     check_store_dtype,
-    remove_store,
+    is_empty_dir,
     storage_dtype,
     to_storage,
     zarr_module,
@@ -172,7 +175,17 @@ def _per_layer(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
 def _describe_select(select: Any) -> Any:
     if select is None or isinstance(select, (int, str)):
         return select
-    return getattr(select, "__qualname__", None) or repr(select)
+    return getattr(select, "__qualname__", None) or strip_addresses(repr(select))
+
+
+def _check_seed(seed: Any) -> int | None:
+    """``seed`` as a Python int (numpy and other integer types too), or None."""
+    if seed is None:
+        return None
+    if not isinstance(seed, (bool, np.bool_)):
+        with contextlib.suppress(TypeError):
+            return operator.index(seed)
+    raise TypeError(f"seed must be an integer or None, got {seed!r}")
 
 
 def _apply_select(name: str, output: Any, select: Any) -> torch.Tensor:
@@ -272,11 +285,16 @@ class LayerHooks:
     """Forward hooks on named layers, collecting every layer in one forward pass.
 
     Used as a context manager: on entry the model is put in eval mode and the
-    hooks are registered; on exit both are undone. :meth:`run` does one forward
-    pass and returns each layer's output, arranged samples first and converted
-    to ``dtype`` (a copy: later in-place operations cannot change it). The first
-    forward runs whole (a layer that runs twice is an error); later ones stop
-    once every hooked layer has produced its output.
+    hooks are registered; on exit both are undone. Entries nest (several
+    passes over a model at once): only the outermost one saves the training
+    flags and registers the hooks, and only its exit removes the hooks and
+    restores the flags. :meth:`run` does one forward pass and returns each
+    layer's output, arranged samples first and converted to ``dtype`` (a copy:
+    later in-place operations cannot change it). The hooks act only inside
+    :meth:`run`: other forwards of the model meanwhile (the caller's own) run as
+    they would without them. The first forward runs whole (a layer that runs
+    twice is an error); later ones stop once every hooked layer has produced
+    its output.
 
     Parameters
     ----------
@@ -329,25 +347,41 @@ class LayerHooks:
         self._handles: list[Any] = []
         self._stop_early = False  # the first forward runs whole, to catch layers that run twice
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._depth = 0  # nested entries (see __enter__)
+        self._running = False  # inside run(): the only time the hooks do anything
         params = [p for p in model.parameters() if p.is_floating_point()]
         self._input_dtype = params[0].dtype if params else None
 
     def __enter__(self) -> LayerHooks:
-        self._modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._hook(name, module)))
+        if self._depth == 0:
+            self._modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                for name, module in self.layers.items():
+                    self._handles.append(module.register_forward_hook(self._hook(name, module)))
+            except BaseException:
+                self._undo()
+                raise
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._undo()
+
+    def _undo(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for module, training in self._modes:
             module.training = training
+        self._modes = []
 
     def _hook(self, name: str, module: nn.Module) -> Callable:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if not self._running:  # a forward of the model's owner, not one of run()'s
+                return
             if name in self._outputs:
                 raise RuntimeError(
                     f"layer {name!r} ran twice in one forward pass (a shared module?): its "
@@ -444,6 +478,7 @@ class LayerHooks:
             if self.autocast is not None
             else contextlib.nullcontext()
         )
+        self._running = True
         try:
             with torch.inference_mode(), ctx:
                 try:
@@ -451,6 +486,7 @@ class LayerHooks:
                 except _StopForward:
                     pass
         finally:
+            self._running = False
             self._dest = {}
         missing = [n for n in self.layers if n not in self._outputs]
         if missing:
@@ -486,6 +522,11 @@ def _bits(t: torch.Tensor) -> tuple[np.ndarray, Any, int]:
     """
     as_int, as_uint, mask, inf_bits = _FLOAT_BITS[t.dtype]
     return t.view(as_int).numpy().view(as_uint), as_uint(mask), inf_bits
+
+
+def _bit_view(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's elements as integers of the same size: its bit patterns."""
+    return t.view(_FLOAT_BITS[t.dtype][0]) if t.dtype in _FLOAT_BITS else t
 
 
 def _model_device(model: nn.Module, device: Any) -> torch.device:
@@ -828,7 +869,11 @@ def capture(
     check_finite : bool
         Refuse NaN/Inf activations (e.g. float16 overflow) as they are captured.
     overwrite : bool
-        Replace an existing store at ``store`` instead of resuming it.
+        Replace an existing store at ``store`` instead of resuming it. The old
+        store stays until the first batch has run and the new store's metadata
+        is ready, so a capture that fails at once (a wrong layout, say) leaves
+        it; from then on the new store is at ``store`` (and resumable). An
+        empty folder at ``store`` counts as no store.
     progress : bool, optional
         Show a progress bar (images per second); default: when stderr is a terminal.
 
@@ -859,6 +904,7 @@ def capture(
         isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    seed = _check_seed(seed)
     dev = _model_device(model, device)
     inputs = as_inputs(
         data,
@@ -888,9 +934,12 @@ def capture(
     }
     path = Path(store)
     writer: StoreWriter | None = None
-    if path.exists() and overwrite:
-        remove_store(path)
-    elif path.exists():
+    # an empty folder is no store (made ahead by the caller); a store to overwrite is
+    # replaced only once the first batch ran and the new store is ready (StoreWriter.create)
+    replace = os.path.lexists(path) and not is_empty_dir(path) and overwrite
+    if replace:
+        check_replaceable(path)  # before any work: refuse a folder that is not a store
+    elif os.path.lexists(path) and not is_empty_dir(path):
         writer = _resume(path, settings, chunk_size)
         if writer.complete:
             return ActivationStore(path)
@@ -941,6 +990,7 @@ def capture(
                             provenance,
                             dtype,
                             chunk_size,
+                            replace,
                         )
                     else:
                         _check_shapes(path, writer, host, labels)
@@ -1020,6 +1070,7 @@ def _create(
     provenance: dict,
     dtype: str,
     chunk_size: int | None,
+    replace: bool = False,
 ) -> StoreWriter:
     n = inputs.n_samples
     if chunk_size is None:
@@ -1056,6 +1107,7 @@ def _create(
         layers=layer_info,
         label_info=label_info,
         attrs=attrs,
+        replace=replace,
     )
 
 
@@ -1148,7 +1200,7 @@ class ModelSource:
             transform=transform,
             pin_memory=self.device.type == "cuda",
         )
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.passes = 0
         self._hooks = LayerHooks(
             model,
@@ -1198,37 +1250,56 @@ class ModelSource:
         self.passes += 1
         pending: list[torch.Tensor] = []
         held = 0
-        with self._hooks:
-            for offset, x, _y in self.inputs.batches(0):
-                with _batch_rng(self.seed, offset, self.device):
-                    t = self._hooks.run(x)[self.layer].cpu()
-                if offset == 0:
-                    self._check_repeat(t)
-                pending.append(t)
-                held += t.shape[0]
-                while held >= step:
-                    whole = torch.cat(pending) if len(pending) > 1 else pending[0]
-                    yield whole[:step]
-                    rest = whole[step:]
-                    pending = [rest] if rest.shape[0] else []
-                    held = rest.shape[0]
-            if held:
-                yield torch.cat(pending) if len(pending) > 1 else pending[0]
+        for offset, x, _y in self.inputs.batches(0):
+            # hooks and eval mode only for this batch's forward: while a chunk is out (the
+            # pass suspended, perhaps for good), the model is the caller's, as it was
+            with self._hooks, _batch_rng(self.seed, offset, self.device):
+                t = self._hooks.run(x)[self.layer].cpu()
+            if offset == 0:
+                self._check_repeat(t)
+            pending.append(t)
+            held += t.shape[0]
+            while held >= step:
+                whole = torch.cat(pending) if len(pending) > 1 else pending[0]
+                yield whole[:step]
+                rest = whole[step:]
+                pending = [rest] if rest.shape[0] else []
+                held = rest.shape[0]
+        if held:
+            yield torch.cat(pending) if len(pending) > 1 else pending[0]
 
     def _check_repeat(self, t: torch.Tensor) -> None:
+        """Refuse a first batch that is not bit for bit the one computed at construction.
+
+        Bit patterns are compared, not values: NaN equals NaN when its bits do.
+        """
         ref = self._reference
-        if t.shape == ref.shape and torch.equal(t, ref):
+        same_shape = t.shape == ref.shape
+        if same_shape and torch.equal(_bit_view(t), _bit_view(ref)):
             return
-        diff = (
-            float((t.float() - ref.float()).abs().max()) if t.shape == ref.shape else float("nan")
-        )
+        now, then = t.float(), ref.float()
+        diff, where = float("nan"), ""
+        if same_shape:
+            finite = torch.isfinite(now) & torch.isfinite(then)
+            if bool(finite.any()):
+                diff = float((now - then).abs()[finite].max())
+            where = " where both are finite"
+        nonfinite = int((~torch.isfinite(now)).sum()), int((~torch.isfinite(then)).sum())
+        note = ""
+        if any(nonfinite):
+            note = (
+                f" The activations hold NaN/Inf ({nonfinite[1]} values in the first batch at "
+                f"construction, {nonfinite[0]} now); NaN/Inf at other places or with other bit "
+                "patterns count as differences too."
+            )
+        shape = "" if same_shape else f"; shape {tuple(t.shape)}, was {tuple(ref.shape)}"
         raise RuntimeError(
             f"layer {self.layer!r} gave different activations for the same first batch on pass "
-            f"{self.passes} (max |difference| {diff:.3g}): the model is not deterministic, so "
-            "each pass of the fit would see different data and the factors would be wrong. "
-            "Remove random operations (dropout in train mode, noise layers), enable "
-            "torch.use_deterministic_algorithms(True) on GPUs, or capture the activations once "
-            "with peekcore.capture and fit the store"
+            f"{self.passes} (max |difference| {diff:.3g}{where}{shape}): the model is not "
+            "deterministic, so each pass of the fit would see different data and the factors "
+            f"would be wrong.{note} Remove random operations (dropout in train mode, noise "
+            "layers), enable torch.use_deterministic_algorithms(True) on GPUs, or capture the "
+            "activations once with peekcore.capture and fit the store"
         )
 
     def __repr__(self) -> str:

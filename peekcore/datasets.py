@@ -6,8 +6,10 @@
   ``(inputs, labels)`` of them, or a path to a ``.npy`` file (memory-mapped);
 - a torch ``Dataset`` whose items are an input tensor or a tuple
   ``(input, label, ...)``;
-- a torch ``DataLoader`` (its batches are used as they come; it must not
-  shuffle);
+- a torch ``DataLoader`` (its batches are used as they come; it must read
+  its data set in order: no shuffling, no sampler other than the default
+  ``SequentialSampler``); one over an ``IterableDataset`` without a length
+  needs ``n_samples=``;
 - a path to a folder of images in class subfolders (torchvision's
   ``ImageFolder``; needs torchvision);
 - :func:`digits`: scikit-learn's bundled 8 x 8 digits (no download).
@@ -20,13 +22,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
@@ -243,7 +255,7 @@ class Inputs:
     fingerprint : str
         Identifies the data for resume checks.
     transform : str or None
-        ``repr`` of the per-sample transform, if any.
+        Description of the per-sample transform, if any (:func:`describe_callable`).
     """
 
     def __init__(
@@ -261,18 +273,20 @@ class Inputs:
         self.pin_memory = pin_memory
         self.loader: DataLoader | None = None
         self.dataset: Dataset | None = None
+        if n_samples is not None:
+            if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+                raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+            n_samples = int(n_samples)
         if isinstance(data, DataLoader):
             if transform is not None:
                 raise ValueError(
                     "transform= applies to arrays and image folders; with a DataLoader put the "
                     "transform in its Dataset"
                 )
-            self._init_loader(data)
+            self._init_loader(data, n_samples)
         else:
             self._init_dataset(data, transform)
         if n_samples is not None:
-            if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-                raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
             if n_samples > self.n_samples:
                 raise ValueError(
                     f"n_samples={n_samples} but the data has only {self.n_samples} samples"
@@ -281,27 +295,38 @@ class Inputs:
 
     # -- set-up
 
-    def _init_loader(self, loader: DataLoader) -> None:
-        if isinstance(loader.sampler, RandomSampler):
-            raise ValueError(
-                "the DataLoader shuffles (shuffle=True): capture needs a fixed sample order so "
-                "that stores resume and sample ids mean something; use shuffle=False"
-            )
-        try:
-            n = len(loader.sampler) if loader.batch_sampler is not None else len(loader.dataset)
-            if loader.drop_last:
-                n = len(loader) * int(loader.batch_size)
-        except TypeError as err:
-            raise TypeError(
-                "the DataLoader has no length (an IterableDataset?): pass n_samples= to say how "
-                "many samples to capture"
-            ) from err
+    def _init_loader(self, loader: DataLoader, n_samples: int | None) -> None:
+        ds = loader.dataset
+        batches = loader.batch_sampler
+        batch_size = loader.batch_size
+        if isinstance(ds, IterableDataset):  # its own order: DataLoader takes no sampler
+            try:
+                n: int | None = len(ds)
+            except TypeError:
+                n = None
+            if n is not None and loader.drop_last and batch_size:
+                n -= n % int(batch_size)
+        else:
+            _check_sample_order(loader)
+            if batches is None:  # batch_size=None: the sampler's items are the batches
+                n = len(loader.sampler)
+            else:
+                batch_size = batches.batch_size
+                n = len(batches.sampler)
+                if batches.drop_last:
+                    n -= n % int(batch_size)
+        if n is None:
+            if n_samples is None:
+                raise TypeError(
+                    "the DataLoader has no length (an IterableDataset without __len__): pass "
+                    "n_samples= to say how many samples to capture"
+                )
+            n = n_samples
         self.loader = loader
         self.n_samples = int(n)
-        ds = loader.dataset
-        self.description = f"DataLoader({_describe_dataset(ds)}, batch_size={loader.batch_size})"
+        self.description = f"DataLoader({_describe_dataset(ds)}, batch_size={batch_size})"
         self.transform = _transform_repr(getattr(ds, "transform", None))
-        self.fingerprint = _dataset_fingerprint(ds) + f"|loader batch_size={loader.batch_size}"
+        self.fingerprint = _dataset_fingerprint(ds) + f"|loader batch_size={batch_size}"
 
     def _init_dataset(self, data: Any, transform: Callable | None) -> None:
         if isinstance(data, (str, os.PathLike)):
@@ -451,8 +476,66 @@ def _dataset_fingerprint(ds: Any) -> str:
     return "|".join(parts)
 
 
+def _check_sample_order(loader: DataLoader) -> None:
+    """Refuse a DataLoader (over a map-style data set) that does not read it in order.
+
+    Only the ``SequentialSampler`` (``shuffle=False``, no ``sampler``), alone or
+    in a plain ``BatchSampler``, gives item ``i`` of the data set as sample ``i``
+    in every pass: what the store's sample ids say, and what a resumed capture
+    relies on to skip the samples already stored.
+    """
+    batches = loader.batch_sampler
+    if batches is not None and type(batches) is not BatchSampler:
+        how = f"makes its batches with a {type(batches).__name__} (batch_sampler=)"
+    else:
+        sampler = loader.sampler if batches is None else batches.sampler
+        name = type(sampler).__name__
+        if type(sampler) is SequentialSampler:
+            return
+        if sampler is not loader.sampler:
+            how = f"makes its batches with a BatchSampler over a {name} (batch_sampler=)"
+        elif isinstance(sampler, RandomSampler):
+            how = "shuffles (shuffle=True, or sampler=RandomSampler)"
+        else:
+            how = f"draws its samples with a {name} (sampler=)"
+    raise ValueError(
+        f"the DataLoader {how}: capture needs the data in a fixed order, item i of the data "
+        "set as sample i, so that the store's sample ids mean something and an interrupted "
+        "capture resumes with the samples it has not stored yet. Use a DataLoader with "
+        "shuffle=False and no sampler or batch_sampler (its default SequentialSampler); to "
+        "capture some items only, pass torch.utils.data.Subset(dataset, indices) instead"
+    )
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def strip_addresses(text: str) -> str:
+    """``text`` (a ``repr``) without the memory addresses (`` at 0x7f...``) in it."""
+    return _ADDRESS.sub("", text)
+
+
+def describe_callable(fn: Any) -> str:
+    """A description of a function or callable that is the same in every process.
+
+    Functions (and builtins) are named by module and qualified name, bound
+    methods by that and their object; other callables by their ``repr``
+    without memory addresses (``<function f at 0x7f...>`` -> ``<function f>``),
+    which a plain ``repr`` would change from run to run.
+    """
+    if isinstance(fn, types.MethodType):
+        return f"{describe_callable(fn.__func__)} of {strip_addresses(repr(fn.__self__))}"
+    if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        module = getattr(fn, "__module__", None)
+        if module is None and isinstance(getattr(fn, "__self__", None), types.ModuleType):
+            module = fn.__self__.__name__
+        return f"{module}.{name}" if module else strip_addresses(name)
+    return strip_addresses(repr(fn))
+
+
 def _transform_repr(transform: Any) -> str | None:
-    return None if transform is None else repr(transform)
+    return None if transform is None else describe_callable(transform)
 
 
 def as_inputs(

@@ -22,10 +22,14 @@ them back as ``torch.bfloat16``.
 The root attributes record the model class, a SHA-256 of its weights, the
 layers, the data source, the transform, the seed, the library versions, the
 settings of the capture (to check a resumed capture against) and its progress
-(``chunks_written`` of ``n_chunks``). ``ActivationStore(path)`` refuses a store
-that is incomplete, whose chunks are missing, or whose metadata disagrees with
-its arrays; :meth:`ActivationStore.verify` also reads every chunk (checksums)
-and scans for NaN/Inf.
+(``chunks_written`` of ``n_chunks``), and a capture id (``peekcore.capture_id``,
+a SHA-256 digest of all of those but the progress: the same for a resumed or
+repeated capture, different for another model, data or settings).
+``ActivationStore(path)`` refuses a store that is incomplete, whose chunks are
+missing, or whose metadata disagrees with its arrays;
+:meth:`ActivationStore.verify` also reads every chunk (checksums) and scans for
+NaN/Inf. An open store refuses to read on once the store at its path was
+replaced (captured again) or changed.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import math
 import mmap
+import operator
 import os
 import re
 import shutil
@@ -79,6 +85,10 @@ _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary files of 
 
 class StoreError(ValueError):
     """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
+
+
+class _StoreChanged(StoreError):
+    """The store at an open store's path is no longer the one opened (captured again, say)."""
 
 
 def _zarr() -> Any:
@@ -173,6 +183,31 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray | torch.Tensor:
     return arr
 
 
+def _numpy_key(key: Any) -> Any:
+    """An index key with numpy's meaning in plain terms: torch tensors and lists as numpy
+    arrays, integer scalars (numpy, 0-d arrays and tensors, ``__index__``) as ints."""
+    parts = key if isinstance(key, tuple) else (key,)
+    out = []
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        elif isinstance(part, list):  # numpy reads a list as an array (bools: a mask)
+            part = np.asarray(part) if part else np.empty(0, np.intp)
+        if isinstance(part, np.ndarray) and part.ndim == 0 and part.dtype.kind in "iu":
+            part = int(part)  # numpy indexes with 0-d integer arrays as with ints
+        elif isinstance(part, (bool, np.bool_)):
+            part = np.asarray(part)  # a 0-d mask: a new axis of length 1 or 0
+        elif (
+            part is not None
+            and part is not Ellipsis
+            and not isinstance(part, (int, slice, np.ndarray))
+        ):
+            with contextlib.suppress(TypeError):
+                part = operator.index(part)
+        out.append(part)
+    return tuple(out) if isinstance(key, tuple) else out[0]
+
+
 def _chunk_path(array_dir: Path, index: int, ndim: int) -> Path:
     return array_dir.joinpath("c", str(index), *(["0"] * (ndim - 1)))
 
@@ -244,12 +279,34 @@ class StoredLayer:
         return self.shape[0]
 
     def _read(self, start: int, stop: int, view: bool = False) -> np.ndarray:
-        """Rows ``start:stop`` as stored; ``view``: a whole stored chunk may come back as a
-        private mapping of its file (:func:`_map_chunk_file`), else a new array."""
-        cs = self.chunk_size
-        start, stop = start + self._lo, stop + self._lo  # rows of the whole array
+        """Rows ``start:stop`` of this layer (or shard) as stored, ``0 <= start <= stop <= N``.
+
+        ``view``: a whole stored chunk may come back as a private mapping of its
+        file (:func:`_map_chunk_file`), else a new array. The store is checked
+        to be the one opened before and after the read
+        (:meth:`ActivationStore._check_unchanged`).
+        """
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(
+                f"rows {start}..{stop} are not within the {self.shape[0]} samples of {self!r}"
+            )
+        if start == stop:
+            return np.empty((0, *self.shape[1:]), self._np_dtype)
+        check = self.store._check_unchanged
+        check()
         try:
-            if self._direct and start % cs == 0 and (stop % cs == 0 or stop == start):
+            out = self._read_rows(start + self._lo, stop + self._lo, view)
+        except BaseException:
+            check()  # a store replaced during the read explains whatever went wrong
+            raise
+        check()  # the rows came from the store that was opened
+        return out
+
+    def _read_rows(self, start: int, stop: int, view: bool) -> np.ndarray:
+        """Rows ``start:stop`` of the whole array (not of a shard); see :meth:`_read`."""
+        cs = self.chunk_size
+        try:
+            if self._direct and start % cs == 0 and stop % cs == 0:
                 shape = (stop - start, *self.shape[1:])
                 if self._uncached and stop - start == cs:  # read straight into the result
                     nbytes = math.prod(shape) * self._np_dtype.itemsize
@@ -274,25 +331,37 @@ class StoredLayer:
                 f"file {err.filename} is missing (deleted after the store was opened?); "
                 "capture the store again (overwrite=True)"
             ) from err
-        except Exception as err:
+        except (ValueError, OSError) as err:
+            # only what the file gives: the size and CRC32C checks (ValueError, also zarr's),
+            # and I/O errors. MemoryError and the like are no fault of the file: they pass.
+            if isinstance(err, ValueError):
+                why = "The chunk file is corrupt (truncated or changed on disk)"
+            else:
+                why = (
+                    "Reading the chunk file failed (a disk or file system error); if it fails "
+                    "again, the file is damaged"
+                )
             raise StoreError(
                 f"cannot read samples {start}..{stop - 1} of layer {self.name!r} in "
-                f"{self.store.path}: {type(err).__name__}: {str(err).rstrip('.')}. The chunk "
-                "file is corrupt (truncated or changed on disk); capture the store again "
-                "(overwrite=True)"
+                f"{self.store.path}: {type(err).__name__}: {str(err).rstrip('.')}. {why}; "
+                "capture the store again (overwrite=True)"
             ) from err
 
-    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray | torch.Tensor:
+    def read(self, start: int | None = 0, stop: int | None = None) -> np.ndarray | torch.Tensor:
         """Samples ``start:stop`` in the stored dtype.
+
+        ``start`` and ``stop`` mean what they mean in ``range(N)[start:stop]``:
+        negative values count from the end, values out of range are clipped,
+        and ``start >= stop`` gives no samples.
 
         Returns
         -------
         numpy.ndarray or torch.Tensor
-            ``(stop - start, *shape[1:])``: numpy for float16/float32, a
-            ``torch.bfloat16`` tensor for bfloat16.
+            ``(n, *shape[1:])`` with ``n = len(range(N)[start:stop])``: numpy
+            for float16/float32, a ``torch.bfloat16`` tensor for bfloat16.
         """
-        stop = self.shape[0] if stop is None else min(int(stop), self.shape[0])
-        return from_storage(self._read(int(start), stop), self.dtype)
+        start, stop, _ = slice(start, stop).indices(self.shape[0])
+        return from_storage(self._read(start, max(start, stop)), self.dtype)
 
     def chunks(self, chunk_size: int | None = None) -> Iterator[np.ndarray | torch.Tensor]:
         """Consecutive slices ``(b, *shape[1:])`` covering all samples, in order.
@@ -384,35 +453,53 @@ class StoredLayer:
     def __getitem__(self, key: Any) -> np.ndarray:
         """Numpy indexing; bfloat16 comes back as float32.
 
-        The rows the key selects are read (chunks span whole samples, so that is
-        what the disk has to give anyway), then the key is applied in memory.
+        Keys are what numpy takes (ints, slices, ``...``, ``None``, integer
+        arrays and lists, boolean masks of one or more dimensions), and torch
+        tensors as numpy arrays of their values. The rows the key selects are
+        read (chunks span whole samples, so that is what the disk has to give
+        anyway), then the key is applied in memory.
         """
+        key = _numpy_key(key)
         expect = np.broadcast_to(np.empty((), np.uint8), self.shape)[key]  # bad keys fail here
         out_dtype = np.float16 if self.dtype == "float16" else np.float32
         if expect.size == 0:
             return np.empty(expect.shape, out_dtype)
-        parts = key if isinstance(key, tuple) else (key,)
-        first, rest = (parts[0], parts[1:]) if parts else (slice(None), ())
-        if first is Ellipsis:
-            first, rest = slice(None), (Ellipsis, *rest)
-        if first is None:  # a new axis in front: read everything
-            lo, hi, local = 0, self.shape[0], key
-        else:
-            rows = np.atleast_1d(np.arange(self.shape[0])[first])
-            lo, hi = int(rows.min()), int(rows.max()) + 1
-            if isinstance(first, slice):
-                r = range(self.shape[0])[first]
-                stop = r.stop - lo
-                first = slice(r.start - lo, stop if stop >= 0 else None, r.step)
-            elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
-                first = int(rows[0]) - lo
-            else:
-                first = rows - lo
-            local = (first, *rest)
+        lo, hi, local = self._rows_of(key)
         data = self._read(lo, hi)
         if self.dtype == "bfloat16":
             data = from_storage(data, "bfloat16").float().numpy()
         return np.asarray(data[local], dtype=out_dtype)
+
+    def _rows_of(self, key: Any) -> tuple[int, int, Any]:
+        """The rows ``lo:hi`` a valid, non-empty key (:func:`_numpy_key`) needs, and the key
+        that selects the same elements from those rows alone."""
+        n = self.shape[0]
+        parts = key if isinstance(key, tuple) else (key,)
+        lead = 0  # new axes in front take no axis of the data: the next part indexes the rows
+        while lead < len(parts) and parts[lead] is None:
+            lead += 1
+        if lead == len(parts):
+            return 0, n, key
+        first = parts[lead]
+        if first is Ellipsis or (isinstance(first, np.ndarray) and first.ndim == 0):
+            return 0, n, key  # the rows are in the ellipsis, or a 0-d mask adds an axis: all
+        if isinstance(first, slice):
+            r = range(n)[first]  # not empty: the key selects something
+            lo, hi = min(r[0], r[-1]), max(r[0], r[-1]) + 1
+            stop = r.stop - lo
+            first = slice(r.start - lo, stop if stop >= 0 else None, r.step)
+        elif isinstance(first, int):
+            lo = first + n if first < 0 else first
+            hi, first = lo + 1, 0
+        elif first.dtype == bool:  # a mask over the first first.ndim axes
+            rows = np.flatnonzero(first.reshape(first.shape[0], -1).any(axis=1))
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            first = first[lo:hi]
+        else:  # integer index array
+            rows = np.where(first < 0, first + n, first)
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            first = rows - lo
+        return lo, hi, (*parts[:lead], first, *parts[lead + 1 :])
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         arr = self[...]
@@ -461,6 +548,14 @@ class ActivationStore:
         modification or change time); direct reads and :meth:`verify` check
         every time.
 
+        Before and after each read of a chunk the store checks that the store
+        at ``path`` is still the one it opened (one ``stat`` of the root
+        ``zarr.json``; when that file changed, its capture id is compared, or
+        for stores made before capture ids, any change counts): a store
+        captured again (``overwrite=True``) or removed since gets a
+        ``StoreError`` asking to open it again, instead of data of another
+        capture.
+
     Attributes
     ----------
     path : pathlib.Path
@@ -497,7 +592,13 @@ class ActivationStore:
             raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
         self.path = Path(path)
         self.read_mode = read_mode
+        self._meta = self.path / "zarr.json"
+        try:  # before it is read: a change after this shows in the next check
+            self._meta_identity: tuple[int, ...] | None = _file_identity(os.stat(self._meta))
+        except OSError:
+            self._meta_identity = None  # _open_root says what is wrong
         self._root, self.attrs = _open_root(self.path, mode="r")
+        self._capture_id = _capture_id(self.attrs)
         _check_complete(self.path, self.attrs)
         self._arrays = _check_arrays(self.path, self._root, self.attrs)
         self.layers = tuple(self.attrs["layers"])
@@ -507,6 +608,34 @@ class ActivationStore:
         self._layers = {
             name: StoredLayer(self, name, self._arrays[_layer_group(name)]) for name in self.layers
         }
+
+    def _check_unchanged(self) -> None:
+        """Refuse to go on when the store at ``path`` is no longer the one opened.
+
+        One ``stat`` of the root ``zarr.json``: unchanged, all is well. Changed
+        (a capture rewrote it, or replaced the store), the file's capture id is
+        compared with the one read at opening: the same store (its metadata
+        rewritten) passes; another store, none, or a store without capture
+        ids (made by an older peekcore) raise :class:`StoreError`.
+        """
+        try:
+            identity = _file_identity(os.stat(self._meta))
+        except OSError:
+            identity = None
+        if identity is not None and identity == self._meta_identity:
+            return
+        if (
+            identity is not None
+            and self._capture_id is not None
+            and _read_capture_id(self._meta) == self._capture_id
+        ):
+            self._meta_identity = identity  # the same capture: its metadata was rewritten
+            return
+        raise _StoreChanged(
+            f"the store at {self.path} was replaced or changed since it was opened (captured "
+            "again?), so its data may no longer be the data this object describes; open it "
+            f"again: ActivationStore({str(self.path)!r})"
+        )
 
     # -- mapping of layers
 
@@ -536,13 +665,18 @@ class ActivationStore:
     @property
     def labels(self) -> np.ndarray | None:
         """Labels ``(N,)`` (int64 or float64), or ``None`` when the data had none."""
-        arr = self._arrays.get("labels")
-        return None if arr is None else np.asarray(arr[...])
+        return self._read_whole("labels") if "labels" in self._arrays else None
 
     @property
     def sample_ids(self) -> np.ndarray:
         """``(N,)`` int64: the index of each stored sample in the data source."""
-        return np.asarray(self._arrays["sample_id"][...])
+        return self._read_whole("sample_id")
+
+    def _read_whole(self, key: str) -> np.ndarray:
+        self._check_unchanged()
+        out = np.asarray(self._arrays[key][...])
+        self._check_unchanged()
+        return out
 
     @property
     def provenance(self) -> dict:
@@ -566,6 +700,7 @@ class ActivationStore:
             Listing every problem found: missing or corrupt chunks, and for each
             layer the number of NaN/Inf values and the first sample holding one.
         """
+        self._check_unchanged()  # another store: nothing to verify
         problems: list[str] = []
         try:
             _check_complete(self.path, self.attrs)
@@ -582,6 +717,8 @@ class ActivationStore:
                 hi = min(lo + self.chunk_size, self.n_samples)
                 try:
                     x = torch.as_tensor(layer.read(lo, hi))
+                except _StoreChanged:
+                    raise
                 except StoreError as err:
                     problems.append(str(err))
                     continue
@@ -602,7 +739,9 @@ class ActivationStore:
         for key in ("labels", "sample_id"):
             if key in self._arrays:
                 try:
-                    self._arrays[key][...]
+                    self._read_whole(key)
+                except _StoreChanged:
+                    raise
                 except Exception as err:
                     problems.append(f"cannot read {key}: {type(err).__name__}: {err}")
         if problems:
@@ -626,6 +765,7 @@ class ActivationStore:
             patterns (``attrs["peekcore_dtype"] == "bfloat16"``).
         """
         self[layer]  # a clear KeyError for unknown layers
+        self._check_unchanged()  # xarray opens what is at the path now
         try:
             import xarray as xr
         except ImportError as err:
@@ -659,10 +799,37 @@ class ActivationStore:
 # ---------------------------------------------------------------- validation
 
 
+def _capture_id(attrs: Mapping) -> str | None:
+    """The capture id in a store's root attributes, or None (stores made before them)."""
+    tag = attrs.get("peekcore")
+    found = tag.get("capture_id") if isinstance(tag, Mapping) else None
+    return found if isinstance(found, str) and found else None
+
+
+def _read_capture_id(meta: Path) -> str | None:
+    """The capture id in the root ``zarr.json`` at ``meta`` now, or None."""
+    try:
+        attrs = json.loads(meta.read_bytes()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _capture_id(attrs) if isinstance(attrs, Mapping) else None
+
+
+def is_empty_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder with nothing in it (where no store is yet)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:  # not there, or not a folder
+        return False
+
+
 def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
     zarr = _zarr()
     if not path.exists():
         raise FileNotFoundError(f"no activation store at {path}")
+    if is_empty_dir(path):
+        raise FileNotFoundError(f"no activation store at {path} (an empty folder)")
     if not (path / "zarr.json").is_file():
         raise StoreError(
             f"{path} is not a zarr store (no zarr.json): not an activation store, or its "
@@ -828,12 +995,18 @@ class StoreWriter:
         layers: Mapping[str, Mapping[str, Any]],
         label_info: Mapping[str, Any] | None,
         attrs: Mapping[str, Any],
+        replace: bool = False,
     ) -> StoreWriter:
         """Create an empty store (all metadata, no chunks) atomically.
 
         ``layers[name]`` has ``shape`` (per sample), ``dims`` and ``attrs``.
         The store is built in a temporary folder beside ``path`` and renamed, so
-        ``path`` either does not exist or holds complete metadata.
+        ``path`` either does not exist or holds complete metadata; the root
+        attributes get a capture id, a digest of the capture's settings and
+        provenance. An empty folder at ``path``
+        is taken as no store. ``replace``: a store at ``path`` is replaced
+        (:func:`check_replaceable`), only now that the new one is ready: it is
+        renamed aside, the new one renamed in, and then it is deleted.
         """
         zarr = _zarr()
         from zarr.codecs import Crc32cCodec
@@ -843,7 +1016,10 @@ class StoreWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         root_attrs = {
-            "peekcore": {"kind": "activation store", "format": FORMAT},
+            "peekcore": {
+                "kind": "activation store",
+                "format": FORMAT,
+            },
             "n_samples": int(n_samples),
             "chunk_size": int(chunk_size),
             "dtype": dtype,
@@ -857,6 +1033,13 @@ class StoreWriter:
             "progress": {"chunks_written": 0, "n_chunks": math.ceil(n_samples / chunk_size)},
         }
         root_attrs = _json(root_attrs)
+        # which capture made the store, so that an open store sees when it is replaced:
+        # a digest of everything that defines the capture, so a resumed or repeated
+        # capture makes the same bytes
+        defining = json.dumps(
+            {k: v for k, v in root_attrs.items() if k != "progress"}, sort_keys=True
+        )
+        root_attrs["peekcore"]["capture_id"] = hashlib.sha256(defining.encode()).hexdigest()[:32]
         common = {
             "compressors": (Crc32cCodec(),),
             "filters": None,
@@ -901,7 +1084,7 @@ class StoreWriter:
                     dimension_names=("sample", *(f"label_{i}" for i in range(len(lshape)))),
                     **common,
                 )
-            tmp.rename(path)
+            _move_in(tmp, path, replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -1050,8 +1233,9 @@ def _read_chunk_file(
 
     Checks the file's size and CRC32C, as zarr's codecs would (``ValueError``).
     Files of at least ``_MAP_MIN_BYTES`` are read through a mapping advised
-    ``MADV_HUGEPAGE`` where Linux offers it (:func:`_copy_mapped`); others with
-    one ``read``. Both go through the page cache.
+    ``MADV_HUGEPAGE`` where Linux offers it (:func:`_copy_mapped`); others, and
+    files that cannot be mapped, with ``readinto`` (:func:`_readinto_full`).
+    Both go through the page cache.
 
     ``verified``: chunk index -> :func:`_file_identity` of the file when its
     CRC32C last passed in this process. A file whose identity has not changed
@@ -1069,15 +1253,32 @@ def _read_chunk_file(
             tail, got = _copy_mapped(fh.fileno(), raw), size
         if tail is None:
             tail = bytearray(5)  # the CRC, and one byte more to see a longer file
-            got = fh.readinto(raw)
+            got = _readinto_full(fh, raw)
             if got == raw.size:
-                got += fh.readinto(tail)
+                got += _readinto_full(fh, tail)
     ident = _file_identity(st)
     if verified is not None and got == raw.size + 4 and verified.get(index) == ident:
         return
     _check_chunk_bytes(path, raw, got, bytes(tail[:4]))
     if verified is not None:
         verified[index] = ident
+
+
+def _readinto_full(fh: Any, buf: Any) -> int:
+    """Read file ``fh`` into all of ``buf`` (bytes-like); the bytes read, fewer at its end.
+
+    One ``readinto`` may read less than asked: Linux reads at most 0x7ffff000
+    bytes (just under 2 GiB) per call, and other systems and file systems
+    have their own limits; so it reads until ``buf`` is full or the file ends.
+    """
+    view = memoryview(buf).cast("B")
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _file_identity(st: os.stat_result) -> tuple[int, ...]:
@@ -1267,6 +1468,53 @@ def _start_writeback(fd: int) -> bool:
     return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
+def _move_in(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the new store ``tmp`` to ``path``, replacing a store there if ``replace``."""
+    if is_empty_dir(path):
+        path.rmdir()
+    if not os.path.lexists(path):
+        tmp.rename(path)
+        return
+    if not replace:
+        raise FileExistsError(f"{path} exists: cannot create a store there")
+    check_replaceable(path)
+    old = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:12]}"
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse (``FileExistsError``) a ``path`` that holds something other than a store.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Nothing, an empty folder, or a peekcore store (complete or not) pass.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` holds something that is not a peekcore activation store.
+    """
+    if not os.path.lexists(path) or is_empty_dir(path):
+        return
+    meta = path / "zarr.json"
+    try:
+        tag = json.loads(meta.read_text()).get("attributes", {}).get("peekcore", {})
+    except (OSError, ValueError, AttributeError):
+        tag = {}
+    if not path.is_dir() or not isinstance(tag, dict) or tag.get("kind") != "activation store":
+        raise FileExistsError(
+            f"{path} exists and is not a peekcore activation store; overwrite=True only "
+            "replaces stores: choose another path or remove it yourself"
+        )
+
+
 def remove_store(path: Path) -> None:
     """Delete a peekcore store folder; refuse anything that is not one.
 
@@ -1280,19 +1528,8 @@ def remove_store(path: Path) -> None:
     FileExistsError
         When ``path`` holds something that is not a peekcore activation store.
     """
-    if not path.exists():
-        return
-    if path.is_dir() and not any(path.iterdir()):
+    check_replaceable(path)
+    if is_empty_dir(path):
         path.rmdir()
-        return
-    meta = path / "zarr.json"
-    try:
-        tag = json.loads(meta.read_text()).get("attributes", {}).get("peekcore", {})
-    except (OSError, ValueError):
-        tag = {}
-    if not path.is_dir() or not isinstance(tag, dict) or tag.get("kind") != "activation store":
-        raise FileExistsError(
-            f"{path} exists and is not a peekcore activation store; overwrite=True only "
-            "replaces stores: choose another path or remove it yourself"
-        )
-    shutil.rmtree(path)
+    elif os.path.lexists(path):
+        shutil.rmtree(path)

@@ -609,3 +609,283 @@ class Wrap(nn.Module):
 def test_model_source_checks_layer_argument(images):
     with pytest.raises(TypeError, match="one layer"):
         ModelSource(SmallCNN(), images, ["conv1", "conv2"])
+
+
+# ---------------------------------------------------------------- sample order, streams
+
+
+class Reversed(torch.utils.data.Sampler):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_loader_samplers_other_than_sequential_are_refused(images, tmp_path):
+    from torch.utils.data import (
+        BatchSampler,
+        RandomSampler,
+        SequentialSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
+
+    ds = TensorDataset(torch.from_numpy(images))
+    n = len(images)
+    refused = {
+        "SubsetRandomSampler": DataLoader(ds, batch_size=8, sampler=SubsetRandomSampler(range(n))),
+        "WeightedRandomSampler": DataLoader(
+            ds, batch_size=8, sampler=WeightedRandomSampler(torch.ones(n), n)
+        ),
+        "Reversed": DataLoader(ds, batch_size=8, sampler=Reversed(n)),
+        "BatchSampler": DataLoader(
+            ds, batch_sampler=BatchSampler(RandomSampler(ds), batch_size=8, drop_last=False)
+        ),
+        "list": DataLoader(
+            ds, batch_sampler=[list(range(i, min(i + 8, n))) for i in range(0, n, 8)]
+        ),
+    }
+    for name, loader in refused.items():
+        with pytest.raises(ValueError, match=rf"{name}.*fixed order.*sample ids.*resumes.*Subset"):
+            cap(SmallCNN(), loader, "conv1", tmp_path / f"{name}.zarr")
+        assert not (tmp_path / f"{name}.zarr").exists()
+    # the sequential order, however it is spelled, is taken
+    model = SmallCNN()
+    ref = reference_cnn(model, images, 8)["conv1"]
+    taken = {
+        "explicit": (DataLoader(ds, batch_size=8, sampler=SequentialSampler(ds)), n),
+        "batch_sampler": (
+            DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=True)),
+            n - n % 8,
+        ),
+    }
+    for name, (loader, want_n) in taken.items():
+        store = cap(model, loader, "conv1", tmp_path / f"{name}.zarr", dtype="float32")
+        assert store["conv1"].shape[0] == want_n
+        np.testing.assert_allclose(store["conv1"][:], ref[:want_n], rtol=1e-6, atol=1e-6)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The rows of an array, streamed; with ``sized``, it has a length too."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, sized: bool = False) -> None:
+        self.x, self.y, self.sized = x, y, sized
+
+    def __iter__(self):
+        for xi, yi in zip(self.x, self.y, strict=True):
+            yield torch.from_numpy(xi), int(yi)
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError("a stream of unknown length")
+        return len(self.x)
+
+
+def test_iterable_dataset_is_captured_with_n_samples(images, tmp_path, rng):
+    labels = rng.integers(0, 7, len(images))
+    model = SmallCNN()
+    ref = reference_cnn(model, images, 8)["conv2"]
+    loader = DataLoader(Stream(images, labels), batch_size=8)
+    with pytest.raises(TypeError, match="pass n_samples="):
+        cap(model, loader, "conv2", tmp_path / "none.zarr")
+    kw = dict(dtype="float32", chunk_size=8)
+    store = cap(model, loader, "conv2", tmp_path / "s.zarr", n_samples=20, **kw)
+    assert store["conv2"].shape == (20, 10, 8, 8)
+    np.testing.assert_allclose(store["conv2"][:], ref[:20], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(store.labels, labels[:20])
+    sized = cap(
+        model,
+        DataLoader(Stream(images, labels, sized=True), batch_size=8),
+        "conv2",
+        tmp_path / "sized.zarr",
+        **kw,
+    )
+    np.testing.assert_allclose(sized["conv2"][:], ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"fewer samples than the 60"):
+        cap(model, loader, "conv2", tmp_path / "short.zarr", n_samples=60, **kw)
+    live = ModelSource(model, loader, "conv2", n_samples=30, batch_size=8)
+    np.testing.assert_allclose(torch.cat(list(live.chunks(16))).numpy(), ref[:30], atol=1e-6)
+
+
+# ---------------------------------------------------------------- resume settings
+
+
+def make_scale(factor: float):
+    def scale(t):
+        return t * factor
+
+    return scale
+
+
+class Halve:
+    def __call__(self, t):
+        return t / 2
+
+
+def test_function_transforms_resume_across_processes(images, tmp_path, monkeypatch):
+    """A transform is described without memory addresses, which change from run to run."""
+    from test_store import Failing, files
+
+    kw = dict(dtype="float32", batch_size=8, chunk_size=8)
+    for name, make in {"function": lambda: make_scale(2.0), "object": Halve}.items():
+        path = tmp_path / f"{name}.zarr"
+        monkeypatch.setattr(Failing, "budget", 3)
+        with pytest.raises(KeyboardInterrupt):
+            cap(Failing(), images, "conv1", path, transform=make(), **kw)
+        # the same transform, a new object (at another address, as in a new process)
+        monkeypatch.setattr(Failing, "budget", -1)
+        resumed = cap(Failing(), images, "conv1", path, transform=make(), **kw)
+        assert (
+            resumed.attrs["settings"]["transform"]
+            == {
+                "function": "test_capture.make_scale.<locals>.scale",
+                "object": "<test_capture.Halve object>",
+            }[name]
+        )
+        fresh = cap(
+            Failing(), images, "conv1", tmp_path / f"{name}-fresh.zarr", transform=make(), **kw
+        )
+        assert files(resumed.path) == files(fresh.path)
+        factor = 2.0 if name == "function" else 0.5
+        want = reference_cnn(SmallCNN(), images * factor, 8)["conv1"]
+        np.testing.assert_allclose(resumed["conv1"][:], want, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_integers_are_taken_for_integers(images, tmp_path):
+    kw = dict(dtype="float32", progress=False)
+    model = Wrap(Noisy())  # random in its forward: the seed matters
+    plain = capture(
+        model,
+        images,
+        "m",
+        tmp_path / "plain.zarr",
+        seed=3,
+        n_samples=40,
+        batch_size=8,
+        chunk_size=16,
+        **kw,
+    )
+    numpy = capture(
+        model,
+        images,
+        "m",
+        tmp_path / "numpy.zarr",
+        seed=np.int64(3),
+        n_samples=np.int64(40),
+        batch_size=np.int32(8),
+        chunk_size=np.int64(16),
+        **kw,
+    )
+    np.testing.assert_array_equal(numpy["m"][:], plain["m"][:])
+    assert numpy.attrs["settings"] == plain.attrs["settings"]
+    assert numpy.provenance["seed"] == 3
+    src = ModelSource(model, images, "m", batch_size=8, seed=np.int64(3), n_samples=40)
+    np.testing.assert_array_equal(torch.cat(list(src.chunks(16))).numpy(), plain["m"][:])
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        capture(model, images, "m", tmp_path / "float.zarr", seed=1.5, **kw)
+
+
+# ---------------------------------------------------------------- hooks outside their passes
+
+
+def test_suspended_model_source_passes_leave_the_model_alone(images):
+    model = SmallCNN()
+    model.train()
+    model.relu2.eval()  # flags of their own, to be restored as they were
+    flags = [m.training for m in model.modules()]
+    src = ModelSource(model, images, "conv1", batch_size=8)
+    ref = reference_cnn(model, images, 8)["conv1"]
+    x = torch.from_numpy(images[:5])
+    with torch.no_grad():
+        plain = model(x)
+    first = src.chunks(16)
+    np.testing.assert_allclose(next(first).numpy(), ref[:16], rtol=1e-6, atol=1e-6)
+    # the pass is suspended: the model is the caller's, hooks or not
+    assert [m.training for m in model.modules()] == flags
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    second = src.chunks(8)  # and a second pass meanwhile
+    np.testing.assert_allclose(next(second).numpy(), ref[:8], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(next(first).numpy(), ref[16:32], rtol=1e-6, atol=1e-6)
+    first.close()  # the first pass ends before the second
+    assert [m.training for m in model.modules()] == flags
+    rest = torch.cat(list(second)).numpy()
+    np.testing.assert_allclose(rest, ref[8:], rtol=1e-6, atol=1e-6)
+    assert [m.training for m in model.modules()] == flags
+    assert not model.conv1._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+def test_layer_hooks_nest_and_act_only_in_their_forwards(images):
+    from peekcore.capture import LayerHooks
+
+    model = SmallCNN()
+    model.train()
+    model.pool.eval()
+    flags = [m.training for m in model.modules()]
+    hooks = LayerHooks(
+        model,
+        resolve_layers(model, ["conv1", "conv2"]),
+        dtype=torch.float32,
+        layout={"conv1": "auto", "conv2": "auto"},
+        select={"conv1": None, "conv2": None},
+        fold_spatial=False,
+        device=torch.device("cpu"),
+        autocast=None,
+    )
+    x = torch.from_numpy(images[:8])
+    ref = reference_cnn(model, images[:8], 8)
+    with torch.no_grad():
+        plain = model(x)
+    with hooks:
+        with hooks:  # nested: the outer entry's flags and hooks stay
+            hooks.run(x)
+        assert not any(m.training for m in model.modules())
+        assert len(model.conv1._forward_hooks) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain)  # the owner's forward, unhooked
+        got = hooks.run(x)  # stops early after conv2
+        for name in ("conv1", "conv2"):
+            np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-6, atol=1e-6)
+    assert [m.training for m in model.modules()] == flags
+    assert not model.conv1._forward_hooks and not model.conv2._forward_hooks
+
+
+# ---------------------------------------------------------------- ModelSource and NaN
+
+
+class LogNet(nn.Module):
+    """A deterministic model whose outputs hold NaN (logs of negatives) and -Inf."""
+
+    def __init__(self, noisy: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.log = nn.Identity()
+        self.noisy = noisy
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.noisy:
+            h = h + torch.randn_like(h)
+        h = torch.where(h.abs() < 0.05, torch.zeros_like(h), h)  # log(0) = -Inf
+        return self.log(torch.log(h))
+
+
+def test_model_source_compares_bits_so_nan_is_no_difference(images):
+    model = LogNet()
+    src = ModelSource(model, images, "log", batch_size=8)
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).numpy()
+    assert np.isnan(want).any()
+    for size in (8, 20):
+        got = torch.cat(list(src.chunks(size))).numpy()
+        np.testing.assert_array_equal(got, want)  # NaN where want has NaN
+    assert src.passes == 2
+    noisy = ModelSource(LogNet(noisy=True), images, "log", batch_size=8, seed=None)
+    with pytest.raises(RuntimeError, match=r"not deterministic.*hold NaN/Inf \(\d+ values"):
+        list(noisy.chunks(8))

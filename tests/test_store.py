@@ -35,6 +35,10 @@ def files(root: Path) -> dict[str, bytes]:
     }
 
 
+def capture_id(root: Path) -> str | None:
+    return json.loads((root / "zarr.json").read_text())["attributes"]["peekcore"].get("capture_id")
+
+
 def chunk_file(store_path: Path, layer: str, index: int, ndim: int) -> Path:
     return store_path.joinpath("layers", layer, "activations", "c", str(index), *["0"] * (ndim - 1))
 
@@ -382,10 +386,12 @@ def test_interrupted_capture_resumes_to_the_same_store(images, tmp_path, kind):
     with pytest.raises(KeyboardInterrupt):
         cap(Failing(), data, ["conv1", "conv2"], path, **kw)
     assert progress_of(path)["chunks_written"] == 2  # 40 samples ran: 2 whole chunks
+    started = capture_id(path)
     Failing.budget = -1
     resumed = cap(Failing(), data, ["conv1", "conv2"], path, **kw)
     fresh = cap(Failing(), data, ["conv1", "conv2"], tmp_path / "fresh.zarr", **kw)
     assert files(resumed.path) == files(fresh.path)
+    assert capture_id(path) == started == capture_id(fresh.path)  # the same capture
     np.testing.assert_array_equal(resumed.labels, labels)
 
 
@@ -719,3 +725,269 @@ def test_chunks_are_read_when_a_file_cannot_be_mapped(small_store, monkeypatch):
     assert counts["map"] == 0 and counts["crc"] == 3
     layer = ActivationStore(small_store.path, read_mode="buffered")["conv1"]
     np.testing.assert_array_equal(layer.read(0, 48), np.concatenate(want[:3]))  # read() too
+
+
+# ---------------------------------------------------------------- reading by index
+
+
+def as_array(x) -> np.ndarray:
+    """A read as float32 numpy (bfloat16 tensors too)."""
+    return torch.as_tensor(x).float().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_read_takes_start_and_stop_as_python_slicing_does(images, tmp_path, rng, dtype):
+    store = cap(SmallCNN(), images, "conv1", tmp_path / "s.zarr", dtype=dtype, chunk_size=7)
+    layer = store["conv1"]
+    full = as_array(layer.read())
+    assert full.shape == (61, 6, 8, 8)
+    # whole stored chunks (multiples of 7) are read without zarr: negatives and start > stop
+    cases = [(-14, None), (14, 7), (-21, -7), (7, 14), (0, 0), (56, 300)]
+    cases += [(-2, None), (-3, -1), (-100, 5), (12, 300), (5, 3), (4, 2), (61, None), (-61, -60)]
+    cases += [tuple(int(v) for v in pair) for pair in rng.integers(-90, 90, size=(30, 2))]
+    cases += [(None, -50), (None, None)]
+    # shards read only their rows, whatever start and stop say
+    for source, rows in (
+        (layer, full),
+        (layer.shard(10, 40), full[10:40]),
+        (layer.shard(14, 28), full[14:28]),
+    ):
+        for start, stop in cases:
+            got = as_array(source.read(start, stop))
+            want = rows[start:stop]
+            assert got.shape == want.shape == (len(range(len(rows))[start:stop]), 6, 8, 8)
+            np.testing.assert_array_equal(got, want, err_msg=f"read({start}, {stop})")
+
+
+def numpy_key(key):
+    """``key`` with torch tensors as numpy arrays: the reference indexes a numpy array."""
+    if isinstance(key, tuple):
+        return tuple(numpy_key(k) for k in key)
+    return key.numpy() if isinstance(key, torch.Tensor) else key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_indexing_is_numpys_indexing_of_the_whole_array(images, tmp_path, rng, dtype):
+    store = cap(SmallCNN(), images, "conv1", tmp_path / "s.zarr", dtype=dtype, chunk_size=7)
+    layer = store["conv1"]
+    for source, full in ((layer, as_array(layer.read())), (layer.shard(9, 40), None)):
+        full = as_array(source.read()) if full is None else full
+        n, c = source.shape[:2]
+        keys = [
+            np.array(3),  # 0-d integer arrays and tensors index like ints
+            torch.tensor(3),
+            np.array(-5),
+            np.int64(-2),
+            (torch.tensor(2), 1),
+            (np.array(4), Ellipsis, np.array(0)),
+            (slice(None), np.array(2), torch.tensor(-1)),
+            torch.tensor([1, -2, 5]),
+            [[0, 1], [-1, 2]],
+            rng.random(n) < 0.3,  # masks of one and more dimensions
+            rng.random((n, c)) > 0.5,
+            torch.from_numpy(rng.random((n, c)) > 0.5),
+            full > 0,
+            (None, rng.random(n) < 0.3),
+            (slice(None), rng.random(c) > 0.5),
+            (rng.random((n, c)) > 0.5, 3),
+            np.bool_(True),
+            (slice(-3, None), Ellipsis, 1),
+        ]
+        for key in keys:
+            want = full[numpy_key(key)]
+            got = source[key]
+            assert got.shape == want.shape, key
+            np.testing.assert_array_equal(got, want, err_msg=repr(key))
+        got = source[source[...] > 0]  # a mask made from the layer itself
+        np.testing.assert_array_equal(got, full[full > 0])
+    # only the rows a mask selects are read
+    reads = []
+    read = layer._read
+    layer._read = lambda lo, hi, *a: reads.append((lo, hi)) or read(lo, hi, *a)
+    mask = np.zeros(layer.shape[:2], bool)
+    mask[20, 1] = mask[25, 4] = True
+    np.testing.assert_array_equal(layer[mask], as_array(layer.read())[mask])
+    assert reads[0] == (20, 26)
+
+
+# ---------------------------------------------------------------- stores captured again
+
+
+@pytest.mark.parametrize("how", ["mapped", "read"])
+def test_open_store_refuses_to_read_once_captured_again(images, tmp_path, how, monkeypatch):
+    buffered_reads(monkeypatch, how)
+    path = tmp_path / "s.zarr"
+    kw = dict(dtype="float32", batch_size=8, chunk_size=8)
+    labels = np.arange(61) % 5
+    cap(SmallCNN(), (images, labels), "conv1", path, **kw)
+    old = ActivationStore(path, read_mode="buffered")
+    old_data = as_array(old["conv1"].read())
+    np.testing.assert_allclose(old_data, reference_cnn(SmallCNN(), images, 8)["conv1"], atol=1e-6)
+    passing = old["conv1"].chunks()  # a pass begun before the store is captured again
+    np.testing.assert_array_equal(next(passing), old_data[:8])
+    new = cap(SmallCNN(seed=1), (images, labels), "conv1", path, overwrite=True, **kw)
+    new_data = as_array(new["conv1"].read())
+    assert not np.allclose(new_data, old_data)
+    replaced = rf"the store at {path} was replaced or changed since it was opened.*open it again"
+    with pytest.raises(StoreError, match=replaced):
+        list(passing)
+    with pytest.raises(StoreError, match=replaced):
+        old["conv1"].read(0, 8)
+    with pytest.raises(StoreError, match=replaced):
+        old["conv1"].read(56, 61)  # the partial last chunk, read through zarr
+    with pytest.raises(StoreError, match=replaced):
+        old["conv1"][3]
+    with pytest.raises(StoreError, match=replaced):
+        old["conv1"].shard(8, 16).read()
+    with pytest.raises(StoreError, match=replaced):
+        _ = old.labels
+    with pytest.raises(StoreError, match=replaced):
+        old.verify()
+    np.testing.assert_array_equal(as_array(ActivationStore(path)["conv1"].read()), new_data)
+    # removed, or captured again with other chunks: the same
+    import shutil
+
+    shutil.rmtree(path)
+    with pytest.raises(StoreError, match=replaced):
+        new["conv1"].read()
+
+
+def test_open_store_reads_on_while_the_store_is_the_same_capture(images, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    path = tmp_path / "s.zarr"
+    kw = dict(dtype="float32", batch_size=8, chunk_size=16)
+    opened = cap(SmallCNN(), images, "conv2", path, **kw)
+    want = as_array(opened["conv2"].read())
+    again = cap(SmallCNN(), images, "conv2", path, **kw)  # the same arguments: nothing to do
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    zarr.open_group(path, mode="r+").attrs.update({"note": "mine"})  # metadata rewritten
+    np.testing.assert_array_equal(as_array(opened["conv2"].read()), want)
+    np.testing.assert_array_equal(np.concatenate(list(opened["conv2"].chunks())), want)
+    opened.verify()
+    fit = dict(n_iter_max=3, tol=0.0, random_state=2, progress=False)
+    np.testing.assert_allclose(
+        peekcore.cp_als(opened["conv2"], 2, **fit).weights,
+        peekcore.cp_als(again["conv2"], 2, **fit).weights,
+    )
+    # a store made before capture ids: any change of its root metadata counts
+    edit_json(path / "zarr.json", lambda m: m["attributes"]["peekcore"].pop("capture_id", None))
+    legacy = ActivationStore(path)
+    np.testing.assert_array_equal(as_array(legacy["conv2"].read()), want)
+    time.sleep(0.05)
+    edit_json(path / "zarr.json", lambda m: m["attributes"].__setitem__("note", "changed"))
+    with pytest.raises(StoreError, match="replaced or changed since it was opened"):
+        legacy["conv2"].read()
+
+
+def test_overwrite_keeps_the_old_store_until_the_new_capture_has_run(images, tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    kw = dict(dtype="float32", batch_size=8, chunk_size=16)
+    old = cap(SmallCNN(), images, ["conv1", "conv2"], path, **kw)
+    before, first_id = files(path), capture_id(path)
+    with pytest.raises(ValueError, match="needs a 3-way token output"):
+        cap(SmallCNN(seed=1), images, "conv1", path, layout="tokens", overwrite=True, **kw)
+    with pytest.raises(KeyError, match="no layer 'conv9'"):
+        cap(SmallCNN(seed=1), images, "conv9", path, overwrite=True, **kw)
+    monkeypatch.setattr(Failing, "budget", 0)  # fails in its first batch
+    with pytest.raises(KeyboardInterrupt):
+        cap(Failing(seed=1), images, "conv1", path, overwrite=True, **kw)
+    assert files(path) == before and capture_id(path) == first_id
+    np.testing.assert_array_equal(old["conv2"].read(), ActivationStore(path)["conv2"].read())
+    # once its first batch ran, the new capture is the store at the path, and resumes
+    monkeypatch.setattr(Failing, "budget", 3)  # 24 samples: chunk 0 is written
+    with pytest.raises(KeyboardInterrupt):
+        cap(Failing(seed=1), images, "conv1", path, overwrite=True, **kw)
+    assert progress_of(path)["chunks_written"] == 1 and capture_id(path) != first_id
+    with pytest.raises(StoreError, match="replaced or changed"):
+        old["conv1"].read()
+    monkeypatch.setattr(Failing, "budget", -1)
+    resumed = cap(Failing(seed=1), images, "conv1", path, **kw)
+    fresh = cap(Failing(seed=1), images, "conv1", tmp_path / "fresh.zarr", **kw)
+    assert files(resumed.path) == files(fresh.path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.zarr", "s.zarr"]  # no leftovers
+
+
+def test_an_empty_folder_is_no_store(images, tmp_path):
+    model = SmallCNN()
+    ref = reference_cnn(model, images, 16)["conv1"]
+    for overwrite in (False, True):
+        path = tmp_path / f"made-ahead-{overwrite}"
+        path.mkdir()
+        with pytest.raises(FileNotFoundError, match="no activation store.*empty folder"):
+            ActivationStore(path)
+        store = cap(
+            model, images, "conv1", path, dtype="float32", batch_size=16, overwrite=overwrite
+        )
+        np.testing.assert_allclose(store["conv1"].read(), ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- read errors
+
+
+class ShortReads:
+    """A file whose ``readinto`` gives at most ``limit`` bytes per call, as a kernel may."""
+
+    def __init__(self, fh, limit: int, calls: list) -> None:
+        self.fh, self.limit, self.calls = fh, limit, calls
+
+    def readinto(self, buf) -> int:
+        self.calls.append(1)
+        return self.fh.readinto(memoryview(buf)[: self.limit])
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+def test_buffered_reads_read_on_until_the_chunk_file_ends(small_store, monkeypatch):
+    """One ``readinto`` may give fewer bytes than asked (Linux: under 2 GiB per call)."""
+    zarr = pytest.importorskip("zarr")
+    from peekcore import store as store_mod
+
+    want = zarr.open_array(small_store.path / "layers" / "conv1" / "activations", mode="r")[:]
+    calls: list = []
+    monkeypatch.setattr(
+        store_mod, "open", lambda *a, **k: ShortReads(open(*a, **k), 1000, calls), raising=False
+    )
+    monkeypatch.setattr(store_mod, "_MAP_READS", False)
+    layer = ActivationStore(small_store.path, read_mode="buffered")["conv1"]
+    np.testing.assert_array_equal(layer.read(0, 48), want[:48])
+    assert len(calls) > 3 * 16 * 6 * 64 * 4 // 1000  # three whole chunk files, in short reads
+    np.testing.assert_array_equal(np.concatenate(list(layer.chunks())), want)
+    path = chunk_file(small_store.path, "conv1", 1, 4)
+    good = path.read_bytes()
+    for bad in (good[:-7], good + b"\0" * 3000):  # and they still see a short or long file
+        path.write_bytes(bad)
+        with pytest.raises(StoreError, match=r"samples 16\.\.31 of layer 'conv1'.*does not hold"):
+            layer.read(16, 32)
+
+
+def test_read_failures_that_are_not_the_files_pass_unchanged(small_store, monkeypatch):
+    import errno
+
+    from peekcore import store as store_mod
+
+    layer = ActivationStore(small_store.path, read_mode="buffered")["conv1"]
+    want = layer.read(0, 16)
+
+    def failing(err):
+        def read(*args, **kwargs):
+            raise err
+
+        return read
+
+    for err in (MemoryError("Unable to allocate 24.0 KiB"), RuntimeError("not the file")):
+        monkeypatch.setattr(store_mod, "_read_chunk_file", failing(err))
+        with pytest.raises(type(err)) as caught:
+            layer.read(0, 16)
+        assert caught.value is err  # as it was raised, not called a corrupt file
+    monkeypatch.setattr(store_mod, "_read_chunk_file", failing(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(StoreError, match=r"samples 0\.\.15 .*OSError.*disk or file system"):
+        layer.read(0, 16)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(layer.read(0, 16), want)
