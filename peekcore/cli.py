@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "parse_ranks"]
+__all__ = ["main", "parse_ranks", "section_names"]
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -232,16 +232,18 @@ def _report(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     figs = out.parent / (out.stem + "_figures")
-    figs.mkdir(parents=True, exist_ok=True)
     images = np.load(args.images) if args.images else None
     labels = np.load(args.labels) if args.labels else None
-    sections = []
-    for path in args.results:
-        p = Path(path)
+    paths = [Path(path) for path in args.results]
+    for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"no such result file: {p}")
-        result = load_result(p)
-        name = p.stem
+    results = [load_result(p) for p in paths]  # every file checked before anything is written
+    names = section_names(paths)
+    stems = _file_stems(names)
+    figs.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for p, result, section, name in zip(paths, results, names, stems, strict=True):
         figures, components = [], []
         model = result.model() if isinstance(result, RankSweep) else result
         if isinstance(result, RankSweep):
@@ -260,14 +262,58 @@ def _report(args: argparse.Namespace) -> dict:
                         spatial_shape=_spatial(args, model),
                     )
                 )
-        summary = {"shape": list(model.shape), "rank": model.rank, "fit": model.fit}
+        summary = {"file": str(p), "shape": list(model.shape), "rank": model.rank, "fit": model.fit}
         sections.append(
-            report.LayerSection(name=name, summary=summary, figures=figures, components=components)
+            report.LayerSection(
+                name=section, summary=summary, figures=figures, components=components
+            )
         )
     path = report.write_report(
         out, title=args.title, settings={"results": args.results}, layers=sections
     )
     return {"report": str(path), "sections": [s.name for s in sections]}
+
+
+def section_names(paths: list[Path]) -> list[str]:
+    """One distinct report section name per result file.
+
+    Each file's stem, with as many of its parent folders as it takes to tell it
+    apart from other files of the same stem (``runA/sweep`` and ``runB/sweep``);
+    a file given more than once gets `` (2)``, `` (3)``, ... on its repeats.
+    """
+    keys = [p.resolve().with_suffix("").parts for p in paths]
+    depth = [1] * len(keys)
+    while True:
+        names = ["/".join(k[-d:]) for k, d in zip(keys, depth, strict=True)]
+        grow = [
+            i
+            for i, name in enumerate(names)
+            if depth[i] < len(keys[i])
+            and any(n == name and keys[j] != keys[i] for j, n in enumerate(names) if j != i)
+        ]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    out, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+def _file_stems(names: list[str]) -> list[str]:
+    """Distinct, file-safe figure stems, one per section (``runA/sweep`` -> ``runA_sweep``)."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "result"
+        stem, i = base, 2
+        while stem.lower() in taken:  # case-insensitive file systems too
+            stem, i = f"{base}_{i}", i + 1
+        taken.add(stem.lower())
+        out.append(stem)
+    return out
 
 
 def _spatial(args: argparse.Namespace, model) -> tuple[int, int] | None:
@@ -279,6 +325,13 @@ def _spatial(args: argparse.Namespace, model) -> tuple[int, int] | None:
         if side * side == model.shape[2]:
             return side, side
     return None
+
+
+#: What ``peek info`` reads, for its errors.
+_INFO_ACCEPTS = (
+    "an activation store folder, or a model, sweep or checkpoint file (.npz) written by "
+    "peekcore (CPModel.save, RankSweep.save, peek fit --checkpoint)"
+)
 
 
 def _info(args: argparse.Namespace) -> dict:
@@ -305,9 +358,9 @@ def _info(args: argparse.Namespace) -> dict:
             "labels": store.labels is not None,
             "provenance": store.provenance,
         }
-    with np.load(p, allow_pickle=False) as data:
-        if "header" not in data:
-            raise ValueError(f"{p} is not a peekcore file (no header)")
+    from .report._common import open_npz
+
+    with open_npz(p, _INFO_ACCEPTS) as data:
         header = json.loads(bytes(data["header"]).decode())
     kind = header.get("format", "unknown")
     if kind == "peekcore.CPModel":
@@ -472,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
         print(f"peek {args.command}: error: {msg}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
+    if args.json:  # strict JSON: NaN and inf become null
+        from .report._common import json_safe
+
+        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
     else:
         for key, value in result.items():
             if isinstance(value, float):

@@ -118,12 +118,24 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def _spearman(a: list[float], b: list[float]) -> float | None:
+def _spearman(accuracy: list[float], ranks: list[int]) -> tuple[float | None, str]:
+    """Spearman's rho of chosen rank against accuracy, and how to say it.
+
+    None, with the reason, when it is undefined: fewer than 3 checkpoints (two
+    points always give +-1, which says nothing), or accuracy or rank the same at
+    every checkpoint (no ranking to correlate).
+    """
     from scipy.stats import spearmanr
 
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    return float(spearmanr(a, b).statistic)
+    n = len(accuracy)
+    if n < 3:
+        return None, f"undefined with {n} checkpoint{'' if n == 1 else 's'} (it needs 3 or more)"
+    if len(set(accuracy)) < 2:
+        return None, "undefined (the accuracy is the same at every checkpoint)"
+    if len(set(ranks)) < 2:
+        return None, "undefined (the chosen rank is the same at every checkpoint)"
+    rho = float(spearmanr(accuracy, ranks).statistic)
+    return rho, f"{rho:+.2f}"
 
 
 def run_demo(
@@ -215,12 +227,12 @@ def run_demo(
     names = [n for n, _, _ in cfg.checkpoints]
     accs = [result.accuracy[n] for n in names]
     parts = []
+    rho_texts = {}
     for layer in LAYERS:
         ranks = [result.chosen_rank[n][layer] for n in names]
-        rho = _spearman(accs, ranks)
+        rho, rho_texts[layer] = _spearman(accs, ranks)
         result.correlation[layer] = rho
-        rho_text = "undefined (constant)" if rho is None else f"{rho:+.2f}"
-        parts.append(f"{layer}: ranks {ranks} (Spearman rho with accuracy {rho_text})")
+        parts.append(f"{layer}: ranks {ranks} (Spearman rho with accuracy {rho_texts[layer]})")
     result.finding = (
         "Chosen CP rank per layer across checkpoints "
         + ", ".join(f"{n} (accuracy {a:.2f})" for n, a in zip(names, accs, strict=True))
@@ -229,13 +241,15 @@ def run_demo(
         + "."
     )
     log("[demo] finding: " + result.finding)
-    result.report = _write_report(out, cfg, result, sweeps, names, x_te.numpy(), y_te.numpy())
+    result.report = _write_report(
+        out, cfg, result, sweeps, names, x_te.numpy(), y_te.numpy(), rho_texts
+    )
     result.seconds = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(result.__dict__, indent=2))
     return result
 
 
-def _write_report(out, cfg, result, sweeps, names, images, labels) -> str:
+def _write_report(out, cfg, result, sweeps, names, images, labels, rho_texts) -> str:
     """Figures from the saved result files, then one self-contained HTML report."""
     from . import report
     from .sweep import RankSweep
@@ -287,7 +301,7 @@ def _write_report(out, cfg, result, sweeps, names, images, labels) -> str:
                 summary={
                     "shape": best.shape,
                     **{f"chosen rank ({n})": result.chosen_rank[n][layer] for n in names},
-                    "Spearman rho (rank vs accuracy)": result.correlation[layer],
+                    "Spearman rho (rank vs accuracy)": rho_texts[layer],
                     f"components shown ({shown})": len(components),
                 },
                 figures=layer_figs,

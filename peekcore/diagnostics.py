@@ -20,6 +20,7 @@ consistency, fit, stability), however they were obtained.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .kernels.base import khatri_rao
 from .model import CPModel
 
 __all__ = [
@@ -105,11 +107,19 @@ def factor_match_score(
     the mean score over the matched pairs is returned: 1 for identical models,
     invariant to permutation and scaling of components.
 
+    Every component of ``model_a`` is matched, so ``model_a`` must not have more
+    components than ``model_b`` (``R_a <= R_b``, else ``ValueError``); the
+    components of ``model_b`` left unmatched are ignored and the mean is over
+    the ``R_a`` pairs. This is the convention of Tomasi and Bro (2006) and of
+    the Tensor Toolbox's ``score`` (the model with more components, e.g. an
+    overfactored fit, is the one whose extra components are ignored): compare
+    a fit against a smaller reference as ``factor_match_score(reference, fit)``.
+
     Parameters
     ----------
     model_a, model_b : CPModel, (weights, factors) or list of factor matrices
         Models of the same shape (factors ``I_m x R_a`` and ``I_m x R_b``);
-        ``model_b`` may have more components.
+        ``model_b`` may have more components, not fewer.
     weights_a, weights_b : ndarray, optional
         ``R_a`` and ``R_b`` weights when plain factor lists are given.
     consider_weights : bool
@@ -121,11 +131,26 @@ def factor_match_score(
     -------
     float, or (float, ndarray)
         The score in ``[0, 1]``; the permutation has shape ``R_a``.
+
+    Raises
+    ------
+    ValueError
+        When the models differ in order or mode sizes, or ``R_a > R_b``.
     """
     wa, fa = _unpack(model_a, weights_a)
     wb, fb = _unpack(model_b, weights_b)
     if len(fa) != len(fb):
         raise ValueError(f"models have different orders ({len(fa)} and {len(fb)})")
+    sizes_a, sizes_b = [f.shape[0] for f in fa], [f.shape[0] for f in fb]
+    if sizes_a != sizes_b:
+        raise ValueError(f"models have different shapes ({sizes_a} and {sizes_b})")
+    rank_a, rank_b = fa[0].shape[1], fb[0].shape[1]
+    if rank_a > rank_b:
+        raise ValueError(
+            f"model_a has more components ({rank_a}) than model_b ({rank_b}): every component "
+            "of model_a needs a match in model_b (extra components of model_b are ignored), so "
+            "pass the model with more components as model_b"
+        )
     score = np.abs(congruence(fa, fb))
     if consider_weights:
         na = wa * np.prod([np.linalg.norm(f, axis=0) for f in fa], axis=0)
@@ -360,7 +385,9 @@ def least_squares_core(t: Any, ata: Any, resident_factors: Sequence[Any]) -> np.
     """The least-squares Tucker core for fixed CP factors, from the statistics of a pass.
 
     ``G = X x_0 A^+ x_1 B^+ x_2 C^+ ...`` minimizes ``||X - G x_0 A x_1 B x_2 C ...||``
-    (the minimum-norm minimizer when a factor is rank deficient). Following
+    (the minimum-norm minimizer when a factor is rank deficient, as it always
+    is when ``R`` exceeds the mode's size; :func:`core_consistency` then merges
+    modes, this function does not). Following
     Papalexakis and Faloutsos (ICASSP 2015) the dense tensor is never needed:
     ``X x_0 A^+ = (A^T A)^+ T`` since ``A^+ = (A^T A)^+ A^T``, and the other
     mode products act on the small ``R x I_1 x ... x I_d`` tensor. The factors
@@ -424,7 +451,32 @@ def core_consistency(
     ``S``. The result does not depend on how the scale of each component is
     spread over the modes.
 
-    Normalizations:
+    **Ranks above a resident mode's size.** With ``R > I_k`` the factor of
+    mode ``k`` (``I_k x R``) has rank at most ``I_k < R``: the least-squares
+    core is not identifiable along that mode (the minimum-norm core is far
+    from ``S`` even for the true factors of a noise-free model), so the value
+    would say nothing about the rank. Then the core is taken of the same model
+    viewed with adjacent resident modes merged: the resident modes are grouped,
+    in order, into consecutive runs, a run closing as soon as the product of its
+    sizes reaches ``R`` (a last run that stays below ``R`` joins the run before
+    it). A run of modes ``k..l`` becomes one mode of size ``I_k * ... * I_l``:
+    ``t`` is reshaped (row-major, ``R x I_1 x ... x (I_k ... I_l) x ...``) and its
+    factor is the column-wise Khatri-Rao product of the run's factors, the last
+    mode fastest, which matches that reshape. Modes already of size ``>= R``
+    stay apart unless a smaller mode next to them needs them. E.g. an
+    ``N x C x 4 x 4`` layer at ``R = 5..16`` (``C >= R``) is scored as the 3-way
+    ``N x C x 16`` model, ``N x C x 7 x 7`` maps at ``R = 8..49`` as
+    ``N x C x 49``. The merged view is still an exact CP model of the same
+    components (the true factors of a noise-free model still give ``S``), it
+    only stops testing the multilinearity between the merged modes. When the
+    resident modes cannot form two runs of at least ``R`` entries each (fewer
+    than two would leave a matrix, whose core is never unique), the value is
+    nan with a ``RuntimeWarning``; :func:`choose_rank` takes nan as no
+    evidence. Nothing changes when every resident mode has at least ``R``
+    entries.
+
+    Normalizations (both computed from the core ``G`` of the model, merged as
+    above when needed, ``S`` the superdiagonal identity of the same order):
 
     - ``"bro-kiers"``: ``100 * (1 - sum (G - S)^2 / R)`` (``R = sum S^2``), as
       in Bro and Kiers; unbounded below, 100 at best.
@@ -449,12 +501,15 @@ def core_consistency(
         ``R`` weights multiplying the components (e.g. ``CPModel.weights`` when
         ``A`` is ``CPModel.factors[0]``); default ones.
     return_core : bool
-        Also return the core ``G`` (``R x ... x R``, order ``d + 1``) of the
-        normalized model.
+        Also return the core ``G`` of the normalized model: ``R x ... x R`` of
+        order ``d + 1``, or of order ``1 +`` the number of merged runs when
+        modes were merged (see above); None when the value is nan.
 
     Returns
     -------
-    float, or (float, ndarray)
+    float, or (float, ndarray or None)
+        nan (with a ``RuntimeWarning``) when ``R`` is too large for the resident
+        modes even merged (see above).
     """
     if normalization not in CORE_NORMALIZATIONS:
         raise ValueError(
@@ -462,14 +517,70 @@ def core_consistency(
         )
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
     g = _normalized_core(t, ata, factors, w)
-    value = _consistencies(g)[normalization]
+    value = math.nan if g is None else _consistencies(g)[normalization]
     return (value, g) if return_core else value
+
+
+def _merged_runs(sizes: Sequence[int], rank: int) -> list[list[int]] | None:
+    """Consecutive runs of resident modes (indices into ``sizes``), each of ``>= rank`` entries.
+
+    Every mode on its own when all are ``>= rank``; else a run closes as soon as
+    its product reaches ``rank`` and a last short run joins the one before (the
+    most runs, hence the most structure, any grouping into consecutive runs of
+    ``>= rank`` entries can keep). None when fewer than two runs can be formed.
+    """
+    if all(n >= rank for n in sizes):
+        return [[k] for k in range(len(sizes))]
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for k in range(len(sizes)):
+        run.append(k)
+        if math.prod(sizes[i] for i in run) >= rank:
+            runs.append(run)
+            run = []
+    if run and runs:
+        runs[-1].extend(run)
+    return runs if len(runs) >= 2 else None
+
+
+def _merged_view(
+    t: np.ndarray, factors: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """``t`` and the resident factors with adjacent modes merged so each has ``>= R`` entries.
+
+    See :func:`core_consistency`; None (with a ``RuntimeWarning``) when no such
+    view of order 3 or more exists.
+    """
+    rank, sizes = t.shape[0], t.shape[1:]
+    runs = _merged_runs(sizes, rank)
+    if runs is None:
+        warnings.warn(
+            f"core consistency is undefined at rank {rank}: the resident modes "
+            f"{'x'.join(map(str, sizes))} cannot be merged into two or more adjacent groups "
+            f"of at least {rank} entries each, so the least-squares core is not identifiable; "
+            "returning nan",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    if len(runs) == len(sizes):
+        return t, factors
+    merged = [math.prod(sizes[i] for i in run) for run in runs]
+    return t.reshape(rank, *merged), [khatri_rao([factors[i] for i in run]) for run in runs]
 
 
 def _normalized_core(
     t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray], w: np.ndarray
-) -> np.ndarray:
-    """The least-squares core after unit-norm resident columns (scales absorbed into ``A``)."""
+) -> np.ndarray | None:
+    """The least-squares core after unit-norm resident columns (scales absorbed into ``A``).
+
+    Taken of the merged view (:func:`_merged_view`) when ``R`` exceeds a
+    resident mode's size; None when that view does not exist.
+    """
+    view = _merged_view(t, factors)
+    if view is None:
+        return None
+    t, factors = view
     scale = w.copy()
     unit = []
     for f in factors:
@@ -505,10 +616,14 @@ def core_consistencies(
     Returns
     -------
     dict
-        ``{"bro-kiers": value, "core-norm": value}``.
+        ``{"bro-kiers": value, "core-norm": value}`` (both nan, with one
+        ``RuntimeWarning``, when the rank is too large for the resident modes).
     """
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
-    return _consistencies(_normalized_core(t, ata, factors, w))
+    g = _normalized_core(t, ata, factors, w)
+    if g is None:
+        return dict.fromkeys(CORE_NORMALIZATIONS, math.nan)
+    return _consistencies(g)
 
 
 # ----------------------------------------------------------------------- rank choice
@@ -567,8 +682,8 @@ def choose_rank(
     The rule, in the spirit of AutoTen (Papalexakis, SDM 2016):
 
     1. **Quality clusters.** The core consistency values (clipped to
-       ``[0, 100]``; nan values are excluded) are split into two clusters by an
-       exact one-dimensional 2-means. The split counts only when the two
+       ``[0, 100]``; nan values are excluded, see below) are split into two
+       clusters by an exact one-dimensional 2-means. The split counts only when the two
        centroids are at least ``min_gap`` apart; otherwise all ranks form one
        cluster. The *high-quality* ranks are those of the upper cluster whose
        core consistency is at least ``threshold``.
@@ -592,6 +707,14 @@ def choose_rank(
 
     If no rank reaches ``threshold`` in step 1, the rank with the highest core
     consistency is chosen (the smallest such rank on ties), and the reason says so.
+
+    A nan core consistency (e.g. :func:`core_consistency` at a rank too large
+    for the resident modes) is no evidence either way: the rank takes no part in
+    the clustering, cannot be judged high quality (nothing says it is), and
+    does not end ``"first-drop"``'s run; the reason lists such ranks. When every
+    value is nan, core consistency says nothing at all: the smallest rank that
+    passes the stability and fit filters is chosen (the conservative choice),
+    and the reason says so.
 
     Notes
     -----
@@ -652,12 +775,19 @@ def choose_rank(
     if not callable(rule) and rule not in RANK_RULES:
         raise ValueError(f"rule must be one of {RANK_RULES} or a callable, got {rule!r}")
 
-    valid = np.isfinite(cc)
-    if not valid.any():
-        raise ValueError("every core consistency value is nan: nothing to choose from")
+    undefined = np.isnan(cc)  # no evidence either way
+    valid = ~undefined
+    no_evidence = not valid.any()
     clipped = np.clip(np.where(valid, cc, 0.0), 0.0, 100.0)
-    good = valid & (cc >= threshold)
+    good = np.ones(n, dtype=bool) if no_evidence else valid & (cc >= threshold)
     notes = []
+    if undefined.any():
+        listed = ", ".join(str(k) for k in r[undefined])
+        notes.append(
+            f"core consistency undefined (nan) for every rank ({listed}): no evidence"
+            if no_evidence
+            else f"core consistency undefined (nan), not judged: {listed}"
+        )
     if rule != "largest" and valid.sum() >= 2:
         split, upper = _two_means_1d(clipped[valid])
         lo, hi = clipped[valid][~upper], clipped[valid][upper]
@@ -694,6 +824,13 @@ def choose_rank(
     if callable(rule):
         chosen, why = rule(r, cc, fit, st, good.copy())
         return RankChoice(int(chosen), str(why), rule_name, high)
+    if no_evidence:
+        k = int(np.argmax(good))
+        why = (
+            f"rank {r[k]}: core consistency is undefined (nan) for every rank, so the smallest "
+            f"rank passing the stability and fit filters {list(high)} was taken{detail}"
+        )
+        return RankChoice(int(r[k]), why, rule_name, high)
     if not good.any():
         k = int(np.nanargmax(cc))
         why = (
@@ -703,8 +840,11 @@ def choose_rank(
         return RankChoice(int(r[k]), why, rule_name, high)
     if rule == "first-drop":
         k = int(np.argmax(good))
-        while k + 1 < n and good[k + 1]:
-            k += 1
+        for j in range(k + 1, n):  # a nan rank (no evidence) does not end the run
+            if good[j]:
+                k = j
+            elif valid[j]:
+                break
         what = "last rank of the first run of high-quality ranks"
     else:
         k = int(np.flatnonzero(good)[-1])

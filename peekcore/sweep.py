@@ -31,7 +31,7 @@ from ._io import load_npz, save_npz
 from ._version import __version__
 from .kernels import ALS, HALS, PassKernel
 from .model import CPModel, FitHistory
-from .solvers.checks import check_rank
+from .solvers.checks import check_random_state, check_rank
 from .solvers.engine import ModelState, Problem, finish_model, new_state, prepare, run_models
 from .solvers.init import Initializer
 from .solvers.passes import gram_pass, iterate_chunks
@@ -57,7 +57,8 @@ class RankSweep:
     replicates : int
     method : {"cp", "ncp"}
     models : list of list of CPModel
-        ``models[k][p]``: rank ``ranks[k]``, replicate ``p`` (seed ``random_state + p``).
+        ``models[k][p]``: rank ``ranks[k]``, replicate ``p`` (seed ``random_state + p``;
+        equal to a refit alone with that seed up to rounding, see :func:`rank_sweep`).
     fit, explained_variance : ndarray
         ``K x P``.
     corcondia : ndarray
@@ -294,8 +295,18 @@ def rank_sweep(
     ranks : sequence of int
         Candidate ranks (sorted on output).
     replicates : int
-        Random restarts per rank; replicate ``p`` uses seed ``random_state + p``,
-        so ``cp_als(data, r, random_state=random_state + p)`` refits it alone.
+        Random restarts per rank; replicate ``p`` uses seed ``random_state + p``:
+        it starts from the same factors as ``cp_als(data, r, random_state=random_state
+        + p)`` (``ncp_hals`` for ``method="ncp"``) with the same settings and runs
+        the same iteration, but the stacked passes sum in another order, so the
+        two agree only up to floating-point rounding, not bit for bit. Rounding
+        grows through the iterations (most in float32), and a model whose fit
+        change is near ``tol`` can stop some iterations earlier or later than
+        the refit. At well-posed ranks (a unique optimum that both reach) the
+        refit finds the same model to a tolerance: in tests, float32 data,
+        fits within 1e-4 and factor match score above 0.99. Above the data's
+        rank, where optima are flat or not unique, the two can end at different
+        factors of nearly the same fit.
     method : {"cp", "ncp"}
         CP-ALS or nonnegative CP (HALS, ``sweeps`` inner sweeps).
     n_iter_max, tol : int, float
@@ -307,7 +318,9 @@ def rank_sweep(
         As for :func:`peekcore.cp_als`.
     compress : bool
         Run the sweep on the data projected onto the leading subspaces of its
-        resident modes (``method="cp"`` only), score every model exactly on the
+        resident modes (``method="cp"`` only; the projection and the small sweep
+        run in the compute dtype that ``dtype`` and the data set, as an exact
+        sweep would), score every model exactly on the
         full data (fit, core consistency, stability and degeneracy of a model
         inside the subspaces follow from the projected data and ``||X||^2``),
         then refine the chosen rank with ``refine_iters`` exact passes.
@@ -327,6 +340,11 @@ def rank_sweep(
     RankSweep
     """
     t_start = time.perf_counter()
+    random_state = check_random_state(random_state)
+    if random_state is None:
+        raise TypeError(
+            "rank_sweep needs an integer random_state: replicate p uses seed random_state + p"
+        )
     if method not in _METHODS:
         raise ValueError(f"method must be 'cp' or 'ncp', got {method!r}")
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
@@ -460,16 +478,17 @@ def _assemble(
 
 
 def _project(problem: Problem, bases: list[torch.Tensor]) -> torch.Tensor:
-    """One pass: ``Y = X x_1 U_1^T x_2 U_2^T ...`` (``N x k_1 x ... x k_d``, float32)."""
+    """One pass: ``Y = X x_1 U_1^T x_2 U_2^T ...`` (``N x k_1 x ... x k_d``, compute dtype)."""
     shape = problem.shape
+    compute = problem.settings.compute_dtype
     out = torch.empty(
-        (shape[0], *[u.shape[1] for u in bases]), dtype=torch.float32, device=problem.device
+        (shape[0], *[u.shape[1] for u in bases]), dtype=compute, device=problem.device
     )
     for offset, chunk in iterate_chunks(problem.source, problem.settings.chunk_size):
-        y = chunk.to(device=problem.device, dtype=problem.settings.compute_dtype)
+        y = chunk.to(device=problem.device, dtype=compute)
         for m, u in enumerate(bases):  # contract resident mode m (axis m + 1) with U_m
             y = torch.movedim(torch.tensordot(y, u.to(y.dtype), dims=([m + 1], [0])), -1, m + 1)
-        out[offset : offset + chunk.shape[0]] = y.to(torch.float32)
+        out[offset : offset + chunk.shape[0]] = y
     return out
 
 
@@ -506,6 +525,8 @@ def _compressed_sweep(
     grams, norm2 = gram_pass(
         problem.source, settings.chunk_size, settings.compute_dtype, problem.device
     )
+    if norm2 == 0.0:
+        raise ValueError("the data is all zeros: there is nothing to factor")
     bases = []
     for g, k in zip(grams, compress_dims, strict=True):
         vals, vecs = torch.linalg.eigh(g)
@@ -513,12 +534,14 @@ def _compressed_sweep(
     # 2. one pass projects the data; 3. the whole sweep on the small tensor
     y = _project(problem, bases)
     norm2_y = float(torch.sum(y.double() ** 2))
+    # the small sweep runs in the full problem's compute dtype (dtype=, or float64
+    # for float64 data), which is what every model's metadata records
     small_kw = {
         **kw,
         "chunk_size": None,
         "kernel": None,
         "device": problem.device,
-        "dtype": "float32",
+        "dtype": settings.compute_dtype,
     }
     small = prepare(ArraySource(y), method=ALS, **small_kw)
     small_init = Initializer(
@@ -529,7 +552,7 @@ def _compressed_sweep(
         compute_dtype=small.settings.compute_dtype,
         device=small.device,
     )
-    states = _states(small_init, ranks, replicates, random_state, torch.float32)
+    states = _states(small_init, ranks, replicates, random_state, small.settings.compute_dtype)
     bases = [u.to(problem.device) for u in bases]
     run_models(
         small,

@@ -90,3 +90,45 @@ def test_checkpoint_interval(tmp_path, monkeypatch):
         x, 2, n_iter_max=7, tol=0, checkpoint=tmp_path / "c.npz", checkpoint_every=3, progress=False
     )
     assert written == [3, 6]
+
+
+def test_missing_checkpoint_folder_is_refused_before_the_first_pass(tmp_path):
+    x = _data(tmp_path / "x.npy")
+    seen = []
+    for every in (1, 5):
+        with pytest.raises(FileNotFoundError, match=r"folder .*missing does not exist"):
+            peekcore.cp_als(
+                x,
+                2,
+                checkpoint=tmp_path / "missing" / "fit.ckpt",
+                checkpoint_every=every,
+                callback=seen.append,
+                progress=False,
+            )
+    assert seen == []  # no pass was run (and lost)
+
+
+def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(tmp_path):
+    x = _data(tmp_path / "x.npy")
+    peekcore.cp_als(x, 2, n_iter_max=2, progress=False).save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match=r"not a peekcore checkpoint.*CPModel") as err:
+        peekcore.cp_als(x, 2, resume=tmp_path / "model.npz", progress=False)
+    assert "written for" not in str(err.value)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_numpy_integer_seed_is_kept_as_an_int(tmp_path, solver):
+    x = _data(tmp_path / "x.npy")
+    ckpt = tmp_path / "c.npz"
+    fit = SOLVERS[solver]
+    kw = dict(n_iter_max=4, tol=0, progress=False)
+    m = fit(x, 2, random_state=np.int64(3), checkpoint=ckpt, **kw)
+    assert m.metadata["random_state"] == 3 and type(m.metadata["random_state"]) is int
+    m.save(tmp_path / "m.npz")
+    loaded = peekcore.CPModel.load(tmp_path / "m.npz").metadata["random_state"]
+    assert loaded == 3 and type(loaded) is int
+    # the checkpoint's key holds the int seed: a plain-int fit resumes it
+    resumed = fit(x, 2, random_state=3, resume=ckpt, **kw)
+    straight = fit(x, 2, random_state=3, **kw)
+    for a, b in zip(resumed.factors, straight.factors, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +116,86 @@ def test_sweep_and_report(tmp_path, npy, capsys):
     assert code == 0 and html.stat().st_size > 10_000
 
 
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_of_results_with_the_same_file_name(tmp_path, rng, capsys):
+    """runA/s.npz and runB/s.npz: distinct sections and figure files, each section showing
+    its own figures (they shared the names "s" and "s_sweep", and both showed run B's)."""
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.arange(40) % 4)
+    results = []
+    for run_dir, ranks in (("runA", "1-2"), ("runB", "1-4")):
+        x = np.abs(rng.standard_normal((40, 6, 5))).astype(np.float32)
+        np.save(tmp_path / f"{run_dir}.npy", x)
+        out = tmp_path / run_dir / "s.npz"
+        out.parent.mkdir()
+        args = ["sweep", str(tmp_path / f"{run_dir}.npy"), "--ranks", ranks, "--replicates", "2"]
+        code, _, _ = run(capsys, *args, "--iters", "10", "--out", str(out))
+        assert code == 0
+        results.append(str(out))
+    html = tmp_path / "rep" / "report.html"
+    code, rep, err = run(capsys, "report", *results, "--out", str(html), "--labels", str(labels))
+    assert code == 0, err
+    assert rep["sections"] == ["runA/s", "runB/s"]
+    figs = sorted(p.name for p in (tmp_path / "rep" / "report_figures").glob("*.png"))
+    assert figs == [
+        "runA_s_classes.png",
+        "runA_s_sweep.png",
+        "runB_s_classes.png",
+        "runB_s_sweep.png",
+    ]
+    page = html.read_text()
+    embedded = [
+        page.index(base64.b64encode((html.parent / "report_figures" / f).read_bytes()).decode())
+        for f in figs
+    ]
+    section_b = page.index('id="layer-runB-s"')
+    assert all(i < section_b for i in embedded[:2]) and all(i > section_b for i in embedded[2:])
+    # the same file twice: still two distinct sections
+    code, rep, err = run(capsys, "report", results[0], results[0], "--out", str(html))
+    assert code == 0 and rep["sections"] == ["s", "s (2)"], err
+
+
+def test_section_names():
+    from peekcore.cli import section_names
+
+    paths = [Path("/a/x/s.npz"), Path("/b/x/s.npz"), Path("/c/t.npz"), Path("/c/t.npz")]
+    assert section_names(paths) == ["a/x/s", "b/x/s", "t", "t (2)"]
+
+
+def test_json_output_is_strict(tmp_path, npy, capsys):
+    """One replicate: stability is nan, printed as null (it was a bare NaN, not JSON)."""
+    code = main(
+        ["--json", "sweep", str(npy), "--ranks", "1-2", "--replicates", "1", "--iters", "5"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "NaN" not in out
+    res = _strict_json(out)
+    assert [row["stability"] for row in res["table"]] == [None, None]
+
+
+def test_info_and_report_refuse_plain_arrays(tmp_path, npy, capsys):
+    """A .npy is data, not a peekcore file: say so (it was "'numpy.ndarray' object does not
+    support the context manager protocol")."""
+    for argv in (["info", str(npy)], ["report", str(npy), "--out", str(tmp_path / "r.html")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and len(err.splitlines()) == 1
+        assert "is a plain NumPy array (shape (40, 6, 5), float32), not a peekcore file" in err
+        assert "context manager" not in err
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    code, _, err = run(capsys, "info", str(text))
+    assert code == 1 and "not a peekcore file" in err and "checkpoint" in err
+    code, _, err = run(capsys, "report", str(text), "--out", str(tmp_path / "r.html"))
+    assert code == 1 and "not a peekcore file" in err and "RankSweep.save" in err
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "r_figures").exists()
+
+
 def test_capture_store_fit_sweep(store, capsys):
     code, info, _ = run(capsys, "info", str(store))
     assert code == 0 and info["layers"]["act1"]["shape"] == [1797, 16, 64]
@@ -183,6 +265,9 @@ def test_demo_small_runs_and_reports(tmp_path, capsys):
     code, res, _ = run(capsys, "demo", "--small", "--out", str(tmp_path / "demo"))
     assert code == 0
     assert "Spearman" in res["finding"] and res["report"].endswith("report.html")
+    # two checkpoints: rho is undefined for want of points, whatever the ranks
+    assert res["finding"].count("undefined with 2 checkpoints (it needs 3 or more)") == 3
+    assert "constant" not in res["finding"]
     assert set(res["chosen_rank"]) == {"untrained", "brief"}
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["accuracy"]["brief"] > summary["accuracy"]["untrained"]
@@ -191,6 +276,27 @@ def test_demo_small_runs_and_reports(tmp_path, capsys):
     assert code == 0
     for key in ("finding", "accuracy", "chosen_rank", "correlation"):
         assert again[key] == res[key]
+
+
+def test_demo_says_why_a_correlation_is_undefined():
+    """It said "undefined (constant)" for 2 checkpoints even when the ranks differed."""
+    from scipy.stats import spearmanr
+
+    from peekcore.demo import _spearman
+
+    assert _spearman([0.1, 0.3], [1, 2]) == (
+        None,
+        "undefined with 2 checkpoints (it needs 3 or more)",
+    )
+    assert _spearman([0.1, 0.3, 0.5], [2, 2, 2])[1] == (
+        "undefined (the chosen rank is the same at every checkpoint)"
+    )
+    assert _spearman([0.5, 0.5, 0.5], [1, 2, 3])[1] == (
+        "undefined (the accuracy is the same at every checkpoint)"
+    )
+    acc, ranks = [0.1, 0.3, 0.5, 0.9], [3, 1, 4, 2]
+    rho, text = _spearman(acc, ranks)
+    assert rho == pytest.approx(spearmanr(acc, ranks).statistic) and text == f"{rho:+.2f}"
 
 
 def test_module_entry_point():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import reference as ref
@@ -403,3 +405,98 @@ def test_chunk_size_for_natural_chunks():
     assert chunk_size_for(shape, "float32", None, 32 * mib, 64 * mib, 5, 4 * mib) == 30
     assert chunk_size_for(shape, "float32", 7, None, 64 * mib, 5, 4 * mib) == 7
     assert chunk_size_for((12, 256, 1024), "float32", None, None, 64 * mib, 50, mib) == 12
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overfactored_float32_fit_is_real_and_reported_truly(kernel, seed):
+    """A rank-2 tensor with 0.1% noise fitted at rank 8, accumulating in float32.
+
+    Without a noise floor on the ALS Grams, float32 rounding in the nearly singular
+    solves grew the components into pairs that cancel (weights of 1e8): the real
+    fit fell to 0.79 while the residual formula, lost to cancellation, said 1.0.
+    """
+    rng = np.random.default_rng(100 + seed)
+    x, _ = ref.low_rank(rng, (200, 16, 25), 2, 1e-3)
+    x32, x64 = x.astype(np.float32), x.astype(np.float32).astype(np.float64)
+    model = peekcore.cp_als(
+        x32, 8, n_iter_max=100, tol=0.0, kernel=kernel, random_state=seed, progress=False
+    )
+    actual = np.linalg.norm(x64 - model.reconstruct()) / np.linalg.norm(x64)
+    best = peekcore.cp_als(x64, 8, n_iter_max=100, tol=0.0, random_state=seed, progress=False)
+    achievable = np.linalg.norm(x64 - best.reconstruct()) / np.linalg.norm(x64)
+    assert achievable < 1.1e-3
+    assert actual < 1.05 * achievable  # the float32 fit is as good as the float64 one
+    reported = model.history.rel_error[-1]
+    assert abs(reported - actual) < 0.1 * actual  # and says so to float32's resolution
+    assert np.max(np.abs(model.weights)) < 1e4  # no cancelling giants
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda x: x[:, ::-1],
+        lambda x: x[::-1],
+        lambda x: x[:, :, ::-2],
+        lambda x: x.astype(">f8"),
+        lambda x: x[::-1].astype(">f4"),
+    ],
+    ids=["flip-mode1", "flip-samples", "flip-step2", "big-endian", "big-endian-f4-flipped"],
+)
+def test_flipped_and_byte_swapped_arrays(rng, kernel, view):
+    x, _ = ref.low_rank(rng, (21, 6, 10), 3, noise=0.2)
+    data = view(x)
+    plain = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("="))
+    init = _random_init(rng, data.shape, 3)
+    model = peekcore.cp_als(
+        data, 3, n_iter_max=10, tol=0, init=init, kernel=kernel, chunk_size=5, progress=False
+    )
+    if data.dtype.itemsize == 8:
+        w_want, f_want = normalize_factors(ref.als(plain, init.factors, n_iter=10))
+        assert _rel(model.weights, w_want) < 1e-10
+        for got, exp in zip(model.factors, f_want, strict=True):
+            assert _rel(got, exp) < 1e-10
+    # every path that reads the data (the Gram pass too) equals the fit of a plain copy
+    for kw in (dict(init=init), dict(init="gram")):
+        got = peekcore.cp_als(data, 3, n_iter_max=5, kernel=kernel, progress=False, **kw)
+        want = peekcore.cp_als(plain, 3, n_iter_max=5, kernel=kernel, progress=False, **kw)
+        for a, b in zip(got.factors, want.factors, strict=True):
+            np.testing.assert_array_equal(a, b)
+    hals = peekcore.ncp_hals(np.abs(data), 3, n_iter_max=5, kernel=kernel, progress=False)
+    assert np.isfinite(hals.fit)
+
+
+@pytest.mark.parametrize("method", ["als", "hals"])
+def test_rank_above_the_sample_count_matches_dense_reference(rng, kernel, method):
+    # N = 4 < R = 6: the resident updates solve against A^T A (rank 4) times the other
+    # resident Gram (Hadamard product), which is positive definite; nothing is underdetermined
+    shape, rank = (4, 6, 7), 6
+    x = rng.random(shape)
+    init = _random_init(rng, shape, rank)
+    if method == "als":
+        want = ref.als(x, init.factors, n_iter=15)
+        model = peekcore.cp_als(
+            x, rank, n_iter_max=15, tol=0, init=init, kernel=kernel, progress=False
+        )
+    else:
+        want = ref.hals(x, init.factors, n_iter=15, sweeps=2)
+        model = peekcore.ncp_hals(
+            x, rank, n_iter_max=15, tol=0, init=init, sweeps=2, kernel=kernel, progress=False
+        )
+    assert _rel(model.reconstruct(), ref.full(want)) < 1e-8
+    assert abs(model.fit - ref.dense_fit(x, want)) < 1e-8
+
+
+def test_cancelling_components_are_warned_about(monkeypatch):
+    """The guard behind the noise floor: with it off, the over-factored float32 fit's
+    residual goes clearly negative, and the user is told the fit is not real."""
+    from peekcore.solvers import resident
+
+    monkeypatch.setattr(resident, "NOISE_FLOOR_ULPS", 0.0)
+    x, _ = ref.low_rank(np.random.default_rng(100), (200, 16, 25), 2, 1e-3)
+    with pytest.warns(RuntimeWarning, match=r"rank 8, iteration \d+: the residual came out neg"):
+        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0, progress=False)
+    monkeypatch.setattr(resident, "NOISE_FLOOR_ULPS", 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and with it on, nothing to warn about
+        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0, progress=False)

@@ -140,6 +140,83 @@ def test_core_consistency_is_high_at_the_planted_rank(rng):
     assert core_consistency(*model_statistics(x, model)) > 90
 
 
+def _folded(x: np.ndarray, factors: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The 3-way view N x I_1 x (I_2 ... I_d): trailing modes merged (row-major), their
+    factors merged by a column-wise Kronecker product in the same order."""
+    rank = factors[0].shape[1]
+    merged = factors[2]
+    for f in factors[3:]:
+        merged = np.einsum("ir,jr->ijr", merged, f).reshape(-1, rank)
+    return x.reshape(x.shape[0], x.shape[1], -1), [factors[0], factors[1], merged]
+
+
+@pytest.mark.parametrize("normalization", ["bro-kiers", "core-norm"])
+@pytest.mark.parametrize("rank", [5, 6, 8])
+def test_core_consistency_merges_resident_modes_smaller_than_the_rank(rng, normalization, rank):
+    """R > 4 = I_2 = I_3: the true factors of a noise-free model give 100 (the 4-way
+    least-squares core is not identifiable along the 4-long modes, it gave 68, 48, 24
+    bro-kiers), computed on the folded N x C x 16 view; and any factors on noisy data
+    match the dense core consistency of that view."""
+    x, factors = ref.low_rank(rng, (200, 16, 4, 4), rank)
+    t, ata = statistics(x, factors[0])
+    value, g = core_consistency(t, ata, factors[1:], normalization, return_core=True)
+    assert value == pytest.approx(100, abs=1e-6)
+    assert g.shape == (rank,) * 3
+    # the dense references on fewer samples (a 40 * 256 x R^3 Kronecker least squares)
+    shape = (40, 16, 4, 4)
+    x, factors = ref.low_rank(rng, shape, rank)
+    t, ata = statistics(x, factors[0])
+    x3, f3 = _folded(x, factors)
+    assert ref.core_consistency_dense(x3, f3, normalization) == pytest.approx(100, abs=1e-6)
+    assert core_consistency(t, ata, factors[1:], normalization) == pytest.approx(100, abs=1e-6)
+    # noisy data, factors that are not the model: the merged core is the dense one
+    y, _ = ref.low_rank(rng, shape, rank, noise=0.3)
+    guess = [f + 0.5 * rng.standard_normal(f.shape) for f in factors]
+    w = rng.uniform(0.5, 2, rank)
+    t, ata = statistics(y, guess[0])
+    got = core_consistencies(t, ata, guess[1:], weights=w)[normalization]
+    y3, g3 = _folded(y, guess)
+    norms = [np.linalg.norm(f, axis=0) for f in g3[1:]]
+    unit = [g3[0] * w * norms[0] * norms[1], g3[1] / norms[0], g3[2] / norms[1]]
+    want = ref.core_consistency_dense(y3, unit, normalization)
+    assert got == pytest.approx(want, rel=1e-8, abs=1e-8)
+    assert math.isfinite(want) and want < 99  # not the identity: the comparison says something
+
+
+def test_core_consistency_merges_only_what_it_must(rng):
+    """N x 8 x 2 x 8 at R = 5: only the 2-long mode needs a neighbour (N x 8 x 16, 4-way
+    structure kept where it can be); the dense core of that view agrees."""
+    rank = 5
+    x, factors = ref.low_rank(rng, (30, 8, 2, 8), rank, noise=0.2)
+    guess = [f + 0.3 * rng.standard_normal(f.shape) for f in factors]
+    t, ata = statistics(x, guess[0])
+    value, g = core_consistency(t, ata, guess[1:], return_core=True)
+    assert g.shape == (rank,) * 3
+    merged = np.einsum("ir,jr->ijr", guess[2], guess[3]).reshape(-1, rank)
+    view = [guess[0], guess[1], merged]
+    norms = [np.linalg.norm(f, axis=0) for f in view[1:]]
+    unit = [view[0] * norms[0] * norms[1], view[1] / norms[0], view[2] / norms[1]]
+    want = ref.core_consistency_dense(x.reshape(30, 8, 16), unit)
+    assert value == pytest.approx(want, rel=1e-8, abs=1e-8)
+
+
+def test_core_consistency_is_nan_when_no_view_identifies_the_core(rng):
+    """3 x 2 x 2 resident modes at R = 5: no two adjacent groups reach 5 entries."""
+    rank = 5
+    x, factors = ref.low_rank(rng, (40, 3, 2, 2), rank)
+    t, ata = statistics(x, factors[0])
+    with pytest.warns(RuntimeWarning, match="core consistency is undefined at rank 5"):
+        value, g = core_consistency(t, ata, factors[1:], return_core=True)
+    assert math.isnan(value) and g is None
+    with pytest.warns(RuntimeWarning, match="not identifiable"):
+        both = core_consistencies(t, ata, factors[1:])
+    assert all(math.isnan(v) for v in both.values())
+    # at R = 3 the view N x 3 x 4 exists
+    x3, f3 = ref.low_rank(rng, (40, 3, 2, 2), 3)
+    t3, ata3 = statistics(x3, f3[0])
+    assert core_consistency(t3, ata3, f3[1:]) == pytest.approx(100, abs=1e-6)
+
+
 def test_core_consistency_rejects_bad_statistics(rng):
     t = rng.standard_normal((3, 4, 5))
     ata = np.eye(3)
@@ -217,6 +294,52 @@ def test_factor_match_score_is_invariant_to_permutation_and_scaling(rng):
     arbitrary = [f * rng.uniform(0.1, 10, 4) for f in other]
     assert factor_match_score(factors, arbitrary, consider_weights=False) == pytest.approx(1.0)
     assert factor_match_score(factors, arbitrary) < 1.0
+
+
+def _fms_brute_force(fa, wa, fb, wb) -> float:
+    """Best mean over every injective matching of a's components into b's, plain float64."""
+    import itertools
+
+    def unit(fs, w):
+        norms = np.prod([np.linalg.norm(f, axis=0) for f in fs], axis=0) * np.abs(w)
+        return [f / np.linalg.norm(f, axis=0) for f in fs], norms
+
+    ua, la = unit(fa, wa)
+    ub, lb = unit(fb, wb)
+    best = -1.0
+    for cols in itertools.permutations(range(fb[0].shape[1]), fa[0].shape[1]):
+        total = 0.0
+        for r, c in enumerate(cols):
+            cos = np.prod([abs(a[:, r] @ b[:, c]) for a, b in zip(ua, ub, strict=True)])
+            total += cos * (1 - abs(la[r] - lb[c]) / max(la[r], lb[c]))
+        best = max(best, total / len(cols))
+    return best
+
+
+def test_factor_match_score_with_different_numbers_of_components(rng):
+    """R_a < R_b: every component of a is matched, b's extras are ignored (Tomasi and Bro;
+    Tensor Toolbox score). R_a > R_b used to give a perfect 1.0 with R_b matches: now an
+    error, since a's extra components have no match."""
+    shape = (8, 5, 6)
+    small = [rng.standard_normal((n, 3)) for n in shape]
+    extra = [rng.standard_normal((n, 2)) for n in shape]
+    perm = np.array([4, 0, 3, 1, 2])
+    large = [np.column_stack([f, e])[:, perm] for f, e in zip(small, extra, strict=True)]
+    score, match = factor_match_score(small, large, return_permutation=True)
+    assert score == pytest.approx(1.0)
+    assert match.shape == (3,)
+    np.testing.assert_array_equal(large[0][:, match], small[0])
+    # noisy copies and weights: the Hungarian matching equals the brute-force optimum
+    wa, wb = rng.uniform(0.5, 2, 3), rng.uniform(0.5, 2, 5)
+    noisy = [f + 0.3 * rng.standard_normal(f.shape) for f in large]
+    got = factor_match_score(small, noisy, weights_a=wa, weights_b=wb)
+    assert got == pytest.approx(_fms_brute_force(small, wa, noisy, wb), rel=1e-12)
+    with pytest.raises(ValueError, match=r"model_a has more components \(5\) than model_b \(3\)"):
+        factor_match_score(large, small)
+    with pytest.raises(ValueError, match="more components"):
+        factor_match_score(CPModel(np.ones(5), large), CPModel(np.ones(3), small))
+    with pytest.raises(ValueError, match="different shapes"):
+        factor_match_score(small, [f[:4] for f in large])
 
 
 def test_stability_of_replicates(rng):
@@ -333,6 +456,26 @@ def test_choose_rank_accepts_a_custom_rule():
     assert choice == RankChoice(1, "smallest good rank 1", "smallest", (1, 2))
 
 
+def test_choose_rank_takes_nan_core_consistency_as_no_evidence():
+    """nan (a rank too large for the resident modes): not clustered, never judged high
+    quality, does not end a first-drop run, listed in the reason."""
+    ranks = [1, 2, 3, 4, 5, 6]
+    cc = [100, 99, 98, 20, np.nan, np.nan]
+    fits = [0.5, 0.7, 0.9, 0.91, 0.92, 0.93]
+    choice = choose_rank(ranks, cc, fits)
+    assert choice.rank == 3 and choice.high_quality == (1, 2, 3)
+    assert "undefined (nan), not judged: 5, 6" in choice.reason
+    # a nan inside the run of good ranks neither ends it nor gets chosen
+    choice = choose_rank(
+        [1, 2, 3, 4], [100, np.nan, 99, 10], [0.5, 0.6, 0.7, 0.8], rule="first-drop"
+    )
+    assert choice.rank == 3 and choice.high_quality == (1, 3)
+    # no rank has a value: nothing to say about any, the smallest that passes the filters
+    choice = choose_rank([2, 3, 4], [np.nan] * 3, [0.5, 0.6, 0.7], [0.5, 0.99, 0.98])
+    assert choice.rank == 3
+    assert "undefined (nan) for every rank" in choice.reason
+
+
 def test_choose_rank_rejects_bad_input():
     with pytest.raises(ValueError, match="no ranks"):
         choose_rank([], [], [])
@@ -344,8 +487,6 @@ def test_choose_rank_rejects_bad_input():
         choose_rank([1, 2], [100, 100], [0.5, 0.6], [1.0])
     with pytest.raises(ValueError, match="rule must be one of"):
         choose_rank([1, 2], [100, 100], [0.5, 0.6], rule="elbow")
-    with pytest.raises(ValueError, match="every core consistency value is nan"):
-        choose_rank([1, 2], [np.nan, np.nan], [0.5, 0.6])
 
 
 def test_congruence_shape_and_values(rng):

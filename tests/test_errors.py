@@ -45,11 +45,6 @@ def test_rank_not_an_integer(x, rank):
         fit(x, rank)
 
 
-def test_rank_above_sample_count(x):
-    with pytest.raises(ValueError, match="exceeds the number of samples"):
-        fit(x, 21)
-
-
 def test_order_below_three_says_why(rng):
     with pytest.raises(ValueError, match=r"order >= 3.*no unique\s+CP decomposition"):
         fit(rng.standard_normal((10, 4)))
@@ -148,3 +143,83 @@ def test_torch_gpu_tensor_needs_a_gpu_only_when_used(x):
     fit(torch.from_numpy(x))
     with pytest.raises(RuntimeError):
         fit(x, device="not-a-device")
+
+
+# ------------------------------------------------ review: all-zero data, seeds, rank, messages
+
+
+@pytest.mark.parametrize("solver", [peekcore.cp_als, peekcore.ncp_hals], ids=["als", "hals"])
+def test_all_zero_data_with_gram_init(solver):
+    # the Gram pass measures ||X||^2: it refuses all-zero data as the first fit pass does
+    with pytest.raises(ValueError, match="the data is all zeros"):
+        solver(np.zeros((6, 3, 4)), 2, init="gram", n_iter_max=3, progress=False)
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [np.random.default_rng(0), np.random.RandomState(0), 1.5, "3", True],
+    ids=["Generator", "RandomState", "float", "str", "bool"],
+)
+@pytest.mark.parametrize("solver", [peekcore.cp_als, peekcore.ncp_hals], ids=["als", "hals"])
+def test_random_state_must_be_an_integer_seed(x, solver, seed):
+    with pytest.raises(TypeError, match="random_state must be None or a nonnegative integer"):
+        solver(np.abs(x), 2, random_state=seed, init="gram", n_iter_max=2, progress=False)
+
+
+def test_negative_random_state(x):
+    with pytest.raises(ValueError, match="random_state must be None or a nonnegative integer"):
+        fit(x, random_state=-1)
+
+
+def test_rank_limit_is_the_product_of_the_other_modes(rng, x):
+    # x is 20 x 5 x 4: mode 0's Gram (5x5 Gram * 4x4 Gram) has rank <= 20
+    with pytest.raises(ValueError, match=r"rank 21 .*mode 0.* at most 20.*rank <= 20"):
+        fit(x, 21)
+    # the same rule for a resident mode: 3 x 40 x 2 has mode 1's Gram of rank <= 6
+    with pytest.raises(ValueError, match=r"rank 7 .*mode 1.* at most 6.*rank <= 6"):
+        fit(rng.standard_normal((3, 40, 2)), 7)
+    fit(rng.standard_normal((3, 40, 2)), 6)  # above N = 3, and well posed
+
+
+@pytest.mark.parametrize("dtype", ["int32", np.int64, "complex64", "nonsense"])
+def test_dtype_argument_names_itself(x, dtype):
+    with pytest.raises(ValueError, match=r"dtype= sets the accumulation.*'float32' or 'float64'"):
+        fit(x, dtype=dtype)
+
+
+@pytest.mark.parametrize("every", [None, 2.5, "3", True])
+def test_checkpoint_every_must_be_an_integer(x, every, tmp_path):
+    with pytest.raises(TypeError, match="checkpoint_every must be a positive integer"):
+        fit(x, checkpoint=tmp_path / "c.npz", checkpoint_every=every)
+
+
+@pytest.mark.parametrize("every", [0, -2])
+def test_checkpoint_every_must_be_positive(x, every, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+        fit(x, checkpoint=tmp_path / "c.npz", checkpoint_every=every)
+
+
+def test_float32_overflow_in_gram_pass_is_not_called_nan(x):
+    big = np.abs(x).astype(np.float32) * np.float32(1e20)  # finite; squares overflow float32
+    assert np.all(np.isfinite(big))
+    for solver in (peekcore.cp_als, peekcore.ncp_hals):
+        with pytest.raises(ValueError, match=r"overflowed float32.*dtype='float64'") as err:
+            solver(big, 2, init="gram", n_iter_max=2, progress=False)
+        assert "NaN" not in str(err.value)
+    m = fit(big, init="gram", dtype="float64")  # as the message says
+    assert np.isfinite(m.fit)
+
+
+def test_rank_sweep_checks_seed_and_zeros_too(x):
+    from peekcore.sweep import rank_sweep
+
+    kw = dict(n_iter_max=2, progress=False)
+    with pytest.raises(TypeError, match="random_state must be None or a nonnegative integer"):
+        rank_sweep(x, [1, 2], random_state=np.random.default_rng(0), **kw)
+    with pytest.raises(TypeError, match="rank_sweep needs an integer random_state"):
+        rank_sweep(x, [1, 2], random_state=None, **kw)
+    sweep = rank_sweep(x, [1, 2], replicates=2, random_state=np.int64(4), **kw)
+    seeds = [m.metadata["random_state"] for row in sweep.models for m in row]
+    assert seeds == [4, 5, 4, 5] and all(type(s) is int for s in seeds)
+    with pytest.raises(ValueError, match="the data is all zeros"):
+        rank_sweep(np.zeros((6, 3, 4)), [1, 2], compress=True, **kw)

@@ -241,3 +241,35 @@ def test_on_device_reads_a_sources_device():
         device = "cuda"
 
     assert not on_device(Declares(), torch.device("cpu"))
+
+
+def test_stacked_solves_treat_each_model_on_its_own_scale(rng):
+    """A stack of models is one block-diagonal Gram; a singular block (a dead column)
+    next to one 1e17 times larger must not change the others' solves."""
+    from peekcore.solvers.resident import _device_cholesky, als_solve, gram_inverse
+
+    sizes, scales = [1, 3, 2], [0.186, 3.5e17, 1.0]
+    blocks = []
+    for n, scale in zip(sizes, scales, strict=True):
+        f = rng.standard_normal((n + 4, n))
+        blocks.append(torch.from_numpy(scale * (f.T @ f)))
+    blocks[1][2, :] = 0.0  # a dead column in the large model
+    blocks[1][:, 2] = 0.0
+    g = torch.block_diag(*blocks)
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    m = torch.from_numpy(rng.standard_normal((5, sum(sizes))))
+    stacked_solve = als_solve(m, g, seg, 3)
+    stacked_inverse = gram_inverse(g, seg, 3)
+    chol = _device_cholesky(g, seg, 3)  # the GPU path's ridge, run on the CPU
+    device_solve = torch.cholesky_solve(m.T, chol).T
+    lo = 0
+    for n, block in zip(sizes, blocks, strict=True):
+        cols = slice(lo, lo + n)
+        alone = m[:, cols] @ torch.linalg.pinv(block, hermitian=True)
+        torch.testing.assert_close(stacked_solve[:, cols], alone, rtol=1e-9, atol=0)
+        torch.testing.assert_close(
+            stacked_inverse[cols, cols], torch.linalg.pinv(block, hermitian=True), rtol=1e-9, atol=0
+        )
+        if n != 3:  # the GPU path's ridge regularizes the dead column instead of cutting it
+            torch.testing.assert_close(device_solve[:, cols], alone, rtol=1e-6, atol=0)
+        lo += n

@@ -121,11 +121,14 @@ def test_rank_above_true_rank(rng, kernel):
     _no_nan(m)
 
 
-def test_collapsed_component_is_reseeded_and_recorded(rng, kernel):
+def test_dead_component_is_reseeded_and_recorded(rng, kernel):
+    # two zero columns of one component: each freezes the other's update (its HALS
+    # denominator, a product of the other modes' column norms, is zero), so it is dead
     shape, rank = (30, 6, 5), 3
     x = _relu_low_rank(rng, shape, rank)
     factors = [rng.random((n, rank)) + 0.1 for n in shape]
-    factors[1][:, 2] = 0  # a component that starts collapsed
+    factors[1][:, 2] = 0
+    factors[2][:, 2] = 0
     m = peekcore.ncp_hals(
         x,
         rank,
@@ -138,7 +141,64 @@ def test_collapsed_component_is_reseeded_and_recorded(rng, kernel):
     _no_nan(m)
     events = m.history.reseeds
     assert {"iteration": 1, "mode": 1, "component": 2} in events
+    assert {"iteration": 1, "mode": 2, "component": 2} in events
     assert np.all(m.weights > 0)  # the component came back to life
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_one_zero_column_recovers_by_itself(rng, kernel, mode):
+    # one zero column is not a dead component: its own update divides by the other
+    # modes' column norms, which are not zero, so HALS moves it again without help
+    shape, rank, sweeps = (30, 6, 5), 3, 2
+    x = _relu_low_rank(rng, shape, rank)
+    factors = [rng.random((n, rank)) + 0.1 for n in shape]
+    factors[mode][:, 1] = 0
+    w_want, f_want = normalize_factors(ref.hals(x, factors, n_iter=8, sweeps=sweeps))
+    m = peekcore.ncp_hals(
+        x,
+        rank,
+        n_iter_max=8,
+        tol=0,
+        sweeps=sweeps,
+        kernel=kernel,
+        progress=False,
+        init=CPModel(np.ones(rank), factors),
+    )
+    assert m.history.reseeds == []
+    assert _rel(m.weights, w_want) < 1e-10
+    for got, exp in zip(m.factors, f_want, strict=True):
+        assert _rel(got, exp) < 1e-10
+    assert np.all(m.weights > 0)
+
+
+def test_gram_init_is_not_reseeded_and_matches_dense_hals(rng, kernel):
+    import torch
+
+    from peekcore.solvers.init import Initializer
+    from peekcore.sources import as_source
+
+    # init="gram" starts the sample factor at zero; the first pass fills it
+    x = _relu_low_rank(rng, (40, 8, 6), 3)
+    sweeps = 2
+    start = Initializer(
+        "gram",
+        as_source(x),
+        nonneg=True,
+        chunk_size=x.shape[0],
+        compute_dtype=torch.float64,
+        device=torch.device("cpu"),
+    )
+    a0, resident = start.factors(3, 0)
+    assert not np.any(a0.numpy())
+    init = [a0.numpy()] + [f.numpy() for f in resident]
+    w_want, f_want = normalize_factors(ref.hals(x, init, n_iter=6, sweeps=sweeps))
+    m = peekcore.ncp_hals(
+        x, 3, n_iter_max=6, tol=0, init="gram", sweeps=sweeps, kernel=kernel, progress=False
+    )
+    assert m.history.reseeds == []
+    assert _rel(m.weights, w_want) < 1e-10
+    for got, exp in zip(m.factors, f_want, strict=True):
+        assert _rel(got, exp) < 1e-10
 
 
 def test_negative_values_refused_with_range(rng, kernel):

@@ -284,6 +284,35 @@ def test_report_errors(run, tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_files_that_are_not_peekcore_results_say_so(run, tmp_path):
+    """A plain .npy gave "'numpy.ndarray' object does not support the context manager
+    protocol"; a text file, a message about pickles."""
+    from peekcore.report import load_result
+
+    array = tmp_path / "x.npy"
+    np.save(array, np.zeros((3, 4), np.float32))
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    other = tmp_path / "o.npz"
+    np.savez(other, a=np.zeros(2))
+    plain = r"x.npy is a plain NumPy array \(shape \(3, 4\), float32\), not a peekcore file"
+
+    def figure(path):
+        return rank_sweep_figure(path, tmp_path / "figure")
+
+    for load in (load_result, figure, from_npz):
+        with pytest.raises(ValueError, match=plain):
+            load(array)
+        with pytest.raises(ValueError, match="not a peekcore file .NumPy cannot read it"):
+            load(text)
+        with pytest.raises(ValueError, match="without a peekcore header"):
+            load(other)
+    with pytest.raises(ValueError, match="give a .npz file written by CPModel.save or RankSweep"):
+        load_result(array)
+    with pytest.raises(ValueError, match="give a file written by peekcore.report.to_npz"):
+        from_npz(array)
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):

@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "load_result",
     "load_sweep",
+    "open_npz",
     "spatial_maps",
     "top_samples",
     "write_file",
@@ -64,20 +65,62 @@ def _umask() -> int:
     return mask
 
 
-def _file_format(path: PathLike) -> str:
+#: What :func:`load_result` reads, for error messages.
+RESULT_FILES = "a .npz file written by CPModel.save or RankSweep.save"
+
+
+def open_npz(path: PathLike, accepted: str = RESULT_FILES) -> Any:
+    """``np.load(path)`` of a peekcore ``.npz`` (use as a context manager), or a clear error.
+
+    Parameters
+    ----------
+    path : path-like
+    accepted : str
+        What the caller accepts, e.g. :data:`RESULT_FILES`: the errors say so.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        A plain ``.npy`` array, a file NumPy cannot read as an ``.npz`` archive, or
+        an archive without a peekcore header.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no result file at {path}")
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a peekcore file: give {accepted}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "header" not in data:
-                raise ValueError(
-                    f"{path} is not a peekcore result file (no header): give a file written "
-                    "by CPModel.save or RankSweep.save"
-                )
+        data = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, EOFError, ValueError) as err:  # not a NumPy file, or a pickled one
+        raise ValueError(
+            f"{path} is not a peekcore file (NumPy cannot read it as an .npz archive): give "
+            f"{accepted}"
+        ) from err
+    if isinstance(data, np.ndarray):  # a plain .npy (np.load returns the array itself)
+        what = f"shape {tuple(data.shape)}, {data.dtype}"
+        del data  # the memory map, closed before the error goes up
+        raise ValueError(
+            f"{path} is a plain NumPy array ({what}), not a peekcore file: give {accepted}. "
+            "To factor an array, pass it to peek fit or peek sweep (cp_als, rank_sweep)"
+        )
+    if "header" not in data.files:
+        data.close()
+        raise ValueError(
+            f"{path} is an .npz without a peekcore header, not a peekcore file: give {accepted}"
+        )
+    return data
+
+
+def _file_format(path: PathLike) -> str:
+    with open_npz(path) as data:
+        try:
             return str(json.loads(bytes(data["header"]).decode()).get("format", ""))
-    except (OSError, EOFError) as err:  # not an npz at all
-        raise ValueError(f"{path} is not a peekcore result file (.npz): {err}") from err
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{path}: unreadable peekcore header ({err}): give {RESULT_FILES}"
+            ) from err
 
 
 def load_result(obj: Any) -> CPModel | RankSweep:

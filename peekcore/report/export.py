@@ -30,6 +30,7 @@ from ._common import (
     label_names,
     load_model,
     load_result,
+    open_npz,
     spatial_maps,
     top_samples,
     write_file,
@@ -159,7 +160,7 @@ def from_npz(path: str | os.PathLike) -> tuple[CPModel, dict[str, Any]]:
     extras : dict
         ``dims`` (tuple of str), ``labels`` and ``sample_ids`` (ndarray or None).
     """
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "a file written by peekcore.report.to_npz") as data:
         if "dims" not in data or "weights" not in data or "header" not in data:
             raise ValueError(f"{path} was not written by peekcore.report.to_npz")
         dims = tuple(str(d) for d in data["dims"])

@@ -323,7 +323,8 @@ def write_report(
         as a table; nested values are shown as JSON.
     layers : list of LayerSection or dict
         One section per layer, in order (see :class:`LayerSection`; a dict takes
-        the same keys).
+        the same keys). Give distinct names: the layer table links each name
+        to its section (anchors stay unique either way).
     figures : list, optional
         Figures across layers (e.g. the training-quality figure), shown in an
         overview before the layers; same forms as ``LayerSection.figures``.

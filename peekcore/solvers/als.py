@@ -60,7 +60,8 @@ def cp_als(
         leading eigenvectors of each resident mode's Gram matrix, accumulated in
         one streamed pass. A model: its factors (weights folded into mode 0).
     random_state : int or None
-        Seed for the random initialization.
+        Seed for the random initialization: ``None`` or a nonnegative integer
+        (numpy integers too), stored with the model; not a generator.
     chunk_size : int, optional
         Samples per chunk; default from ``max_chunk_bytes`` (64 MiB).
     max_chunk_bytes : int, optional

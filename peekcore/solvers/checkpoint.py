@@ -84,7 +84,19 @@ def load_checkpoint(
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(bytes(data["header"]).decode())
-            if header.get("format") != FORMAT or header.get("key") != key:
+            if header.get("format") != FORMAT:
+                what = header.get("format")
+                hint = f" (it holds {what!r})" if what is not None else ""
+                if what == "peekcore.CPModel":
+                    hint = (
+                        " but a model saved by CPModel.save (to start from it, pass "
+                        "init=peekcore.CPModel.load(path))"
+                    )
+                raise ValueError(
+                    f"{path} is not a peekcore checkpoint{hint}; resume= takes a file written "
+                    "by checkpoint="
+                )
+            if header.get("key") != key:
                 raise ValueError(
                     f"the checkpoint {path} was written for {header.get('key')}, but this fit "
                     f"is {key}; resume with the same data and settings, or start afresh "
@@ -101,7 +113,7 @@ def load_checkpoint(
     except (KeyError, OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
     except ValueError as err:
-        if "written for" in str(err):
+        if "written for" in str(err) or "not a peekcore checkpoint" in str(err):
             raise
         raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
     return float(header["norm2"]), int(header["iteration"])

@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
-from ..sources import dtype_name
+from ..sources import dtype_label, dtype_name
 
 __all__ = [
     "TORCH_DTYPES",
     "check_rank",
+    "check_random_state",
+    "check_checkpoint_every",
     "check_shape",
     "check_iterations",
     "compute_dtype_for",
@@ -37,18 +39,79 @@ NATURAL_CHUNK_ALONE_BYTES = 4 << 20
 
 
 def check_rank(rank: Any, shape: tuple[int, ...]) -> int:
-    """A positive integer rank that the data can support."""
+    """A positive integer rank that the data can support.
+
+    What bounds the rank is the ``R x R`` system of every mode's update, the
+    same for the sample mode and the resident ones: mode ``m`` is updated
+    against the Hadamard product of the other modes' Grams (for the resident
+    modes one of them is ``A^T A``), which is the Gram of their Khatri-Rao
+    product, a matrix of ``P_m = prod_{k != m} I_k`` rows. Its rank is at most
+    ``P_m``, so with ``R > P_m`` it is singular for any factors: the update is
+    underdetermined (ALS would solve a singular system: a pseudo-inverse on the
+    CPU, a 1e-12 ridge that amplifies rounding on a GPU). Such a rank also asks
+    for nothing a tensor of this shape can need: its mode-``m`` unfolding is
+    already an exact decomposition with ``P_m`` components. The binding mode is
+    the largest one (``P_m`` is smallest there). Below the bound, ``R`` above
+    a mode's own size (the sample count ``N`` included) is fine: the Hadamard
+    product is the Gram of a Khatri-Rao product with at least ``R`` rows, of
+    full column rank for generic factors even when every Gram in it is rank
+    deficient (the fit then matches a dense float64 ALS, tests/test_cp_als.py).
+    """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    if rank > shape[0]:
+    mode = max(range(len(shape)), key=lambda k: shape[k])
+    others = [n for k, n in enumerate(shape) if k != mode]
+    limit = math.prod(others)
+    if rank > limit:
+        what = "the samples, " if mode == 0 else ""
         raise ValueError(
-            f"rank {rank} exceeds the number of samples ({shape[0]}): the sample factor would "
-            "be underdetermined; choose rank <= the number of samples"
+            f"rank {rank} is too high for shape {shape}: the update of mode {mode} ({what}"
+            f"size {shape[mode]}) solves an R x R system, the Hadamard product of the other "
+            f"modes' Grams ({' x '.join(map(str, others))} = {limit} rows of their Khatri-Rao "
+            f"product), whose rank is at most {limit}; at rank {rank} it is singular and the "
+            f"update underdetermined (and {limit} components already reproduce the data "
+            f"exactly); choose rank <= {limit}"
         )
     return rank
+
+
+def check_random_state(random_state: Any) -> int | None:
+    """``None`` or a nonnegative integer seed (numpy integers too), as a plain ``int``.
+
+    A seed, not a generator: it is stored in the model's metadata and in
+    checkpoints, and HALS re-seeding derives its generators from it.
+    """
+    if random_state is None:
+        return None
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"random_state must be None or a nonnegative integer seed, got {random_state!r} "
+            f"({type(random_state).__name__}); a generator cannot be stored with the model or "
+            "its checkpoints: pass an integer, e.g. random_state=0"
+        )
+    if random_state < 0:
+        raise ValueError(
+            f"random_state must be None or a nonnegative integer seed, got {random_state}"
+        )
+    return int(random_state)
+
+
+def check_checkpoint_every(checkpoint_every: Any) -> int:
+    """A positive integer number of iterations between checkpoints."""
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral):
+        raise TypeError(
+            f"checkpoint_every must be a positive integer (iterations between checkpoints), "
+            f"got {checkpoint_every!r}"
+        )
+    if checkpoint_every < 1:
+        raise ValueError(
+            f"checkpoint_every must be a positive integer (iterations between checkpoints), "
+            f"got {checkpoint_every}"
+        )
+    return int(checkpoint_every)
 
 
 def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -84,11 +147,19 @@ def compute_dtype_for(stored: str, dtype: Any) -> torch.dtype:
     """Accumulation dtype: float64 for float64 data, else float32, unless asked."""
     if dtype is None:
         return torch.float64 if stored == "float64" else torch.float32
-    compute = TORCH_DTYPES[dtype_name(dtype)]
+    try:
+        compute = TORCH_DTYPES[dtype_name(dtype)]
+    except TypeError:
+        raise ValueError(
+            f"dtype= sets the accumulation precision, not the data's type: 'float32' or "
+            f"'float64', or None (float64 for float64 data, else float32); got "
+            f"{dtype_label(dtype)!r}. To fit integer data, convert the data itself, e.g. "
+            "data.astype(np.float32)"
+        ) from None
     if compute not in (torch.float32, torch.float64):
         raise ValueError(
-            f"dtype sets the accumulation precision and must be float32 or float64, got "
-            f"{dtype}; half-precision storage is fine, accumulation in half is not"
+            f"dtype= sets the accumulation precision and must be 'float32' or 'float64' (or "
+            f"None), got {dtype}; half-precision storage is fine, accumulation in half is not"
         )
     return compute
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ from ..sources import ChunkSource, as_source, dtype_name, natural_chunk_size
 from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from .checks import (
     NATURAL_CHUNK_ALONE_BYTES,
+    check_checkpoint_every,
     check_iterations,
+    check_random_state,
     check_rank,
     check_shape,
     chunk_size_for,
@@ -56,6 +59,10 @@ __all__ = [
     "finish_model",
     "fit_streaming",
 ]
+
+# a residual below -CANCELLATION_ULPS units of the statistics' rounding (times ||X||^2)
+# cannot come from rounding alone: the components cancel (see run_models' warning)
+CANCELLATION_ULPS = 1000.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class ModelState:
         ``run_models(keep_statistics=True)``.
     graphed : int
         Iterations replayed from a CUDA graph (``peekcore.solvers.graphs``).
+    cancelled : bool
+        Its residual came out clearly negative once (warned).
     """
 
     rank: int
@@ -113,6 +122,7 @@ class ModelState:
     dead_seen: bool = False
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None
     graphed: int = 0
+    cancelled: bool = False
 
 
 @dataclass
@@ -157,6 +167,14 @@ def prepare(
     stored = dtype_name(source.dtype)
     n_iter_max, tol, sweeps = check_iterations(n_iter_max, tol, sweeps)
     compute = compute_dtype_for(stored, dtype)
+    checkpoint_every = check_checkpoint_every(checkpoint_every)
+    if checkpoint is not None and comm.rank == 0:  # before any pass: none is lost to it
+        folder = Path(checkpoint).parent
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"cannot write checkpoints to {checkpoint}: folder {folder} does not exist; "
+                "create it first"
+            )
     dev = torch.device(device)
     kern = get_kernel(kernel, dev)
     settings = RunSettings(
@@ -176,7 +194,7 @@ def prepare(
         compute_dtype=compute,
         sweeps=sweeps if method == HALS else 0,
         checkpoint=Path(checkpoint) if checkpoint is not None else None,
-        checkpoint_every=max(1, int(checkpoint_every)),
+        checkpoint_every=checkpoint_every,
     )
     return Problem(source, shape, stored, kern, dev, settings, comm)
 
@@ -187,20 +205,42 @@ def prepare(
 def reseed_dead(
     state: ModelState, grams: list[torch.Tensor], iteration: int, comm: Communicator
 ) -> None:
-    """Give components that HALS drove to zero a fresh nonnegative start (in place).
+    """Give components that HALS cannot move again a fresh nonnegative start (in place).
 
-    A column of a factor that is entirely zero makes its component dead: HALS
-    cannot move it again (its Gram diagonal is zero). Such a column is replaced
-    by a uniform random one, scaled to the mean norm of the factor's live
-    columns, drawn from a generator seeded by (seed, iteration, mode) so that
-    resumed fits repeat it. Each event is recorded in ``history.reseeds``.
+    HALS updates column ``r`` of mode ``m`` by
+    ``f_r <- max(0, f_r + (m_r - F g_r) / g_rr)`` with
+    ``g_rr = prod_{k != m} ||f_{k,r}||^2`` (the Hadamard product of the other
+    modes' Grams, ``A^T A`` among them for a resident mode), and leaves it as is
+    when ``g_rr == 0``. So what a zero column does depends on how many of its
+    component's columns are zero:
+
+    * one (mode ``p``): its own update divides by the other modes' column
+      norms, which are not zero, and refills it from the residual; meanwhile the
+      component's other columns wait (their ``g_rr`` holds ``||f_{p,r}||^2 = 0``).
+      It recovers by itself, as in plain HALS: the sample factor of
+      ``init="gram"`` (zero until the first pass solves it), or a sample column
+      that a pass clamped to zero and the next one fills again. If the residual
+      keeps it at zero, that is a fixed point of HALS, not a dead end: it can
+      move whenever the other components change. It is left alone.
+    * two or more (modes ``p`` and ``q``): ``p``'s update divides by
+      ``||f_{q,r}||^2 = 0`` and ``q``'s by ``||f_{p,r}||^2 = 0``, every other
+      mode's by both: no update can ever move the component again. It is dead.
+
+    The zero columns of a dead component are replaced by uniform random ones,
+    scaled to the mean norm of their factor's nonzero columns, drawn from a
+    generator seeded by (seed, iteration, mode) so that resumed fits repeat it.
+    Each replaced column is recorded in ``history.reseeds``.
     """
     seed = state.seed if state.seed is not None else 0
     a = state.a
     factors = [(0, a, comm.allreduce_(torch.sum(a.to(torch.float64) ** 2, dim=0)))]
     factors += [(m + 1, f, torch.diagonal(grams[m])) for m, f in enumerate(state.resident)]
+    zero_columns = sum((diag <= 0).to(torch.int64).cpu() for _, _, diag in factors)
+    is_dead = zero_columns >= 2
+    if not bool(is_dead.any()):
+        return
     for mode, f, diag in factors:
-        dead = torch.nonzero(diag <= 0).flatten().tolist()
+        dead = torch.nonzero((diag <= 0).cpu() & is_dead).flatten().tolist()
         if not dead:
             continue
         rng = np.random.default_rng([seed, iteration, mode])
@@ -240,6 +280,7 @@ def run_models(
     from tqdm.auto import tqdm
 
     settings = problem.settings
+    stats_eps = torch.finfo(settings.compute_dtype).eps  # rounding of the pass's sums
     method = settings.method
     bar = tqdm(
         total=settings.n_iter_max,
@@ -293,6 +334,17 @@ def run_models(
                         f"the fit became non-finite at iteration {it + 1}: the data changed "
                         "between passes or holds NaN/Inf (checked in the first pass only), or "
                         "the model overflowed the compute dtype (try dtype='float64')"
+                    )
+                if resid2 < -CANCELLATION_ULPS * stats_eps * norm2 and not s.cancelled:
+                    s.cancelled = True
+                    warnings.warn(
+                        f"rank {s.rank}, iteration {it + 1}: the residual came out negative "
+                        f"({resid2 / norm2:.1e} of ||X||^2), so the model's components cancel "
+                        "each other beyond the precision of the statistics and the reported "
+                        "fit is not its real fit; the rank is likely above what the data "
+                        "holds: fit a lower rank, or pass dtype='float64'",
+                        RuntimeWarning,
+                        stacklevel=2,
                     )
                 rel = math.sqrt(max(resid2, 0.0) / norm2)
                 h = s.history
@@ -399,6 +451,7 @@ def fit_streaming(
     distributed: bool | None = None,
 ) -> CPModel:
     """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``)."""
+    random_state = check_random_state(random_state)  # a seed: stored with the model
     problem = prepare(
         data,
         method=method,

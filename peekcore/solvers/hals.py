@@ -43,7 +43,8 @@ def ncp_hals(
     Gram, and ``T = X x_0 A^T`` accumulates as in :func:`peekcore.cp_als`; the
     resident factors then get ``sweeps`` HALS sweeps each from ``T`` and the
     Grams. Column update: ``f_r <- max(0, f_r + (m_r - F g_r) / g_rr)``.
-    Components that collapse to zero are re-seeded (``history.reseeds``).
+    A component that HALS can no longer move (two or more of its factor columns
+    zero) is re-seeded (``history.reseeds``); one zero column refills by itself.
 
     Parameters
     ----------

@@ -91,6 +91,8 @@ class Initializer:
                     for g in grams:
                         self.comm.allreduce_(g)
                     self.norm2 = self.comm.allreduce_scalar(self.norm2, device)
+                if self.norm2 == 0.0:  # as the first fit pass says when it measures ||X||^2
+                    raise ValueError("the data is all zeros: there is nothing to factor")
                 self._eig = []
                 for g in grams:
                     vals, vecs = torch.linalg.eigh(g)
@@ -106,6 +108,9 @@ class Initializer:
                 if self.nonneg:
                     lead = torch.clamp(lead, min=0) + 1e-3 / math.sqrt(n)
                 resident.append(lead.contiguous())
+            # the first pass solves the sample factor from the resident ones (HALS too: its
+            # columns' updates divide by the resident columns' norms, which are not zero), so
+            # it starts at zero; not a dead component (engine.reseed_dead)
             a = torch.zeros((shape[0], rank), dtype=torch.float64, device=device)
             return a, resident
         model = self.init if isinstance(self.init, CPModel) else CPModel.from_tensorly(self.init)

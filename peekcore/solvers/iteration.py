@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import ALS
 from .passes import check_finite, check_nonnegative, pass_chunks
-from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard
+from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard, with_noise_floor
 
 __all__ = ["Stack", "StepResult", "step"]
 
@@ -157,7 +157,9 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     mask, seg, stacked = stack.mask, stack.seg, stack.resident
     grams = [(f.T @ f) * mask for f in stacked]
     g_full = hadamard(grams)
-    g = gram_inverse(g_full) if method == ALS else g_full
+    floor = settings.compute_dtype  # ALS solves: see with_noise_floor
+    blocks = (seg, len(stack.ranks))  # solves treat each stacked model on its own scale
+    g = gram_inverse(with_noise_floor(g_full, floor, *blocks), *blocks) if method == ALS else g_full
     factors = kern.prepare_factors(stacked, settings.compute_dtype)
     a = stack.a
     r_total = a.shape[1]
@@ -198,7 +200,7 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
         gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
         mt = mttkrp(m, stacked)
         if method == ALS:
-            stacked[m].copy_(als_solve(mt, gm))
+            stacked[m].copy_(als_solve(mt, with_noise_floor(gm, floor, *blocks), *blocks))
         else:
             stacked[m].copy_(kern.hals_update(stacked[m], mt, gm, settings.sweeps, stack.ranks))
         grams[m] = (stacked[m].T @ stacked[m]) * mask

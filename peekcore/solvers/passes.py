@@ -25,6 +25,7 @@ __all__ = [
     "gram_pass",
     "check_nonnegative",
     "check_finite",
+    "check_overflow",
 ]
 
 
@@ -32,6 +33,12 @@ def _as_tensor(chunk: Any) -> torch.Tensor:
     if isinstance(chunk, torch.Tensor):
         return chunk.detach()
     arr = np.asarray(chunk)
+    if not arr.dtype.isnative:  # torch reads native byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if any(s < 0 for s in arr.strides):
+        # flipped views (x[::-1]): torch refuses negative strides. A copy, not
+        # np.ascontiguousarray, which keeps a one-sample chunk's negative stride as it is
+        arr = arr.copy(order="C")
     with warnings.catch_warnings():
         # memory-mapped and read-only arrays: the kernels never write to chunks
         warnings.simplefilter("ignore", UserWarning)
@@ -129,6 +136,20 @@ def check_finite(norm2: float, offset: int, rows: int) -> None:
         )
 
 
+def check_overflow(offset: int, rows: int, compute_dtype: torch.dtype) -> None:
+    """Refuse finite data whose Gram overflowed the compute dtype (not NaN/Inf in the data)."""
+    name = str(compute_dtype).removeprefix("torch.")
+    fix = (
+        "fit with dtype='float64'"
+        if compute_dtype != torch.float64
+        else "rescale the data (e.g. divide by its largest magnitude)"
+    )
+    raise ValueError(
+        f"the sum of squares of samples {offset}..{offset + rows - 1} overflowed {name}: the "
+        f"data is finite, but too large to accumulate in {name}; {fix}"
+    )
+
+
 def gram_pass(
     source: ChunkSource,
     chunk_size: int,
@@ -147,6 +168,8 @@ def gram_pass(
             check_nonnegative(x, offset)
         chunk_grams = [_mode_gram(x, m + 1) for m in range(d)]
         sq = float(torch.trace(chunk_grams[0]))  # ||X_b||^2: any mode's Gram trace
+        if not math.isfinite(sq) and bool(torch.all(torch.isfinite(chunk))):
+            check_overflow(offset, x.shape[0], compute_dtype)
         check_finite(sq, offset, x.shape[0])
         norm2 += sq
         for g, cg in zip(grams, chunk_grams, strict=True):
@@ -164,6 +187,8 @@ def _mode_gram(x: torch.Tensor, axis: int) -> torch.Tensor:
     if x.device.type == "cpu":
         arr = x.numpy()
         mat = np.ascontiguousarray(np.moveaxis(arr, axis, 0)).reshape(arr.shape[axis], -1)
-        return torch.from_numpy((mat @ mat.T).astype(np.float64))
+        with np.errstate(over="ignore"):  # gram_pass tells overflow from NaN/Inf data
+            gram = mat @ mat.T
+        return torch.from_numpy(gram.astype(np.float64))
     others = [k for k in range(x.ndim) if k != axis]
     return torch.tensordot(x, x, dims=(others, others)).to(torch.float64)
