@@ -5,19 +5,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_npz", "load_npz"]
+__all__ = ["atomic_write", "save_npz", "load_npz", "open_npz", "read_header"]
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would give: the existing file's, else 0666 - umask.
+
+    ``mkstemp`` makes owner-only files (0600); a model or checkpoint on shared
+    storage must stay readable as the user's other files are.
+    """
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
+        for line in fh:  # Linux: read without changing it (os.umask would, for all threads)
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    return 0o666 & ~(0o022 if umask is None else umask)
 
 
 @contextlib.contextmanager
 def _temporary_beside(path: Path) -> Iterator[tuple[IO[bytes], str]]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with contextlib.suppress(OSError):  # where the file system has no modes
+        os.fchmod(fd, _new_file_mode(path))
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh, tmp
@@ -65,11 +85,97 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return dest
 
 
+def _json_value(obj: Any) -> Any:
+    """numpy scalars and arrays as the JSON values they stand for; anything else refused."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(
+        f"cannot store {obj!r} ({type(obj).__name__}) in a peekcore file's header: metadata "
+        "values must be numbers, strings, booleans, None, lists or dicts of them"
+    )
+
+
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], header: dict) -> Path:
     """Write arrays and a JSON header (key ``"header"``) to one ``.npz``, atomically."""
-    blob = json.dumps(header, default=float).encode()
+    blob = json.dumps(header, default=_json_value).encode()
     payload = {**arrays, "header": np.frombuffer(blob, dtype=np.uint8)}
     return atomic_write(path, lambda fh: np.savez(fh, **payload))
+
+
+def open_npz(path: str | os.PathLike, accepted: str) -> Any:
+    """``np.load(path)`` of a peekcore ``.npz`` (use as a context manager), or a clear error.
+
+    Parameters
+    ----------
+    path : path-like
+    accepted : str
+        What the caller accepts, e.g. "a model saved by CPModel.save": the errors
+        say so.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        A folder, a plain ``.npy`` array, a file NumPy cannot read as an ``.npz``
+        archive (empty, truncated, not NumPy's), or an archive without a
+        peekcore header.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a peekcore file: give {accepted}")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":  # a plain .npy
+        try:
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            what = f" (shape {tuple(arr.shape)}, {arr.dtype})"
+            del arr  # the memory map, closed before the error goes up
+        except (OSError, ValueError, EOFError):
+            what = ""
+        raise ValueError(
+            f"{path} is a plain NumPy array{what}, not a peekcore file: give {accepted}. "
+            "To factor an array, pass it to peek fit or peek sweep (cp_als, rank_sweep)"
+        )
+    # checked before np.load, which leaves the file open when the archive is damaged
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a readable peekcore file (not an .npz archive: empty, cut short "
+            f"or another format; an interrupted copy?): give {accepted}"
+        )
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path} is not a readable peekcore file ({type(err).__name__}: {err}): give {accepted}"
+        ) from err
+    if "header" not in data.files:
+        data.close()
+        raise ValueError(
+            f"{path} is an .npz without a peekcore header, not a peekcore file: give {accepted}"
+        )
+    return data
+
+
+def read_header(data: Any, path: str | os.PathLike, accepted: str) -> dict:
+    """The JSON header of an archive from :func:`open_npz`, or a clear error."""
+    try:
+        header = json.loads(bytes(data["header"]).decode())
+    except (ValueError, UnicodeDecodeError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path}: unreadable peekcore header ({type(err).__name__}: {err}): give {accepted}"
+        ) from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is not a peekcore header: give {accepted}")
+    return header
 
 
 def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[str, Any]]:
@@ -77,13 +183,15 @@ def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[s
 
     Returns ``(header, arrays)``; refuses other files with a message naming ``what``.
     """
-    with np.load(path, allow_pickle=False) as data:
-        if "header" not in data:
-            raise ValueError(f"{path} is not a peekcore {what} file (no header)")
-        header = json.loads(bytes(data["header"]).decode())
+    accepted = f"a peekcore {what} file"
+    with open_npz(path, accepted) as data:
+        header = read_header(data, path, accepted)
         if header.get("format") != fmt:
             raise ValueError(
                 f"{path} is not a peekcore {what} file (it holds {header.get('format')!r})"
             )
-        arrays = {k: data[k] for k in data.files if k != "header"}
+        try:
+            arrays = {k: data[k] for k in data.files if k != "header"}
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: a damaged {accepted} ({err})") from err
     return header, arrays

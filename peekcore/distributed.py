@@ -172,6 +172,11 @@ class ShardSource:
         return (self.hi - self.lo, *tuple(self.source.shape)[1:])
 
     @property
+    def first_sample(self) -> int:
+        """The whole data's index of this shard's first sample (errors name samples by it)."""
+        return self.lo
+
+    @property
     def dtype(self) -> Any:
         return self.source.dtype
 

@@ -190,9 +190,9 @@ def test_info_and_report_refuse_plain_arrays(tmp_path, npy, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     code, _, err = run(capsys, "info", str(text))
-    assert code == 1 and "not a peekcore file" in err and "checkpoint" in err
+    assert code == 1 and "not a readable peekcore file" in err and "checkpoint" in err
     code, _, err = run(capsys, "report", str(text), "--out", str(tmp_path / "r.html"))
-    assert code == 1 and "not a peekcore file" in err and "RankSweep.save" in err
+    assert code == 1 and "not a readable peekcore file" in err and "RankSweep.save" in err
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "r_figures").exists()
 
 

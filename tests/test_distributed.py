@@ -224,3 +224,26 @@ def test_peek_sweep_under_torchrun(tmp_path, data):
     want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=8, tol=0, progress=False)
     np.testing.assert_allclose(got.fit, want.fit, rtol=1e-10)
     assert got.chosen_rank == want.chosen_rank
+
+
+@pytest.mark.parametrize("init", ["random", "gram"])
+@pytest.mark.parametrize("method", ["cp", "ncp"])
+def test_a_shards_bad_samples_are_named_by_their_index_in_the_whole_data(rng, init, method):
+    """A process reads its shard from local row 0; errors must still name the sample the
+    user has to fix (rank 1 of 2 used to report sample 2 for sample 5)."""
+    from peekcore.distributed import ShardSource
+    from peekcore.sources import as_source
+
+    x = np.abs(rng.standard_normal((6, 3, 4)))
+    x[5, 1, 2] = np.nan if method == "cp" else -1.0
+    fit = peekcore.cp_als if method == "cp" else peekcore.ncp_hals
+    why = "NaN or Inf" if method == "cp" else "negative"
+    with pytest.raises(ValueError, match=rf"{why}.* samples? 5\.\.5"):
+        fit(
+            ShardSource(as_source(x), 3, 6),
+            2,
+            init=init,
+            n_iter_max=2,
+            chunk_size=1,
+            progress=False,
+        )

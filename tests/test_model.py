@@ -30,10 +30,50 @@ def test_save_load_roundtrip(tmp_path, rng):
     assert back.metadata == m.metadata
 
 
-def test_load_refuses_other_files(tmp_path):
+def test_load_refuses_other_files(tmp_path, rng):
     np.savez(tmp_path / "x.npz", a=np.ones(3))
-    with pytest.raises(ValueError, match="not a peekcore model file"):
+    with pytest.raises(ValueError, match="not a peekcore file: give a peekcore model file"):
         CPModel.load(tmp_path / "x.npz")
+    good = tmp_path / "m.npz"
+    CPModel(np.ones(2), [rng.standard_normal((n, 2)) for n in (4, 3, 5)]).save(good)
+    blob = good.read_bytes()
+    (tmp_path / "half.npz").write_bytes(blob[: len(blob) // 2])  # an interrupted copy
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "plain.npy", np.ones((3, 4)))
+    np.savez(tmp_path / "list.npz", header=np.frombuffer(b"[1, 2]", np.uint8))
+    for name, why in (
+        ("half.npz", "not a readable peekcore file"),
+        ("empty.npz", "not a readable peekcore file"),
+        ("plain.npy", r"a plain NumPy array \(shape \(3, 4\)"),
+        ("list.npz", "not a peekcore header"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            CPModel.load(tmp_path / name)
+        with pytest.raises(ValueError, match=why):
+            peekcore.cp_als(rng.random((4, 3, 5)), 2, resume=tmp_path / name, progress=False)
+
+
+def test_saved_files_keep_the_users_file_mode_and_numpy_metadata(tmp_path, rng):
+    import os
+
+    model = CPModel(np.ones(2), [rng.standard_normal((n, 2)) for n in (4, 3, 5)])
+    model.metadata.update(seed=np.int64(5), flag=np.bool_(True), scale=np.float32(0.5))
+    model.metadata["labels"] = np.arange(3)
+    old = os.umask(0o027)
+    try:
+        model.save(tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    os.chmod(tmp_path / "m.npz", 0o664)
+    model.save(tmp_path / "m.npz")  # overwriting keeps the file's mode
+    assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == 0o664
+    meta = CPModel.load(tmp_path / "m.npz").metadata
+    assert meta["seed"] == 5 and isinstance(meta["seed"], int)
+    assert meta["flag"] is True and meta["scale"] == 0.5 and meta["labels"] == [0, 1, 2]
+    model.metadata["bad"] = object()
+    with pytest.raises(TypeError, match="metadata values must be numbers"):
+        model.save(tmp_path / "m2.npz")
 
 
 def test_to_tensorly_roundtrip(rng):

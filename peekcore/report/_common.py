@@ -7,7 +7,6 @@ saved to) into plain arrays, and checks the inputs that come with them
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _io
 from .._io import atomic_write
 from ..model import CPModel
 from ..sweep import RankSweep
@@ -70,57 +70,13 @@ RESULT_FILES = "a .npz file written by CPModel.save or RankSweep.save"
 
 
 def open_npz(path: PathLike, accepted: str = RESULT_FILES) -> Any:
-    """``np.load(path)`` of a peekcore ``.npz`` (use as a context manager), or a clear error.
-
-    Parameters
-    ----------
-    path : path-like
-    accepted : str
-        What the caller accepts, e.g. :data:`RESULT_FILES`: the errors say so.
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    ValueError
-        A plain ``.npy`` array, a file NumPy cannot read as an ``.npz`` archive, or
-        an archive without a peekcore header.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a peekcore file: give {accepted}")
-    try:
-        data = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, EOFError, ValueError) as err:  # not a NumPy file, or a pickled one
-        raise ValueError(
-            f"{path} is not a peekcore file (NumPy cannot read it as an .npz archive): give "
-            f"{accepted}"
-        ) from err
-    if isinstance(data, np.ndarray):  # a plain .npy (np.load returns the array itself)
-        what = f"shape {tuple(data.shape)}, {data.dtype}"
-        del data  # the memory map, closed before the error goes up
-        raise ValueError(
-            f"{path} is a plain NumPy array ({what}), not a peekcore file: give {accepted}. "
-            "To factor an array, pass it to peek fit or peek sweep (cp_als, rank_sweep)"
-        )
-    if "header" not in data.files:
-        data.close()
-        raise ValueError(
-            f"{path} is an .npz without a peekcore header, not a peekcore file: give {accepted}"
-        )
-    return data
+    """:func:`peekcore._io.open_npz`, accepting peekcore result files by default."""
+    return _io.open_npz(path, accepted)
 
 
 def _file_format(path: PathLike) -> str:
     with open_npz(path) as data:
-        try:
-            return str(json.loads(bytes(data["header"]).decode()).get("format", ""))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"{path}: unreadable peekcore header ({err}): give {RESULT_FILES}"
-            ) from err
+        return str(_io.read_header(data, path, RESULT_FILES).get("format", ""))
 
 
 def load_result(obj: Any) -> CPModel | RankSweep:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from .._io import save_npz
+from .._io import open_npz, read_header, save_npz
 from .._version import __version__
 from ..model import FitHistory
 
@@ -81,9 +81,10 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    accepted = "a checkpoint written by checkpoint="
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(bytes(data["header"]).decode())
+        with open_npz(path, accepted) as data:
+            header = read_header(data, path, accepted)
             if header.get("format") != FORMAT:
                 what = header.get("format")
                 hint = f" (it holds {what!r})" if what is not None else ""
@@ -110,10 +111,10 @@ def load_checkpoint(
                 ]
                 s.history = FitHistory(**header["models"][k]["history"])
                 s.active = bool(header["models"][k]["active"])
-    except (KeyError, OSError, json.JSONDecodeError) as err:
+    except (KeyError, OSError, json.JSONDecodeError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
     except ValueError as err:
-        if "written for" in str(err) or "not a peekcore checkpoint" in str(err):
+        if any(w in str(err) for w in ("written for", "not a peekcore", "peekcore header")):
             raise
         raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
     return float(header["norm2"]), int(header["iteration"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ALS
-from .passes import check_finite, check_nonnegative, pass_chunks
+from .passes import check_finite, check_nonnegative, first_sample, pass_chunks
 from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard, with_noise_floor
 
 __all__ = ["Stack", "StepResult", "step"]
@@ -166,9 +166,10 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     stats = kern.new_statistics(r_total, width, settings.compute_dtype)
     want_norm = norm2 is None
     total = 0.0
+    base = first_sample(source)  # errors name samples of the whole data
     for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
         if want_norm and method != ALS:
-            check_nonnegative(chunk, offset)
+            check_nonnegative(chunk, base + offset)
         n2 = kern.pass_chunk(
             chunk.reshape(chunk.shape[0], width),
             factors,
@@ -183,7 +184,7 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
         )
         if want_norm:
             n2 = float(n2)
-            check_finite(n2, offset, chunk.shape[0])
+            check_finite(n2, base + offset, chunk.shape[0])
             total += n2
     comm = problem.comm
     comm.allreduce_(stats.t)  # a data-parallel fit sums its statistics here

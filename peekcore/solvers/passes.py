@@ -45,6 +45,11 @@ def _as_tensor(chunk: Any) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
+def first_sample(source: ChunkSource) -> int:
+    """The whole data's index of the source's first sample: nonzero for a process's shard."""
+    return int(getattr(source, "first_sample", 0))
+
+
 def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Chunks of a source as tensors with their first sample index, shape-checked."""
     shape = tuple(source.shape)
@@ -162,7 +167,9 @@ def gram_pass(
     d = len(shape) - 1
     grams = [torch.zeros((n, n), dtype=torch.float64, device=device) for n in shape[1:]]
     norm2 = 0.0
+    base = first_sample(source)  # errors name samples of the whole data
     for offset, chunk in iterate_chunks(source, chunk_size):
+        offset += base
         x = chunk.to(device=device, dtype=compute_dtype)
         if nonneg:
             check_nonnegative(x, offset)
