@@ -71,3 +71,12 @@ def build_info() -> dict:
     except Exception:
         info["cupy"] = None
     return info
+
+
+def __getattr__(name: str) -> object:
+    # peekcore.report brings matplotlib: imported on first use, not with peekcore
+    if name == "report":
+        import importlib
+
+        return importlib.import_module(".report", __name__)
+    raise AttributeError(f"module 'peekcore' has no attribute {name!r}")

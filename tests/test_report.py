@@ -463,3 +463,19 @@ def test_summary_json(run, tmp_path):
     layer = labelled["layers"]["layer"]
     assert layer["components"][0]["dominant_class"] in CLASSES
     assert 0 < layer["components"][0]["purity"] <= 1
+
+
+def test_report_is_an_attribute_of_peekcore_loaded_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, peekcore; before = 'matplotlib' in sys.modules; "
+        "r = peekcore.report; print(before, r.__name__, callable(r.write_report))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "peekcore.report", "True"]
+    import peekcore
+
+    with pytest.raises(AttributeError, match="no attribute 'reprot'"):
+        peekcore.reprot  # noqa: B018
