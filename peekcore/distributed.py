@@ -42,11 +42,21 @@ class PeerFailure(RuntimeError):
 DEFAULT_TIMEOUT_S = 120
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of process ``rank``: contiguous, sizes differing by at most one."""
-    base, extra = divmod(n, world)
+def shard_bounds(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of process ``rank``: contiguous, in whole units of ``align`` rows.
+
+    The units (a store's stored chunks, so that each process reads whole chunk
+    files) are shared out with counts differing by at most one; the last unit
+    may be short. With fewer units than processes, rows are shared out one by
+    one instead (sizes differing by at most one).
+    """
+    units = -(-n // align) if align > 1 else n
+    if align > 1 and units < world:
+        align, units = 1, n
+    base, extra = divmod(units, world)
     lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
+    hi = lo + base + (1 if rank < extra else 0)
+    return min(n, lo * align), min(n, hi * align)
 
 
 @dataclass
@@ -60,6 +70,8 @@ class Communicator:
         This process's rows of the sample mode.
     n : int
         Samples in all.
+    align : int
+        The shards are whole units of this many rows (:func:`shard_bounds`).
     """
 
     rank: int = 0
@@ -67,6 +79,7 @@ class Communicator:
     lo: int = 0
     hi: int = 0
     n: int = 0
+    align: int = 1
 
     @property
     def active(self) -> bool:
@@ -101,7 +114,7 @@ class Communicator:
         """The full ``N x R`` from every process's rows (on every process)."""
         if not self.active:
             return a
-        sizes = [shard_bounds(self.n, r, self.world) for r in range(self.world)]
+        sizes = [shard_bounds(self.n, r, self.world, self.align) for r in range(self.world)]
         longest = max(hi - lo for lo, hi in sizes)
         padded = torch.zeros((longest, *a.shape[1:]), dtype=a.dtype, device=a.device)
         padded[: a.shape[0]] = a
@@ -134,12 +147,14 @@ def _destroy_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def communicator(distributed: bool | None, n: int) -> Communicator:
+def communicator(distributed: bool | None, n: int, align: int = 1) -> Communicator:
     """The communicator of a fit over ``n`` samples.
 
     ``distributed=None`` runs data-parallel when torch.distributed is
     initialized with several processes; ``True`` initializes it from the
     environment if needed; ``False`` always fits in this process alone.
+    ``align``: the source's own chunk (a store's stored chunks); each process
+    then gets whole chunks.
     """
     dist = torch.distributed
     if distributed is False or not dist.is_available():
@@ -151,8 +166,8 @@ def communicator(distributed: bool | None, n: int) -> Communicator:
     rank, world = dist.get_rank(), dist.get_world_size()
     if n < world:
         raise ValueError(f"{n} samples cannot be split over {world} processes")
-    lo, hi = shard_bounds(n, rank, world)
-    return Communicator(rank, world, lo, hi, n)
+    lo, hi = shard_bounds(n, rank, world, align)
+    return Communicator(rank, world, lo, hi, n, align)
 
 
 class ShardSource:
@@ -170,6 +185,13 @@ class ShardSource:
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.hi - self.lo, *tuple(self.source.shape)[1:])
+
+    @property
+    def chunk_size(self) -> int | None:
+        """The source's own chunk, when this shard starts on one of its boundaries."""
+        natural = getattr(self.source, "chunk_size", None)
+        aligned = isinstance(natural, int) and natural >= 1 and self.lo % natural == 0
+        return natural if aligned else None
 
     @property
     def first_sample(self) -> int:

@@ -49,6 +49,10 @@ SCRIPT = textwrap.dedent(
         m = s.models[2][1]
     elif kind == "die":
         m = peekcore.cp_als(x, 3, callback=die, **kw)
+    elif kind == "store":  # its own chunks: whole stored chunks per process
+        layer = peekcore.ActivationStore(os.environ["STORE"])["0"]
+        m = peekcore.cp_als(layer, 3, n_iter_max=12, tol=0, random_state=3, dtype="float64",
+                            progress=False)
     if rank == 0:
         m.save(out)
     torch.distributed.destroy_process_group()
@@ -56,7 +60,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _launch(tmp_path, world: int, kind: str, timeout: float = 60.0):
+def _launch(tmp_path, world: int, kind: str, timeout: float = 60.0, **extra: str):
     data = tmp_path / "x.npy"
     out = tmp_path / f"{kind}_{world}.npz"
     script = tmp_path / "worker.py"
@@ -75,6 +79,7 @@ def _launch(tmp_path, world: int, kind: str, timeout: float = 60.0):
             KIND=kind,
             TIMEOUT=str(timeout),
             OMP_NUM_THREADS="1",
+            **extra,
         )
         procs.append(
             subprocess.Popen(
@@ -108,6 +113,54 @@ def test_shard_bounds_cover_everything():
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
         sizes = [hi - lo for lo, hi in bounds]
         assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(("n", "world", "align"), [(47, 3, 8), (48, 2, 8), (100, 3, 7), (9, 3, 4)])
+def test_shard_bounds_in_whole_units(n, world, align):
+    bounds = [shard_bounds(n, r, world, align) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    units = -(-n // align)
+    if units >= world:  # every shard starts on a unit, unit counts differ by at most one
+        assert all(lo % align == 0 for lo, _ in bounds)
+        counts = [-(-(hi - lo) // align) for lo, hi in bounds]
+        assert max(counts) - min(counts) <= 1 and min(counts) >= 1
+    else:  # too few units (9 rows in units of 4 over 3): rows one by one
+        assert bounds == [shard_bounds(n, r, world) for r in range(world)]
+
+
+def test_a_shard_keeps_the_stores_chunk_size_only_on_a_boundary(tmp_path):
+    from torch import nn
+
+    from peekcore.distributed import ShardSource
+
+    x = np.random.default_rng(0).standard_normal((40, 3, 4)).astype(np.float32)
+    layer = peekcore.capture(
+        nn.Sequential(nn.Identity()), x, "0", tmp_path / "s.zarr", chunk_size=8, progress=False
+    )["0"]
+    assert ShardSource(layer, 16, 40).chunk_size == 8
+    assert ShardSource(layer, 12, 40).chunk_size is None
+
+
+def test_store_fit_over_three_processes_equals_one(tmp_path, data):
+    from torch import nn
+
+    store = peekcore.capture(
+        nn.Sequential(nn.Identity()),
+        data,
+        "0",
+        tmp_path / "s.zarr",
+        dtype="float32",
+        chunk_size=8,
+        progress=False,
+    )
+    procs, out = _launch(tmp_path, 3, "store", STORE=str(store.path))
+    codes, errs, _ = _wait(procs)
+    assert codes == [0, 0, 0], errs
+    fit = dict(n_iter_max=12, tol=0, random_state=3, dtype="float64", progress=False)
+    want = peekcore.cp_als(store["0"], 3, **fit)  # float64 sums: equal to rounding
+    got = peekcore.CPModel.load(out)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-9)
 
 
 @pytest.mark.parametrize("world", [2, 3])

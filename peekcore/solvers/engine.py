@@ -161,7 +161,7 @@ def prepare(
     """Check the arguments of a fit and pick its kernel, chunking and process shard."""
     source = as_source(data)
     shape = check_shape(tuple(int(n) for n in source.shape))
-    comm = communicator(distributed, shape[0])
+    comm = communicator(distributed, shape[0], natural_chunk_size(source) or 1)
     if comm.active:
         source = ShardSource(source, comm.lo, comm.hi)
     stored = dtype_name(source.dtype)
