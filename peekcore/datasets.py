@@ -521,17 +521,44 @@ def describe_callable(fn: Any) -> str:
     Functions (and builtins) are named by module and qualified name, bound
     methods by that and their object; other callables by their ``repr``
     without memory addresses (``<function f at 0x7f...>`` -> ``<function f>``),
-    which a plain ``repr`` would change from run to run.
+    which a plain ``repr`` would change from run to run. A Python function's
+    name is followed by a digest of what it computes (its code, constants,
+    defaults and the values it closes over), since two lambdas of one module,
+    or two closures of one factory, share a name.
     """
     if isinstance(fn, types.MethodType):
         return f"{describe_callable(fn.__func__)} of {strip_addresses(repr(fn.__self__))}"
-    if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-        module = getattr(fn, "__module__", None)
-        if module is None and isinstance(getattr(fn, "__self__", None), types.ModuleType):
-            module = fn.__self__.__name__
-        return f"{module}.{name}" if module else strip_addresses(name)
+    if isinstance(fn, types.FunctionType):
+        return f"{describe_callable_name(fn)} [{_code_digest(fn)}]"
+    if isinstance(fn, types.BuiltinFunctionType):
+        return describe_callable_name(fn)
     return strip_addresses(repr(fn))
+
+
+def _code_digest(fn: types.FunctionType) -> str:
+    """12 hex digits of a function's code, constants, defaults and closure values."""
+
+    def code_parts(code: types.CodeType) -> list[Any]:
+        consts = [code_parts(c) if isinstance(c, types.CodeType) else c for c in code.co_consts]
+        return [code.co_code, consts, code.co_names]
+
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            cells.append(None)
+    parts = [code_parts(fn.__code__), fn.__defaults__, fn.__kwdefaults__, cells]
+    return hashlib.sha256(strip_addresses(repr(parts)).encode()).hexdigest()[:12]
+
+
+def describe_callable_name(fn: Any) -> str:
+    """Module and qualified name of a function or builtin."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    module = getattr(fn, "__module__", None)
+    if module is None and isinstance(getattr(fn, "__self__", None), types.ModuleType):
+        module = fn.__self__.__name__
+    return f"{module}.{name}" if module else strip_addresses(name)
 
 
 def _transform_repr(transform: Any) -> str | None:

@@ -440,6 +440,7 @@ def core_consistency(
     *,
     weights: Any = None,
     return_core: bool = False,
+    n_samples: int | None = None,
 ) -> float | tuple[float, np.ndarray]:
     """Core consistency (CORCONDIA, Bro and Kiers 2003) from the statistics of a pass.
 
@@ -473,7 +474,9 @@ def core_consistency(
     than two would leave a matrix, whose core is never unique), the value is
     nan with a ``RuntimeWarning``; :func:`choose_rank` takes nan as no
     evidence. Nothing changes when every resident mode has at least ``R``
-    entries.
+    entries. The sample mode cannot be merged (the statistics hold ``X`` only
+    through ``t``): with ``R`` above the number of samples ``N`` (given as
+    ``n_samples``) ``A`` has rank at most ``N < R`` and the value is nan too.
 
     Normalizations (both computed from the core ``G`` of the model, merged as
     above when needed, ``S`` the superdiagonal identity of the same order):
@@ -504,6 +507,8 @@ def core_consistency(
         Also return the core ``G`` of the normalized model: ``R x ... x R`` of
         order ``d + 1``, or of order ``1 +`` the number of merged runs when
         modes were merged (see above); None when the value is nan.
+    n_samples : int, optional
+        ``N``, the rows of ``A``: ranks above it give nan (see above).
 
     Returns
     -------
@@ -516,7 +521,7 @@ def core_consistency(
             f"normalization must be one of {CORE_NORMALIZATIONS}, got {normalization!r}"
         )
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
-    g = _normalized_core(t, ata, factors, w)
+    g = _normalized_core(t, ata, factors, w, n_samples)
     value = math.nan if g is None else _consistencies(g)[normalization]
     return (value, g) if return_core else value
 
@@ -570,13 +575,28 @@ def _merged_view(
 
 
 def _normalized_core(
-    t: np.ndarray, ata: np.ndarray, factors: list[np.ndarray], w: np.ndarray
+    t: np.ndarray,
+    ata: np.ndarray,
+    factors: list[np.ndarray],
+    w: np.ndarray,
+    n_samples: int | None = None,
 ) -> np.ndarray | None:
     """The least-squares core after unit-norm resident columns (scales absorbed into ``A``).
 
     Taken of the merged view (:func:`_merged_view`) when ``R`` exceeds a
-    resident mode's size; None when that view does not exist.
+    resident mode's size; None when that view does not exist, or when ``R``
+    exceeds ``n_samples`` (with a ``RuntimeWarning``).
     """
+    rank = t.shape[0]
+    if n_samples is not None and rank > n_samples:
+        warnings.warn(
+            f"core consistency is undefined at rank {rank}: the sample factor has "
+            f"{n_samples} rows, so its rank is below {rank} and the least-squares core is "
+            "not identifiable; returning nan",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
     view = _merged_view(t, factors)
     if view is None:
         return None
@@ -604,7 +624,12 @@ def _consistencies(g: np.ndarray) -> dict[str, float]:
 
 
 def core_consistencies(
-    t: Any, ata: Any, resident_factors: Sequence[Any], *, weights: Any = None
+    t: Any,
+    ata: Any,
+    resident_factors: Sequence[Any],
+    *,
+    weights: Any = None,
+    n_samples: int | None = None,
 ) -> dict[str, float]:
     """:func:`core_consistency` in every normalization, from one core.
 
@@ -620,7 +645,7 @@ def core_consistencies(
         ``RuntimeWarning``, when the rank is too large for the resident modes).
     """
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
-    g = _normalized_core(t, ata, factors, w)
+    g = _normalized_core(t, ata, factors, w, n_samples)
     if g is None:
         return dict.fromkeys(CORE_NORMALIZATIONS, math.nan)
     return _consistencies(g)

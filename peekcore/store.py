@@ -48,8 +48,10 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +79,13 @@ _DIRECT_ALIGN = 4096  # O_DIRECT buffers, offsets and lengths: multiples of the 
 _MAP_READS = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 _MAP_MIN_BYTES = 2 << 20
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value
+# Python's mmap keeps its own copy of the file descriptor while the mapping lives, so a
+# caller that keeps many chunks would run out of descriptors: past this many live
+# mapped chunks (or a quarter of the descriptor limit), chunks are read into new arrays
+MAX_LIVE_MAPPINGS = 256
+_NOT_THE_FILES_FAULT = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+_live_mappings = [0]  # mapped chunks alive now (a list: changed from finalizers)
+_live_lock = threading.Lock()
 # start writing each chunk file to disk as soon as it is complete (see _start_writeback)
 WRITE_BEHIND = True
 PROGRESS_EVERY_S = 0.2  # progress is recorded after a chunk at most this often (and at the end)
@@ -333,7 +342,10 @@ class StoredLayer:
             ) from err
         except (ValueError, OSError) as err:
             # only what the file gives: the size and CRC32C checks (ValueError, also zarr's),
-            # and I/O errors. MemoryError and the like are no fault of the file: they pass.
+            # and I/O errors. MemoryError and the like are no fault of the file: they pass,
+            # and so does running out of descriptors or memory (EMFILE, ENFILE, ENOMEM).
+            if isinstance(err, OSError) and err.errno in _NOT_THE_FILES_FAULT:
+                raise
             if isinstance(err, ValueError):
                 why = "The chunk file is corrupt (truncated or changed on disk)"
             else:
@@ -1281,6 +1293,25 @@ def _readinto_full(fh: Any, buf: Any) -> int:
     return got
 
 
+def _mapping_limit() -> int:
+    """Most mapped chunks alive at once: ``MAX_LIVE_MAPPINGS``, at most a quarter of the
+    process's descriptor limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_LIVE_MAPPINGS
+    if soft == resource.RLIM_INFINITY:
+        return MAX_LIVE_MAPPINGS
+    return max(0, min(MAX_LIVE_MAPPINGS, soft // 4))
+
+
+def _mapping_released() -> None:
+    with _live_lock:
+        _live_mappings[0] -= 1
+
+
 def _file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file is replaced or written: device, inode, size, times (ns)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -1337,14 +1368,27 @@ def _map_chunk_file(
         return None
     path = _chunk_path(array_dir, index, len(shape))
     nbytes = math.prod(shape) * dtype.itemsize
-    with open(path, "rb", buffering=0) as fh:
-        st = os.fstat(fh.fileno())
-        if st.st_size != nbytes + 4 or st.st_size < _MAP_MIN_BYTES:
+    with _live_lock:  # a place among the live mappings, or new arrays (no descriptors held)
+        if _live_mappings[0] >= _mapping_limit():
             return None
-        try:  # private: writes to the array copy the page they touch, never reach the file
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError:  # out of mappings or commit charge (strict overcommit): read instead
-            return None
+        _live_mappings[0] += 1
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size != nbytes + 4 or st.st_size < _MAP_MIN_BYTES:
+                mapped = None
+            else:
+                try:  # private: writes to the array copy the page they touch, not the file
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                except OSError:  # out of mappings or commit charge (strict overcommit)
+                    mapped = None
+    except BaseException:
+        _mapping_released()
+        raise
+    if mapped is None:
+        _mapping_released()
+        return None  # the caller reads the file
+    weakref.finalize(mapped, _mapping_released)
     with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
         mapped.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapped, np.uint8, count=nbytes)

@@ -256,7 +256,8 @@ def _score(
         scores = diag.fit_scores(t, ata, resident, norm2)
         out["fit"][k, p] = scores.fit
         out["explained_variance"][k, p] = scores.explained_variance
-        consistency = diag.core_consistencies(t, ata, resident)  # one core, both normalizations
+        # one core, both normalizations; nan at ranks above the samples (not identifiable)
+        consistency = diag.core_consistencies(t, ata, resident, n_samples=m.shape[0])
         out["corcondia"][k, p] = consistency["bro-kiers"]
         out["corcondia_core_norm"][k, p] = consistency["core-norm"]
         out["degeneracy"][k, p] = diag.degeneracy(m)

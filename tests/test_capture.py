@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -739,13 +740,11 @@ def test_function_transforms_resume_across_processes(images, tmp_path, monkeypat
         # the same transform, a new object (at another address, as in a new process)
         monkeypatch.setattr(Failing, "budget", -1)
         resumed = cap(Failing(), images, "conv1", path, transform=make(), **kw)
-        assert (
-            resumed.attrs["settings"]["transform"]
-            == {
-                "function": "test_capture.make_scale.<locals>.scale",
-                "object": "<test_capture.Halve object>",
-            }[name]
-        )
+        want = {
+            "function": r"test_capture\.make_scale\.<locals>\.scale \[[0-9a-f]{12}\]",
+            "object": r"<test_capture\.Halve object>",
+        }[name]
+        assert re.fullmatch(want, resumed.attrs["settings"]["transform"])
         fresh = cap(
             Failing(), images, "conv1", tmp_path / f"{name}-fresh.zarr", transform=make(), **kw
         )
@@ -889,3 +888,34 @@ def test_model_source_compares_bits_so_nan_is_no_difference(images):
     noisy = ModelSource(LogNet(noisy=True), images, "log", batch_size=8, seed=None)
     with pytest.raises(RuntimeError, match=r"not deterministic.*hold NaN/Inf \(\d+ values"):
         list(noisy.chunks(8))
+
+
+def test_transforms_that_share_a_name_are_told_apart():
+    """Two lambdas of one module, or two closures of one factory, share a qualified name;
+    a capture with one must not be taken for a capture with the other."""
+    from peekcore.datasets import describe_callable
+
+    def scale_by(k):
+        def tf(x):
+            return x * k
+
+        return tf
+
+    double, triple = (lambda x: x * 2.0), (lambda x: x * 3.0)  # noqa: E731
+    assert describe_callable(double) != describe_callable(triple)
+    assert describe_callable(scale_by(2.0)) != describe_callable(scale_by(3.0))
+    assert describe_callable(scale_by(2.0)) == describe_callable(scale_by(2.0))
+    assert "0x" not in describe_callable(scale_by(object()))  # no addresses, ever
+
+
+def test_a_store_is_not_reused_for_another_transform(tmp_path):
+    x = np.random.default_rng(0).standard_normal((12, 3, 4, 4)).astype(np.float32)
+
+    def scale_by(k):
+        return lambda t: t * k
+
+    kw = dict(chunk_size=4, progress=False)
+    model = nn.Sequential(nn.Identity())
+    capture(model, x, "0", tmp_path / "s.zarr", transform=scale_by(2.0), **kw)
+    with pytest.raises(peekcore.store.StoreError, match="transform"):
+        capture(model, x, "0", tmp_path / "s.zarr", transform=scale_by(3.0), **kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -991,3 +992,28 @@ def test_read_failures_that_are_not_the_files_pass_unchanged(small_store, monkey
         layer.read(0, 16)
     monkeypatch.undo()
     np.testing.assert_array_equal(layer.read(0, 16), want)
+
+
+def test_kept_mapped_chunks_hold_few_file_descriptors(tmp_path, monkeypatch):
+    """Python's mmap keeps a descriptor per mapping: a caller keeping every chunk gets
+    new arrays past MAX_LIVE_MAPPINGS, so descriptors stay bounded."""
+    from peekcore import store as store_mod
+
+    if not store_mod._MAP_READS or not Path("/proc/self/fd").exists():
+        pytest.skip("mapped reads and /proc/self/fd are Linux's")
+    x = np.random.default_rng(0).standard_normal((40, 3, 4, 4)).astype(np.float32)
+    store = cap(
+        nn.Sequential(nn.Identity()), x, "0", tmp_path / "s.zarr", chunk_size=4, dtype="float32"
+    )
+    counts = buffered_reads(monkeypatch, "mapped")
+    monkeypatch.setattr(store_mod, "MAX_LIVE_MAPPINGS", 3)
+    layer = ActivationStore(store.path, read_mode="buffered")["0"]
+    layer.read(36, 40)  # zarr's own reader (its event loop's descriptors) started
+    before = len(os.listdir("/proc/self/fd"))
+    kept = list(layer.chunks())
+    assert len(os.listdir("/proc/self/fd")) - before <= 3
+    assert counts["map"] == 3  # the first three mapped, the other seven read
+    np.testing.assert_array_equal(np.concatenate(kept), x)
+    del kept
+    gc.collect()
+    assert store_mod._live_mappings[0] == 0  # every mapping released with its array

@@ -186,3 +186,11 @@ def test_bad_arguments(rng):
         rank_sweep(np.abs(x), [1, 2], method="ncp", compress=True, progress=False)
     with pytest.raises(ValueError, match="method must be"):
         rank_sweep(x, [1], method="tucker", progress=False)
+
+
+def test_sweep_scores_no_core_consistency_above_the_samples(rng):
+    x, _ = ref.low_rank(rng, (5, 8, 9), 2, 0.01)
+    with pytest.warns(RuntimeWarning, match="sample factor has 5 rows"):
+        sweep = peekcore.rank_sweep(x, [2, 6], 1, n_iter_max=20, progress=False)
+    assert not np.isnan(sweep.corcondia[0]).any() and np.isnan(sweep.corcondia[1]).all()
+    assert sweep.chosen_rank == 2
