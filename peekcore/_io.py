@@ -14,7 +14,25 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_npz", "load_npz", "open_npz", "read_header"]
+__all__ = ["atomic_write", "current_umask", "save_npz", "load_npz", "open_npz", "read_header"]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows.
+
+    ``os.umask`` can only be read by setting it, for a moment, for all threads;
+    Linux shows it in ``/proc/self/status``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _new_file_mode(path: Path) -> int:
@@ -25,12 +43,7 @@ def _new_file_mode(path: Path) -> int:
     """
     with contextlib.suppress(OSError):
         return stat.S_IMODE(os.stat(path).st_mode)
-    umask = None
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
-        for line in fh:  # Linux: read without changing it (os.umask would, for all threads)
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    return 0o666 & ~(0o022 if umask is None else umask)
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .datasets import Inputs, as_inputs, strip_addresses
+from .datasets import Inputs, as_inputs, describe_callable
 from .store import (
     ActivationStore,
     StoreError,
@@ -175,7 +175,7 @@ def _per_layer(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
 def _describe_select(select: Any) -> Any:
     if select is None or isinstance(select, (int, str)):
         return select
-    return getattr(select, "__qualname__", None) or strip_addresses(repr(select))
+    return describe_callable(select)
 
 
 def _check_seed(seed: Any) -> int | None:

@@ -358,10 +358,11 @@ def _info(args: argparse.Namespace) -> dict:
             "labels": store.labels is not None,
             "provenance": store.provenance,
         }
+    from ._io import read_header
     from .report._common import open_npz
 
     with open_npz(p, _INFO_ACCEPTS) as data:
-        header = json.loads(bytes(data["header"]).decode())
+        header = read_header(data, p, _INFO_ACCEPTS)
     kind = header.get("format", "unknown")
     if kind == "peekcore.CPModel":
         m = peekcore.CPModel.load(p)

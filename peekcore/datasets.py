@@ -529,9 +529,9 @@ def describe_callable(fn: Any) -> str:
     if isinstance(fn, types.MethodType):
         return f"{describe_callable(fn.__func__)} of {strip_addresses(repr(fn.__self__))}"
     if isinstance(fn, types.FunctionType):
-        return f"{describe_callable_name(fn)} [{_code_digest(fn)}]"
+        return f"{_callable_name(fn)} [{_code_digest(fn)}]"
     if isinstance(fn, types.BuiltinFunctionType):
-        return describe_callable_name(fn)
+        return _callable_name(fn)
     return strip_addresses(repr(fn))
 
 
@@ -552,7 +552,7 @@ def _code_digest(fn: types.FunctionType) -> str:
     return hashlib.sha256(strip_addresses(repr(parts)).encode()).hexdigest()[:12]
 
 
-def describe_callable_name(fn: Any) -> str:
+def _callable_name(fn: Any) -> str:
     """Module and qualified name of a function or builtin."""
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     module = getattr(fn, "__module__", None)

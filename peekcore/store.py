@@ -1028,10 +1028,7 @@ class StoreWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         root_attrs = {
-            "peekcore": {
-                "kind": "activation store",
-                "format": FORMAT,
-            },
+            "peekcore": {"kind": "activation store", "format": FORMAT},
             "n_samples": int(n_samples),
             "chunk_size": int(chunk_size),
             "dtype": dtype,
@@ -1249,11 +1246,10 @@ def _read_chunk_file(
     files that cannot be mapped, with ``readinto`` (:func:`_readinto_full`).
     Both go through the page cache.
 
-    ``verified``: chunk index -> :func:`_file_identity` of the file when its
-    CRC32C last passed in this process. A file whose identity has not changed
-    since is not checked again: its bytes come from the page cache that the
-    check read, and any write to the file changes its change time. The dict
-    is updated.
+    ``verified`` (:func:`_check_unless_verified`): a file whose identity has
+    not changed since its CRC32C passed in this process is not checked again:
+    its bytes come from the page cache that the check read, and any write to
+    the file changes its change time.
     """
     path = _chunk_path(array_dir, index, out.ndim)
     raw = out.reshape(-1).view(np.uint8)
@@ -1268,12 +1264,31 @@ def _read_chunk_file(
             got = _readinto_full(fh, raw)
             if got == raw.size:
                 got += _readinto_full(fh, tail)
+    _check_unless_verified(path, raw, got, bytes(tail[:4]), st, index, verified)
+
+
+def _check_unless_verified(
+    path: Path,
+    raw: np.ndarray,
+    got: int,
+    tail: bytes,
+    st: os.stat_result,
+    index: int,
+    verified: dict[int, tuple] | None,
+) -> bool:
+    """:func:`_check_chunk_bytes`, unless ``verified`` says this file passed as it is now.
+
+    ``verified``: chunk index -> :func:`_file_identity` of the file when its
+    CRC32C last passed in this process; updated here. Returns whether the check
+    was skipped.
+    """
     ident = _file_identity(st)
     if verified is not None and got == raw.size + 4 and verified.get(index) == ident:
-        return
-    _check_chunk_bytes(path, raw, got, bytes(tail[:4]))
+        return True
+    _check_chunk_bytes(path, raw, got, tail)
     if verified is not None:
         verified[index] = ident
+    return False
 
 
 def _readinto_full(fh: Any, buf: Any) -> int:
@@ -1335,8 +1350,7 @@ def _copy_mapped(fd: int, raw: np.ndarray) -> bytes | None:
     except OSError:
         return None
     with mapped:
-        with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
-            mapped.madvise(mmap.MADV_HUGEPAGE)
+        _advise(mapped, mmap.MADV_HUGEPAGE)
         src = np.frombuffer(mapped, np.uint8, count=raw.size)
         np.copyto(raw, src)
         del src  # the mapping closes only once no array sees it
@@ -1389,17 +1403,18 @@ def _map_chunk_file(
         _mapping_released()
         return None  # the caller reads the file
     weakref.finalize(mapped, _mapping_released)
-    with contextlib.suppress(OSError):  # advice only: a kernel without THP still reads
-        mapped.madvise(mmap.MADV_HUGEPAGE)
+    _advise(mapped, mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapped, np.uint8, count=nbytes)
-    ident = _file_identity(st)
-    if verified.get(index) == ident:
-        with contextlib.suppress(OSError):  # Linux >= 5.14; else the pages fault in on use
-            mapped.madvise(_MADV_POPULATE_READ)
-    else:
-        _check_chunk_bytes(path, raw, st.st_size, mapped[nbytes : nbytes + 4])
-        verified[index] = ident
+    tail = mapped[nbytes : nbytes + 4]
+    if _check_unless_verified(path, raw, st.st_size, tail, st, index, verified):
+        _advise(mapped, _MADV_POPULATE_READ)  # no CRC read them: map the pages in ahead of use
     return raw.view(dtype).reshape(shape)
+
+
+def _advise(mapped: mmap.mmap, advice: int) -> None:
+    """``madvise`` as advice only: a kernel without it (no THP, Linux < 5.14) still reads."""
+    with contextlib.suppress(OSError):
+        mapped.madvise(advice)
 
 
 def _available_memory() -> int | None:

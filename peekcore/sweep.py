@@ -34,7 +34,7 @@ from .model import CPModel, FitHistory
 from .solvers.checks import check_random_state, check_rank
 from .solvers.engine import ModelState, Problem, finish_model, new_state, prepare, run_models
 from .solvers.init import Initializer
-from .solvers.passes import gram_pass, iterate_chunks
+from .solvers.passes import check_not_all_zeros, gram_pass, iterate_chunks
 from .sources import ArraySource
 
 __all__ = ["RankSweep", "rank_sweep"]
@@ -526,8 +526,7 @@ def _compressed_sweep(
     grams, norm2 = gram_pass(
         problem.source, settings.chunk_size, settings.compute_dtype, problem.device
     )
-    if norm2 == 0.0:
-        raise ValueError("the data is all zeros: there is nothing to factor")
+    check_not_all_zeros(norm2)
     bases = []
     for g, k in zip(grams, compress_dims, strict=True):
         vals, vecs = torch.linalg.eigh(g)

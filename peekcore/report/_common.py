@@ -48,21 +48,8 @@ def write_file(path: PathLike, write: Any) -> Path:
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     dest = atomic_write(path, write)
-    os.chmod(dest, 0o666 & ~_umask())
+    os.chmod(dest, 0o666 & ~_io.current_umask())
     return dest
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask would, for a moment, for all threads)
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 #: What :func:`load_result` reads, for error messages.

@@ -10,7 +10,7 @@ import torch
 
 from ..model import CPModel
 from ..sources import ChunkSource
-from .passes import gram_pass
+from .passes import check_not_all_zeros, gram_pass
 
 __all__ = ["Initializer"]
 
@@ -91,8 +91,7 @@ class Initializer:
                     for g in grams:
                         self.comm.allreduce_(g)
                     self.norm2 = self.comm.allreduce_scalar(self.norm2, device)
-                if self.norm2 == 0.0:  # as the first fit pass says when it measures ||X||^2
-                    raise ValueError("the data is all zeros: there is nothing to factor")
+                check_not_all_zeros(self.norm2)  # as the first fit pass does without gram init
                 self._eig = []
                 for g in grams:
                     vals, vecs = torch.linalg.eigh(g)

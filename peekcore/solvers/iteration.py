@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ALS
-from .passes import check_finite, check_nonnegative, first_sample, pass_chunks
+from .passes import (
+    check_finite,
+    check_nonnegative,
+    check_not_all_zeros,
+    first_sample,
+    pass_chunks,
+)
 from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard, with_noise_floor
 
 __all__ = ["Stack", "StepResult", "step"]
@@ -157,9 +163,13 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     mask, seg, stacked = stack.mask, stack.seg, stack.resident
     grams = [(f.T @ f) * mask for f in stacked]
     g_full = hadamard(grams)
-    floor = settings.compute_dtype  # ALS solves: see with_noise_floor
+    stats_dtype = settings.compute_dtype  # ALS solves: see with_noise_floor
     blocks = (seg, len(stack.ranks))  # solves treat each stacked model on its own scale
-    g = gram_inverse(with_noise_floor(g_full, floor, *blocks), *blocks) if method == ALS else g_full
+    g = (
+        gram_inverse(with_noise_floor(g_full, stats_dtype, *blocks), *blocks)
+        if method == ALS
+        else g_full
+    )
     factors = kern.prepare_factors(stacked, settings.compute_dtype)
     a = stack.a
     r_total = a.shape[1]
@@ -192,8 +202,7 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     measured = None
     if want_norm:
         norm2 = measured = comm.allreduce_scalar(total, problem.device)
-        if norm2 == 0.0:
-            raise ValueError("the data is all zeros: there is nothing to factor")
+        check_not_all_zeros(norm2)
     t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
     ata = stats.ata * mask
     mttkrp = ResidentMTTKRP(t_all)
@@ -201,7 +210,7 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
         gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
         mt = mttkrp(m, stacked)
         if method == ALS:
-            stacked[m].copy_(als_solve(mt, with_noise_floor(gm, floor, *blocks), *blocks))
+            stacked[m].copy_(als_solve(mt, with_noise_floor(gm, stats_dtype, *blocks), *blocks))
         else:
             stacked[m].copy_(kern.hals_update(stacked[m], mt, gm, settings.sweeps, stack.ranks))
         grams[m] = (stacked[m].T @ stacked[m]) * mask

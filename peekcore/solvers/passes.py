@@ -25,6 +25,7 @@ __all__ = [
     "gram_pass",
     "check_nonnegative",
     "check_finite",
+    "check_not_all_zeros",
     "check_overflow",
 ]
 
@@ -139,6 +140,12 @@ def check_finite(norm2: float, offset: int, rows: int) -> None:
             f"the data holds NaN or Inf in samples {offset}..{offset + rows - 1}: clean or drop "
             "those samples (e.g. np.nan_to_num) before fitting"
         )
+
+
+def check_not_all_zeros(norm2: float) -> None:
+    """Refuse data whose ``||X||^2`` (of all of it, every process summed) is zero."""
+    if norm2 == 0.0:
+        raise ValueError("the data is all zeros: there is nothing to factor")
 
 
 def check_overflow(offset: int, rows: int, compute_dtype: torch.dtype) -> None:

@@ -78,12 +78,20 @@ def with_noise_floor(
     unit = g * scale[:, None] * scale[None, :]  # unit diagonal where the column is not zero
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     pivots = torch.diagonal(torch.linalg.cholesky_ex(unit + 1e-12 * eye)[0]) ** 2
-    if seg is None:
-        seg = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
-    smallest = torch.ones(n_blocks, dtype=g.dtype, device=g.device)
-    smallest = smallest.scatter_reduce(0, seg, pivots, reduce="amin", include_self=True)
-    weight = torch.clamp(eps / smallest / NOISE_FLOOR_FULL, max=1.0)[seg]
+    smallest = torch.clamp(_per_block(pivots, seg, n_blocks, "amin"), max=1.0)
+    weight = torch.clamp(eps / smallest / NOISE_FLOOR_FULL, max=1.0)
     return g + torch.diag(diag * (NOISE_FLOOR_ULPS * eps) * weight)
+
+
+def _per_block(values: torch.Tensor, seg: torch.Tensor | None, n_blocks: int, reduce: str):
+    """``reduce`` (``"amin"``, ``"mean"``) of ``values`` over each block, at each column.
+
+    ``seg``: the block of each column (``None``: all one block). No host sync.
+    """
+    if seg is None:
+        seg = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+    per = torch.zeros(n_blocks, dtype=values.dtype, device=values.device)
+    return per.scatter_reduce(0, seg, values, reduce=reduce, include_self=False)[seg]
 
 
 def _device_cholesky(g: torch.Tensor, seg: torch.Tensor | None, n_blocks: int) -> torch.Tensor:
@@ -92,15 +100,8 @@ def _device_cholesky(g: torch.Tensor, seg: torch.Tensor | None, n_blocks: int) -
     # positive definite instead (a relative change far below float32 rounding),
     # a dead column included. Per block: stacked models differ in scale by up
     # to 1e17, and one mean would wipe out the small ones.
-    diag = torch.diagonal(g)
-    if seg is None:
-        mean = diag.mean().reshape(1)
-        seg = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
-    else:
-        sums = torch.zeros(n_blocks, dtype=g.dtype, device=g.device).index_add_(0, seg, diag)
-        counts = torch.zeros_like(sums).index_add_(0, seg, torch.ones_like(diag))
-        mean = sums / counts
-    ridge = 1e-12 * torch.clamp(mean, min=1e-300)[seg]
+    mean = _per_block(torch.diagonal(g), seg, n_blocks, "mean")
+    ridge = 1e-12 * torch.clamp(mean, min=1e-300)
     return torch.linalg.cholesky_ex(g + torch.diag(ridge))[0]
 
 
