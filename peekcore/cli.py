@@ -17,8 +17,7 @@ when it fails. ``peek fit`` and ``peek sweep`` run data-parallel under
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
+import os
 import re
 import sys
 import time
@@ -77,27 +76,6 @@ def _open_data(path: str, layer: str | None):
     return str(p)
 
 
-def _load_model(spec: str):
-    """``module:attribute`` (an nn.Module or a callable returning one) or a torch.save'd file."""
-    import torch
-
-    if ":" in spec and not Path(spec).exists():
-        module, _, attr = spec.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import the model {spec!r}: {err}") from err
-        model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
-    else:
-        p = Path(spec)
-        if not p.exists():
-            raise FileNotFoundError(f"no such model file: {p} (or give module:attribute)")
-        model = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
 def _load_inputs(spec: str):
     from . import datasets
 
@@ -132,8 +110,9 @@ def _demo(args: argparse.Namespace) -> dict:
 
 def _capture(args: argparse.Namespace) -> dict:
     from .capture import capture
+    from .loading import load_model
 
-    model = _load_model(args.model)
+    model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     t0 = time.perf_counter()
     store = capture(
@@ -442,13 +421,14 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peek",
         description="peekcore: look inside neural networks through tensor factorization.",
     )
-    parser.add_argument("--json", action="store_true", help="print machine-readable results")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _global_options(parser, default=False)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     demo = sub.add_parser("demo", help="the embedded demo (digits CNN, ranks vs accuracy)")
     demo.add_argument("--out", default="peek-demo", help="output folder (default peek-demo)")
@@ -460,7 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--model",
         required=True,
-        help="module:attribute (an nn.Module or factory) or a torch.save'd file",
+        help="module:attribute or path/to/file.py:attribute (an nn.Module, its class or a "
+        "factory; the current folder is importable) or a torch.save'd .pt/.pth file",
+    )
+    cap.add_argument(
+        "--weights", help="a state-dict file (torch.save(model.state_dict())) loaded into --model"
+    )
+    cap.add_argument(
+        "--trust-model-file",
+        action="store_true",
+        help="load a whole pickled model file; unpickling can run any code the file carries, "
+        "so only for files you trust (state dicts never need it)",
     )
     cap.add_argument("--data", required=True, help="'digits', an .npy file or an image folder")
     cap.add_argument("--layers", required=True, help="comma-separated layer names")
@@ -515,26 +505,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = args.func(args)
-    except Exception as err:  # one clear line; the traceback with --debug
-        if args.debug:
-            traceback.print_exc()
-        msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
-        print(f"peek {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    if args.json:  # strict JSON: NaN and inf become null
-        from .report._common import json_safe
+class _UsageError(Exception):
+    """A command line argparse refused (printed as usage, or as JSON under ``--json``)."""
 
-        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
-    else:
-        for key, value in result.items():
-            if isinstance(value, float):
-                value = f"{value:.6g}"
-            elif isinstance(value, (dict, list)):
-                value = json.dumps(value, default=str)
-            print(f"{key:>22}: {value}")
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse's hook; raise instead of exiting
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: it also takes ``--json`` and ``--debug``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _global_options(self, default=argparse.SUPPRESS)
+
+
+def _global_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """``--json`` and ``--debug``, accepted before and after the subcommand.
+
+    The subcommands get them with a suppressed default, so an option given
+    before the subcommand is not reset by the subcommand's parser.
+    """
+    p.add_argument(
+        "--json", action="store_true", default=default, help="print one JSON document on stdout"
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=default, help="show full tracebacks on errors"
+    )
+
+
+def _is_rank0() -> bool:
+    """Whether this process prints: not under torchrun, or its rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _error_message(err: BaseException) -> str:
+    return str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``peek`` command line; returns the exit code (0 on success, 1 on errors).
+
+    With ``--json`` (anywhere on the line) stdout holds exactly one JSON
+    document: the result, or ``{"error": message, "kind": error class}``.
+    """
+    from .textout import dumps_json, format_human
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    want_json = "--json" in argv
+    command = "peek"
+    try:
+        args = parser.parse_args(argv)
+        command = f"peek {args.command}"
+        result = args.func(args)
+    except _UsageError as err:
+        return _report_error(command, err, want_json, debug=False, kind="UsageError")
+    except SystemExit:  # --help and --version print and leave through argparse
+        raise
+    except Exception as err:  # one clear line; the traceback with --debug
+        return _report_error(command, err, want_json, debug="--debug" in argv)
+    if _is_rank0():
+        print(dumps_json(result) if args.json else format_human(result))
     return 0
+
+
+def _report_error(
+    command: str, err: BaseException, want_json: bool, *, debug: bool, kind: str | None = None
+) -> int:
+    from .textout import dumps_json
+
+    if debug:
+        traceback.print_exc()
+    msg = _error_message(err)
+    rank = os.environ.get("RANK")
+    prefix = f"{command} (rank {rank})" if rank not in (None, "0") else command
+    print(f"{prefix}: error: {msg}", file=sys.stderr)
+    if want_json and _is_rank0():
+        print(dumps_json({"error": msg, "kind": kind or type(err).__name__}))
+    return 2 if kind == "UsageError" else 1

@@ -238,7 +238,7 @@ def test_errors_are_one_clear_line(tmp_path, npy, store, capsys):
         "--store",
         str(tmp_path / "s"),
     )
-    assert code == 1 and "cannot import the model" in err
+    assert code == 1 and "cannot import 'nope:Model'" in err and "current folder" in err
     assert main(["--debug", "fit", str(npy), "--rank", "0"]) == 1
     assert "Traceback" in capsys.readouterr().err
 

@@ -19,6 +19,7 @@ from .. import _io
 from .._io import atomic_write
 from ..model import CPModel
 from ..sweep import RankSweep
+from ..textout import json_safe
 
 __all__ = [
     "check_component",
@@ -307,20 +308,3 @@ def class_purity(
         dominant[r] = int(np.argmax(hits))
         purity[r] = hits[dominant[r]] / top_k
     return classes, means, purity, dominant, top_k
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with numpy scalars and arrays made plain, NaN and inf made None (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
