@@ -121,7 +121,7 @@ def test_chunk_files_are_zarrs_own_encoding(images, tmp_path):
 
 def test_write_behind_starts_each_chunk_file_and_changes_no_byte(images, tmp_path, monkeypatch):
     """Every whole chunk file's writeback is started once it is complete; the bytes are the same."""
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     started: list[int] = []
     real = store_mod._start_writeback
@@ -147,7 +147,7 @@ def test_write_behind_starts_each_chunk_file_and_changes_no_byte(images, tmp_pat
 
 def test_start_writeback_is_a_hint(tmp_path):
     """True where Linux started the writeback; never an error (False elsewhere or on pipes)."""
-    from peekcore.store import _start_writeback
+    from peekcore.store.chunkfile import _start_writeback
 
     path = tmp_path / "f"
     with open(path, "wb") as fh:
@@ -513,7 +513,7 @@ def buffered_reads(monkeypatch, how: str) -> dict[str, int]:
     ``read()`` does) and of those handed out as mappings (``"map"``, what
     ``chunks()`` does), and of the CRC32C checks (``"crc"``).
     """
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     counts = {"copy": 0, "map": 0, "crc": 0}
     copy, map_file, check = (
@@ -545,7 +545,7 @@ def buffered_reads(monkeypatch, how: str) -> dict[str, int]:
 
 
 def map_reads() -> bool:
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     return store_mod._MAP_READS
 
@@ -633,7 +633,7 @@ def test_reads_refuse_corrupt_truncated_and_longer_chunks(small_store, how, monk
 def test_auto_read_mode_bypasses_the_cache_only_for_layers_larger_than_memory(
     small_store, monkeypatch
 ):
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     nbytes = small_store["conv1"].nbytes
     monkeypatch.setattr(store_mod, "_available_memory", lambda: 4 * nbytes)
@@ -711,7 +711,7 @@ def test_verify_finds_nan_and_inf(images, tmp_path):
 
 def test_chunks_are_read_when_a_file_cannot_be_mapped(small_store, monkeypatch):
     """mmap failing (strict overcommit, too many mappings) falls back to reading the file."""
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     want = [np.array(c) for c in ActivationStore(small_store.path)["conv1"].chunks()]
     counts = buffered_reads(monkeypatch, "mapped")
@@ -948,7 +948,7 @@ class ShortReads:
 def test_buffered_reads_read_on_until_the_chunk_file_ends(small_store, monkeypatch):
     """One ``readinto`` may give fewer bytes than asked (Linux: under 2 GiB per call)."""
     zarr = pytest.importorskip("zarr")
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     want = zarr.open_array(small_store.path / "layers" / "conv1" / "activations", mode="r")[:]
     calls: list = []
@@ -971,7 +971,7 @@ def test_buffered_reads_read_on_until_the_chunk_file_ends(small_store, monkeypat
 def test_read_failures_that_are_not_the_files_pass_unchanged(small_store, monkeypatch):
     import errno
 
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     layer = ActivationStore(small_store.path, read_mode="buffered")["conv1"]
     want = layer.read(0, 16)
@@ -997,7 +997,7 @@ def test_read_failures_that_are_not_the_files_pass_unchanged(small_store, monkey
 def test_kept_mapped_chunks_hold_few_file_descriptors(tmp_path, monkeypatch):
     """Python's mmap keeps a descriptor per mapping: a caller keeping every chunk gets
     new arrays past MAX_LIVE_MAPPINGS, so descriptors stay bounded."""
-    from peekcore import store as store_mod
+    from peekcore.store import chunkfile as store_mod
 
     if not store_mod._MAP_READS or not Path("/proc/self/fd").exists():
         pytest.skip("mapped reads and /proc/self/fd are Linux's")

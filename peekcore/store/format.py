@@ -1,0 +1,268 @@
+"""The store format: dtypes on disk, where chunks live, errors, and checks of the metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..sources import dtype_label
+
+FORMAT = 1
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+_NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+_BF16_NAN_BITS = 0x7FC0
+
+
+class StoreError(ValueError):
+    """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
+
+
+class _StoreChanged(StoreError):
+    """The store at an open store's path is no longer the one opened (captured again, say)."""
+
+
+def _zarr() -> Any:
+    try:
+        import zarr
+    except ImportError as err:  # pragma: no cover - zarr is a dependency
+        raise ImportError(
+            "activation stores need zarr 3 (which needs Python >= 3.11): `pip install 'zarr>=3'`"
+        ) from err
+    if int(zarr.__version__.split(".")[0]) < 3:  # pragma: no cover
+        raise ImportError(
+            f"activation stores need zarr >= 3, found {zarr.__version__}: "
+            "`pip install -U 'zarr>=3'` (Python >= 3.11)"
+        )
+    return zarr
+
+
+def zarr_module() -> Any:
+    """The zarr module (version 3), or an ImportError that says how to install it."""
+    return _zarr()
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that holds a store dtype on disk (uint16 bits for bfloat16).
+
+    Parameters
+    ----------
+    dtype : {"float16", "bfloat16", "float32"}
+
+    Returns
+    -------
+    numpy.dtype
+    """
+    return np.dtype(_NUMPY_STORAGE[dtype])
+
+
+def check_store_dtype(dtype: Any) -> str:
+    """``dtype`` as one of ``STORE_DTYPES``, or a ``ValueError`` saying what is allowed.
+
+    Parameters
+    ----------
+    dtype : str, numpy dtype or torch.dtype
+
+    Returns
+    -------
+    str
+        ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    """
+    name = dtype_label(dtype)
+    if name not in STORE_DTYPES:
+        raise ValueError(
+            f"activations are stored as float16, bfloat16 or float32; got dtype={dtype!r}"
+        )
+    return name
+
+
+def to_storage(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in a store dtype as the numpy array written to disk (no copy).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        ``(b, ...)`` float16, bfloat16 or float32, on the CPU.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape; bfloat16 as its uint16 bit patterns.
+    """
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray | torch.Tensor:
+    """What a chunk source yields for stored data: numpy, or a bfloat16 tensor.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        ``(b, ...)`` as stored (uint16 bit patterns for bfloat16).
+    dtype : str
+        The store dtype.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``arr`` itself, or a ``torch.bfloat16`` view of it.
+    """
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return arr
+
+
+def _chunk_path(array_dir: Path, index: int, ndim: int) -> Path:
+    return array_dir.joinpath("c", str(index), *(["0"] * (ndim - 1)))
+
+
+def _layer_group(name: str) -> str:
+    return f"layers/{name}"
+
+
+def _capture_id(attrs: Mapping) -> str | None:
+    """The capture id in a store's root attributes, or None (stores made before them)."""
+    tag = attrs.get("peekcore")
+    found = tag.get("capture_id") if isinstance(tag, Mapping) else None
+    return found if isinstance(found, str) and found else None
+
+
+def _read_capture_id(meta: Path) -> str | None:
+    """The capture id in the root ``zarr.json`` at ``meta`` now, or None."""
+    try:
+        attrs = json.loads(meta.read_bytes()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _capture_id(attrs) if isinstance(attrs, Mapping) else None
+
+
+def is_empty_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder with nothing in it (where no store is yet)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:  # not there, or not a folder
+        return False
+
+
+def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
+    zarr = _zarr()
+    if not path.exists():
+        raise FileNotFoundError(f"no activation store at {path}")
+    if is_empty_dir(path):
+        raise FileNotFoundError(f"no activation store at {path} (an empty folder)")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(
+            f"{path} is not a zarr store (no zarr.json): not an activation store, or its "
+            "creation did not finish; capture it again"
+        )
+    try:
+        root = zarr.open_group(path, mode=mode, use_consolidated=False)
+    except Exception as err:
+        raise StoreError(
+            f"cannot open {path} as a zarr group ({type(err).__name__}: {err}); its zarr.json is "
+            "damaged: remove the folder and capture the store again"
+        ) from err
+    attrs = dict(root.attrs)
+    tag = attrs.get("peekcore")
+    if not isinstance(tag, Mapping) or tag.get("kind") != "activation store":
+        raise StoreError(
+            f"{path} is a zarr store but not a peekcore activation store (no 'peekcore' "
+            "attribute); open it with zarr or xarray instead"
+        )
+    if tag.get("format") != FORMAT:
+        raise StoreError(
+            f"{path} has store format {tag.get('format')!r}; this peekcore reads format {FORMAT}"
+        )
+    required = {"n_samples", "chunk_size", "dtype", "layers", "has_labels", "progress"}
+    missing = sorted(required - attrs.keys())
+    if missing:
+        raise StoreError(
+            f"the metadata of {path} lacks {missing}: the store is damaged; capture it again "
+            "(overwrite=True)"
+        )
+    return root, attrs
+
+
+def _n_chunks(attrs: Mapping) -> int:
+    return math.ceil(int(attrs["n_samples"]) / int(attrs["chunk_size"]))
+
+
+def _check_complete(path: Path, attrs: Mapping) -> None:
+    progress = attrs["progress"]
+    done, total = int(progress.get("chunks_written", -1)), _n_chunks(attrs)
+    if done != total:
+        raise StoreError(
+            f"the store {path} is incomplete: {done} of {total} chunks were written (the "
+            "capture stopped early). Run the same peekcore.capture(...) call again to resume "
+            "it, or pass overwrite=True to start over"
+        )
+
+
+def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = None) -> dict:
+    """Arrays by key after checking them against the root metadata.
+
+    ``upto``: check chunk files only for the first ``upto`` chunks (resume).
+    """
+    n, cs, dtype = int(attrs["n_samples"]), int(attrs["chunk_size"]), str(attrs["dtype"])
+    n_chunks = _n_chunks(attrs) if upto is None else upto
+    layers = attrs["layers"]
+    if not isinstance(layers, Mapping) or not layers:
+        raise StoreError(f"the metadata of {path} lists no layers; the store is damaged")
+    expect: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {}
+    for name, info in layers.items():
+        expect[_layer_group(name) + "/activations"] = (
+            (n, *info["shape"]),
+            storage_dtype(dtype),
+            f"layer {name!r}",
+        )
+    expect["sample_id"] = ((n,), np.dtype(np.int64), "sample_id")  # one chunk of n
+    if attrs["has_labels"]:
+        label = attrs.get("label_info", {})
+        expect["labels"] = ((n, *label.get("shape", [])), np.dtype(label.get("dtype")), "labels")
+    arrays = {}
+    fix = "the store is damaged or was changed by hand; capture it again (overwrite=True)"
+    for key, (shape, np_dtype, what) in expect.items():
+        try:
+            arr = root[key]
+        except KeyError:
+            raise StoreError(
+                f"{path}: the metadata lists {what} but there is no array {key}; {fix}"
+            ) from None
+        if tuple(arr.shape) != shape:
+            raise StoreError(
+                f"{path}: {what} has shape {tuple(arr.shape)} but the metadata says {shape}; {fix}"
+            )
+        if np.dtype(arr.dtype) != np_dtype:
+            raise StoreError(
+                f"{path}: {what} is stored as {arr.dtype} but the metadata says {np_dtype}; {fix}"
+            )
+        per_chunk, chunks_here = (n, 1) if key == "sample_id" else (cs, n_chunks)
+        if tuple(arr.chunks) != (per_chunk, *shape[1:]):
+            raise StoreError(
+                f"{path}: {what} is chunked {tuple(arr.chunks)}, not {per_chunk} samples per "
+                f"chunk as the metadata says; {fix}"
+            )
+        missing = [
+            i for i in range(chunks_here) if not _chunk_path(path / key, i, len(shape)).is_file()
+        ]
+        if missing:
+            shown = ", ".join(
+                f"{i} (samples {i * cs}..{min((i + 1) * cs, n) - 1})" for i in missing[:5]
+            )
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise StoreError(
+                f"{path}: {what} is missing {len(missing)} of {chunks_here} chunk files: chunk "
+                f"{shown}{more}. They were deleted or never written; capture the store again "
+                "(overwrite=True)"
+            )
+        arrays[key.removesuffix("/activations")] = arr
+    return arrays
