@@ -1,0 +1,512 @@
+"""Association of a rank measure with a quality value (test accuracy) across checkpoints.
+
+:func:`associate` gives Spearman's rho and Kendall's tau (as
+``scipy.stats.spearmanr`` and ``kendalltau``: average ranks, tau-b for ties),
+a two-sided permutation p-value for rho and a bootstrap interval for rho.
+:func:`holm` adjusts the p-values of a family of associations (Holm's
+step-down method, which controls the family-wise error rate), and
+:func:`summarize` turns a family into one plain-language verdict per layer and
+one overall.
+
+Points that share a training seed are not independent (checkpoints along one
+run). With ``groups`` (the seed, say):
+
+- the permutation test permutes the measure **within** each group only, so it
+  asks whether, inside a training run, the measure tracks quality; differences
+  between runs (one seed better than another on both) are held fixed and are
+  no evidence;
+- the bootstrap resamples **whole groups** with replacement (a cluster
+  bootstrap), so the interval reflects the variation between runs. With few
+  groups (3 seeds) this interval is coarse, and it can be degenerate.
+
+Pooled over layers (``layer="all"``), pass the layer (or the pair layer and
+seed) as ``groups``: the permutation is then within layer, because measures of
+different layers live on different scales and pooling them under a joint
+permutation would compare them with each other. :func:`associate_pooled` does this.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from ..errors import InvalidArgumentError
+
+__all__ = [
+    "MIN_POINTS",
+    "Association",
+    "associate",
+    "associate_pooled",
+    "holm",
+    "summarize",
+]
+
+#: Fewer points than this and the verdict says the test has no power.
+MIN_POINTS = 6
+
+_MEASURE_NAMES = {
+    "autoten": "AutoTen rank",
+    "fit_elbow": "fit-elbow rank",
+    "stable": "stable rank",
+    "class_components": "number of class-selective components",
+    "ev_area": "explained-variance area",
+}
+
+
+@dataclass
+class Association:
+    """The association of one measure with quality, in one layer or pooled.
+
+    Attributes
+    ----------
+    layer : str
+        The layer, or ``"all"`` when pooled.
+    measure : str
+    rho, tau : float
+        Spearman's rho and Kendall's tau-b of (quality, measure); nan when undefined.
+    p_value : float
+        Two-sided permutation p-value of rho.
+    ci : tuple of float
+        ``(low, high)`` bootstrap interval for rho at ``level``.
+    n : int
+        Points used (pairs with a NaN dropped).
+    p_adjusted : float
+        ``p_value`` after Holm's correction across the family given to
+        :func:`holm` or :func:`summarize` (equal to ``p_value`` for one test).
+    verdict : str
+        One plain-language sentence.
+    n_dropped : int
+        Points dropped because the measure or the quality was NaN.
+    n_groups : int
+        Groups the permutation and bootstrap respected (``n`` when ungrouped).
+    n_permutations, n_boot : int
+        Resamples used; ``exact`` is True when every permutation was enumerated.
+    exact : bool
+    level : float
+    reason : str
+        Why the statistics are nan, or ``""``.
+    quality_name : str
+    """
+
+    layer: str
+    measure: str
+    rho: float
+    tau: float
+    p_value: float
+    ci: tuple[float, float]
+    n: int
+    p_adjusted: float = math.nan
+    verdict: str = ""
+    n_dropped: int = 0
+    n_groups: int = 0
+    n_permutations: int = 0
+    n_boot: int = 0
+    exact: bool = False
+    level: float = 0.95
+    reason: str = ""
+    quality_name: str = "accuracy"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def significant(self) -> bool:
+        """Whether the adjusted p-value is below ``1 - level``."""
+        p = self.p_adjusted if math.isfinite(self.p_adjusted) else self.p_value
+        return bool(self.n >= MIN_POINTS and math.isfinite(p) and p < 1.0 - self.level)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready record (``ci`` as ``[low, high]``; nan stays nan)."""
+        out = asdict(self)
+        out["ci"] = [float(self.ci[0]), float(self.ci[1])]
+        return out
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis (nan where either row is constant)."""
+    x = x - x.mean(axis=-1, keepdims=True)
+    y = y - y.mean(axis=-1, keepdims=True)
+    den = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (x * y).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho along the last axis: Pearson of average ranks (as scipy)."""
+    return _pearson_rows(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1))
+
+
+def _group_codes(groups: Any, n: int) -> np.ndarray:
+    if groups is None:
+        return np.zeros(n, dtype=np.int64)
+    g = np.asarray(groups, dtype=object) if not isinstance(groups, np.ndarray) else groups
+    if g.shape[:1] != (n,):
+        raise InvalidArgumentError(f"groups must hold one group per point ({n}), got {g.shape}")
+    if g.ndim > 1:  # rows of a 2-D array (layer, seed) are one group each
+        g = np.array(["\x1f".join(map(str, row)) for row in g])
+    return np.unique(g.astype(str), return_inverse=True)[1].reshape(-1)
+
+
+def _p_from_null(null: np.ndarray, observed: float, n_resamples: int) -> float:
+    """Two-sided Monte Carlo p-value, as ``scipy.stats.permutation_test`` computes it."""
+    gamma = abs(observed) * np.finfo(np.float64).eps * 100
+    less = (np.sum(null <= observed + gamma) + 1.0) / (n_resamples + 1.0)
+    greater = (np.sum(null >= observed - gamma) + 1.0) / (n_resamples + 1.0)
+    return float(min(1.0, 2.0 * min(less, greater)))
+
+
+def _within_group_permutations(
+    codes: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n_permutations x n`` index arrays, each permuting points only within their group."""
+    n = codes.size
+    base = np.argsort(codes, kind="stable")  # positions grouped by group
+    # sorting by (group, random key) shuffles each group's block independently
+    keys = codes[base][None, :] + rng.random((n_permutations, n))
+    shuffled = base[np.argsort(keys, axis=1)]
+    perm = np.empty((n_permutations, n), dtype=np.int64)
+    perm[:, base] = shuffled
+    return perm
+
+
+def _permutation_p(
+    q: np.ndarray, v: np.ndarray, codes: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[float, bool]:
+    """Two-sided permutation p-value of Spearman's rho, and whether it was exact."""
+    rq, rv = stats.rankdata(q), stats.rankdata(v)
+    if codes.max() == 0:  # no groups: scipy's test (exact when n! <= n_permutations)
+
+        def statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
+            return _pearson_rows(np.moveaxis(x, axis, -1), rq)
+
+        res = stats.permutation_test(
+            (rv,),
+            statistic,
+            permutation_type="pairings",
+            vectorized=True,
+            n_resamples=n_permutations,
+            alternative="two-sided",
+            rng=rng,
+        )
+        return float(res.pvalue), math.factorial(v.size) <= n_permutations
+    observed = float(_pearson_rows(rv, rq))
+    null = _pearson_rows(rv[_within_group_permutations(codes, n_permutations, rng)], rq)
+    return _p_from_null(null, observed, n_permutations), False
+
+
+def _bootstrap_ci(
+    q: np.ndarray,
+    v: np.ndarray,
+    codes: np.ndarray,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+) -> tuple[tuple[float, float], str]:
+    """Bootstrap interval for rho: pairs (BCa, scipy) or whole groups (percentile)."""
+    if codes.max() == 0:
+
+        def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+            return _spearman_rows(np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1))
+
+        with warnings.catch_warnings():
+            # resamples with a constant side have no rho; handled below
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = stats.bootstrap(
+                (q, v),
+                statistic,
+                paired=True,
+                vectorized=True,
+                n_resamples=n_boot,
+                confidence_level=level,
+                method="BCa",
+                rng=rng,
+            )
+        ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+        if all(math.isfinite(c) for c in ci):
+            return ci, "BCa, pairs resampled"
+        draws = res.bootstrap_distribution
+        how = "percentile, pairs resampled (BCa undefined: some resamples had a constant side)"
+    else:
+        members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+        draws = np.empty(n_boot)
+        for b in range(n_boot):
+            pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            draws[b] = _spearman_rows(q[pick], v[pick])
+        how = f"percentile, whole groups resampled ({len(members)} groups)"
+    draws = draws[np.isfinite(draws)]
+    if draws.size < max(10, n_boot // 2):
+        return (math.nan, math.nan), how + "; too few resamples with a defined rho"
+    alpha = 1.0 - level
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return (float(low), float(high)), how
+
+
+def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def associate(
+    quality: Any,
+    values: Any,
+    *,
+    layer: str,
+    measure: str,
+    groups: Any = None,
+    n_permutations: int = 2000,
+    n_boot: int = 2000,
+    random_state: int | np.random.Generator = 0,
+    level: float = 0.95,
+    quality_name: str = "accuracy",
+) -> Association:
+    """Rank association of one measure with quality across checkpoints.
+
+    Parameters
+    ----------
+    quality : array
+        ``n`` quality values (test accuracy, ...), one per point.
+    values : array
+        ``n`` values of the measure at the same points; pairs where either is NaN
+        are dropped (``n`` reports the points used, ``n_dropped`` the others).
+    layer, measure : str
+        Labels carried into the result and the verdict.
+    groups : array, optional
+        ``n`` group labels (the training seed; rows of a 2-D array, e.g.
+        ``(layer, seed)``, are one label each): the permutation is within
+        groups and the bootstrap resamples whole groups (module docstring).
+    n_permutations : int
+        At least 2000; all permutations are used when there are fewer
+        (no groups).
+    n_boot : int
+        Bootstrap resamples: pairs with BCa (``scipy.stats.bootstrap``)
+        without groups, whole groups with a percentile interval with groups.
+    random_state : int or numpy.random.Generator
+        Seeds the permutations and the bootstrap.
+    level : float
+        Confidence level of the interval; the verdict calls a link significant
+        when the (adjusted) p-value is below ``1 - level``.
+    quality_name : str
+        What quality is, for the verdict.
+
+    Returns
+    -------
+    Association
+        With ``p_adjusted = p_value`` (a family of one; see :func:`holm`). When
+        rho is undefined (fewer than 3 points, or a side constant) the
+        statistics are nan and ``reason`` says why.
+    """
+    q = np.asarray(quality, dtype=np.float64).reshape(-1)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if q.shape != v.shape:
+        raise InvalidArgumentError(
+            f"quality and values must pair up: {q.size} quality values, {v.size} measure values"
+        )
+    n_permutations = _check_positive_int(n_permutations, "n_permutations", 2000)
+    n_boot = _check_positive_int(n_boot, "n_boot", 100)
+    if not 0.5 < float(level) < 1.0:
+        raise InvalidArgumentError(f"level must be in (0.5, 1), e.g. 0.95, got {level}")
+    codes_all = _group_codes(groups, q.size)
+    keep = np.isfinite(q) & np.isfinite(v)
+    q, v = q[keep], v[keep]
+    codes = np.unique(codes_all[keep], return_inverse=True)[1].reshape(-1)
+    n = int(q.size)
+    base = Association(
+        layer=str(layer),
+        measure=str(measure),
+        rho=math.nan,
+        tau=math.nan,
+        p_value=math.nan,
+        ci=(math.nan, math.nan),
+        n=n,
+        n_dropped=int((~keep).sum()),
+        n_groups=int(codes.max() + 1) if n else 0,
+        n_permutations=n_permutations,
+        n_boot=n_boot,
+        level=float(level),
+        quality_name=quality_name,
+    )
+    reason = ""
+    what = _MEASURE_NAMES.get(measure, measure)
+    if n < 3:
+        reason = f"only {n} point{'s' if n != 1 else ''} with defined values"
+    elif np.ptp(v) == 0:
+        reason = f"the {what} is the same ({v[0]:g}) at every point"
+    elif np.ptp(q) == 0:
+        reason = f"the {quality_name} is the same ({q[0]:g}) at every point"
+    if reason:
+        result = replace(base, reason=reason + ", so rho is undefined")
+        result.verdict = _verdict(result)
+        return result
+    rng = np.random.default_rng(random_state)
+    rho = float(stats.spearmanr(q, v).statistic)
+    tau = float(stats.kendalltau(q, v).statistic)
+    p, exact = _permutation_p(q, v, codes, n_permutations, rng)
+    ci, how = _bootstrap_ci(q, v, codes, n_boot, float(level), rng)
+    result = replace(
+        base,
+        rho=rho,
+        tau=tau,
+        p_value=p,
+        p_adjusted=p,
+        ci=ci,
+        exact=exact,
+        extra={"ci_method": how},
+    )
+    result.verdict = _verdict(result)
+    return result
+
+
+def associate_pooled(
+    quality: Any,
+    values: Any,
+    layers: Any,
+    *,
+    measure: str,
+    seeds: Any = None,
+    **kwargs: Any,
+) -> Association:
+    """:func:`associate` over the points of every layer (``layer="all"``).
+
+    The permutation is within layer (within layer and seed when ``seeds`` is
+    given), and the bootstrap resamples whole (layer[, seed]) groups.
+
+    Parameters
+    ----------
+    quality, values : array
+        ``n`` points, all layers together.
+    layers : array
+        ``n`` layer names.
+    measure : str
+    seeds : array, optional
+        ``n`` training seeds.
+    **kwargs
+        Passed to :func:`associate`.
+    """
+    layers = np.asarray(layers).astype(str)
+    groups = layers if seeds is None else np.stack([layers, np.asarray(seeds).astype(str)], 1)
+    return associate(quality, values, layer="all", measure=measure, groups=groups, **kwargs)
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def holm(associations: list[Association]) -> list[Association]:
+    """The associations with Holm-adjusted p-values across the family.
+
+    Holm's step-down method: sort the ``m`` defined p-values, multiply the
+    ``i``-th smallest by ``m - i + 1``, and make the sequence monotone (capped
+    at 1). It controls the family-wise error rate without assuming
+    independence. Undefined (nan) p-values take no part and stay nan. The
+    verdicts are rewritten from the adjusted p-values.
+    """
+    p = np.array([a.p_value for a in associations], dtype=np.float64)
+    defined = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(p.size, math.nan)
+    order = defined[np.argsort(p[defined], kind="stable")]
+    m = order.size
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        adjusted[j] = running
+    out = []
+    for a, pa in zip(associations, adjusted, strict=True):
+        b = replace(a, p_adjusted=float(pa))
+        b.verdict = _verdict(b)
+        out.append(b)
+    return out
+
+
+def _fmt_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def _numbers(a: Association) -> str:
+    low, high = a.ci
+    ci = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    p = f"p {_fmt_p(a.p_value)}"
+    if math.isfinite(a.p_adjusted) and abs(a.p_adjusted - a.p_value) > 1e-12:
+        p += f" (Holm-adjusted {a.p_adjusted:.3f})"
+    return f"rho = {a.rho:.2f}{ci}, {p}, n = {a.n}"
+
+
+def _verdict(a: Association) -> str:
+    what = _MEASURE_NAMES.get(a.measure, a.measure)
+    head = f"{a.layer}: "
+    if a.n < MIN_POINTS:
+        return (
+            head + f"{a.n} point{'s' if a.n != 1 else ''} for the {what}: too few for the test "
+            f"to have any power (at least {MIN_POINTS} needed), so no conclusion"
+        )
+    if a.reason:
+        return head + f"no test of the {what}: {a.reason}"
+    if a.significant:
+        way = "rises" if a.rho > 0 else "falls"
+        return head + f"the {what} {way} as {a.quality_name} rises, {_numbers(a)}"
+    return (
+        head + f"no evidence of a link between the {what} and {a.quality_name} at this sample "
+        f"size ({_numbers(a)})"
+    )
+
+
+def summarize(
+    associations: list[Association], *, quality_name: str = "accuracy"
+) -> tuple[dict[str, str], str]:
+    """One verdict per layer and one overall, Holm-adjusted across the whole family.
+
+    Parameters
+    ----------
+    associations : list of Association
+        Every (layer, measure) test, pooled ones (``layer="all"``) included:
+        they form one family for Holm's correction.
+    quality_name : str
+
+    Returns
+    -------
+    per_layer : dict
+        ``{layer: sentence}`` for every layer other than ``"all"``: the
+        significant links, or that there is no evidence (or no power).
+    overall : str
+        From the pooled associations when there are any, else from all.
+    """
+    family = holm([replace(a, quality_name=quality_name) for a in associations])
+    layers: dict[str, list[Association]] = {}
+    for a in family:
+        layers.setdefault(a.layer, []).append(a)
+    per_layer = {
+        name: _layer_verdict(name, items) for name, items in layers.items() if name != "all"
+    }
+    pooled = layers.get("all")
+    overall = _layer_verdict("all layers" if pooled else "overall", pooled or family)
+    return per_layer, overall
+
+
+def _layer_verdict(name: str, items: list[Association]) -> str:
+    if not items:
+        return f"{name}: no associations to judge"
+    hits = [a for a in items if a.significant]
+    if hits:
+        return "; ".join(a.verdict for a in hits)
+    if all(a.n < MIN_POINTS for a in items):
+        n = max(a.n for a in items)
+        return (
+            f"{name}: at most {n} points per measure, too few for the tests to have any power "
+            f"(at least {MIN_POINTS} needed): no conclusion"
+        )
+    tested = [a for a in items if math.isfinite(a.p_value)]
+    if not tested:
+        return f"{name}: no measure could be tested ({items[0].reason})"
+    strongest = min(tested, key=lambda a: a.p_value)
+    what = _MEASURE_NAMES.get(strongest.measure, strongest.measure)
+    return (
+        f"{name}: no evidence of a link between any of the {len(items)} rank measures and "
+        f"{strongest.quality_name} at this sample size (strongest: the {what}, "
+        f"{_numbers(strongest)})"
+    )
