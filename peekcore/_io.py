@@ -14,6 +14,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from ._validate import check_output_file
+
 __all__ = ["atomic_write", "current_umask", "save_npz", "load_npz", "open_npz", "read_header"]
 
 
@@ -66,19 +68,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     Parameters
     ----------
     path : path-like
-        Destination. Its folder must exist.
+        Destination: a regular file (replaced, keeping its permissions) or
+        nothing. A symlink is written through: its final target is replaced and
+        the link stays. Its folder must exist.
     write : callable
         Called with a binary file object to fill.
 
     Returns
     -------
     pathlib.Path
-        The destination. On any error the destination is untouched and no
-        temporary file is left behind.
+        Where the file was written (a symlink's target). On any error the
+        destination is untouched and no temporary file is left behind.
+
+    Raises
+    ------
+    peekcore.errors.OutputPathError
+        The path (or the symlink's target) is a folder, FIFO, device or socket,
+        which a rename would replace by a file; or the folder is missing
+        (``MissingFolderError``, a ``FileNotFoundError``).
     """
-    dest = Path(path)
-    if not dest.parent.exists():
-        raise FileNotFoundError(f"cannot write {dest}: folder {dest.parent} does not exist")
+    dest = check_output_file(path)
     with _temporary_beside(dest) as (fh, tmp):
         write(fh)
         fh.flush()

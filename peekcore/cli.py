@@ -27,26 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ._validate import parse_ranks
+
 __all__ = ["main", "parse_ranks", "section_names"]
-
-
-def parse_ranks(text: str) -> list[int]:
-    """``"1-8"``, ``"2,4,8"``, ``"1-16:2"`` (step) -> a list of ranks."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
-        if not m:
-            raise ValueError(
-                f"bad rank range {text!r}: use e.g. 1-8, 2,4,8 or 1-16:2 (positive integers)"
-            )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) else lo
-        step = int(m.group(3)) if m.group(3) else 1
-        if lo < 1 or hi < lo or step < 1:
-            raise ValueError(f"bad rank range {part!r}: need 1 <= first <= last and step >= 1")
-        out.extend(range(lo, hi + 1, step))
-    return sorted(set(out))
 
 
 def _open_data(path: str, layer: str | None):

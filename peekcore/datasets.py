@@ -40,6 +40,8 @@ from torch.utils.data import (
     Subset,
 )
 
+from ._validate import check_int
+
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
 _HASH_FULL_BYTES = 16 << 20  # arrays up to this size are hashed whole; larger: 64 rows
@@ -274,9 +276,7 @@ class Inputs:
         self.loader: DataLoader | None = None
         self.dataset: Dataset | None = None
         if n_samples is not None:
-            if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-                raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-            n_samples = int(n_samples)
+            n_samples = check_int(n_samples, "n_samples", purpose=" (inputs to read)")
         if isinstance(data, DataLoader):
             if transform is not None:
                 raise ValueError(
@@ -595,8 +595,7 @@ def as_inputs(
     -------
     Inputs
     """
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size", purpose=" (inputs per batch)")
     return Inputs(
         data,
         batch_size=batch_size,

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._io import atomic_write
+
 __all__ = ["DemoConfig", "DigitsCNN", "run_demo", "CHECKPOINTS"]
 
 #: (name, epochs, shuffled labels)
@@ -245,7 +247,8 @@ def run_demo(
         out, cfg, result, sweeps, names, x_te.numpy(), y_te.numpy(), rho_texts
     )
     result.seconds = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(result.__dict__, indent=2))
+    summary = json.dumps(result.__dict__, indent=2).encode()
+    atomic_write(out / "summary.json", lambda fh: fh.write(summary))
     return result
 
 

@@ -14,6 +14,10 @@ __all__ = [
     "InvalidTypeError",
     "DataError",
     "UnsafeFileError",
+    "OutputPathError",
+    "MissingFolderError",
+    "CheckpointError",
+    "CheckpointMismatchError",
 ]
 
 
@@ -35,3 +39,30 @@ class DataError(PeekcoreError, ValueError):
 
 class UnsafeFileError(PeekcoreError, ValueError):
     """A file would have to run code to load (a pickled model) and the caller did not opt in."""
+
+
+class OutputPathError(PeekcoreError, OSError):
+    """An output cannot be written where asked: a folder, FIFO or device in the way, a
+    missing or read-only folder. Raised before any work, so nothing computed is lost."""
+
+
+class MissingFolderError(OutputPathError, FileNotFoundError):
+    """The folder an output would go to does not exist."""
+
+
+class CheckpointError(PeekcoreError, ValueError):
+    """A file given to ``resume=`` is not a readable peekcore checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint was written for other data or settings that change the numbers.
+
+    Attributes
+    ----------
+    differences : dict
+        ``{name: (in the checkpoint, in this fit)}`` for each thing that differs.
+    """
+
+    def __init__(self, message: str, differences: dict | None = None) -> None:
+        super().__init__(message)
+        self.differences = dict(differences or {})

@@ -37,16 +37,17 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ._validate import SUPPORTED_DTYPES, dtype_label, dtype_name
+
 __all__ = [
     "ChunkSource",
     "ArraySource",
     "as_source",
+    "dtype_label",
     "dtype_name",
     "natural_chunk_size",
     "SUPPORTED_DTYPES",
 ]
-
-SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @runtime_checkable
@@ -60,33 +61,6 @@ class ChunkSource(Protocol):
     def dtype(self) -> Any: ...
 
     def chunks(self, chunk_size: int) -> Iterator[Any]: ...
-
-
-def dtype_label(dtype: Any) -> str:
-    """The plain name of a numpy / torch / string dtype (``"float16"``, ``"int32"``, ...)."""
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
-
-
-def dtype_name(dtype: Any) -> str:
-    """Name of a numpy / torch / string dtype as one of ``SUPPORTED_DTYPES``.
-
-    Raises
-    ------
-    TypeError
-        For integer, boolean, complex or unknown dtypes, with the fix.
-    """
-    name = dtype_label(dtype)
-    if name in SUPPORTED_DTYPES:
-        return name
-    raise TypeError(
-        f"peekcore factors floating-point data (float16, bfloat16, float32 or float64); "
-        f"got dtype {name}. Convert first, e.g. data.astype(np.float32)."
-    )
 
 
 class ArraySource:

@@ -28,6 +28,7 @@ import torch
 
 from . import diagnostics as diag
 from ._io import load_npz, save_npz
+from ._validate import check_int, parse_ranks
 from ._version import __version__
 from .kernels import ALS, HALS, PassKernel
 from .model import CPModel, FitHistory
@@ -210,15 +211,8 @@ class RankSweep:
 
 
 def _check_ranks(ranks: Any, shape: tuple[int, ...]) -> list[int]:
-    try:
-        ranks = [int(r) if not isinstance(r, bool) else r for r in ranks]
-    except TypeError as err:
-        raise TypeError(f"ranks must be a sequence of positive integers, got {ranks!r}") from err
-    if not ranks:
-        raise ValueError("ranks is empty: give at least one rank, e.g. range(1, 9)")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks must be distinct, got {ranks}")
-    return sorted(check_rank(r, shape) for r in ranks)
+    """Ranks as ``peekcore._validate.parse_ranks`` reads them, each bounded by the shape."""
+    return sorted(check_rank(r, shape) for r in parse_ranks(ranks))
 
 
 def _states(
@@ -293,8 +287,10 @@ def rank_sweep(
     ----------
     data : array, tensor, path or chunk source
         As for :func:`peekcore.cp_als`.
-    ranks : sequence of int
-        Candidate ranks (sorted on output).
+    ranks : sequence of int, int or str
+        Candidate ranks (sorted on output): distinct positive integers, or a
+        string as ``peek sweep --ranks`` takes it (``"1-8"``, ``"2,4,8"``,
+        ``"1-16:2"``). Floats and numeric strings in a list are refused.
     replicates : int
         Random restarts per rank; replicate ``p`` uses seed ``random_state + p``:
         it starts from the same factors as ``cp_als(data, r, random_state=random_state
@@ -348,8 +344,7 @@ def rank_sweep(
         )
     if method not in _METHODS:
         raise ValueError(f"method must be 'cp' or 'ncp', got {method!r}")
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
-        raise ValueError(f"replicates must be a positive integer, got {replicates!r}")
+    replicates = check_int(replicates, "replicates", purpose=" (restarts per rank)")
     if init == "gram" and replicates > 1:
         raise ValueError(
             "init='gram' is deterministic, so its replicates would be identical: use "

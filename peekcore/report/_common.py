@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _io
 from .._io import atomic_write
+from .._validate import check_output_file
 from ..model import CPModel
 from ..sweep import RankSweep
 from ..textout import json_safe
@@ -42,15 +43,15 @@ PathLike = str | os.PathLike
 
 
 def write_file(path: PathLike, write: Any) -> Path:
-    """:func:`peekcore._io.atomic_write`, then the permissions a plain ``open`` would give.
+    """:func:`peekcore._io.atomic_write`, creating the folder if missing.
 
-    The folder is created if missing. Reports and figures are meant to be shared, so
-    the file gets ``0o666`` less the umask rather than the temporary file's ``0o600``.
+    A new file gets the permissions a plain ``open`` would give (``0o666`` less
+    the umask: reports and figures are meant to be shared); a replaced one keeps
+    its own.
     """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    dest = atomic_write(path, write)
-    os.chmod(dest, 0o666 & ~_io.current_umask())
-    return dest
+    target = check_output_file(path, make_folder=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(target, write)
 
 
 #: What :func:`load_result` reads, for error messages.

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import check_int
 from ._common import (
     check_component,
     check_labels,
@@ -406,8 +407,7 @@ def component_figure(
     model = load_model(model_or_path)
     r = check_component(model, component)
     n = model.shape[0]
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    check_int(top_k, "top_k", purpose=" (samples to show)")
     images, layout, img_hw = _image_layout(images, n)
     names = None
     if labels is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..sources import dtype_label, dtype_name
+from .._validate import check_int, check_seed, dtype_label, dtype_name
 
 __all__ = [
     "TORCH_DTYPES",
@@ -57,11 +57,7 @@ def check_rank(rank: Any, shape: tuple[int, ...]) -> int:
     full column rank for generic factors even when every Gram in it is rank
     deficient (the fit then matches a dense float64 ALS, tests/test_cp_als.py).
     """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"rank must be a positive integer, got {rank!r}")
-    rank = int(rank)
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
+    rank = check_int(rank, "rank", purpose=" (a number of components)")
     mode = max(range(len(shape)), key=lambda k: shape[k])
     others = [n for k, n in enumerate(shape) if k != mode]
     limit = math.prod(others)
@@ -84,34 +80,14 @@ def check_random_state(random_state: Any) -> int | None:
     A seed, not a generator: it is stored in the model's metadata and in
     checkpoints, and HALS re-seeding derives its generators from it.
     """
-    if random_state is None:
-        return None
-    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
-        raise TypeError(
-            f"random_state must be None or a nonnegative integer seed, got {random_state!r} "
-            f"({type(random_state).__name__}); a generator cannot be stored with the model or "
-            "its checkpoints: pass an integer, e.g. random_state=0"
-        )
-    if random_state < 0:
-        raise ValueError(
-            f"random_state must be None or a nonnegative integer seed, got {random_state}"
-        )
-    return int(random_state)
+    return check_seed(random_state, "random_state")
 
 
 def check_checkpoint_every(checkpoint_every: Any) -> int:
     """A positive integer number of iterations between checkpoints."""
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral):
-        raise TypeError(
-            f"checkpoint_every must be a positive integer (iterations between checkpoints), "
-            f"got {checkpoint_every!r}"
-        )
-    if checkpoint_every < 1:
-        raise ValueError(
-            f"checkpoint_every must be a positive integer (iterations between checkpoints), "
-            f"got {checkpoint_every}"
-        )
-    return int(checkpoint_every)
+    return check_int(
+        checkpoint_every, "checkpoint_every", purpose=" (iterations between checkpoints)"
+    )
 
 
 def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -132,15 +108,11 @@ def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def check_iterations(n_iter_max: Any, tol: Any, sweeps: Any) -> tuple[int, float, int]:
     """Validated ``n_iter_max``, ``tol`` and HALS ``sweeps``."""
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, numbers.Integral):
-        raise TypeError(f"n_iter_max must be an integer, got {n_iter_max!r}")
-    if n_iter_max < 1:
-        raise ValueError(f"n_iter_max must be at least 1, got {n_iter_max}")
+    n_iter_max = check_int(n_iter_max, "n_iter_max", purpose=" (passes over the data)")
     if not (isinstance(tol, numbers.Real) and tol >= 0):
         raise ValueError(f"tol must be a nonnegative number, got {tol!r}")
-    if isinstance(sweeps, bool) or not isinstance(sweeps, numbers.Integral) or sweeps < 1:
-        raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
-    return int(n_iter_max), float(tol), int(sweeps)
+    sweeps = check_int(sweeps, "sweeps", purpose=" (HALS inner sweeps per pass)")
+    return n_iter_max, float(tol), sweeps
 
 
 def compute_dtype_for(stored: str, dtype: Any) -> torch.dtype:
@@ -183,11 +155,7 @@ def chunk_size_for(
     without a copy).
     """
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-            raise TypeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        return int(chunk_size)
+        return check_int(chunk_size, "chunk_size", purpose=" (samples per chunk)")
     per_sample = math.prod(shape[1:]) * torch.empty((), dtype=TORCH_DTYPES[stored]).element_size()
     budget = default_bytes if max_chunk_bytes is None else int(max_chunk_bytes)
     if natural is not None and natural >= 1:
