@@ -227,7 +227,8 @@ def case_a_b(args) -> None:
 
 
 def kernels_vs_torch(args) -> None:
-    from peekcore.kernels.cuda import CudaKernel, _pow2_scale
+    from peekcore.kernels.cuda import CudaKernel
+    from peekcore.kernels.cuda_launch import Launch, pow2_scale
     from peekcore.kernels.reference import hals_rows
 
     kern = CudaKernel(DEV)
@@ -238,7 +239,9 @@ def kernels_vs_torch(args) -> None:
     def ours_norm():
         norm.zero_()
         n = x.numel()
-        kern._launch("peekcore::sum_squares<__half>", 8192, 256, (x, np.int64(n), norm))
+        kern.launcher.run(
+            Launch("sum_squares", torch.float16, (8192, 1), 256, (x, np.int64(n), norm))
+        )
 
     out["sum_squares"] = (cuda_time(ours_norm), cuda_time(lambda: torch.sum(x.double() ** 2)))
     b = torch.rand((1024, 32), device=DEV, dtype=torch.float64)
@@ -251,7 +254,7 @@ def kernels_vs_torch(args) -> None:
 
     def torch_kr():
         kr = (b[:, None, :] * c[None, :, :]).reshape(-1, 32)
-        s = _pow2_scale(kr.abs().amax(0))
+        s = pow2_scale(kr.abs().amax(0))
         hi = (kr * s).half()
         lo = (kr * s - hi.double()).half()
         return torch.cat([hi, lo], dim=1)
@@ -263,7 +266,7 @@ def kernels_vs_torch(args) -> None:
     ones = torch.ones(32, dtype=torch.float64, device=DEV)
 
     def rows_kernel(hals: bool) -> None:
-        kern.update_rows(m, ones, gi, a, (32,), hals=hals, sweeps=5 if hals else 1)
+        kern.launcher.update_rows(m, ones, gi, a, (32,), hals=hals, sweeps=5 if hals else 1)
 
     out["update_rows_als"] = (
         cuda_time(lambda: rows_kernel(False)),
@@ -283,11 +286,14 @@ def kernels_vs_torch(args) -> None:
     width = 256 * 196
     out["add_split"] = (
         cuda_time(
-            lambda: kern._launch(
-                "peekcore::add_split",
-                (min((width + 255) // 256, 1024), 32),
-                256,
-                (p, inv, np.int32(32), np.int64(width), np.int32(2), t),
+            lambda: kern.launcher.run(
+                Launch(
+                    "add_split",
+                    None,
+                    (min((width + 255) // 256, 1024), 32),
+                    256,
+                    (p, inv, np.int32(32), np.int64(width), np.int32(2), t),
+                )
             )
         ),
         cuda_time(lambda: t.add_((p[:32] + p[32:]) * inv[:, None])),

@@ -142,33 +142,47 @@ PYBIND11_MODULE(_core, m) {
     if (code != 0)
       throw std::runtime_error(std::string(what) + ": " + peekcore::cuda::error_string(code));
   };
-  m.def("cuda_sum_squares", [check](int storage, std::uintptr_t x, long long n, std::uintptr_t out,
-                                    int grid, std::uintptr_t stream) {
-    check(peekcore::cuda::sum_squares(storage, x, n, out, grid, stream), "sum_squares");
+  // Every launcher ends with the launch's shape: grid_x, grid_y, block,
+  // shared bytes, stream (Python computes it, see launch.h).
+  using peekcore::cuda::Shape;
+  auto shape = [](unsigned gx, unsigned gy, unsigned block, std::size_t shared,
+                  std::uintptr_t stream) { return Shape{gx, gy, block, shared, stream}; };
+  m.def("cuda_sum_squares", [=](int storage, std::uintptr_t x, long long n, std::uintptr_t out,
+                                unsigned gx, unsigned gy, unsigned block, std::size_t shared,
+                                std::uintptr_t stream) {
+    check(peekcore::cuda::sum_squares(storage, x, n, out, shape(gx, gy, block, shared, stream)),
+          "sum_squares");
   });
-  m.def("cuda_khatri_rao", [check](int out_type, std::uintptr_t ptrs, std::uintptr_t dims, int d,
-                                   int R, long long J, std::uintptr_t scale, int terms,
-                                   std::uintptr_t out, std::uintptr_t stream) {
-    check(peekcore::cuda::khatri_rao(out_type, ptrs, dims, d, R, J, scale, terms, out, stream),
-          "khatri_rao");
-  });
+  m.def("cuda_khatri_rao",
+        [=](int storage, std::uintptr_t ptrs, std::uintptr_t dims, int d, int R, long long J,
+            std::uintptr_t scale, int terms, std::uintptr_t out, unsigned gx, unsigned gy,
+            unsigned block, std::size_t shared, std::uintptr_t stream) {
+          check(peekcore::cuda::khatri_rao(storage, ptrs, dims, d, R, J, scale, terms, out,
+                                           shape(gx, gy, block, shared, stream)),
+                "khatri_rao");
+        });
   m.def("cuda_update_rows",
-        [check](int double_rows, std::uintptr_t mm, int m_cols, std::uintptr_t inv_scale,
-                std::uintptr_t g, std::uintptr_t offsets, int models, int max_width, int R,
-                long long rows, int hals, int sweeps, std::uintptr_t a, std::uintptr_t stream) {
-          check(peekcore::cuda::update_rows(double_rows, mm, m_cols, inv_scale, g, offsets, models,
-                                            max_width, R, rows, hals, sweeps, a, stream),
+        [=](int storage, std::uintptr_t mm, int m_cols, std::uintptr_t inv_scale, std::uintptr_t g,
+            std::uintptr_t offsets, int R, long long rows, int hals, int sweeps, std::uintptr_t a,
+            unsigned gx, unsigned gy, unsigned block, std::size_t shared, std::uintptr_t stream) {
+          check(peekcore::cuda::update_rows(storage, mm, m_cols, inv_scale, g, offsets, R, rows,
+                                            hals, sweeps, a, shape(gx, gy, block, shared, stream)),
                 "update_rows");
         });
   m.def("cuda_split_rows",
-        [check](int out_type, std::uintptr_t a, std::uintptr_t scale, int R, long long rows,
-                int terms, std::uintptr_t out, std::uintptr_t stream) {
-          check(peekcore::cuda::split_rows(out_type, a, scale, R, rows, terms, out, stream),
+        [=](int storage, std::uintptr_t a, std::uintptr_t scale, int R, long long rows, int terms,
+            std::uintptr_t out, unsigned gx, unsigned gy, unsigned block, std::size_t shared,
+            std::uintptr_t stream) {
+          check(peekcore::cuda::split_rows(storage, a, scale, R, rows, terms, out,
+                                           shape(gx, gy, block, shared, stream)),
                 "split_rows");
         });
-  m.def("cuda_add_split", [check](std::uintptr_t p, std::uintptr_t inv_scale, int R, long long J,
-                                  int terms, std::uintptr_t t, std::uintptr_t stream) {
-    check(peekcore::cuda::add_split(p, inv_scale, R, J, terms, t, stream), "add_split");
+  m.def("cuda_add_split", [=](std::uintptr_t p, std::uintptr_t inv_scale, int R, long long J,
+                              int terms, std::uintptr_t t, unsigned gx, unsigned gy, unsigned block,
+                              std::size_t shared, std::uintptr_t stream) {
+    check(peekcore::cuda::add_split(p, inv_scale, R, J, terms, t,
+                                    shape(gx, gy, block, shared, stream)),
+          "add_split");
   });
 #endif
 

@@ -27,10 +27,21 @@ def hals_rows(
 def build_info() -> dict[str, object]:
     """What was compiled in: OpenMP, BLAS, CUDA, compiler, C++ standard, pybind11."""
 
-# Present only in builds with PEEKCORE_CUDA=ON (device pointers and streams as ints).
-def cuda_sum_squares(storage: int, x: int, n: int, out: int, grid: int, stream: int) -> None: ...
+# Present only in builds with PEEKCORE_CUDA=ON: device pointers and the stream as
+# ints, `storage` a peekcore::Storage code, then the launch's shape.
+def cuda_sum_squares(
+    storage: int,
+    x: int,
+    n: int,
+    out: int,
+    grid_x: int,
+    grid_y: int,
+    block: int,
+    shared: int,
+    stream: int,
+) -> None: ...
 def cuda_khatri_rao(
-    out_type: int,
+    storage: int,
     ptrs: int,
     dims: int,
     d: int,
@@ -39,27 +50,54 @@ def cuda_khatri_rao(
     scale: int,
     terms: int,
     out: int,
+    grid_x: int,
+    grid_y: int,
+    block: int,
+    shared: int,
     stream: int,
 ) -> None: ...
 def cuda_update_rows(
-    double_rows: int,
+    storage: int,
     m: int,
     m_cols: int,
     inv_scale: int,
     g: int,
     offsets: int,
-    models: int,
-    max_width: int,
     R: int,
     rows: int,
     hals: int,
     sweeps: int,
     a: int,
+    grid_x: int,
+    grid_y: int,
+    block: int,
+    shared: int,
     stream: int,
 ) -> None: ...
 def cuda_split_rows(
-    out_type: int, a: int, scale: int, R: int, rows: int, terms: int, out: int, stream: int
+    storage: int,
+    a: int,
+    scale: int,
+    R: int,
+    rows: int,
+    terms: int,
+    out: int,
+    grid_x: int,
+    grid_y: int,
+    block: int,
+    shared: int,
+    stream: int,
 ) -> None: ...
 def cuda_add_split(
-    p: int, inv_scale: int, R: int, J: int, terms: int, t: int, stream: int
+    p: int,
+    inv_scale: int,
+    R: int,
+    J: int,
+    terms: int,
+    t: int,
+    grid_x: int,
+    grid_y: int,
+    block: int,
+    shared: int,
+    stream: int,
 ) -> None: ...

@@ -1,6 +1,6 @@
 """GPU-only paths (skipped without a GPU and CuPy): sources streamed to the card,
 zero-copy CuPy input, CUDA-graph replay. The pass itself, on the GPU and in its
-torch form on the CPU, is in ``test_cuda_pass.py``.
+torch form on the CPU, is in ``test_kernels.py``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-// Host-side launchers (see launch.h): the same grid shapes as
-// peekcore/kernels/cuda.py uses through CuPy.
+// Host-side launchers (see launch.h). Each picks the template instance of the
+// storage type it is given, among the types the kernel is instantiated for,
+// and launches it with the shape Python computed.
 #include <cuda_runtime.h>
-
-#include <algorithm>
 
 #include "cp_pass.cu"
 #include "launch.h"
@@ -11,98 +10,94 @@ namespace peekcore {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 template <typename T>
-inline T* ptr(std::uintptr_t p) {
+T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
-inline unsigned blocks_for(long long n, int threads) {
-  return static_cast<unsigned>(std::max<long long>(1, (n + threads - 1) / threads));
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// The peekcore::Storage code of each CUDA type.
+template <typename T>
+constexpr Storage storage_of();
+template <>
+constexpr Storage storage_of<__half>() {
+  return Storage::kFloat16;
 }
+template <>
+constexpr Storage storage_of<__nv_bfloat16>() {
+  return Storage::kBFloat16;
+}
+template <>
+constexpr Storage storage_of<float>() {
+  return Storage::kFloat32;
+}
+template <>
+constexpr Storage storage_of<double>() {
+  return Storage::kFloat64;
+}
+
+// launch(Type<T>{}) for the T among Types whose code is `storage`, then the
+// launch's error; cudaErrorInvalidValue when none matches.
+template <typename... Types, typename F>
+int dispatch(int storage, F&& launch) {
+  bool found = false;
+  ((static_cast<int>(storage_of<Types>()) == storage ? (launch(Type<Types>{}), found = true)
+                                                     : false),
+   ...);
+  if (!found) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(cudaGetLastError());
+}
+
+dim3 grid_of(const Shape& s) { return dim3(s.grid_x, s.grid_y); }
+cudaStream_t stream_of(const Shape& s) { return reinterpret_cast<cudaStream_t>(s.stream); }
 
 }  // namespace
 
-int sum_squares(int storage, std::uintptr_t x, long long n, std::uintptr_t out, int grid,
-                std::uintptr_t stream) {
-  const dim3 g(static_cast<unsigned>(grid)), b(kThreads);
-  switch (storage) {
-    case 0:
-      peekcore::sum_squares<__half>
-          <<<g, b, 0, as_stream(stream)>>>(ptr<const __half>(x), n, ptr<double>(out));
-      break;
-    case 1:
-      peekcore::sum_squares<__nv_bfloat16>
-          <<<g, b, 0, as_stream(stream)>>>(ptr<const __nv_bfloat16>(x), n, ptr<double>(out));
-      break;
-    case 2:
-      peekcore::sum_squares<float>
-          <<<g, b, 0, as_stream(stream)>>>(ptr<const float>(x), n, ptr<double>(out));
-      break;
-    default:
-      peekcore::sum_squares<double>
-          <<<g, b, 0, as_stream(stream)>>>(ptr<const double>(x), n, ptr<double>(out));
-  }
-  return static_cast<int>(cudaGetLastError());
+int sum_squares(int storage, std::uintptr_t x, long long n, std::uintptr_t out, const Shape& s) {
+  return dispatch<__half, __nv_bfloat16, float, double>(storage, [&](auto t) {
+    using S = typename decltype(t)::type;
+    peekcore::sum_squares<S>
+        <<<grid_of(s), s.block, s.shared, stream_of(s)>>>(ptr<const S>(x), n, ptr<double>(out));
+  });
 }
 
-int khatri_rao(int out_type, std::uintptr_t factor_ptrs, std::uintptr_t dims, int d, int R,
-               long long J, std::uintptr_t scale, int terms, std::uintptr_t out,
-               std::uintptr_t stream) {
-  const dim3 g(blocks_for(J * R, kThreads)), b(kThreads);
-  auto fp = ptr<const unsigned long long>(factor_ptrs);
-  auto dp = ptr<const long long>(dims);
-  auto sp = ptr<const double>(scale);
-  switch (out_type) {
-    case 0:
-      peekcore::khatri_rao<__half>
-          <<<g, b, 0, as_stream(stream)>>>(fp, dp, d, R, J, sp, terms, ptr<__half>(out));
-      break;
-    case 1:
-      peekcore::khatri_rao<__nv_bfloat16>
-          <<<g, b, 0, as_stream(stream)>>>(fp, dp, d, R, J, sp, terms, ptr<__nv_bfloat16>(out));
-      break;
-    default:
-      peekcore::khatri_rao<float>
-          <<<g, b, 0, as_stream(stream)>>>(fp, dp, d, R, J, sp, terms, ptr<float>(out));
-  }
-  return static_cast<int>(cudaGetLastError());
+int khatri_rao(int storage, std::uintptr_t factor_ptrs, std::uintptr_t dims, int d, int R,
+               long long J, std::uintptr_t scale, int terms, std::uintptr_t out, const Shape& s) {
+  return dispatch<float, __half, __nv_bfloat16>(storage, [&](auto t) {
+    using O = typename decltype(t)::type;
+    peekcore::khatri_rao<O><<<grid_of(s), s.block, s.shared, stream_of(s)>>>(
+        ptr<const unsigned long long>(factor_ptrs), ptr<const long long>(dims), d, R, J,
+        ptr<const double>(scale), terms, ptr<O>(out));
+  });
 }
 
-int update_rows(int double_rows, std::uintptr_t m, int m_cols, std::uintptr_t inv_scale,
-                std::uintptr_t g, std::uintptr_t offsets, int models, int max_width, int R,
-                long long rows, int hals, int sweeps, std::uintptr_t a, std::uintptr_t stream) {
-  const dim3 grid(blocks_for(rows, 128), static_cast<unsigned>(models)), block(128);
-  const size_t shared = sizeof(double) * max_width * max_width;
-  if (double_rows) {
-    peekcore::update_rows<double, double><<<grid, block, shared, as_stream(stream)>>>(
-        ptr<const double>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g),
-        ptr<const int>(offsets), R, rows, hals, sweeps, ptr<double>(a));
-  } else {
-    peekcore::update_rows<float, float><<<grid, block, shared, as_stream(stream)>>>(
-        ptr<const float>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g),
-        ptr<const int>(offsets), R, rows, hals, sweeps, ptr<float>(a));
-  }
-  return static_cast<int>(cudaGetLastError());
+int update_rows(int storage, std::uintptr_t m, int m_cols, std::uintptr_t inv_scale,
+                std::uintptr_t g, std::uintptr_t offsets, int R, long long rows, int hals,
+                int sweeps, std::uintptr_t a, const Shape& s) {
+  return dispatch<float, double>(storage, [&](auto t) {
+    using T = typename decltype(t)::type;
+    peekcore::update_rows<T, T><<<grid_of(s), s.block, s.shared, stream_of(s)>>>(
+        ptr<const T>(m), m_cols, ptr<const double>(inv_scale), ptr<const double>(g),
+        ptr<const int>(offsets), R, rows, hals, sweeps, ptr<T>(a));
+  });
 }
 
-int split_rows(int out_type, std::uintptr_t a, std::uintptr_t scale, int R, long long rows,
-               int terms, std::uintptr_t out, std::uintptr_t stream) {
-  const dim3 g(blocks_for(rows * R, kThreads)), b(kThreads);
-  if (out_type == 0) {
-    peekcore::split_rows<__half><<<g, b, 0, as_stream(stream)>>>(
-        ptr<const float>(a), ptr<const float>(scale), R, rows, terms, ptr<__half>(out));
-  } else {
-    peekcore::split_rows<__nv_bfloat16><<<g, b, 0, as_stream(stream)>>>(
-        ptr<const float>(a), ptr<const float>(scale), R, rows, terms, ptr<__nv_bfloat16>(out));
-  }
-  return static_cast<int>(cudaGetLastError());
+int split_rows(int storage, std::uintptr_t a, std::uintptr_t scale, int R, long long rows,
+               int terms, std::uintptr_t out, const Shape& s) {
+  return dispatch<__half, __nv_bfloat16>(storage, [&](auto t) {
+    using O = typename decltype(t)::type;
+    peekcore::split_rows<O><<<grid_of(s), s.block, s.shared, stream_of(s)>>>(
+        ptr<const float>(a), ptr<const float>(scale), R, rows, terms, ptr<O>(out));
+  });
 }
 
 int add_split(std::uintptr_t p, std::uintptr_t inv_scale, int R, long long J, int terms,
-              std::uintptr_t t, std::uintptr_t stream) {
-  const dim3 g(std::min(blocks_for(J, kThreads), 1024u), static_cast<unsigned>(R)), b(kThreads);
-  peekcore::add_split<<<g, b, 0, as_stream(stream)>>>(
+              std::uintptr_t t, const Shape& s) {
+  peekcore::add_split<<<grid_of(s), s.block, s.shared, stream_of(s)>>>(
       ptr<const float>(p), ptr<const float>(inv_scale), R, J, terms, ptr<float>(t));
   return static_cast<int>(cudaGetLastError());
 }

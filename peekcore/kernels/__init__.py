@@ -6,6 +6,7 @@ import torch
 
 from .. import _native
 from .base import ALS, HALS, PassKernel, PassStatistics
+from .cuda_launch import compiled_backends
 from .reference import TorchKernel
 
 __all__ = [
@@ -34,13 +35,7 @@ def cuda_available() -> bool:
 def cuda_kernels_available() -> bool:
     """Whether the ``"cuda"`` kernel has its custom kernels: a CUDA device, and CuPy or
     an extension built with CUDA."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return _native.available() and hasattr(_native.core(), "cuda_sum_squares")
-    return True
+    return torch.cuda.is_available() and bool(compiled_backends())
 
 
 def names() -> list[str]:

@@ -25,22 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import hals_rows, khatri_rao
+
 __all__ = ["PassKernel", "PassStatistics", "ALS", "HALS", "khatri_rao"]
 
 ALS = "als"
 HALS = "hals"
-
-
-def khatri_rao(factors: list[torch.Tensor]) -> torch.Tensor:
-    """Khatri-Rao product ``I_1 * ... * I_k x R`` of ``I_m x R`` factors, the last fastest.
-
-    Row ``(i_1, ..., i_k)`` in row-major order, so ``X.reshape(b, -1) @ khatri_rao(F)``
-    contracts the modes of ``X`` (``b x I_1 x ... x I_k``) with the factors.
-    """
-    out = factors[0]
-    for f in factors[1:]:
-        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
-    return out
 
 
 @dataclass
@@ -119,12 +109,17 @@ class PassKernel(ABC):
     ) -> torch.Tensor:
         """HALS sweeps on a resident factor (``I x R`` float64) from its MTTKRP and Gram.
 
-        ``blocks``: ranks of models stacked side by side (``g`` block diagonal).
-        Returns a new tensor; the default is the torch reference.
+        ``blocks``: ranks of models stacked side by side (``g`` block diagonal);
+        each model is solved from its own block. Returns a new tensor; the
+        default is the torch reference.
         """
-        from .reference import hals_rows
-
-        return hals_rows(f.clone(), m, g, sweeps)
+        out = f.clone()
+        lo = 0
+        for w in blocks or (f.shape[1],):
+            hi = lo + w
+            out[:, lo:hi] = hals_rows(out[:, lo:hi], m[:, lo:hi], g[lo:hi, lo:hi], sweeps)
+            lo = hi
+        return out
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op on the CPU
         """Wait for queued device work (no-op on the CPU)."""

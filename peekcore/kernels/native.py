@@ -6,12 +6,11 @@ import numpy as np
 import torch
 
 from .._native import core
-from .base import ALS, PassKernel, PassStatistics, khatri_rao
+from .base import ALS, PassKernel, PassStatistics
+from .ops import khatri_rao
+from .storage import storage_code
 
-__all__ = ["NativeKernel", "STORAGE_CODES"]
-
-# Must match peekcore::Storage in csrc/include/peekcore/pass_math.h
-STORAGE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+__all__ = ["NativeKernel"]
 
 #: decoded bytes of one thread's share of a block of samples (its columns of the
 #: block); sized so the share stays in cache between the two contractions
@@ -112,7 +111,7 @@ class NativeKernel(PassKernel):
         out = a_rows if a_rows.is_contiguous() else a_rows.contiguous()
         norm2 = self._core.pass_chunk(
             _numpy_view(x.reshape(x.shape[0], -1)),
-            STORAGE_CODES[x.dtype],
+            storage_code(x.dtype),
             [f.shape[0] for f in factors],  # the modes as prepare_factors grouped them
             factors,
             g.contiguous().numpy(),

@@ -21,7 +21,8 @@ typedef unsigned int uint32_t;
 
 namespace peekcore {
 
-// Storage kinds of the streamed chunk. Values match peekcore/kernels/native.py.
+// Storage kinds of the streamed chunk: the table STORAGE_TYPES in
+// peekcore/kernels/storage.py, written out (tests/test_kernels.py checks it).
 enum class Storage : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 PEEK_HD float bits_to_float(std::uint32_t bits) {
