@@ -3,7 +3,8 @@
 Fit a CP model to an activation tensor (samples x channels x space) without
 holding it whole: ``peekcore.cp_als(data, rank)`` / ``peekcore.ncp_hals``; sweep
 ranks with diagnostics: ``peekcore.rank_sweep``; capture a model's layers:
-``peekcore.capture``; pictures and reports: ``peekcore.report``.
+``peekcore.capture``; rank measures across checkpoints against their quality:
+``peekcore.rank_profile``; pictures and reports: ``peekcore.report``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "FitHistory",
     "IterationInfo",
     "ModelSource",
+    "RankProfile",
     "RankSweep",
     "__version__",
     "build_info",
@@ -36,6 +38,7 @@ __all__ = [
     "diagnostics",
     "kernels",
     "ncp_hals",
+    "rank_profile",
     "rank_sweep",
     "sources",
 ]
@@ -74,9 +77,12 @@ def build_info() -> dict:
 
 
 def __getattr__(name: str) -> object:
-    # peekcore.report brings matplotlib: imported on first use, not with peekcore
-    if name == "report":
-        import importlib
+    # peekcore.report brings matplotlib and peekcore.profile scipy.stats: imported on
+    # first use, not with peekcore
+    import importlib
 
+    if name == "report":
         return importlib.import_module(".report", __name__)
+    if name in ("rank_profile", "RankProfile"):  # scipy.stats on first use, not with peekcore
+        return getattr(importlib.import_module(".profile.profile", __name__), name)
     raise AttributeError(f"module 'peekcore' has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """The ``peek`` command line (also ``python -m peekcore``).
 
     peek demo      the embedded demo: digits CNN, rank per layer vs accuracy, report
+    peek profile   rank measures of layers across checkpoints, and their link with quality
     peek capture   run a model over data and store layer activations (zarr)
     peek fit       fit CP / nonnegative CP to an .npy file or a stored layer
     peek sweep     rank sweep with diagnostics and an automatic rank choice
@@ -59,6 +60,19 @@ def _open_data(path: str, layer: str | None):
     return str(p)
 
 
+def _load_inputs(spec: str):
+    from . import datasets
+
+    if spec == "digits":
+        return datasets.digits()
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"no such data: {p} (use 'digits', an .npy file or a folder)")
+    if p.is_dir():
+        return datasets.image_folder(p)
+    return str(p)
+
+
 # ------------------------------------------------------------------- commands
 
 
@@ -68,27 +82,112 @@ def _demo(args: argparse.Namespace) -> dict:
     cfg = DemoConfig.small(args.seed) if args.small else DemoConfig(seed=args.seed)
     log = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda line: None)
     result = run_demo(args.out, cfg, progress=False, log=log)
-    return {
-        "finding": result.finding,
-        "accuracy": result.accuracy,
-        "chosen_rank": result.chosen_rank,
-        "correlation": result.correlation,
+    return {  # the verdict once; the per-layer sentences are in the report and profile
+        "verdict": result.verdict,
+        "points_per_layer": result.points_per_layer,
         "report": result.report,
+        "summary": str(Path(result.out_dir) / "summary.json"),
+        "profile": result.profile,
         "seconds": result.seconds,
     }
 
 
+def _profile_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of ``peek profile --data`` (labels None when unknown)."""
+    from .errors import InvalidArgumentError
+
+    data = _load_inputs(args.data)
+    labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+    if isinstance(data, str):  # an .npy file of inputs
+        inputs = np.load(data, allow_pickle=False)
+    elif hasattr(data, "inputs"):
+        inputs = data.inputs
+        labels = data.labels if labels is None else labels
+    else:
+        raise InvalidArgumentError(
+            "peek profile needs --data as 'digits' or an .npy file of inputs (with --labels "
+            "an .npy file of class labels)"
+        )
+    return inputs, labels
+
+
+def _profile(args: argparse.Namespace) -> dict:
+    from .errors import InvalidArgumentError
+    from .loading import import_object
+    from .profile.profile import accuracy, rank_profile
+
+    builder = import_object(args.model)
+    inputs, labels = _profile_data(args)
+    if args.quality:
+        quality = [float(q) for q in args.quality]
+    elif labels is not None:
+        quality = accuracy(inputs, labels)
+    else:
+        raise InvalidArgumentError(
+            "no quality for the checkpoints: give --quality with one value per checkpoint, or "
+            "labelled data (--data digits, or --labels labels.npy) to compute the accuracy"
+        )
+    paths = [Path(p) for p in args.checkpoints]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such checkpoint file: {p}")
+    names = section_names(paths)
+    log = (lambda line: print(line, file=sys.stderr)) if not args.json else None
+    profile = rank_profile(
+        list(zip(names, paths, strict=True)),
+        inputs if labels is None else (inputs, labels),
+        [s.strip() for s in args.layers.split(",") if s.strip()],
+        ranks=parse_ranks(args.ranks),
+        replicates=args.replicates,
+        quality=quality,
+        quality_name="accuracy" if not args.quality else "quality",
+        method=args.method,
+        store=args.store,
+        builder=builder,
+        trust=args.trust_model_file,
+        n_iter_max=args.iters,
+        tol=args.tol,
+        n_boot=args.n_boot,
+        random_state=args.seed,
+        log=log,
+    )
+    profile.save(args.out)
+    return {
+        "verdict": profile.verdict,
+        "points": len(profile.points),
+        "out": args.out,
+        "seconds": profile.seconds,
+    }
+
+
+def _is_profile(path: str) -> bool:
+    from ._io import open_npz, read_header
+
+    try:
+        with open_npz(path, "a rank profile") as data:
+            return read_header(data, path, "a rank profile").get("format") == "peekcore.RankProfile"
+    except (OSError, ValueError):
+        return False
+
+
+def _profile_report(args: argparse.Namespace) -> dict:
+    from .report.profile_figures import profile_report
+
+    title = None if args.title == "peekcore report" else args.title
+    path = profile_report(args.results[0], args.out, title=title)
+    return {"report": str(path)}
+
+
 def _capture(args: argparse.Namespace) -> dict:
     from .capture import capture
-    from .loading import load_inputs, load_model
+    from .loading import load_model
 
     model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
-    data, notes = load_inputs(args.data, model)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     t0 = time.perf_counter()
     store = capture(
         model,
-        data,
+        _load_inputs(args.data),
         layers,
         args.store,
         dtype=args.dtype,
@@ -103,7 +202,6 @@ def _capture(args: argparse.Namespace) -> dict:
         "layers": {name: list(store[name].shape) for name in store.layers},
         "dtype": store.dtype,
         "seconds": time.perf_counter() - t0,
-        "notes": notes,
     }
 
 
@@ -177,6 +275,8 @@ def _sweep(args: argparse.Namespace) -> dict:
 
 
 def _report(args: argparse.Namespace) -> dict:
+    if len(args.results) == 1 and _is_profile(args.results[0]):
+        return _profile_report(args)
     from . import report
     from .report._common import load_result
     from .sweep import RankSweep
@@ -402,11 +502,47 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
     )
 
-    demo = sub.add_parser("demo", help="the embedded demo (digits CNN, ranks vs accuracy)")
+    demo = sub.add_parser(
+        "demo", help="the embedded experiment: digits CNNs along training, rank vs accuracy"
+    )
     demo.add_argument("--out", default="peek-demo", help="output folder (default peek-demo)")
     demo.add_argument("--small", action="store_true", help="a fast, smaller configuration")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
+
+    prof = sub.add_parser(
+        "profile", help="rank measures of layers across checkpoints, against their quality"
+    )
+    prof.add_argument(
+        "--model", required=True, help="module:attribute or file.py:attribute building the model"
+    )
+    prof.add_argument(
+        "--checkpoints", nargs="+", required=True, help="state-dict files (torch.save), 2 or more"
+    )
+    prof.add_argument(
+        "--data", required=True, help="'digits' or an .npy file of inputs (held-out data)"
+    )
+    prof.add_argument("--labels", help="an .npy file of class labels for --data")
+    prof.add_argument("--layers", required=True, help="comma-separated layer names")
+    prof.add_argument(
+        "--quality", nargs="+", help="one value per checkpoint (default: accuracy on --data)"
+    )
+    prof.add_argument("--ranks", default="1-20", help="ranks swept (default 1-20)")
+    prof.add_argument("--replicates", type=int, default=2, help="restarts per rank (default 2)")
+    prof.add_argument("--method", choices=("cp", "ncp"), default="ncp", help="default ncp")
+    prof.add_argument("--iters", type=int, default=50, help="iterations per model (default 50)")
+    prof.add_argument("--tol", type=float, default=1e-5, help="stopping tolerance (default 1e-5)")
+    prof.add_argument("--n-boot", type=int, default=200, help="bootstrap draws (default 200)")
+    prof.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    prof.add_argument("--store", help="folder for the activation stores (reused when present)")
+    prof.add_argument(
+        "--trust-model-file",
+        action="store_true",
+        help="load whole pickled model files; unpickling can run any code the file carries, "
+        "so only for files you trust (state dicts never need it)",
+    )
+    prof.add_argument("--out", default="profile.npz", help="the profile (default profile.npz)")
+    prof.set_defaults(func=_profile)
 
     cap = sub.add_parser("capture", help="store layer activations of a model over data")
     cap.add_argument(

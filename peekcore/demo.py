@@ -1,15 +1,23 @@
-"""The embedded demo: does the rank of a layer's activations track how well the net was trained?
+"""The embedded demo: does the rank of a layer's activations say how well the net was trained?
 
 With no download: a small CNN is trained on scikit-learn's bundled handwritten
-digits to several levels of quality (untrained, briefly trained, well trained,
-and trained on shuffled labels); every convolutional layer's activations on
-held-out digits (after each ReLU, so nonnegative) are captured into activation
-stores as samples x channels x positions; a nonnegative CP rank sweep with an
-automatic rank choice runs on each; a report shows the sweeps, the components
-of the well-trained network, and the chosen rank per layer against test
-accuracy, with the rank correlation. The finding is stated as measured,
-whatever its direction (Saini and Papalexakis report that better-trained
-networks show different, characteristic ranks).
+digits from several seeds, with clean labels and with 50% and 100% of the
+training labels shuffled, and saved at several points along training (the
+untrained net included). Every checkpoint's three ReLU layers are captured on
+held-out digits (samples x channels x positions, nonnegative), each layer's
+nonnegative CP rank is swept (ranks 1 to 20, two replicates per rank), five
+rank measures are taken per sweep with a bootstrap over samples
+(:mod:`peekcore.profile.measures`), and each measure is related to test
+accuracy per layer and pooled (Spearman's rho and Kendall's tau, permutation
+p-values within training seeds, bootstrap intervals over whole seeds:
+:mod:`peekcore.profile.association`). The verdict is stated as measured,
+whatever its direction, and says "inconclusive" when that is the truth (Saini
+and Papalexakis report that better-trained networks show characteristic ranks;
+this asks it again with statistics).
+
+Label noise separates training time from quality: a net trained as long on
+shuffled labels has moved as far from its start but generalizes no better
+than chance.
 
 Deterministic for a given seed (single-threaded training, seeded everything).
 """
@@ -17,7 +25,6 @@ Deterministic for a given seed (single-threaded training, seeded everything).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,45 +34,79 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_write
+__all__ = ["DemoConfig", "DemoResult", "DigitsCNN", "run_demo", "LAYERS"]
 
-__all__ = ["DemoConfig", "DigitsCNN", "run_demo", "CHECKPOINTS"]
-
-#: (name, epochs, shuffled labels)
-CHECKPOINTS = (
-    ("untrained", 0, False),
-    ("brief", 3, False),
-    ("well-trained", 40, False),
-    ("shuffled-labels", 40, True),
-)
 LAYERS = ("act1", "act2", "act3")
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (``small()`` for the test suite)."""
+    """Sizes of the demo (``small()`` for the test suite).
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the data split and the networks: network ``i`` is trained from
+        seed ``seed * n_networks + i``, so two demo seeds share no network.
+    n_networks : int
+        Training seeds.
+    noise : tuple of float
+        Shares of training labels shuffled, one training run per network each.
+    epochs : tuple of int
+        Checkpoints of the clean-label runs (epoch 0: the untrained network,
+        shared by every run of one seed).
+    noisy_epochs : tuple of int
+        Checkpoints of the runs with shuffled labels.
+    ranks, replicates, n_iter_max, tol, method
+        Of every rank sweep (:func:`peekcore.rank_sweep`).
+    n_boot : int
+        Bootstrap draws over samples per sweep.
+    n_permutations, n_boot_association : int
+        Of the association tests.
+    """
 
     seed: int = 0
-    ranks: tuple[int, ...] = tuple(range(1, 9))
+    n_networks: int = 3
+    noise: tuple[float, ...] = (0.0, 0.5, 1.0)
+    epochs: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+    noisy_epochs: tuple[int, ...] = (4, 16)
+    ranks: tuple[int, ...] = tuple(range(1, 21))
     replicates: int = 2
-    n_iter_max: int = 100
-    tol: float = 1e-6
+    n_iter_max: int = 50
+    tol: float = 1e-5
     method: str = "ncp"
-    checkpoints: tuple = CHECKPOINTS
+    n_boot: int = 100
+    n_permutations: int = 2000
+    n_boot_association: int = 2000
     train_size: int = 1200
     batch_size: int = 64
-    components_shown: int = 4
+    lr: float = 3e-3
+    report_sweeps: bool = True
 
     @classmethod
     def small(cls, seed: int = 0) -> DemoConfig:
+        """A few seconds' version for tests: 2 networks, 6 points per layer, ranks 1-3."""
         return cls(
             seed=seed,
-            ranks=(1, 2, 3, 4),
-            replicates=2,
-            n_iter_max=30,
-            checkpoints=(("untrained", 0, False), ("brief", 2, False)),
-            components_shown=2,
+            n_networks=2,
+            noise=(0.0, 1.0),
+            epochs=(0, 2),
+            noisy_epochs=(2,),
+            ranks=(1, 2, 3),
+            n_iter_max=15,
+            n_boot=10,
+            n_boot_association=200,
+            report_sweeps=False,
         )
+
+    def points_per_layer(self) -> int:
+        """(network, checkpoint) points per layer: epoch 0 once per network."""
+        clean = [e for e in self.epochs if e > 0] if 0.0 in self.noise else []
+        noisy = [e for e in self.noisy_epochs if e > 0]
+        per_net = (
+            int(0 in self.epochs) + len(clean) + len(noisy) * sum(1 for q in self.noise if q > 0)
+        )
+        return self.n_networks * per_net
 
 
 class DigitsCNN(nn.Module):
@@ -87,249 +128,205 @@ class DigitsCNN(nn.Module):
         return self.head(self.act3(self.conv3(self.pool(x))))
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, cfg: DemoConfig):
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+def _noisy_labels(y: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """``y`` with a random ``share`` of its entries shuffled among themselves."""
+    if share <= 0:
+        return y
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(y), generator=g)[: int(round(share * len(y)))]
+    out = y.clone()
+    out[picked] = y[picked[torch.randperm(len(picked), generator=g)]]
+    return out
+
+
+def _train_run(
+    x: torch.Tensor, y: torch.Tensor, seed: int, epochs: list[int], cfg: DemoConfig
+) -> dict[int, DigitsCNN]:
+    """Train one network from seed ``seed``; copies of it after each epoch in ``epochs``."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
+    snaps: dict[int, DigitsCNN] = {}
+
+    def snapshot(epoch: int) -> None:
+        if epoch in epochs:
+            copy = DigitsCNN()
+            copy.load_state_dict(model.state_dict())
+            snaps[epoch] = copy.eval()
+
+    snapshot(0)
+    for epoch in range(1, max(epochs) + 1):
+        model.train()
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-    model.eval()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.inference_mode():
-        return float((model(x).argmax(1) == y).float().mean())
+        snapshot(epoch)
+    return snaps
 
 
 @dataclass
 class DemoResult:
-    """What the demo measured (also written to ``summary.json``)."""
+    """What the demo measured; ``summary.json`` holds :meth:`RankProfile.summary`."""
 
     out_dir: str
-    accuracy: dict[str, float] = field(default_factory=dict)
-    chosen_rank: dict[str, dict[str, int]] = field(default_factory=dict)
-    correlation: dict[str, float | None] = field(default_factory=dict)
-    finding: str = ""
+    verdict: str = ""
+    verdicts: dict[str, str] = field(default_factory=dict)
+    points_per_layer: int = 0
     report: str = ""
+    profile: str = ""
     seconds: float = 0.0
+    seconds_by_step: dict[str, float] = field(default_factory=dict)
 
 
-def _spearman(accuracy: list[float], ranks: list[int]) -> tuple[float | None, str]:
-    """Spearman's rho of chosen rank against accuracy, and how to say it.
-
-    None, with the reason, when it is undefined: fewer than 3 checkpoints (two
-    points always give +-1, which says nothing), or accuracy or rank the same at
-    every checkpoint (no ranking to correlate).
-    """
-    from scipy.stats import spearmanr
-
-    n = len(accuracy)
-    if n < 3:
-        return None, f"undefined with {n} checkpoint{'' if n == 1 else 's'} (it needs 3 or more)"
-    if len(set(accuracy)) < 2:
-        return None, "undefined (the accuracy is the same at every checkpoint)"
-    if len(set(ranks)) < 2:
-        return None, "undefined (the chosen rank is the same at every checkpoint)"
-    rho = float(spearmanr(accuracy, ranks).statistic)
-    return rho, f"{rho:+.2f}"
+def _checkpoints(cfg: DemoConfig, x_tr, y_tr, log) -> list[dict]:
+    """Every (network, run, epoch) checkpoint, trained single-threaded (repeatable)."""
+    out = []
+    for i in range(cfg.n_networks):
+        seed = cfg.seed * cfg.n_networks + i
+        for share in cfg.noise:
+            epochs = list(cfg.epochs if share == 0 else cfg.noisy_epochs)
+            if 0 not in epochs and (share == 0 or 0.0 not in cfg.noise):
+                epochs.append(0)  # untrained is kept once per network
+            labels = _noisy_labels(y_tr, share, seed + 1000)
+            snaps = _train_run(x_tr, labels, seed, sorted(set(epochs)), cfg)
+            pct = int(round(100 * share))
+            for epoch, model in snaps.items():
+                if epoch == 0:
+                    if any(c["seed"] == seed and c["info"]["epoch"] == 0 for c in out):
+                        continue
+                    name, cond = f"net{seed}-untrained", "untrained"
+                else:
+                    name, cond = f"net{seed}-noise{pct}-e{epoch}", f"noise {pct}%, epoch {epoch}"
+                info = {"epoch": epoch, "label_noise": 0.0 if epoch == 0 else share}
+                out.append(
+                    {"name": name, "model": model, "seed": seed, "condition": cond, "info": info}
+                )
+        log(f"[demo] network seed {seed}: trained ({len(out)} checkpoints so far)")
+    return out
 
 
 def run_demo(
     out_dir: str | Path = "peek-demo",
     config: DemoConfig | None = None,
     *,
-    progress: bool | None = None,
+    progress: bool | None = False,
     log: Any = print,
 ) -> DemoResult:
-    """Run the whole demo and write stores, sweeps, figures and the report under ``out_dir``.
+    """Run the whole experiment and write the profile, the report and ``summary.json``.
 
     Parameters
     ----------
     out_dir : path
-        Output folder (created).
+        Output folder (created): ``profile.npz``, ``summary.json``,
+        ``report.html``, ``figures/``, ``sweeps/`` (two example sweeps per layer).
     config : DemoConfig, optional
-        Sizes; default the full demo (about a minute on 2 CPU cores).
+        Sizes; default the full experiment (about 4 minutes on 2 idle CPU cores).
     progress : bool, optional
-        Progress bars.
+        Progress bars of the sweeps.
     log : callable
-        Receives one line per step.
+        Receives one line per step (the verdict is not among them: it is returned).
 
     Returns
     -------
     DemoResult
     """
-    from . import capture, datasets
-    from .sweep import rank_sweep
+    from . import datasets
+    from ._io import atomic_write
+    from .profile.profile import accuracy, rank_profile
+    from .report._common import json_safe
+    from .report.profile_figures import profile_report
 
     cfg = config or DemoConfig()
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    data = datasets.digits()
+    x_all = torch.as_tensor(np.asarray(data.inputs), dtype=torch.float32)
+    y_all = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
+    perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(cfg.seed))
+    train, test = perm[: cfg.train_size], perm[cfg.train_size :]
+    x_tr, y_tr, x_te, y_te = x_all[train], y_all[train], x_all[test], y_all[test]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-for-bit repeatable training
     try:
-        data = datasets.digits()
-        x_all = torch.as_tensor(np.asarray(data.inputs), dtype=torch.float32)
-        y_all = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
-        perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(cfg.seed))
-        train, test = perm[: cfg.train_size], perm[cfg.train_size :]
-        x_tr, y_tr, x_te, y_te = x_all[train], y_all[train], x_all[test], y_all[test]
-        np.save(out / "test_images.npy", x_te.numpy())
-        np.save(out / "test_labels.npy", y_te.numpy())
-        result = DemoResult(out_dir=str(out))
-        sweeps: dict[str, dict[str, Any]] = {}
-        for name, epochs, shuffled in cfg.checkpoints:
-            torch.manual_seed(cfg.seed)
-            model = DigitsCNN()
-            labels = y_tr
-            if shuffled:
-                g = torch.Generator().manual_seed(cfg.seed + 2)
-                labels = y_tr[torch.randperm(len(y_tr), generator=g)]
-            _train(model, x_tr, labels, epochs, cfg)
-            acc = _accuracy(model, x_te, y_te)
-            result.accuracy[name] = acc
-            log(f"[demo] {name}: {epochs} epochs, test accuracy {acc:.3f}")
-            store = capture(
-                model,
-                (x_te.numpy(), y_te.numpy()),
-                layers=list(LAYERS),
-                store=out / f"{name}.zarr",
-                dtype="float32",
-                batch_size=256,
-                fold_spatial=True,  # samples x channels x (H*W), as in the paper
-                overwrite=True,
-                progress=False,
-            )
-            sweeps[name] = {}
-            result.chosen_rank[name] = {}
-            for layer in LAYERS:
-                sweep = rank_sweep(
-                    store[layer],
-                    cfg.ranks,
-                    cfg.replicates,
-                    method=cfg.method,
-                    n_iter_max=cfg.n_iter_max,
-                    tol=cfg.tol,
-                    random_state=cfg.seed,
-                    progress=progress,
-                )
-                sweep.save(out / f"{name}_{layer}_sweep.npz")
-                sweeps[name][layer] = sweep
-                result.chosen_rank[name][layer] = sweep.chosen_rank
-                log(f"[demo]   {layer} {tuple(store[layer].shape)}: rank {sweep.chosen_rank}")
+        checkpoints = _checkpoints(cfg, x_tr, y_tr, log)
     finally:
         torch.set_num_threads(threads)
-    names = [n for n, _, _ in cfg.checkpoints]
-    accs = [result.accuracy[n] for n in names]
-    parts = []
-    rho_texts = {}
-    for layer in LAYERS:
-        ranks = [result.chosen_rank[n][layer] for n in names]
-        rho, rho_texts[layer] = _spearman(accs, ranks)
-        result.correlation[layer] = rho
-        parts.append(f"{layer}: ranks {ranks} (Spearman rho with accuracy {rho_texts[layer]})")
-    result.finding = (
-        "Chosen CP rank per layer across checkpoints "
-        + ", ".join(f"{n} (accuracy {a:.2f})" for n, a in zip(names, accs, strict=True))
-        + ": "
-        + "; ".join(parts)
-        + "."
-    )
-    log("[demo] finding: " + result.finding)
-    result.report = _write_report(
-        out, cfg, result, sweeps, names, x_te.numpy(), y_te.numpy(), rho_texts
-    )
-    result.seconds = time.perf_counter() - t_start
-    summary = json.dumps(result.__dict__, indent=2).encode()
-    atomic_write(out / "summary.json", lambda fh: fh.write(summary))
-    return result
-
-
-def _write_report(out, cfg, result, sweeps, names, images, labels, rho_texts) -> str:
-    """Figures from the saved result files, then one self-contained HTML report."""
-    from . import report
-    from .sweep import RankSweep
-
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
-    records = [
-        {
-            "layer": layer,
-            "checkpoint": n,
-            "accuracy": result.accuracy[n],
-            "rank": result.chosen_rank[n][layer],
-        }
-        for n in names
-        for layer in LAYERS
+    t_trained = time.perf_counter()
+    names = [c["name"] for c in checkpoints]
+    first = cfg.seed * cfg.n_networks
+    shown = [  # example sweeps in the report: untrained, clean and shuffled at their ends
+        n
+        for n in (
+            f"net{first}-untrained",
+            f"net{first}-noise0-e{max(cfg.epochs)}",
+            f"net{first}-noise{int(round(100 * max(cfg.noise)))}-e{max(cfg.noisy_epochs)}",
+        )
+        if n in names and cfg.report_sweeps
     ]
-    overview = [report.training_quality_figure(records, figs / "training_quality")]
-    shown = "well-trained" if "well-trained" in names else names[-1]
-    sections = []
-    for layer in LAYERS:
-        layer_figs = []
-        for n in names:
-            sweep = RankSweep.load(out / f"{n}_{layer}_sweep.npz")  # from the file, not live
-            layer_figs.append(
-                report.rank_sweep_figure(sweep, figs / f"{n}_{layer}_sweep", title=f"{layer}, {n}")
-            )
-        best = sweeps[shown][layer].model()
-        model_path = out / f"{shown}_{layer}_model.npz"
-        best.save(model_path)
-        layer_figs.append(
-            report.class_component_figure(model_path, labels, figs / f"{shown}_{layer}_classes")
-        )
-        side = int(round(math.sqrt(best.shape[2])))  # positions were folded from side x side
-        components = [
-            report.component_figure(
-                model_path,
-                images,
-                r,
-                out_stem=figs / f"{shown}_{layer}_component{r}",
-                labels=labels,
-                top_k=9,
-                spatial_shape=(side, side),
-            )
-            for r in range(min(best.rank, cfg.components_shown))
-        ]
-        sections.append(
-            report.LayerSection(
-                name=layer,
-                summary={
-                    "shape": best.shape,
-                    **{f"chosen rank ({n})": result.chosen_rank[n][layer] for n in names},
-                    "Spearman rho (rank vs accuracy)": rho_texts[layer],
-                    f"components shown ({shown})": len(components),
-                },
-                figures=layer_figs,
-                components=components,
-            )
-        )
-    path = report.write_report(
-        out / "report.html",
-        title="peekcore demo: layer rank against training quality (digits CNN)",
-        settings={
-            "data": "scikit-learn digits (8 x 8), held-out split",
-            "checkpoints": [
-                {"name": n, "epochs": e, "shuffled_labels": sh} for n, e, sh in cfg.checkpoints
-            ],
-            "test_accuracy": result.accuracy,
-            "ranks": list(cfg.ranks),
-            "method": cfg.method,
-            "layout": "samples x channels x (H*W), after each ReLU",
-            "replicates": cfg.replicates,
-            "n_iter_max": cfg.n_iter_max,
-            "tol": cfg.tol,
-            "seed": cfg.seed,
-        },
-        layers=sections,
-        figures=overview,
-        notes=result.finding,
+    profile = rank_profile(
+        checkpoints,
+        (x_te.numpy(), y_te.numpy()),
+        list(LAYERS),
+        ranks=cfg.ranks,
+        replicates=cfg.replicates,
+        quality=accuracy(x_te, y_te),
+        method=cfg.method,
+        n_iter_max=cfg.n_iter_max,
+        tol=cfg.tol,
+        n_boot=cfg.n_boot,
+        n_permutations=cfg.n_permutations,
+        n_boot_association=cfg.n_boot_association,
+        random_state=cfg.seed,
+        sweep_dir=out / "sweeps" if shown else None,
+        save_sweeps=shown,
+        progress=progress,
+        log=log,
     )
-    return str(path)
+    t_profiled = time.perf_counter()
+    profile.settings["demo"] = {
+        "data": "scikit-learn digits (8 x 8): train "
+        f"{cfg.train_size}, held out {len(test)} (captured, accuracy)",
+        "networks": cfg.n_networks,
+        "label_noise": list(cfg.noise),
+        "epochs": list(cfg.epochs),
+        "noisy_epochs": list(cfg.noisy_epochs),
+        "layout": "samples x channels x (H*W), after each ReLU",
+        "seed": cfg.seed,
+    }
+    sweeps = {
+        (name, layer): out / "sweeps" / f"{name}_{layer}_sweep.npz"
+        for name in shown
+        for layer in LAYERS
+    }
+    report = profile_report(
+        profile,
+        out / "report.html",
+        title="peekcore demo: does layer rank track training quality? (digits CNN)",
+        sweeps=sweeps,
+    )
+    seconds = time.perf_counter() - t_start
+    profile.seconds = seconds  # the whole experiment, training and report included
+    profile.save(out / "profile.npz")
+    text = json.dumps(json_safe(profile.summary()), indent=2, allow_nan=False).encode()
+    atomic_write(out / "summary.json", lambda fh: fh.write(text))
+    return DemoResult(
+        out_dir=str(out),
+        verdict=profile.verdict,
+        verdicts=dict(profile.verdicts),
+        points_per_layer=sum(p["layer"] == LAYERS[0] for p in profile.points),
+        report=str(report),
+        profile=str(out / "profile.npz"),
+        seconds=seconds,
+        seconds_by_step={
+            "training": t_trained - t_start,
+            "profile": t_profiled - t_trained,
+            "report": time.perf_counter() - t_profiled,
+            **{f"profile: {k}": v for k, v in profile.settings["seconds_by_step"].items()},
+        },
+    )

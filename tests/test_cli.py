@@ -261,44 +261,6 @@ def test_bench_runs(capsys):
     assert code == 0 and res["peekcore_cp_als_s_per_iter"] > 0
 
 
-def test_demo_small_runs_and_reports(tmp_path, capsys):
-    code, res, _ = run(capsys, "demo", "--small", "--out", str(tmp_path / "demo"))
-    assert code == 0
-    assert "Spearman" in res["finding"] and res["report"].endswith("report.html")
-    # two checkpoints: rho is undefined for want of points, whatever the ranks
-    assert res["finding"].count("undefined with 2 checkpoints (it needs 3 or more)") == 3
-    assert "constant" not in res["finding"]
-    assert set(res["chosen_rank"]) == {"untrained", "brief"}
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["accuracy"]["brief"] > summary["accuracy"]["untrained"]
-    # deterministic for a given seed: a second run measures the same
-    code, again, _ = run(capsys, "demo", "--small", "--out", str(tmp_path / "demo2"))
-    assert code == 0
-    for key in ("finding", "accuracy", "chosen_rank", "correlation"):
-        assert again[key] == res[key]
-
-
-def test_demo_says_why_a_correlation_is_undefined():
-    """It said "undefined (constant)" for 2 checkpoints even when the ranks differed."""
-    from scipy.stats import spearmanr
-
-    from peekcore.demo import _spearman
-
-    assert _spearman([0.1, 0.3], [1, 2]) == (
-        None,
-        "undefined with 2 checkpoints (it needs 3 or more)",
-    )
-    assert _spearman([0.1, 0.3, 0.5], [2, 2, 2])[1] == (
-        "undefined (the chosen rank is the same at every checkpoint)"
-    )
-    assert _spearman([0.5, 0.5, 0.5], [1, 2, 3])[1] == (
-        "undefined (the accuracy is the same at every checkpoint)"
-    )
-    acc, ranks = [0.1, 0.3, 0.5, 0.9], [3, 1, 4, 2]
-    rho, text = _spearman(acc, ranks)
-    assert rho == pytest.approx(spearmanr(acc, ranks).statistic) and text == f"{rho:+.2f}"
-
-
 def test_module_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "peekcore", "--help"], capture_output=True, text=True, check=True
