@@ -13,6 +13,8 @@ from . import datasets, diagnostics, kernels, sources
 from ._native import available as _native_available
 from ._version import __version__
 from .capture import ModelSource, capture
+from .edits import edited_outputs
+from .importance import ComponentImportance, component_importance
 from .model import CPModel, FitHistory
 from .solvers import cp_als, ncp_hals
 from .solvers.engine import IterationInfo
@@ -25,6 +27,7 @@ __all__ = [
     "ArraySource",
     "CPModel",
     "ChunkSource",
+    "ComponentImportance",
     "FitHistory",
     "IterationInfo",
     "ModelSource",
@@ -33,9 +36,11 @@ __all__ = [
     "__version__",
     "build_info",
     "capture",
+    "component_importance",
     "cp_als",
     "datasets",
     "diagnostics",
+    "edited_outputs",
     "kernels",
     "ncp_hals",
     "rank_profile",

@@ -1,0 +1,474 @@
+"""Edit a layer's output by the components of a CP model of it, inside a forward pass.
+
+A forward hook (:class:`_Edits`) swaps the layer's output, batch by batch, for
+``s X + (A * c) P``: ``X`` the activation as captured (samples first, in
+peekcore's layout), ``A`` the batch's sample-factor rows times the weights,
+``P`` the components' outer products of the non-sample factors, ``s`` 0 or 1
+and ``c`` one coefficient per component. The unedited layer is ``(1, 0)``,
+removing component ``r`` is ``(1, -e_r)``, keeping ``r`` alone ``(0, e_r)``.
+
+Sample-factor rows come from the fitted model when the data are the samples
+it was fitted to; for new data they are the projection of each sample onto the
+fixed non-sample factors: with ``M`` the batch's MTTKRP (``b x R``) and ``G``
+the Hadamard product of the factors' Grams (``R x R``), least squares solves
+``A G = M``; a nonnegative model solves the same problem under ``A >= 0``
+with :func:`scipy.optimize.nnls` per sample (``min ||L^T a - L^{-1} m||``
+with ``G = L L^T``, the same objective).
+
+Layouts that capture folded or transposed outputs (``fold_spatial``, token,
+sequence-first and channels-last layouts, ``select``) are mapped back before
+the edited tensor goes on through the network. Several edits run in one
+forward pass: the batch's inputs are repeated, one copy per edit, and the hook
+swaps in the edits, so skip connections and every later layer see consistent
+batches. :func:`edited_outputs` is the plain entry point (one edit, the
+outputs); :func:`peekcore.importance.component_importance` runs every
+component's edits and measures them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture.layouts import _apply_select, _arrange, _resolve_layout, resolve_layers
+from .capture.options import _model_device
+from .datasets import as_inputs
+from .errors import InvalidArgumentError, InvalidTypeError
+from .model import CPModel
+
+__all__ = ["edited_outputs", "project", "DEFAULT_PASS_BYTES"]
+
+#: Bytes of edited activations sent through one forward pass by default.
+DEFAULT_PASS_BYTES = 128 << 20
+#: Modules whose outputs are nonnegative by construction: edits are clipped at 0 by default.
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+
+
+class _Edits:
+    """Forward hook that swaps a layer's output for stacked edits of it.
+
+    The input batch (``b`` samples) is repeated ``g`` times; the layer then
+    outputs ``g`` identical copies of the batch's activation ``X``, and the hook
+    returns, for copy ``j``, ``s_j X + (A * C_j) P`` in the layer's own layout,
+    with ``A`` the batch's sample-factor rows times the weights (``b x R``),
+    ``P`` the components' patterns (``R x prod(I_1..I_d)``), ``s_j`` 0 or 1 and
+    ``C_j`` a row of coefficients (``R``): the unedited layer is ``(1, 0)``,
+    removing ``r`` is ``(1, -e_r)``, keeping ``r`` alone ``(0, e_r)``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, cp: CPModel, settings: dict) -> None:
+        self.name = name
+        self.module = module
+        self.cp = cp
+        self.layout = settings["layout"]
+        self.select = settings["select"]
+        self.fold_spatial = settings["fold_spatial"]
+        self.clip = settings["clip"]
+        self.nonnegative = settings["nonnegative"]
+        self.sample_rows: np.ndarray | None = None  # the model's rows for this batch, if used
+        self.a: torch.Tensor | None = None  # b x R for the current batch
+        self.batch = 0  # samples in the current batch (before stacking)
+        self.keep_x: torch.Tensor | None = None
+        self.coef: torch.Tensor | None = None  # g x R
+        self.patterns: torch.Tensor | None = None  # R x P
+        self.resolved: str | None = None
+
+    def new_batch(self, b: int, rows: np.ndarray | None) -> None:
+        self.batch, self.sample_rows, self.a = b, rows, None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.coef is None:
+            return None
+        t = _apply_select(self.name, output, self.select)
+        if self.resolved is None:
+            self.resolved = _resolve_layout(self.layout, module, t.ndim)
+        g, b = int(self.coef.shape[0]), self.batch
+        arranged, _ = _arrange(self.name, t, self.resolved, self.fold_spatial, g * b)
+        x = arranged[:b].reshape(b, -1)
+        self._check_shape(arranged.shape[1:])
+        if self.patterns is None or self.patterns.device != x.device:
+            self.patterns = _patterns(self.cp, x.device)
+        if self.a is None:
+            self.a = self._sample_factors(x)
+        pat = self.patterns.to(_compute_dtype(x.dtype))
+        parts = (self.a.to(pat.dtype)[None] * self.coef.to(pat)[:, None, :]).reshape(g * b, -1)
+        edited = (parts @ pat).reshape(g, b, -1)
+        edited += self.keep_x.to(pat)[:, None, None] * x.to(pat.dtype)[None]
+        if self.clip:
+            edited.clamp_(min=0)
+        identity = (self.keep_x == 1) & (self.coef == 0).all(dim=1)
+        if bool(identity.any()):
+            edited[identity] = x.to(pat.dtype)  # the unedited network, exactly, unclipped
+        edited = edited.to(t.dtype).reshape(arranged.shape)
+        return _put_back(output, _unarrange(edited, t, self.resolved), self.select, self.name)
+
+    def _check_shape(self, shape: Sequence[int]) -> None:
+        want = tuple(self.cp.shape[1:])
+        if tuple(shape) == want:
+            return
+        hint = (
+            " It holds the same number of values per sample, so the model was fitted to "
+            "another layout of this layer: pass the layout and fold_spatial it was captured "
+            "with (or store=, the store it was fitted from)"
+            if math.prod(shape) == math.prod(want)
+            else " Fit the model to this layer's activations, or name the layer it was fitted to"
+        )
+        raise InvalidArgumentError(
+            f"the CP model was fitted to samples of shape {want}, but layer {self.name!r} gives "
+            f"{tuple(shape)} (layout={self.resolved!r}, fold_spatial={self.fold_spatial}).{hint}"
+        )
+
+    def _sample_factors(self, x: torch.Tensor) -> torch.Tensor:
+        """``b x R`` sample-factor rows times the weights: the model's or a projection."""
+        w = torch.as_tensor(self.cp.weights, dtype=torch.float64)
+        if self.sample_rows is not None:
+            return (torch.as_tensor(self.sample_rows) * w).to(x.device)
+        return project(x, self.patterns, nonnegative=self.nonnegative).to(x.device)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _patterns(cp: CPModel, device: torch.device) -> torch.Tensor:
+    """``R x prod(I_1..I_d)`` float64: each component's outer product ``b_r ∘ c_r ∘ ...``."""
+    pat = np.ones((cp.rank, 1))
+    for f in cp.factors[1:]:
+        pat = (pat[:, :, None] * f.T[:, None, :]).reshape(cp.rank, -1)
+    return torch.as_tensor(pat, device=device)
+
+
+def project(x: torch.Tensor, patterns: torch.Tensor, *, nonnegative: bool) -> torch.Tensor:
+    """Sample-factor rows (weights included) of new samples under fixed non-sample factors.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``b x P`` samples, flattened as the model's non-sample modes.
+    patterns : torch.Tensor
+        ``R x P`` the components' outer products (:func:`_patterns`).
+    nonnegative : bool
+        Solve under ``A >= 0`` (scipy's NNLS per sample) instead of plain least squares.
+
+    Returns
+    -------
+    torch.Tensor
+        ``b x R`` float64 on the CPU: ``argmin ||x - A patterns||`` per row.
+    """
+    pat = patterns.to(_compute_dtype(x.dtype))
+    m = (x.to(pat.dtype) @ pat.T).to("cpu", torch.float64).numpy()  # b x R: the MTTKRP
+    p64 = patterns.to("cpu", torch.float64)
+    gram = (p64 @ p64.T).numpy()  # the Hadamard product of the factors' Grams
+    if not nonnegative:
+        a = np.linalg.lstsq(gram, m.T, rcond=None)[0].T
+        return torch.from_numpy(np.ascontiguousarray(a))
+    from scipy.optimize import nnls
+
+    # G = L L^T (a tiny ridge where G is singular): ||L^T a - L^-1 m||^2 = a'Ga - 2a'm + const
+    ridge = 1e-12 * max(float(np.trace(gram)), 1e-300)
+    chol = np.linalg.cholesky(gram + ridge * np.eye(gram.shape[0]))
+    rhs = np.linalg.solve(chol, m.T).T
+    a = np.stack([nnls(chol.T, row)[0] for row in rhs]) if len(rhs) else np.zeros_like(m)
+    return torch.from_numpy(a)
+
+
+def _unarrange(edited: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    """Undo :func:`peekcore.capture.layouts._arrange`: the layer's own layout and shape (``like``'s)."""
+    if layout == "tokens":
+        return edited.permute(0, 2, 1).contiguous()
+    if layout == "sequence_first":
+        return edited.permute(2, 0, 1).contiguous()
+    if layout == "channels_last":
+        shape = (like.shape[0], like.shape[-1], *like.shape[1:-1])
+        return edited.reshape(shape).movedim(1, -1).contiguous()
+    return edited.reshape(like.shape)
+
+
+def _put_back(output: Any, edited: torch.Tensor, select: Any, name: str) -> Any:
+    """The layer's output with the selected tensor replaced by ``edited``."""
+    if select is None:
+        return edited
+    if isinstance(select, int) and isinstance(output, (tuple, list)):
+        items = list(output)
+        items[select] = edited
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    if isinstance(select, str) and isinstance(output, dict):
+        return {**output, select: edited}
+    raise InvalidArgumentError(
+        f"layer {name!r}: select={select!r} picks a tensor the edit cannot be put back into "
+        "(only an int index of a tuple or list, or a key of a dict, can be replaced): hook a "
+        "module that returns the tensor itself"
+    )
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def _settings(
+    layer: str, module: nn.Module, cp: CPModel, store: Any, options: dict
+) -> dict[str, Any]:
+    """Layout, select, fold_spatial (the store's, if given), clipping and nonnegativity."""
+    recorded = {}
+    if store is not None:
+        attrs = _stored_layer(store, layer).attrs
+        recorded = {k: attrs.get(k) for k in ("layout", "select", "fold_spatial")}
+        for key, value in recorded.items():
+            given = options[key]
+            if given is not None and given != value and not (key == "layout" and given == "auto"):
+                raise InvalidArgumentError(
+                    f"{key}={given!r} but the store captured layer {layer!r} with "
+                    f"{key}={value!r}: leave {key} out to use the store's"
+                )
+        if isinstance(recorded["select"], dict):  # a callable, described: cannot be used again
+            raise InvalidArgumentError(
+                f"layer {layer!r} was captured with a callable select ({recorded['select']}); "
+                "it cannot be applied in reverse: hook the module that returns the tensor"
+            )
+    clip = options["clip"]
+    if clip is None:
+        clip = isinstance(module, _RELU_MODULES)
+    method = cp.metadata.get("method")
+    nonnegative = method == "ncp" if method in ("cp", "ncp") else _all_nonnegative(cp)
+    return {
+        "layout": recorded.get("layout") or options["layout"] or "auto",
+        "select": recorded.get("select", options["select"]),
+        "fold_spatial": bool(recorded.get("fold_spatial") or options["fold_spatial"]),
+        "clip": bool(clip),
+        "nonnegative": nonnegative,
+    }
+
+
+def _all_nonnegative(cp: CPModel) -> bool:
+    return bool(np.all(cp.weights >= 0) and all(np.all(f >= 0) for f in cp.factors))
+
+
+def _stored_layer(store: Any, layer: str) -> Any:
+    from .store import ActivationStore, StoredLayer
+
+    if isinstance(store, StoredLayer):
+        if store.name != layer:
+            raise InvalidArgumentError(
+                f"store= is the stored layer {store.name!r}, but layer={layer!r}: pass the "
+                "stored layer the model was fitted to"
+            )
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        store = ActivationStore(store)
+    if not isinstance(store, ActivationStore):
+        raise InvalidTypeError(
+            f"store must be an ActivationStore, a stored layer or a store path, got "
+            f"{type(store).__name__}"
+        )
+    return store[layer]
+
+
+def _load_cp(cp: Any) -> CPModel:
+    if isinstance(cp, CPModel):
+        return cp
+    if isinstance(cp, (str, os.PathLike)):
+        path = Path(cp)
+        from ._io import open_npz, read_header
+
+        with open_npz(path, "a model or sweep file") as data:
+            fmt = read_header(data, path, "a model or sweep file").get("format")
+        if fmt == "peekcore.RankSweep":
+            from .sweep import RankSweep
+
+            return RankSweep.load(path).model()
+        return CPModel.load(path)
+    if hasattr(cp, "model") and callable(cp.model):  # a RankSweep: its chosen model
+        return cp.model()
+    raise InvalidTypeError(
+        f"cp must be a CPModel, a RankSweep or the path of a saved one, got {type(cp).__name__}"
+    )
+
+
+def _use_model_rows(sample_factors: str, cp: CPModel, inputs: Any, store: Any, layer: str) -> bool:
+    """Whether the batches' sample-factor rows come from the model (else: a projection)."""
+    if sample_factors not in ("auto", "model", "project"):
+        raise InvalidArgumentError(
+            f"sample_factors must be 'auto', 'model' or 'project', got {sample_factors!r}"
+        )
+    n = inputs.n_samples
+    if sample_factors == "model" and n != cp.shape[0]:
+        raise InvalidArgumentError(
+            f"sample_factors='model' takes the rows of the model's {cp.shape[0]} fitted samples, "
+            f"but the data has {n}: pass the data the model was fitted to, or "
+            "sample_factors='project' for new data"
+        )
+    if sample_factors != "auto":
+        return sample_factors == "model"
+    if store is None:
+        return False
+    stored = _stored_layer(store, layer)
+    settings = stored.store.attrs.get("settings", {})
+    return (
+        settings.get("data_fingerprint") == inputs.fingerprint
+        and tuple(stored.shape) == tuple(cp.shape)
+        and n == cp.shape[0]
+    )
+
+
+class _Runner:
+    """Runs stacked edits of one batch through the network; returns their logits."""
+
+    def __init__(self, model: nn.Module, edits: _Edits, device: torch.device, pass_bytes: int):
+        self.model = model
+        self.edits = edits
+        self.device = device
+        self.per_variant: int | None = None  # edits per forward pass, set on the first batch
+        self.pass_bytes = pass_bytes
+        self.passes = 0
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        self.input_dtype = params[0].dtype if params else None
+
+    def logits(
+        self, x: torch.Tensor, rows: np.ndarray | None, keep_x: Sequence[int], coef: np.ndarray
+    ) -> torch.Tensor:
+        """``V x b x K`` logits, for edits ``keep_x[v] X + (A * coef[v]) P``."""
+        x = x.to(self.device)
+        if self.input_dtype is not None and x.is_floating_point():
+            x = x.to(self.input_dtype)
+        b = int(x.shape[0])
+        self.edits.new_batch(b, rows)
+        keep = torch.as_tensor(np.asarray(keep_x, dtype=np.float64), device=self.device)
+        c = torch.as_tensor(coef, dtype=torch.float64, device=self.device)
+        group = self._group(b)
+        out = []
+        try:
+            for lo in range(0, len(keep), group):
+                self.edits.keep_x, self.edits.coef = keep[lo : lo + group], c[lo : lo + group]
+                g = int(self.edits.coef.shape[0])
+                stacked = x.repeat(g, *([1] * (x.ndim - 1)))
+                y = self.model(stacked)
+                self.passes += 1
+                if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != g * b:
+                    raise InvalidArgumentError(
+                        f"the model must return logits of shape (batch, classes); it returned "
+                        f"{_describe(y)} for a batch of {g * b}: wrap it so that it does"
+                    )
+                out.append(y.detach().to(torch.float64).reshape(g, b, -1))
+        finally:
+            self.edits.keep_x = self.edits.coef = None
+        return torch.cat(out)
+
+    def _group(self, b: int) -> int:
+        """Edits per forward pass: as many as ``pass_bytes`` allow, at least 2."""
+        if self.per_variant is None:
+            per_sample = math.prod(self.edits.cp.shape[1:]) * 4
+            self.per_variant = max(1, per_sample * b)
+        return max(2, self.pass_bytes // self.per_variant)
+
+
+def _describe(y: Any) -> str:
+    if isinstance(y, torch.Tensor):
+        return f"a tensor of shape {tuple(y.shape)}"
+    return f"a {type(y).__name__}"
+
+
+def prepare_edits(model, layer, cp, data, *, batch_size, device, store, options) -> tuple:
+    """Checks and set-up shared by :func:`component_importance` and :func:`edited_outputs`."""
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(layer, str):
+        raise InvalidTypeError(f"layer must be one layer name (a str), got {layer!r}")
+    module = resolve_layers(model, [layer])[layer]
+    cp = _load_cp(cp)
+    if len(cp.shape) < 2:
+        raise InvalidArgumentError(
+            f"the CP model has {len(cp.shape)} mode(s); it needs samples + 1"
+        )
+    dev = _model_device(model, device)
+    inputs = as_inputs(data, batch_size=batch_size, pin_memory=dev.type == "cuda")
+    settings = _settings(layer, module, cp, store, options)
+    edits = _Edits(layer, module, cp, settings)
+    rows = _use_model_rows(options["sample_factors"], cp, inputs, store, layer)
+    runner = _Runner(model, edits, dev, int(options["pass_bytes"]))
+    return module, cp, inputs, settings, edits, rows, runner
+
+
+@contextlib.contextmanager
+def hooked(module: nn.Module, model: nn.Module, edits: _Edits) -> Iterator[None]:
+    """The edit hook on and the model in eval mode, without autograd; all undone after."""
+    modes = [(m, m.training) for m in model.modules()]
+    handle = module.register_forward_hook(edits)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.training = training
+
+
+def edited_outputs(
+    model: nn.Module,
+    layer: str,
+    cp: Any,
+    data: Any,
+    *,
+    remove: Sequence[int] | None = None,
+    keep: Sequence[int] | None = None,
+    batch_size: int = 64,
+    device: Any = None,
+    store: Any = None,
+    layout: str | None = None,
+    select: Any = None,
+    fold_spatial: bool | None = None,
+    sample_factors: str = "auto",
+    clip: bool | None = None,
+) -> np.ndarray:
+    """The network's outputs with a set of components removed from ``layer``, or only a set kept.
+
+    Parameters
+    ----------
+    model, layer, cp, data, batch_size, device, store, layout, select, fold_spatial,
+    sample_factors, clip
+        As for :func:`component_importance`.
+    remove : sequence of int, optional
+        Components to subtract from the activation (``[]``: the unedited network).
+    keep : sequence of int, optional
+        Components whose parts alone replace the activation (``[]``: a zero
+        activation). Give exactly one of ``remove`` and ``keep``.
+
+    Returns
+    -------
+    ndarray
+        ``N x K`` float64 outputs.
+    """
+    if (remove is None) == (keep is None):
+        raise InvalidArgumentError("give exactly one of remove= and keep= (component indices)")
+    options = dict(
+        layout=layout,
+        select=select,
+        fold_spatial=fold_spatial,
+        clip=clip,
+        sample_factors=sample_factors,
+        pass_bytes=DEFAULT_PASS_BYTES,
+    )
+    module, cp, inputs, _, edits, use_rows, runner = prepare_edits(
+        model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
+    )
+    chosen = list(remove if remove is not None else keep)
+    bad = [c for c in chosen if not isinstance(c, int | np.integer) or not 0 <= c < cp.rank]
+    if bad:
+        raise InvalidArgumentError(
+            f"components {bad} are not in 0..{cp.rank - 1} (the model has {cp.rank})"
+        )
+    coef = np.zeros((1, cp.rank))
+    coef[0, chosen] = -1.0 if remove is not None else 1.0
+    out = []
+    with hooked(module, model, edits):
+        for offset, x, _y in inputs.batches(0):
+            rows = cp.factors[0][offset : offset + int(x.shape[0])] if use_rows else None
+            out.append(runner.logits(x, rows, [int(remove is not None)], coef)[0].cpu().numpy())
+    return np.concatenate(out)
