@@ -60,19 +60,6 @@ def _open_data(path: str, layer: str | None):
     return str(p)
 
 
-def _load_inputs(spec: str):
-    from . import datasets
-
-    if spec == "digits":
-        return datasets.digits()
-    p = Path(spec)
-    if not p.exists():
-        raise FileNotFoundError(f"no such data: {p} (use 'digits', an .npy file or a folder)")
-    if p.is_dir():
-        return datasets.image_folder(p)
-    return str(p)
-
-
 # ------------------------------------------------------------------- commands
 
 
@@ -95,8 +82,9 @@ def _demo(args: argparse.Namespace) -> dict:
 def _profile_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(inputs, labels)`` of ``peek profile --data`` (labels None when unknown)."""
     from .errors import InvalidArgumentError
+    from .loading import load_inputs
 
-    data = _load_inputs(args.data)
+    data, _ = load_inputs(args.data)
     labels = np.load(args.labels, allow_pickle=False) if args.labels else None
     if isinstance(data, str):  # an .npy file of inputs
         inputs = np.load(data, allow_pickle=False)
@@ -180,14 +168,15 @@ def _profile_report(args: argparse.Namespace) -> dict:
 
 def _capture(args: argparse.Namespace) -> dict:
     from .capture import capture
-    from .loading import load_model
+    from .loading import load_inputs, load_model
 
     model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
+    data, notes = load_inputs(args.data, model)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     t0 = time.perf_counter()
     store = capture(
         model,
-        _load_inputs(args.data),
+        data,
         layers,
         args.store,
         dtype=args.dtype,
@@ -202,6 +191,7 @@ def _capture(args: argparse.Namespace) -> dict:
         "layers": {name: list(store[name].shape) for name in store.layers},
         "dtype": store.dtype,
         "seconds": time.perf_counter() - t0,
+        "notes": notes,
     }
 
 
