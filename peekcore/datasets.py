@@ -40,6 +40,7 @@ from torch.utils.data import (
     Subset,
 )
 
+from ._extras import require
 from ._validate import check_int
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
@@ -192,13 +193,9 @@ def digits(*, dtype: str = "float32") -> ArrayDataset:
     ImportError
         When scikit-learn is not installed (``pip install scikit-learn``).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(
-            "peekcore.datasets.digits() reads scikit-learn's bundled digits; install it with "
-            "`pip install scikit-learn` (or `pip install peekcore[test]`)"
-        ) from err
+    require("sklearn", "demo", "peekcore.datasets.digits() (scikit-learn's bundled digits)")
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     images = (bunch.images / 16.0).astype(dtype)[:, None, :, :]
     return ArrayDataset(images, bunch.target.astype(np.int64), name="sklearn digits (1797 x 8x8)")
@@ -228,15 +225,11 @@ def image_folder(path: str | os.PathLike, transform: Callable | None = None) -> 
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such image folder: {folder}")
-    try:
-        from torchvision import datasets as tv_datasets
-        from torchvision import transforms as tv_transforms
-    except ImportError as err:
-        raise ImportError(
-            f"reading the image folder {folder} needs torchvision (its ImageFolder): install the "
-            "torchvision build that matches your torch (see pytorch.org), or load the images "
-            "yourself into a numpy array or a torch Dataset and pass that"
-        ) from err
+    # the torchvision build must match torch's (pytorch.org); the extra pins neither
+    require("torchvision", "vision", f"reading the image folder {folder}")
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as tv_transforms
+
     if transform is None:
         transform = tv_transforms.ToTensor()
     return tv_datasets.ImageFolder(str(folder), transform=transform)

@@ -26,9 +26,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ._extras import require
 from .errors import InvalidArgumentError, InvalidTypeError, UnsafeFileError
 
-__all__ = ["import_object", "load_model", "load_checkpoint", "require", "MODEL_FILE_SUFFIXES"]
+__all__ = [
+    "MODEL_FILE_SUFFIXES",
+    "import_object",
+    "load_checkpoint",
+    "load_inputs",
+    "load_model",
+    "require",
+]
 
 #: Suffixes taken as ``torch.save`` files when no ``:attribute`` is given.
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -40,37 +48,6 @@ _SPEC_HINT = (
     "give module:attribute (e.g. mymodels:SmallCNN, with mymodels.py in the current folder "
     "or an installed package) or path/to/file.py:attribute"
 )
-
-
-def require(module: str, extra: str, what: str) -> Any:
-    """Import an optional dependency, or say which pip line installs it.
-
-    Parameters
-    ----------
-    module : str
-        The module to import (``"torchvision"``).
-    extra : str
-        peekcore's extra that installs it (``"vision"``).
-    what : str
-        What needs it, for the message (``"reading a folder of images"``).
-
-    Returns
-    -------
-    module
-        The imported module.
-
-    Raises
-    ------
-    ImportError
-        When the module is missing; the message names ``pip install "peekcore[extra]"``.
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"{what} needs {module}, which is not installed: "
-            f'pip install "peekcore[{extra}]" (or pip install {module})'
-        ) from err
 
 
 def _current_folder_importable() -> None:
@@ -305,3 +282,61 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
     if weights is not None:
         return load_checkpoint(weights, builder=obj, trust=trust)
     return _as_module(obj, spec)
+
+
+def _first_conv_channels(model: Any) -> int | None:
+    """Input channels of the model's first 2-D convolution (None without one)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return int(module.in_channels)
+    return None
+
+
+def load_inputs(spec: str, model: Any = None) -> tuple[Any, list[str]]:
+    """The data a ``--data`` argument names, and notes on what was done to it.
+
+    Parameters
+    ----------
+    spec : str
+        ``"digits"`` (scikit-learn's digits), a ``.npy`` file (``N x ...``, read
+        lazily) or a folder of images in class subfolders (needs torchvision).
+    model : torch.nn.Module, optional
+        The model the data will go through. An ``N x H x W`` array of grey
+        images given to a model whose first 2-D convolution takes one channel
+        gets a channel axis (``N x 1 x H x W``); a note says so.
+
+    Returns
+    -------
+    data : Dataset or str
+        What :func:`peekcore.capture` takes.
+    notes : list of str
+        Changes made to the data, for the user to read.
+    """
+    import numpy as np
+
+    from . import datasets
+
+    if spec == "digits":
+        return datasets.digits(), []
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data: {path} (use 'digits', an .npy file or a folder)")
+    if path.is_dir():
+        return datasets.image_folder(path), []
+    if path.suffix != ".npy":
+        raise InvalidArgumentError(
+            f"--data {path}: give 'digits', an .npy file (N x C x H x W, or N x H x W for grey "
+            "images) or a folder of images in class subfolders"
+        )
+    array = np.load(path, mmap_mode="r")
+    if array.ndim == 3 and model is not None and _first_conv_channels(model) == 1:
+        n, h, w = array.shape
+        note = (
+            f"{path.name} holds {n} x {h} x {w} grey images; the model's first convolution "
+            f"takes 1 channel, so they are read as {n} x 1 x {h} x {w}"
+        )
+        name = f"{path.name} (npy, {n} x {h} x {w} read as {n} x 1 x {h} x {w})"
+        return datasets.ArrayDataset(array[:, None], name=name), [note]
+    return str(path), []

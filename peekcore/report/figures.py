@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
 from .._validate import check_int
 from ._common import (
     check_component,
@@ -87,13 +88,9 @@ class FigureOutput:
 
 
 def _mpl():
-    try:
-        import matplotlib
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError(
-            "peekcore.report figures need matplotlib: pip install matplotlib"
-        ) from err
+    matplotlib = require("matplotlib", "report", "drawing peekcore.report figures")
+    from matplotlib.figure import Figure
+
     return matplotlib, Figure
 
 

@@ -1,0 +1,44 @@
+"""Optional dependencies: import them, or say which ``pip install`` line brings them.
+
+peekcore's extras (``pyproject.toml``): ``vision`` (torchvision, for folders of
+images), ``report`` (matplotlib, for figures and reports), ``demo``
+(scikit-learn's digits, and what the demo's report needs), ``gpu`` (CuPy).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["require"]
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """Import an optional dependency, or say which pip line installs it.
+
+    Parameters
+    ----------
+    module : str
+        The module to import (``"torchvision"``).
+    extra : str
+        peekcore's extra that installs it (``"vision"``).
+    what : str
+        What needs it, for the message (``"reading a folder of images"``).
+
+    Returns
+    -------
+    module
+        The imported module.
+
+    Raises
+    ------
+    ImportError
+        When the module is missing; the message names ``pip install "peekcore[extra]"``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs {module}, which is not installed: "
+            f'pip install "peekcore[{extra}]" (or pip install {module})'
+        ) from err
