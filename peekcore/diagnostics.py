@@ -1,4 +1,4 @@
-"""Model diagnostics: fit, core consistency, factor match, stability, degeneracy, rank choice.
+"""Model diagnostics: fit, core consistency, factor match, stability, degeneracy.
 
 Everything that looks at the data does so through the statistics of one pass
 (shared/DESIGN.md), never through the dense tensor. For a CP model
@@ -13,15 +13,15 @@ and resident factors ``B, C, ...`` (``I_k x R``), a pass gives
 component weights, as a :class:`~peekcore.model.CPModel` carries after
 normalization, are passed as ``weights`` and absorbed into mode 0.
 
-The rank choice (:func:`choose_rank`) only looks at numbers per rank (core
-consistency, fit, stability), however they were obtained.
+The rank choice (:func:`choose_rank`, :class:`RankChoice`, ``RANK_RULES``) lives
+in :mod:`peekcore.rank_choice` and is importable from here as well.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .kernels.base import khatri_rao
 from .model import CPModel
+from .rank_choice import RANK_RULES, RankChoice, choose_rank
 
 __all__ = [
     "CORE_NORMALIZATIONS",
@@ -49,9 +50,6 @@ __all__ = [
 
 #: Names accepted by :func:`core_consistency`'s ``normalization``.
 CORE_NORMALIZATIONS = ("bro-kiers", "core-norm")
-
-#: Names accepted by :func:`choose_rank`'s ``rule`` (a callable is accepted too).
-RANK_RULES = ("autoten", "first-drop", "largest")
 
 
 # --------------------------------------------------------------------------- models
@@ -649,237 +647,3 @@ def core_consistencies(
     if g is None:
         return dict.fromkeys(CORE_NORMALIZATIONS, math.nan)
     return _consistencies(g)
-
-
-# ----------------------------------------------------------------------- rank choice
-
-
-@dataclass(frozen=True)
-class RankChoice:
-    """The outcome of :func:`choose_rank`.
-
-    Attributes
-    ----------
-    rank : int
-        The chosen rank.
-    reason : str
-        One sentence saying why, with the numbers that decided.
-    rule : str
-        The rule applied (its name, or the callable's name).
-    high_quality : tuple of int
-        Ranks judged good enough (the high-quality cluster after the threshold,
-        stability and fit filters), increasing.
-    """
-
-    rank: int
-    reason: str
-    rule: str
-    high_quality: tuple[int, ...]
-
-
-def _two_means_1d(values: np.ndarray) -> tuple[float, np.ndarray]:
-    """Optimal 2-means split of 1-D values: (split value, mask of the upper cluster)."""
-    v = np.sort(values)
-    best, cut = math.inf, 1
-    for k in range(1, len(v)):
-        lo, hi = v[:k], v[k:]
-        cost = float(np.sum((lo - lo.mean()) ** 2) + np.sum((hi - hi.mean()) ** 2))
-        if cost < best:
-            best, cut = cost, k
-    split = v[cut]
-    return float(split), values >= split
-
-
-def choose_rank(
-    ranks: Sequence[int],
-    corcondia: Sequence[float],
-    fits: Sequence[float],
-    stability: Sequence[float] | None = None,
-    *,
-    threshold: float = 50.0,
-    min_gap: float = 20.0,
-    stability_threshold: float = 0.9,
-    min_fit_gain: float = 0.0,
-    rule: str | Callable[..., tuple[int, str]] = "autoten",
-) -> RankChoice:
-    """Choose a CP rank from per-rank core consistency, fit and stability (AutoTen-like).
-
-    The rule, in the spirit of AutoTen (Papalexakis, SDM 2016):
-
-    1. **Quality clusters.** The core consistency values (clipped to
-       ``[0, 100]``; nan values are excluded, see below) are split into two
-       clusters by an exact one-dimensional 2-means. The split counts only when the two
-       centroids are at least ``min_gap`` apart; otherwise all ranks form one
-       cluster. The *high-quality* ranks are those of the upper cluster whose
-       core consistency is at least ``threshold``.
-    2. **Stability.** When ``stability`` is given, ranks whose stability is
-       below ``stability_threshold`` leave the high-quality set (nan stability,
-       e.g. a single replicate, is no evidence either way and keeps the rank).
-    3. **Fit.** A rank leaves the set when its fit does not exceed the best fit
-       of all smaller ranks by more than ``min_fit_gain`` (a failed or useless
-       fit; a nan fit is no evidence and keeps the rank). A filter of step 2
-       or 3 that would leave no rank is skipped, and the reason says so.
-    4. **Choice** (``rule``):
-
-       - ``"autoten"``: the largest high-quality rank;
-       - ``"first-drop"``: the largest rank of the run of high-quality ranks that
-         starts at the smallest one (stop at the first rank that fails);
-       - ``"largest"``: the largest rank with core consistency ``>= threshold``,
-         no clustering (the stability and fit filters still apply);
-       - a callable ``rule(ranks, corcondia, fits, stability, high_quality)``
-         (arrays sorted by rank; ``high_quality`` a boolean mask after steps 1
-         to 3) returning ``(rank, reason)``: overrides step 4.
-
-    If no rank reaches ``threshold`` in step 1, the rank with the highest core
-    consistency is chosen (the smallest such rank on ties), and the reason says so.
-
-    A nan core consistency (e.g. :func:`core_consistency` at a rank too large
-    for the resident modes) is no evidence either way: the rank takes no part in
-    the clustering, cannot be judged high quality (nothing says it is), and
-    does not end ``"first-drop"``'s run; the reason lists such ranks. When every
-    value is nan, core consistency says nothing at all: the smallest rank that
-    passes the stability and fit filters is chosen (the conservative choice),
-    and the reason says so.
-
-    Notes
-    -----
-    Core consistency alone overestimates the rank when the models above the
-    true rank are well-behaved: fits started from the leading singular vectors
-    (``init="gram"``) often add components that fit noise, are not degenerate
-    and keep a core consistency near 100. Such ranks are unstable across
-    replicates, so pass ``stability``, computed with a ``fit_tol`` so that
-    replicates stuck in worse local minima do not count against a rank. On
-    synthetic 40 x 15 x 12 tensors of rank 2 to 8 with 10% noise, three
-    replicates per rank (one ``"gram"``, two random starts),
-    ``stability(..., fit_tol=0.01)`` and the defaults recover the planted rank
-    in 209 of 210 cases; without ``stability``, in 140 of 210
-    (tests/test_diagnostics.py).
-
-    Parameters
-    ----------
-    ranks : sequence of int
-        ``K`` distinct candidate ranks (any order).
-    corcondia : sequence of float
-        ``K`` core consistency values (:func:`core_consistency`, either
-        normalization; the defaults suit ``"bro-kiers"``), e.g. of the best-fitting
-        replicate of each rank.
-    fits : sequence of float
-        ``K`` fits (``1 - ||X - M|| / ||X||``).
-    stability : sequence of float, optional
-        ``K`` stability scores (:func:`stability`).
-    threshold : float
-        Minimum core consistency of a high-quality rank.
-    min_gap : float
-        Minimum distance between the two cluster centroids for the split to count.
-    stability_threshold : float
-        Minimum stability of a high-quality rank.
-    min_fit_gain : float
-        Minimum fit gain over every smaller rank.
-    rule : {"autoten", "first-drop", "largest"} or callable
-        See above.
-
-    Returns
-    -------
-    RankChoice
-    """
-    order = np.argsort(np.asarray(ranks))
-    r = np.asarray(ranks)[order]
-    n = len(r)
-    if n == 0:
-        raise ValueError("no ranks to choose from")
-    if len(set(r.tolist())) != n or not np.issubdtype(r.dtype, np.integer):
-        raise ValueError(f"ranks must be distinct integers, got {list(ranks)}")
-    cc = np.asarray(corcondia, dtype=np.float64)
-    fit = np.asarray(fits, dtype=np.float64)
-    st = None if stability is None else np.asarray(stability, dtype=np.float64)
-    for name, arr in (("corcondia", cc), ("fits", fit), ("stability", st)):
-        if arr is not None and arr.shape != (n,):
-            raise ValueError(f"{name} has shape {arr.shape}, expected ({n},) like ranks")
-    cc, fit = cc[order], fit[order]
-    st = None if st is None else st[order]
-    if not callable(rule) and rule not in RANK_RULES:
-        raise ValueError(f"rule must be one of {RANK_RULES} or a callable, got {rule!r}")
-
-    undefined = np.isnan(cc)  # no evidence either way
-    valid = ~undefined
-    no_evidence = not valid.any()
-    clipped = np.clip(np.where(valid, cc, 0.0), 0.0, 100.0)
-    good = np.ones(n, dtype=bool) if no_evidence else valid & (cc >= threshold)
-    notes = []
-    if undefined.any():
-        listed = ", ".join(str(k) for k in r[undefined])
-        notes.append(
-            f"core consistency undefined (nan) for every rank ({listed}): no evidence"
-            if no_evidence
-            else f"core consistency undefined (nan), not judged: {listed}"
-        )
-    if rule != "largest" and valid.sum() >= 2:
-        split, upper = _two_means_1d(clipped[valid])
-        lo, hi = clipped[valid][~upper], clipped[valid][upper]
-        if lo.size and hi.mean() - lo.mean() >= min_gap:
-            good &= clipped >= split
-            notes.append(
-                f"core consistency clusters at {hi.mean():.1f} and {lo.mean():.1f} "
-                f"(split at {split:.1f})"
-            )
-    if st is not None:
-        unstable = good & (st < stability_threshold)
-        if unstable.any():
-            listed = ", ".join(
-                f"{k} ({v:.2f})" for k, v in zip(r[unstable], st[unstable], strict=True)
-            )
-            if (good & ~unstable).any():
-                notes.append(f"unstable below {stability_threshold:g}: {listed}")
-                good &= ~unstable
-            else:
-                notes.append(f"stability filter skipped, it would drop every rank: {listed}")
-    best_before = np.fmax.accumulate(np.concatenate(([-math.inf], np.nan_to_num(fit, nan=-np.inf))))
-    no_gain = good & np.isfinite(fit) & ~(fit > best_before[:-1] + min_fit_gain)
-    if no_gain.any():
-        listed = ", ".join(str(k) for k in r[no_gain])
-        if (good & ~no_gain).any():
-            notes.append(f"no fit gain over smaller ranks: {listed}")
-            good &= ~no_gain
-        else:
-            notes.append(f"fit filter skipped, it would drop every rank: {listed}")
-    high = tuple(int(k) for k in r[good])
-    rule_name = getattr(rule, "__name__", repr(rule)) if callable(rule) else rule
-    detail = (" [" + "; ".join(notes) + "]") if notes else ""
-
-    if callable(rule):
-        chosen, why = rule(r, cc, fit, st, good.copy())
-        return RankChoice(int(chosen), str(why), rule_name, high)
-    if no_evidence:
-        k = int(np.argmax(good))
-        why = (
-            f"rank {r[k]}: core consistency is undefined (nan) for every rank, so the smallest "
-            f"rank passing the stability and fit filters {list(high)} was taken{detail}"
-        )
-        return RankChoice(int(r[k]), why, rule_name, high)
-    if not good.any():
-        k = int(np.nanargmax(cc))
-        why = (
-            f"rank {r[k]}: no rank passed the quality filters (threshold {threshold:g}), so the "
-            f"rank with the highest core consistency ({cc[k]:.1f}) was taken{detail}"
-        )
-        return RankChoice(int(r[k]), why, rule_name, high)
-    if rule == "first-drop":
-        k = int(np.argmax(good))
-        for j in range(k + 1, n):  # a nan rank (no evidence) does not end the run
-            if good[j]:
-                k = j
-            elif valid[j]:
-                break
-        what = "last rank of the first run of high-quality ranks"
-    else:
-        k = int(np.flatnonzero(good)[-1])
-        what = (
-            "largest rank with core consistency >= threshold"
-            if rule == "largest"
-            else "largest rank in the high-quality cluster"
-        )
-    why = (
-        f"rank {r[k]}: {what} {list(high)} (core consistency {cc[k]:.1f} >= {threshold:g}, "
-        f"fit {fit[k]:.4f}" + ("" if st is None else f", stability {st[k]:.2f}") + f"){detail}"
-    )
-    return RankChoice(int(r[k]), why, rule_name, high)
