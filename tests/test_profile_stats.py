@@ -10,6 +10,7 @@ import pytest
 import reference as ref
 from scipy import stats
 
+from peekcore import diagnostics as diag
 from peekcore.errors import InvalidArgumentError
 from peekcore.model import CPModel, FitHistory
 from peekcore.profile import association as assoc
@@ -120,6 +121,19 @@ def test_class_selective_rule():
         ms.class_selective(a, two[:5])
 
 
+def test_class_selectivity_with_counts_equals_repeated_rows():
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 4, 80)
+    a = 0.3 * rng.normal(size=(80, 6))
+    a[np.arange(80), labels] += 1.0  # components 0-3 selective, 4-5 noise
+    for _ in range(10):
+        counts = rng.multinomial(80, np.full(80, 1 / 80))
+        idx = np.repeat(np.arange(80), counts)
+        np.testing.assert_array_equal(
+            ms._selective(a, labels, 0.5, 0.5, counts), ms.class_selective(a[idx], labels[idx])
+        )
+
+
 def test_random_components_are_not_class_selective():
     rng = np.random.default_rng(11)
     labels = rng.integers(0, 10, 200)
@@ -201,6 +215,27 @@ def test_bootstrap_identity_draw_equals_the_measures(planted):
     point = ms.measure_sweep(sweep, labels=labels)
     for name in ms.MEASURES:
         assert drawn[name] == pytest.approx(point[name], abs=1e-6), name
+
+
+def test_resampled_stability_equals_diagnostics_on_resampled_rows(rng):
+    """The draws' factor match scores, computed from counts, equal diagnostics.stability
+    on models whose sample factors are the resampled rows."""
+    shape = (40, 6, 5)
+    base = [rng.normal(size=(m, 3)) for m in shape]
+    models = [
+        CPModel(rng.uniform(0.5, 2, 3), [f + 0.3 * rng.normal(size=f.shape) for f in base])
+        for _ in range(4)
+    ]
+    models[2].factors[0][:, 1] = 0.0  # a zero column scores 0 against everything
+    reps = ms._Replicates.of(models)
+    for _ in range(5):
+        counts = rng.multinomial(40, np.full(40, 1 / 40))
+        idx = np.repeat(np.arange(40), counts)
+        resampled = [(m.weights, [m.factors[0][idx], *m.factors[1:]]) for m in models]
+        near = np.array([0, 2, 3])
+        fits = np.array([0.7, 0.9, 0.8])  # replicate 2 is the best of the three
+        want = diag.stability([resampled[j] for j in near], fits=fits)
+        assert reps.stability(counts, near, 2) == pytest.approx(want, abs=1e-12)
 
 
 def test_bootstrap_draws(planted):

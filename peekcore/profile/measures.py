@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from .. import diagnostics as diag
 from ..errors import InvalidArgumentError
@@ -268,27 +269,38 @@ def class_selective(
     )
 
 
-def _selective(a: np.ndarray, codes: np.ndarray, purity: float, coverage: float) -> np.ndarray:
-    """``R`` class codes (-1: not selective); ``codes`` are small nonnegative integers."""
-    present = np.unique(codes)
-    n_classes = present.size
+def _selective(
+    a: np.ndarray,
+    codes: np.ndarray,
+    purity: float,
+    coverage: float,
+    counts: np.ndarray | None = None,
+) -> np.ndarray:
+    """``R`` class codes (-1: not selective) for ``N x R`` loadings and ``N`` integer codes.
+
+    ``counts[i]`` (default 1) is how often sample ``i`` takes part, so a bootstrap
+    resample needs no copy of ``a``.
+    """
+    w = np.ones(a.shape[0]) if counts is None else np.asarray(counts, dtype=np.float64)
+    onehot = codes[None, :] == np.unique(codes[w > 0])[:, None]  # C x N, classes present
+    n_classes = onehot.shape[0]
     if n_classes < 2:
         raise InvalidArgumentError(
             f"class selectivity needs at least two classes, got {n_classes}: pass labels with "
             "two or more distinct values"
         )
-    onehot = (codes[None, :] == present[:, None]).astype(np.float64)  # C x N
-    sizes = onehot.sum(axis=1)
-    energy = (onehot @ a**2) / sizes[:, None]  # C x R class-mean squared loadings
+    member = onehot * w[None, :]  # C x N sample weights per class
+    sizes = member.sum(axis=1)
+    energy = (member @ a**2) / sizes[:, None]  # C x R class-mean squared loadings
     total = energy.sum(axis=0)
-    top = np.argmax(energy, axis=0)
+    top = np.argmax(energy, axis=0)  # R
     e_top = energy[top, np.arange(a.shape[1])]
     with np.errstate(invalid="ignore", divide="ignore"):
         corrected = (n_classes * e_top / total - 1.0) / (n_classes - 1)
     loads = np.abs(a) >= COVERAGE_LEVEL * np.sqrt(e_top)[None, :]  # N x R
-    in_top = codes[:, None] == present[top][None, :]  # N x R
-    covered = (loads & in_top).sum(axis=0) / sizes[top]
+    covered = (member[top].T * loads).sum(axis=0) / sizes[top]
     ok = (total > 0) & (np.nan_to_num(corrected) >= purity) & (covered >= coverage)
+    present = np.unique(codes[w > 0])
     return np.where(ok, present[top], -1)
 
 
@@ -440,11 +452,60 @@ def sample_residuals(models: list[Any], data: Any) -> tuple[np.ndarray, np.ndarr
 
 
 @dataclass
+class _Replicates:
+    """One rank's replicates, prepared for factor match scores on resampled rows.
+
+    Only the sample factor changes with a resample, so the products over the
+    resident modes of the column cosines and norms are computed once.
+    """
+
+    a: list[np.ndarray]  # P sample factors, N x R each
+    resident_cos: np.ndarray  # P x P x R x R: prod over resident modes of cos(col r, col s)
+    resident_scale: np.ndarray  # P x R: |weight| times the product of resident column norms
+
+    @classmethod
+    def of(cls, models: list[Any]) -> _Replicates:
+        resident = [[np.asarray(f, dtype=np.float64) for f in m.factors[1:]] for m in models]
+        cos = np.stack([np.stack([diag.congruence(fa, fb) for fb in resident]) for fa in resident])
+        scale = np.stack(
+            [
+                np.abs(np.asarray(m.weights, dtype=np.float64))
+                * np.prod([np.linalg.norm(f, axis=0) for f in fs], axis=0)
+                for m, fs in zip(models, resident, strict=True)
+            ]
+        )
+        return cls([np.asarray(m.factors[0], dtype=np.float64) for m in models], cos, scale)
+
+    def stability(self, counts: np.ndarray, near: np.ndarray, best: int) -> float:
+        """:func:`peekcore.diagnostics.stability` of the replicates ``near`` on a resample.
+
+        Equal to it on models whose sample factors are the rows ``repeat(arange(N),
+        counts)`` (factor match score with weights, against replicate ``best``).
+        """
+        norms = {j: np.sqrt(counts @ self.a[j] ** 2) for j in near}
+        scores = []
+        for j in near:
+            if j == best:
+                continue
+            na, nb = norms[j], norms[best]
+            cross = (self.a[j] * counts[:, None]).T @ self.a[best]  # R x R
+            cos = cross / np.outer(np.where(na > 0, na, 1.0), np.where(nb > 0, nb, 1.0))
+            score = np.abs(cos * self.resident_cos[j, best])
+            wa, wb = self.resident_scale[j] * na, self.resident_scale[best] * nb
+            top = np.maximum(wa[:, None], wb[None, :])
+            score = score * (1 - np.abs(wa[:, None] - wb[None, :]) / np.where(top > 0, top, 1))
+            rows, cols = linear_sum_assignment(-score)
+            scores.append(float(score[rows, cols].mean()))
+        return float(np.mean(scores))
+
+
+@dataclass
 class _Context:
     """What every bootstrap draw needs, computed once."""
 
     ranks: np.ndarray
     models: list[list[Any]]
+    replicates: list[_Replicates]
     norms: np.ndarray  # N
     residuals: np.ndarray  # N x K x P
     corcondia: np.ndarray  # K x P
@@ -462,15 +523,12 @@ def _draw(ctx: _Context, counts: np.ndarray) -> dict[str, float]:
     fits = 1.0 - np.sqrt(resid / norm2)
     best = np.argmax(fits, axis=1)
     k = np.arange(n_ranks)
-    idx = np.repeat(np.arange(counts.size), counts)
     stab = np.full(n_ranks, math.nan)
-    if n_rep > 1:
-        for i, row in enumerate(ctx.models):
-            near = np.flatnonzero(fits[i] >= fits[i].max() - STABILITY_FIT_TOL)
-            if near.size > 1:
-                stab[i] = diag.stability(
-                    [_resampled(row[j], idx) for j in near], fits=fits[i, near]
-                )
+    for i in range(n_ranks if n_rep > 1 else 0):
+        # as rank_sweep: the replicates that reached the best fit, against the best
+        near = np.flatnonzero(fits[i] >= fits[i].max() - STABILITY_FIT_TOL)
+        if near.size > 1:
+            stab[i] = ctx.replicates[i].stability(counts, near, int(best[i]))
     choice = diag.choose_rank(
         ctx.ranks,
         ctx.corcondia[k, best],
@@ -479,19 +537,12 @@ def _draw(ctx: _Context, counts: np.ndarray) -> dict[str, float]:
         rule=ctx.rule,
     )
     classes = math.nan
-    if ctx.codes is not None:
-        codes = ctx.codes[idx]
-        if np.unique(codes).size >= 2:
-            classes = float(
-                max(
-                    _n_classes_covered(
-                        _selective(
-                            row[b].factors[0][idx], codes, PURITY_THRESHOLD, COVERAGE_THRESHOLD
-                        )
-                    )
-                    for row, b in zip(ctx.models, best, strict=True)
-                )
-            )
+    if ctx.codes is not None and np.unique(ctx.codes[counts > 0]).size >= 2:
+        # every rank's best sample factor side by side: one pass of the rule
+        a = np.concatenate([row[b].factors[0] for row, b in zip(ctx.models, best, strict=True)], 1)
+        selective = _selective(a, ctx.codes, PURITY_THRESHOLD, COVERAGE_THRESHOLD, counts)
+        ends = np.cumsum([int(r) for r in ctx.ranks])
+        classes = float(max(_n_classes_covered(part) for part in np.split(selective, ends[:-1])))
     return {
         "autoten": float(choice.rank),
         "fit_elbow": fit_elbow(ctx.ranks, fits[k, best], fraction=ctx.fraction),
@@ -499,11 +550,6 @@ def _draw(ctx: _Context, counts: np.ndarray) -> dict[str, float]:
         "class_components": classes,
         "ev_area": ev_area(ctx.ranks, 1.0 - resid[k, best] / norm2),
     }
-
-
-def _resampled(model: Any, idx: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A model's (weights, factors) with its sample-factor rows resampled."""
-    return model.weights, [model.factors[0][idx], *model.factors[1:]]
 
 
 def _context(sweep: Any, data: Any, labels: Any, fraction: float, fms_threshold: float) -> _Context:
@@ -522,6 +568,7 @@ def _context(sweep: Any, data: Any, labels: Any, fraction: float, fms_threshold:
     return _Context(
         ranks=np.asarray(sweep.ranks),
         models=sweep.models,
+        replicates=[_Replicates.of(row) for row in sweep.models] if n_rep > 1 else [],
         norms=norms,
         residuals=resid.reshape(norms.size, n_ranks, n_rep),
         corcondia=np.asarray(sweep.corcondia, dtype=np.float64),
