@@ -5,6 +5,7 @@
     peek capture   run a model over data and store layer activations (zarr)
     peek fit       fit CP / nonnegative CP to an .npy file or a stored layer
     peek sweep     rank sweep with diagnostics and an automatic rank choice
+    peek importance  what the network does with each component of a fitted layer model
     peek report    figures and a self-contained HTML report from result files
     peek info      what a store, model, sweep or checkpoint file holds
     peek bench     a quick side-by-side timing against TensorLy
@@ -264,11 +265,37 @@ def _sweep(args: argparse.Namespace) -> dict:
     }
 
 
+def _importance(args: argparse.Namespace) -> dict:
+    from .importance import component_importance
+    from .loading import load_model
+    from .store import ActivationStore
+
+    model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
+    store = ActivationStore(args.store)
+    labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+    imp = component_importance(
+        model,
+        args.layer,
+        args.result,
+        _load_inputs(args.data),
+        labels=labels,
+        batch_size=args.batch_size,
+        device=args.device,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        store=store,
+        sample_factors=args.sample_factors,
+    )
+    if args.out:
+        imp.save(args.out)
+    return {**imp.summary(), "table": imp.table(), "metadata": imp.metadata, "out": args.out}
+
+
 def _report(args: argparse.Namespace) -> dict:
     if len(args.results) == 1 and _is_profile(args.results[0]):
         return _profile_report(args)
     from . import report
-    from .report._common import load_result
+    from .report._common import _file_format, load_result
+    from .report.importance_figures import importance_sections
     from .sweep import RankSweep
 
     out = Path(args.out)
@@ -279,6 +306,8 @@ def _report(args: argparse.Namespace) -> dict:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"no such result file: {p}")
+    importances = [p for p in paths if _file_format(p) == "peekcore.ComponentImportance"]
+    paths = [p for p in paths if p not in importances]
     results = [load_result(p) for p in paths]  # every file checked before anything is written
     names = section_names(paths)
     stems = _file_stems(names)
@@ -309,6 +338,7 @@ def _report(args: argparse.Namespace) -> dict:
                 name=section, summary=summary, figures=figures, components=components
             )
         )
+    sections += importance_sections(importances, sections, paths, figs)
     path = report.write_report(
         out, title=args.title, settings={"results": args.results}, layers=sections
     )
@@ -579,8 +609,37 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_options(sw)
     sw.set_defaults(func=_sweep)
 
+    imp = sub.add_parser(
+        "importance", help="causal importance of a fitted model's components for the outputs"
+    )
+    imp.add_argument("--model", required=True, help="the network, as for peek capture --model")
+    imp.add_argument("--weights", help="a state-dict file loaded into --model")
+    imp.add_argument(
+        "--trust-model-file",
+        action="store_true",
+        help="allow a pickled --model file (it can run code: only for files you trust)",
+    )
+    imp.add_argument("--store", required=True, help="the store the model was fitted from")
+    imp.add_argument("--layer", required=True, help="the layer the model was fitted to")
+    imp.add_argument("--result", required=True, help="the fitted model or sweep (.npz)")
+    imp.add_argument(
+        "--data", required=True, help="network inputs: 'digits', an .npy file or an image folder"
+    )
+    imp.add_argument("--labels", help="labels (.npy, N) when the data has none")
+    imp.add_argument("--modes", default="remove,keep", help="remove, keep or both (default)")
+    imp.add_argument(
+        "--sample-factors",
+        choices=("auto", "model", "project"),
+        default="auto",
+        help="sample rows from the model (its own data) or by projection (default auto)",
+    )
+    imp.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    imp.add_argument("--device", default=None, help="device of the model (default its own)")
+    imp.add_argument("--out", help="save the result here (.npz)")
+    imp.set_defaults(func=_importance)
+
     rep = sub.add_parser("report", help="figures and an HTML report from result files")
-    rep.add_argument("results", nargs="+", help="model or sweep files (.npz)")
+    rep.add_argument("results", nargs="+", help="model, sweep or component-importance files (.npz)")
     rep.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
     rep.add_argument("--images", help="input images (.npy, N x H x W or N x C x H x W)")
     rep.add_argument("--labels", help="labels (.npy, N)")

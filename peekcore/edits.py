@@ -31,6 +31,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,7 @@ def project(x: torch.Tensor, patterns: torch.Tensor, *, nonnegative: bool) -> to
 
 
 def _unarrange(edited: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
-    """Undo :func:`peekcore.capture.layouts._arrange`: the layer's own layout and shape (``like``'s)."""
+    """Undo :func:`peekcore.capture.layouts._arrange`: back to ``like``'s layout and shape."""
     if layout == "tokens":
         return edited.permute(0, 2, 1).contiguous()
     if layout == "sequence_first":
@@ -291,13 +292,24 @@ def _load_cp(cp: Any) -> CPModel:
     )
 
 
-def _use_model_rows(sample_factors: str, cp: CPModel, inputs: Any, store: Any, layer: str) -> bool:
+def _same_data(store: Any, layer: str, inputs: Any) -> bool:
+    """Whether ``inputs`` are the data the store captured (the same fingerprint and size)."""
+    if store is None:
+        return False
+    stored = _stored_layer(store, layer)
+    settings = stored.store.attrs.get("settings", {})
+    return (
+        settings.get("data_fingerprint") == inputs.fingerprint
+        and stored.shape[0] == inputs.n_samples
+    )
+
+
+def _use_model_rows(sample_factors: str, cp: CPModel, n: int, same_data: bool) -> bool:
     """Whether the batches' sample-factor rows come from the model (else: a projection)."""
     if sample_factors not in ("auto", "model", "project"):
         raise InvalidArgumentError(
             f"sample_factors must be 'auto', 'model' or 'project', got {sample_factors!r}"
         )
-    n = inputs.n_samples
     if sample_factors == "model" and n != cp.shape[0]:
         raise InvalidArgumentError(
             f"sample_factors='model' takes the rows of the model's {cp.shape[0]} fitted samples, "
@@ -306,15 +318,7 @@ def _use_model_rows(sample_factors: str, cp: CPModel, inputs: Any, store: Any, l
         )
     if sample_factors != "auto":
         return sample_factors == "model"
-    if store is None:
-        return False
-    stored = _stored_layer(store, layer)
-    settings = stored.store.attrs.get("settings", {})
-    return (
-        settings.get("data_fingerprint") == inputs.fingerprint
-        and tuple(stored.shape) == tuple(cp.shape)
-        and n == cp.shape[0]
-    )
+    return same_data and n == cp.shape[0]
 
 
 class _Runner:
@@ -374,7 +378,31 @@ def _describe(y: Any) -> str:
     return f"a {type(y).__name__}"
 
 
-def prepare_edits(model, layer, cp, data, *, batch_size, device, store, options) -> tuple:
+@dataclass
+class EditSetup:
+    """What :func:`prepare_edits` checked and built."""
+
+    module: nn.Module
+    cp: CPModel
+    inputs: Any
+    settings: dict[str, Any]
+    edits: _Edits
+    use_rows: bool  # sample-factor rows from the model, else projected
+    runner: _Runner
+    store_labels: np.ndarray | None  # the store's labels, when the data are the store's
+
+
+def prepare_edits(
+    model: nn.Module,
+    layer: str,
+    cp: Any,
+    data: Any,
+    *,
+    batch_size: int,
+    device: Any,
+    store: Any,
+    options: dict[str, Any],
+) -> EditSetup:
     """Checks and set-up shared by :func:`component_importance` and :func:`edited_outputs`."""
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -390,9 +418,11 @@ def prepare_edits(model, layer, cp, data, *, batch_size, device, store, options)
     inputs = as_inputs(data, batch_size=batch_size, pin_memory=dev.type == "cuda")
     settings = _settings(layer, module, cp, store, options)
     edits = _Edits(layer, module, cp, settings)
-    rows = _use_model_rows(options["sample_factors"], cp, inputs, store, layer)
+    same = _same_data(store, layer, inputs)
+    rows = _use_model_rows(options["sample_factors"], cp, inputs.n_samples, same)
     runner = _Runner(model, edits, dev, int(options["pass_bytes"]))
-    return module, cp, inputs, settings, edits, rows, runner
+    labels = _stored_layer(store, layer).store.labels if same else None
+    return EditSetup(module, cp, inputs, settings, edits, rows, runner, labels)
 
 
 @contextlib.contextmanager
@@ -455,9 +485,10 @@ def edited_outputs(
         sample_factors=sample_factors,
         pass_bytes=DEFAULT_PASS_BYTES,
     )
-    module, cp, inputs, _, edits, use_rows, runner = prepare_edits(
+    setup = prepare_edits(
         model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
     )
+    cp, runner = setup.cp, setup.runner
     chosen = list(remove if remove is not None else keep)
     bad = [c for c in chosen if not isinstance(c, int | np.integer) or not 0 <= c < cp.rank]
     if bad:
@@ -467,8 +498,8 @@ def edited_outputs(
     coef = np.zeros((1, cp.rank))
     coef[0, chosen] = -1.0 if remove is not None else 1.0
     out = []
-    with hooked(module, model, edits):
-        for offset, x, _y in inputs.batches(0):
-            rows = cp.factors[0][offset : offset + int(x.shape[0])] if use_rows else None
+    with hooked(setup.module, model, setup.edits):
+        for offset, x, _y in setup.inputs.batches(0):
+            rows = cp.factors[0][offset : offset + int(x.shape[0])] if setup.use_rows else None
             out.append(runner.logits(x, rows, [int(remove is not None)], coef)[0].cpu().numpy())
     return np.concatenate(out)

@@ -126,16 +126,25 @@ class ComponentImportance:
         row = self.effect(mode)[int(component)]
         return [int(c) for c in np.argsort(-row, kind="stable")[: max(1, int(k))]]
 
-    def table(self, k: int = 3) -> list[dict[str, Any]]:
-        """One row per component: the classes it drives most and its accuracy changes."""
+    def table(self, k: int = 3, class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """One row per component: the classes it drives most and its accuracy changes.
+
+        Parameters
+        ----------
+        k : int
+            Classes listed per component and mode, with their mean logit change.
+        class_names : sequence of str, optional
+            Display names by class index (default the indices).
+        """
+        names = [str(c) for c in range(self.n_classes)] if class_names is None else class_names
         rows = []
         for r in range(self.rank):
             row: dict[str, Any] = {"component": r}
             for mode in self.modes:
+                change = self.logit_change[mode][r]
                 top = self.top_classes(r, k, mode)
-                eff = self.effect(mode)[r]
-                row[f"{mode}: drives"] = ", ".join(f"{c} ({eff[c]:+.3g})" for c in top)
-                row[f"{mode}: accuracy change"] = float(self.accuracy_change[mode][r])
+                row[f"drives ({mode})"] = ", ".join(f"{names[c]} ({change[c]:+.3g})" for c in top)
+                row[f"accuracy change ({mode})"] = float(self.accuracy_change[mode][r])
             rows.append(row)
         return rows
 
@@ -318,10 +327,14 @@ def component_importance(
         pass_bytes=pass_bytes,
     )
     t0 = time.perf_counter()
-    module, cp, inputs, settings, edits, use_rows, runner = prepare_edits(
+    source = os.fspath(cp) if isinstance(cp, (str, os.PathLike)) else None
+    setup = prepare_edits(
         model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
     )
+    cp, inputs, use_rows = setup.cp, setup.inputs, setup.use_rows
     given = _check_labels(labels, inputs.n_samples)
+    if given is None and setup.store_labels is not None:
+        given = _check_labels(setup.store_labels, inputs.n_samples)
     rank = cp.rank
     # edits: 0 the network, 1 the full reconstruction, [2 zero], then per component and mode
     keep_x, coef = [1, 0], [np.zeros(rank), np.ones(rank)]
@@ -332,22 +345,23 @@ def component_importance(
         keep_x += [1 if mode == "remove" else 0] * rank
         coef += list((-1.0 if mode == "remove" else 1.0) * np.eye(rank))
     acc = _Accumulator(len(keep_x))
-    with hooked(module, model, edits):
+    with hooked(setup.module, model, setup.edits):
         for offset, x, y in inputs.batches(0):
             b = int(x.shape[0])
             rows = cp.factors[0][offset : offset + b] if use_rows else None
-            logits = runner.logits(x, rows, keep_x, np.stack(coef))
+            logits = setup.runner.logits(x, rows, keep_x, np.stack(coef))
             lab = given[offset : offset + b] if given is not None else y
             acc.add(logits, None if lab is None else _check_labels(lab, b))
     meta = {
-        **{k: v for k, v in settings.items() if k != "select" or not callable(v)},
+        **{k: v for k, v in setup.settings.items() if k != "select" or not callable(v)},
         "sample_factors": "model" if use_rows else "project",
         "batch_size": int(batch_size),
-        "forward_passes": runner.passes,
+        "forward_passes": setup.runner.passes,
         "seconds": time.perf_counter() - t0,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "cp_shape": list(cp.shape),
         "rank": rank,
+        "result": source,
     }
     return acc.result(layer, modes, rank, first, meta)
 

@@ -311,7 +311,7 @@ def test_save_load_and_table(rng, tmp_path):
         np.testing.assert_array_equal(back.accuracy_change[mode], imp.accuracy_change[mode])
     assert back.summary() == imp.summary()
     rows = back.table(k=2)
-    assert len(rows) == R and rows[1]["remove: drives"].startswith("1 (")
+    assert len(rows) == R and rows[1]["drives (remove)"].startswith("1 (-")
     without = component_importance(net, "feat", cp, z, modes=("keep",))
     assert np.isnan(without.baseline_accuracy) and np.all(np.isnan(without.accuracy_change["keep"]))
     without.save(tmp_path / "k.npz")

@@ -1,0 +1,133 @@
+"""The importance figure, ``peek importance`` and ``peek report`` showing it."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import peekcore
+from peekcore.cli import main
+from peekcore.importance import ComponentImportance, component_importance
+from peekcore.report.importance_figures import importance_figure
+
+NET = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, 6, 1), nn.ReLU(), nn.Flatten(), nn.Linear(30, 3))
+    """
+)
+
+
+@pytest.fixture
+def fitted(tmp_path, rng):
+    """A small network as an import spec, its inputs, a store of its ReLU and a model of it."""
+    (tmp_path / "net.py").write_text(NET)
+    x = rng.standard_normal((40, 2, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    from peekcore.loading import load_model
+
+    net = load_model(str(tmp_path / "net.py") + ":build")
+    store = peekcore.capture(
+        net, x, "1", tmp_path / "s.zarr", dtype="float32", batch_size=16, progress=False
+    )
+    model = peekcore.ncp_hals(store["1"], 3, n_iter_max=20, random_state=0, progress=False)
+    model.save(tmp_path / "m.npz")
+    return tmp_path, net, x, y, store
+
+
+def run(capsys, *argv) -> dict:
+    assert main(["--json", *argv]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_figure_tables(fitted):
+    tmp, net, x, y, store = fitted
+    imp = component_importance(net, "1", tmp / "m.npz", x, labels=y, store=store)
+    assert imp.metadata["layout"] == "tokens" and imp.metadata["sample_factors"] == "model"
+    fig = importance_figure(imp, tmp / "figs" / "imp", class_names=["a", "b", "c"], top_k=2)
+    assert fig.png.stat().st_size > 0 and fig.svg.exists()
+    rows = fig.tables["components"]
+    assert len(rows) == 3
+    for r, row in enumerate(rows):
+        top = imp.top_classes(r, 2, "remove")
+        assert row["drives (remove)"].split(" (")[0] == "abc"[top[0]]
+        assert row["accuracy change (keep)"] == imp.accuracy_change["keep"][r]
+    grid = fig.tables["logit_change_remove"]
+    np.testing.assert_array_equal(
+        [[row[f"c{r}"] for r in range(3)] for row in grid], imp.logit_change["remove"].T
+    )
+
+
+def test_cli_importance_and_report(fitted, capsys):
+    tmp, net, x, y, store = fitted
+    spec = f"{tmp / 'net.py'}:build"
+    common = ["--model", spec, "--store", str(tmp / "s.zarr"), "--layer", "1"]
+    out = run(
+        capsys,
+        "importance",
+        *common,
+        "--result",
+        str(tmp / "m.npz"),
+        "--data",
+        str(tmp / "x.npy"),
+        "--labels",
+        str(tmp / "y.npy"),
+        "--out",
+        str(tmp / "imp.npz"),
+    )
+    saved = ComponentImportance.load(tmp / "imp.npz")
+    direct = component_importance(net, "1", tmp / "m.npz", x, labels=y, store=store)
+    for mode in direct.modes:
+        np.testing.assert_allclose(saved.logit_change[mode], direct.logit_change[mode])
+    assert out["baseline_accuracy"] == pytest.approx(direct.baseline_accuracy)
+    assert len(out["table"]) == 3 and out["metadata"]["sample_factors"] == "model"
+    rep = run(
+        capsys,
+        "report",
+        str(tmp / "m.npz"),
+        str(tmp / "imp.npz"),
+        "--labels",
+        str(tmp / "y.npy"),
+        "--out",
+        str(tmp / "r.html"),
+    )
+    assert rep["sections"] == ["m"]  # the importance view sits in its model's section
+    html = (tmp / "r.html").read_text()
+    assert "mean change in each class" in html and "Classes x components" in html
+    assert html.index("Classes x components") < html.index("mean change in each class")
+    alone = run(capsys, "report", str(tmp / "imp.npz"), "--out", str(tmp / "r2.html"))
+    assert alone["sections"] == ["1 (imp.npz)"]
+
+
+def test_cli_importance_errors(fitted, capsys, rng):
+    tmp, *_ = fitted
+    spec = f"{tmp / 'net.py'}:build"
+    # a model of the layer as channels x positions: the store holds it as tokens (5 x 6)
+    other = peekcore.CPModel(np.ones(2), [rng.random((n, 2)) for n in (40, 6, 5)])
+    other.save(tmp / "other.npz")
+    argv = ["importance", "--model", spec, "--store", str(tmp / "s.zarr"), "--layer", "1"]
+    argv += ["--result", str(tmp / "other.npz"), "--data", str(tmp / "x.npy")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "peek importance: error: the CP model was fitted to samples of shape (6, 5)" in err
+    assert "another layout of this layer" in err
+    argv[argv.index("1")] = "3"
+    assert main(argv) == 1
+    assert "no layer '3' in the store" in capsys.readouterr().err
+
+
+def test_modes_keep_only_without_labels(fitted):
+    tmp, net, x, _, _ = fitted
+    imp = component_importance(net, "1", tmp / "m.npz", torch.as_tensor(x), modes=["keep"])
+    assert imp.modes == ("keep",) and imp.metadata["sample_factors"] == "project"
+    assert np.isnan(imp.reconstruction_accuracy)
