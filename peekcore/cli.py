@@ -267,17 +267,18 @@ def _sweep(args: argparse.Namespace) -> dict:
 
 def _importance(args: argparse.Namespace) -> dict:
     from .importance import component_importance
-    from .loading import load_model
+    from .loading import load_inputs, load_model
     from .store import ActivationStore
 
     model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
     store = ActivationStore(args.store)
+    data, notes = load_inputs(args.data, model)
     labels = np.load(args.labels, allow_pickle=False) if args.labels else None
     imp = component_importance(
         model,
         args.layer,
         args.result,
-        _load_inputs(args.data),
+        data,
         labels=labels,
         batch_size=args.batch_size,
         device=args.device,
@@ -287,7 +288,8 @@ def _importance(args: argparse.Namespace) -> dict:
     )
     if args.out:
         imp.save(args.out)
-    return {**imp.summary(), "table": imp.table(), "metadata": imp.metadata, "out": args.out}
+    summary = {**imp.summary(), "table": imp.table(), "metadata": imp.metadata, "out": args.out}
+    return {**summary, "notes": notes} if notes else summary
 
 
 def _report(args: argparse.Namespace) -> dict:
