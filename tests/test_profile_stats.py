@@ -359,6 +359,27 @@ def test_within_group_permutations_keep_groups():
     assert len({tuple(row[codes == 0]) for row in perms}) == 24
 
 
+def test_grouped_bootstrap_resamples_within_groups_or_whole_groups():
+    rng = np.random.default_rng(4)
+    codes = np.array([1, 0, 2, 0, 1, 1, 2, 0, 0])
+    members = [np.flatnonzero(codes == g) for g in range(3)]
+    pick = assoc._within_group_resamples(members, 300, rng)
+    assert pick.shape == (300, 9)
+    # every resample keeps each group's size, drawing its points from that group
+    assert (codes[pick] == np.sort(codes)).all()
+    assert len({tuple(row) for row in pick}) > 250  # and the draws vary
+    q = rng.normal(size=30)
+    few = assoc.associate(
+        q, q + rng.normal(size=30), layer="a", measure="m", groups=np.arange(30) % 3
+    )
+    assert "within each of 3 groups" in few.extra["ci_method"]
+    many = assoc.associate(
+        q, q + rng.normal(size=30), layer="a", measure="m", groups=np.arange(30) % 10
+    )
+    assert "whole groups resampled (10 groups)" in many.extra["ci_method"]
+    assert many.ci[0] < many.rho < many.ci[1]
+
+
 @pytest.mark.slow
 def test_grouped_permutation_under_a_between_group_effect():
     """Seeds differ in both quality and the measure, with no link inside a seed: the

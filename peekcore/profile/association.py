@@ -16,8 +16,12 @@ run). With ``groups`` (the seed, say):
   between runs (one seed better than another on both) are held fixed and are
   no evidence;
 - the bootstrap resamples **whole groups** with replacement (a cluster
-  bootstrap), so the interval reflects the variation between runs. With few
-  groups (3 seeds) this interval is coarse, and it can be degenerate.
+  bootstrap), so the interval reflects the variation between runs, when there
+  are at least ``MIN_CLUSTERS`` (10) groups. With fewer, a cluster bootstrap has
+  too few distinct resamples to mean anything (3 groups give 10), so the points
+  are resampled **within** each group instead (a stratified bootstrap), which,
+  like the permutation test, holds the groups fixed: the interval then leaves
+  out the variation between runs, and ``extra["ci_method"]`` says so.
 
 Pooled over layers (``layer="all"``), pass the layer (or the pair layer and
 seed) as ``groups``: the permutation is then within layer, because measures of
@@ -38,6 +42,7 @@ from scipy import stats
 from ..errors import InvalidArgumentError
 
 __all__ = [
+    "MIN_CLUSTERS",
     "MIN_POINTS",
     "Association",
     "associate",
@@ -48,6 +53,8 @@ __all__ = [
 
 #: Fewer points than this and the verdict says the test has no power.
 MIN_POINTS = 6
+#: Groups a cluster bootstrap needs; with fewer, points are resampled within groups.
+MIN_CLUSTERS = 10
 
 _MEASURE_NAMES = {
     "autoten": "AutoTen rank",
@@ -200,6 +207,13 @@ def _permutation_p(
     return _p_from_null(null, observed, n_permutations), False
 
 
+def _within_group_resamples(
+    members: list[np.ndarray], n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n_boot x n`` indices: each group's points drawn with replacement from that group."""
+    return np.concatenate([m[rng.integers(0, m.size, (n_boot, m.size))] for m in members], axis=1)
+
+
 def _bootstrap_ci(
     q: np.ndarray,
     v: np.ndarray,
@@ -208,7 +222,8 @@ def _bootstrap_ci(
     level: float,
     rng: np.random.Generator,
 ) -> tuple[tuple[float, float], str]:
-    """Bootstrap interval for rho: pairs (BCa, scipy) or whole groups (percentile)."""
+    """Bootstrap interval for rho: pairs (BCa, scipy), or with groups a percentile
+    interval over whole groups (``MIN_CLUSTERS`` or more) or points within groups."""
     if codes.max() == 0:
 
         def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -235,11 +250,21 @@ def _bootstrap_ci(
         how = "percentile, pairs resampled (BCa undefined: some resamples had a constant side)"
     else:
         members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
-        draws = np.empty(n_boot)
-        for b in range(n_boot):
-            pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-            draws[b] = _spearman_rows(q[pick], v[pick])
-        how = f"percentile, whole groups resampled ({len(members)} groups)"
+        if len(members) >= MIN_CLUSTERS:
+            draws = np.empty(n_boot)
+            for b in range(n_boot):
+                chosen = rng.integers(0, len(members), len(members))
+                pick = np.concatenate([members[g] for g in chosen])
+                draws[b] = _spearman_rows(q[pick], v[pick])
+            how = f"percentile, whole groups resampled ({len(members)} groups)"
+        else:
+            pick = _within_group_resamples(members, n_boot, rng)
+            draws = _spearman_rows(q[pick], v[pick])
+            how = (
+                f"percentile, points resampled within each of {len(members)} groups (fewer "
+                f"than {MIN_CLUSTERS} groups for a cluster bootstrap; variation between "
+                "groups not included)"
+            )
     draws = draws[np.isfinite(draws)]
     if draws.size < max(10, n_boot // 2):
         return (math.nan, math.nan), how + "; too few resamples with a defined rho"
@@ -281,13 +306,14 @@ def associate(
     groups : array, optional
         ``n`` group labels (the training seed; rows of a 2-D array, e.g.
         ``(layer, seed)``, are one label each): the permutation is within
-        groups and the bootstrap resamples whole groups (module docstring).
+        groups and the bootstrap resamples whole groups, or points within
+        groups when there are fewer than ``MIN_CLUSTERS`` (module docstring).
     n_permutations : int
         At least 2000; all permutations are used when there are fewer
         (no groups).
     n_boot : int
         Bootstrap resamples: pairs with BCa (``scipy.stats.bootstrap``)
-        without groups, whole groups with a percentile interval with groups.
+        without groups, a percentile interval with groups.
     random_state : int or numpy.random.Generator
         Seeds the permutations and the bootstrap.
     level : float
