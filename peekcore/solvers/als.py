@@ -34,6 +34,7 @@ def cp_als(
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
     distributed: bool | None = None,
+    fixed_modes: Any = None,
 ) -> CPModel:
     """CP decomposition by alternating least squares, streamed over the sample mode.
 
@@ -91,6 +92,11 @@ def cp_als(
         initialize it from torchrun's environment, ``False`` never. Every process
         passes the whole data and reads only its rows; every process returns the
         same model (see ``peekcore.distributed``).
+    fixed_modes : list of int, optional
+        Modes whose factors keep their initial values (0 the sample mode), as
+        TensorLy's ``fixed_modes``; meaningful with a model as ``init``. With
+        mode 0 fixed the pass accumulates its statistics from the given sample
+        factor instead of solving it.
 
     Returns
     -------
@@ -116,4 +122,5 @@ def cp_als(
         checkpoint_every=checkpoint_every,
         resume=resume,
         distributed=distributed,
+        fixed_modes=fixed_modes,
     )

@@ -17,6 +17,7 @@ __all__ = [
     "check_checkpoint_every",
     "check_shape",
     "check_iterations",
+    "check_fixed_modes",
     "compute_dtype_for",
     "chunk_size_for",
 ]
@@ -72,6 +73,35 @@ def check_rank(rank: Any, shape: tuple[int, ...]) -> int:
             f"exactly); choose rank <= {limit}"
         )
     return rank
+
+
+def check_fixed_modes(fixed_modes: Any, ndim: int) -> tuple[int, ...]:
+    """Modes whose factors a fit leaves at their initial values, sorted (mode 0 the samples).
+
+    ``None`` or an iterable of distinct integers in ``0 .. ndim - 1``, not all of them.
+    """
+    if fixed_modes is None:
+        return ()
+    try:
+        modes = list(fixed_modes)
+    except TypeError:
+        raise TypeError(
+            f"fixed_modes must be None or a list of mode numbers, got {fixed_modes!r}"
+        ) from None
+    for m in modes:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < ndim:
+            raise ValueError(
+                f"fixed_modes holds {m!r}, which is not a mode of this {ndim}-way data "
+                f"(modes 0 .. {ndim - 1}, 0 the samples)"
+            )
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"fixed_modes lists a mode twice: {modes}")
+    if len(modes) == ndim:
+        raise ValueError(
+            f"fixed_modes={modes} fixes every mode: there is nothing to fit (use the initial "
+            "model as it is)"
+        )
+    return tuple(sorted(int(m) for m in modes))
 
 
 def check_random_state(random_state: Any) -> int | None:

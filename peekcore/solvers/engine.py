@@ -37,6 +37,7 @@ from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from .checks import (
     NATURAL_CHUNK_ALONE_BYTES,
     check_checkpoint_every,
+    check_fixed_modes,
     check_iterations,
     check_random_state,
     check_rank,
@@ -87,6 +88,8 @@ class RunSettings:
     sweeps: int
     checkpoint: Path | None = None
     checkpoint_every: int = 1
+    # modes whose factors stay at their initial values (0 the sample mode)
+    fixed_modes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -157,6 +160,7 @@ def prepare(
     checkpoint: str | Path | None,
     checkpoint_every: int,
     distributed: bool | None = None,
+    fixed_modes: Any = None,
 ) -> Problem:
     """Check the arguments of a fit and pick its kernel, chunking and process shard."""
     source = as_source(data)
@@ -195,6 +199,7 @@ def prepare(
         sweeps=sweeps if method == HALS else 0,
         checkpoint=Path(checkpoint) if checkpoint is not None else None,
         checkpoint_every=checkpoint_every,
+        fixed_modes=check_fixed_modes(fixed_modes, len(shape)),
     )
     return Problem(source, shape, stored, kern, dev, settings, comm)
 
@@ -292,14 +297,14 @@ def run_models(
     )
     stack: Stack | None = None
     graphed: GraphedStep | None = None
-    use_graphs = graphs_allowed(problem)
+    use_graphs = graphs_allowed(problem) and not settings.fixed_modes
     try:
         for it in range(start_iter, settings.n_iter_max):
             active = [s for s in states if s.active]
             if not active:
                 break
             t0 = time.perf_counter()
-            if method == HALS:
+            if method == HALS and not settings.fixed_modes:  # fixed factors are never changed
                 for s in active:
                     if it == start_iter or s.dead_seen:  # writes into the stack's columns
                         reseed_dead(s, [f.T @ f for f in s.resident], it, problem.comm)
@@ -449,6 +454,7 @@ def fit_streaming(
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
     distributed: bool | None = None,
+    fixed_modes: Any = None,
 ) -> CPModel:
     """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``)."""
     random_state = check_random_state(random_state)  # a seed: stored with the model
@@ -466,6 +472,7 @@ def fit_streaming(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         distributed=distributed,
+        fixed_modes=fixed_modes,
     )
     rank = check_rank(rank, problem.shape)
     settings = problem.settings

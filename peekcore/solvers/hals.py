@@ -35,6 +35,7 @@ def ncp_hals(
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
     distributed: bool | None = None,
+    fixed_modes: Any = None,
 ) -> CPModel:
     """Nonnegative CP decomposition by HALS, streamed over the sample mode.
 
@@ -68,6 +69,9 @@ def ncp_hals(
         Atomic checkpoints and bit-identical resume, as for :func:`peekcore.cp_als`.
     distributed : bool, optional
         Data-parallel over the sample mode, as for :func:`peekcore.cp_als`.
+    fixed_modes : list of int, optional
+        Modes whose factors keep their initial values, as for
+        :func:`peekcore.cp_als`; dead components are then not re-seeded.
 
     Returns
     -------
@@ -94,4 +98,5 @@ def ncp_hals(
         checkpoint_every=checkpoint_every,
         resume=resume,
         distributed=distributed,
+        fixed_modes=fixed_modes,
     )

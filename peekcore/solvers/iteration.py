@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ALS
+from ..kernels.base import PassStatistics
 from .passes import (
+    accumulate_given_rows,
     check_finite,
     check_nonnegative,
     check_not_all_zeros,
@@ -28,7 +30,7 @@ from .passes import (
 )
 from .resident import ResidentMTTKRP, als_solve, gram_inverse, hadamard, with_noise_floor
 
-__all__ = ["Stack", "StepResult", "step"]
+__all__ = ["Stack", "StepResult", "step", "residual"]
 
 
 @dataclass
@@ -177,21 +179,26 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     want_norm = norm2 is None
     total = 0.0
     base = first_sample(source)  # errors name samples of the whole data
+    fixed = settings.fixed_modes
     for offset, chunk in pass_chunks(source, settings.chunk_size, kern):
         if want_norm and method != ALS:
             check_nonnegative(chunk, base + offset)
-        n2 = kern.pass_chunk(
-            chunk.reshape(chunk.shape[0], width),
-            factors,
-            g,
-            a[offset : offset + chunk.shape[0]],
-            stats,
-            dims=dims,
-            update=method,
-            sweeps=settings.sweeps,
-            want_norm=want_norm,
-            blocks=stack.ranks,
-        )
+        if 0 in fixed:  # the sample factor stays: statistics only
+            rows = a[offset : offset + chunk.shape[0]]
+            n2 = accumulate_given_rows(chunk.reshape(rows.shape[0], width), rows, stats, want_norm)
+        else:
+            n2 = kern.pass_chunk(
+                chunk.reshape(chunk.shape[0], width),
+                factors,
+                g,
+                a[offset : offset + chunk.shape[0]],
+                stats,
+                dims=dims,
+                update=method,
+                sweeps=settings.sweeps,
+                want_norm=want_norm,
+                blocks=stack.ranks,
+            )
         if want_norm:
             n2 = float(n2)
             check_finite(n2, base + offset, chunk.shape[0])
@@ -207,8 +214,12 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     ata = stats.ata * mask
     mttkrp = ResidentMTTKRP(t_all)
     for m in range(n_modes):
-        gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
+        if m + 1 in fixed and m < n_modes - 1:  # the last mode's MTTKRP gives <X, M> below
+            continue
         mt = mttkrp(m, stacked)
+        if m + 1 in fixed:
+            continue
+        gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
         if method == ALS:
             stacked[m].copy_(als_solve(mt, with_noise_floor(gm, stats_dtype, *blocks), *blocks))
         else:
@@ -226,3 +237,60 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
             dead.index_add_(0, seg, (torch.diagonal(gram) <= 0).to(torch.float64))
     values = torch.stack([norm2 - 2 * inner + model2, dead], dim=1).flatten()
     return StepResult(values, t_all, stats.ata, measured)
+
+
+def residual(
+    problem, a: torch.Tensor, resident: list[torch.Tensor], norm2: float | None
+) -> tuple[float, float]:
+    """``||X - M||^2`` of a model given by its factors, and ``||X||^2``, in one pass.
+
+    Nothing is updated: the pass accumulates ``T = X x_0 A^T`` and ``A^T A``
+    from the given sample factor, then ``<X, M>`` is ``T`` contracted with the
+    resident factors and ``||M||^2`` the sum of the Hadamard product of the
+    Grams. With ``norm2=None`` the pass measures ``||X||^2`` and vets the data
+    as the first pass of a fit does (so that fit's first iteration need not).
+
+    Parameters
+    ----------
+    problem : Problem
+    a : torch.Tensor
+        ``N x R`` sample factor (this process's rows), compute dtype.
+    resident : list of torch.Tensor
+        ``I_m x R`` float64.
+    norm2 : float or None
+
+    Returns
+    -------
+    resid2, norm2 : float
+    """
+    source, settings = problem.source, problem.settings
+    dims = problem.shape[1:]
+    width = math.prod(dims)
+    rank = a.shape[1]
+    dev = problem.kernel.device
+    stats = PassStatistics(
+        t=torch.zeros((rank, width), dtype=settings.compute_dtype, device=dev),
+        ata=torch.zeros((rank, rank), dtype=torch.float64, device=dev),
+    )
+    want_norm = norm2 is None
+    total = 0.0
+    base = first_sample(source)
+    for offset, chunk in pass_chunks(source, settings.chunk_size, problem.kernel):
+        if want_norm and settings.method != ALS:
+            check_nonnegative(chunk, base + offset)
+        rows = a[offset : offset + chunk.shape[0]]
+        n2 = accumulate_given_rows(chunk.reshape(rows.shape[0], width), rows, stats, want_norm)
+        if want_norm:
+            check_finite(n2, base + offset, chunk.shape[0])
+            total += n2
+    comm = problem.comm
+    comm.allreduce_(stats.t)
+    comm.allreduce_(stats.ata)
+    if want_norm:
+        norm2 = comm.allreduce_scalar(total, problem.device)
+        check_not_all_zeros(norm2)
+    t_all = stats.t.to(torch.float64).reshape((rank, *dims))
+    mt = ResidentMTTKRP(t_all)(len(dims) - 1, resident)
+    inner = float(torch.sum(mt * resident[-1]))
+    model2 = float(torch.sum(hadamard([stats.ata, *(f.T @ f for f in resident)])))
+    return norm2 - 2.0 * inner + model2, float(norm2)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..kernels import PassKernel
+from ..kernels.base import PassStatistics
 from ..sources import ChunkSource
 from .checks import (
     DEFAULT_MAX_CHUNK_BYTES,
@@ -21,6 +22,7 @@ from .checks import (
 __all__ = [
     "iterate_chunks",
     "pass_chunks",
+    "accumulate_given_rows",
     "default_chunk_bytes",
     "gram_pass",
     "check_nonnegative",
@@ -116,6 +118,32 @@ def pass_chunks(
 
         return stage_to_device(chunks, kern.device)
     return chunks
+
+
+def accumulate_given_rows(
+    x: torch.Tensor, a_rows: torch.Tensor, stats: PassStatistics, want_norm: bool
+) -> float:
+    """The statistics of one chunk against sample-factor rows that stay as they are.
+
+    The pass of a fit whose sample mode is fixed (``fixed_modes`` holding 0),
+    and of the residual of a given model: ``T += A_b^T X_b``, ``AtA += A_b^T A_b``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``b x J`` chunk, stored dtype.
+    a_rows : torch.Tensor
+        ``b x R`` rows of the sample factor (compute dtype), not changed.
+    stats : PassStatistics
+        ``t`` (``R x J``, compute dtype) and ``ata`` (float64), updated in place.
+    want_norm : bool
+        Return the chunk's sum of squares (float64), else 0.
+    """
+    xc = x.to(stats.t.dtype)
+    stats.t += a_rows.T @ xc
+    a64 = a_rows.to(torch.float64)
+    stats.ata += a64.T @ a64
+    return float(torch.sum(x.to(torch.float64) ** 2)) if want_norm else 0.0
 
 
 def check_nonnegative(x: torch.Tensor, offset: int) -> None:
