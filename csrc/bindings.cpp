@@ -129,7 +129,7 @@ PYBIND11_MODULE(_core, m) {
         const double* mp = m.data();
         const double* gp = g.data();
         py::gil_scoped_release release;
-        peekcore::hals_rows(fp, mp, gp, rows, R, sweeps, lo, hi);
+        peekcore::hals_rows(fp, mp, gp, rows, R, sweeps, hi);
       },
       py::arg("f"), py::arg("m"), py::arg("g"), py::arg("sweeps"),
       py::arg("model_ranks") = std::vector<int>(),

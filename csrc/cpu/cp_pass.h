@@ -46,10 +46,10 @@ double pass_chunk(const PassArgs<T>& args);
 // HALS sweeps on the rows of a factor, in place (float64):
 //   f (rows x R), m (rows x R, its MTTKRP), g (R x R, its Gram).
 // Column r of a row: f_r <- max(0, f_r + (m_r - sum_k f_k g_kr) / g_rr), r = 0..R-1.
-// comp_lo/comp_hi (R each, or empty): the block of column r when several models
-// are stacked (g block diagonal), as in PassArgs.
+// comp_hi (R, or empty for one model): where the block of column r ends when
+// several models are stacked (g block diagonal), as in PassArgs.
 void hals_rows(double* f, const double* m, const double* g, std::int64_t rows, int R, int sweeps,
-               const std::vector<int>& comp_lo, const std::vector<int>& comp_hi);
+               const std::vector<int>& comp_hi);
 
 // Compile-time facts for build_info().
 bool has_openmp();

@@ -144,12 +144,7 @@ __global__ void update_rows(const M_T* __restrict__ m, int m_cols,
     }
   } else {
     for (int r = 0; r < w; ++r) ai[r] = to_double(ai_row[r]);
-    for (int s = 0; s < sweeps; ++s)
-      for (int r = 0; r < w; ++r) {
-        double resid = mi[r];
-        for (int k = 0; k < w; ++k) resid -= ai[k] * g_sh[k * w + r];
-        ai[r] = hals_step(ai[r], resid, g_sh[r * w + r]);
-      }
+    hals_sweeps(ai, mi, g_sh, w, w, sweeps);
   }
   for (int r = 0; r < w; ++r) ai_row[r] = static_cast<A_T>(ai[r]);
 }

@@ -74,4 +74,18 @@ PEEK_HD T hals_step(T a, T resid, T g_rr) {
   return v > T(0) ? v : T(0);
 }
 
+// HALS sweeps on one row of one model's factor, in place: f and m hold its n
+// columns (the row and its MTTKRP row), g its n x n Gram block with row stride
+// ldg. Columns in order, `sweeps` times; the one row loop of the CPU pass, the
+// CPU resident update and the CUDA update_rows kernel.
+template <typename T>
+PEEK_HD void hals_sweeps(T* f, const T* m, const double* g, int ldg, int n, int sweeps) {
+  for (int s = 0; s < sweeps; ++s)
+    for (int r = 0; r < n; ++r) {
+      T resid = m[r];
+      for (int k = 0; k < n; ++k) resid -= f[k] * g[k * ldg + r];
+      f[r] = hals_step(f[r], resid, g[r * ldg + r]);
+    }
+}
+
 }  // namespace peekcore
