@@ -14,6 +14,7 @@ from ._native import available as _native_available
 from ._version import __version__
 from .capture import ModelSource, capture
 from .edits import edited_outputs
+from .estimator import CP
 from .importance import ComponentImportance, component_importance
 from .model import CPModel, FitHistory
 from .solvers import cp_als, ncp_hals
@@ -24,6 +25,7 @@ from .sweep import RankSweep, rank_sweep
 
 __all__ = [
     "ActivationStore",
+    "CP",
     "ArraySource",
     "CPModel",
     "ChunkSource",
