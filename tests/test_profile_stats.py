@@ -328,6 +328,8 @@ def test_constant_and_short_inputs_give_nan_with_a_reason():
     assert short.n == 1 and math.isnan(short.rho)
     with pytest.raises(InvalidArgumentError, match="pair up"):
         assoc.associate([1, 2, 3], [1, 2], layer="a", measure="m")
+    with pytest.raises(InvalidArgumentError, match="must be numbers"):
+        assoc.associate(["high", "low", "mid"], [1, 2, 3], layer="a", measure="m")
     with pytest.raises(InvalidArgumentError, match="n_permutations"):
         assoc.associate(q, q, layer="a", measure="m", n_permutations=100)
 

@@ -329,8 +329,13 @@ def associate(
         rho is undefined (fewer than 3 points, or a side constant) the
         statistics are nan and ``reason`` says why.
     """
-    q = np.asarray(quality, dtype=np.float64).reshape(-1)
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    try:
+        q = np.asarray(quality, dtype=np.float64).reshape(-1)
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgumentError(
+            f"quality and values must be numbers (NaN for a missing value): {err}"
+        ) from err
     if q.shape != v.shape:
         raise InvalidArgumentError(
             f"quality and values must pair up: {q.size} quality values, {v.size} measure values"

@@ -616,7 +616,10 @@ def bootstrap_measures(
     Cost: one pass over ``data`` contracting each chunk with every model's
     resident factors (like one sweep iteration), ``N x (K P)`` float64 kept; then
     per draw ``O(N K P)`` for the fits plus, per rank, ``O(P N R^2)`` for the
-    factor match scores. No model is refitted.
+    factor match scores. No model is refitted. Measured on the 2-core
+    development machine (busy), N = 1000 samples of a 16 x 7 x 7 layer, ranks 1
+    to 20 with 3 replicates (60 models): the pass 1.0 s, then 16 ms per draw
+    (200 draws: about 3 s), against minutes for one refit of the sweep.
 
     Parameters
     ----------
