@@ -56,13 +56,15 @@ _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 class _Edits:
     """Forward hook that swaps a layer's output for stacked edits of it.
 
-    The input batch (``b`` samples) is repeated ``g`` times; the layer then
-    outputs ``g`` identical copies of the batch's activation ``X``, and the hook
-    returns, for copy ``j``, ``s_j X + (A * C_j) P`` in the layer's own layout,
+    For ``g`` edits of a batch of ``b`` samples, the hook returns ``g * b``
+    rows, copy-major: for copy ``j``, ``s_j X + (A * C_j) P`` in the layer's own layout,
     with ``A`` the batch's sample-factor rows times the weights (``b x R``),
     ``P`` the components' patterns (``R x prod(I_1..I_d)``), ``s_j`` 0 or 1 and
     ``C_j`` a row of coefficients (``R``): the unedited layer is ``(1, 0)``,
-    removing ``r`` is ``(1, -e_r)``, keeping ``r`` alone ``(0, e_r)``.
+    removing ``r`` is ``(1, -e_r)``, keeping ``r`` alone ``(0, e_r)``. With
+    ``expand`` the layer ran on the batch once and the hook multiplies it;
+    without, the inputs were repeated ``g`` times and the layer gives ``g``
+    identical copies of ``X`` (the first is used).
     """
 
     def __init__(self, name: str, module: nn.Module, cp: CPModel, settings: dict) -> None:
@@ -77,6 +79,7 @@ class _Edits:
         self.sample_rows: np.ndarray | None = None  # the model's rows for this batch, if used
         self.a: torch.Tensor | None = None  # b x R for the current batch
         self.batch = 0  # samples in the current batch (before stacking)
+        self.expand = False  # the layer ran on the batch once: the hook makes the copies
         self.keep_x: torch.Tensor | None = None
         self.coef: torch.Tensor | None = None  # g x R
         self.patterns: torch.Tensor | None = None  # R x P
@@ -92,7 +95,8 @@ class _Edits:
         if self.resolved is None:
             self.resolved = _resolve_layout(self.layout, module, t.ndim)
         g, b = int(self.coef.shape[0]), self.batch
-        arranged, _ = _arrange(self.name, t, self.resolved, self.fold_spatial, g * b)
+        rows_in = b if self.expand else g * b
+        arranged, _ = _arrange(self.name, t, self.resolved, self.fold_spatial, rows_in)
         x = arranged[:b].reshape(b, -1)
         self._check_shape(arranged.shape[1:])
         if self.patterns is None or self.patterns.device != x.device:
@@ -108,8 +112,9 @@ class _Edits:
         identity = (self.keep_x == 1) & (self.coef == 0).all(dim=1)
         if bool(identity.any()):
             edited[identity] = x.to(pat.dtype)  # the unedited network, exactly, unclipped
-        edited = edited.to(t.dtype).reshape(arranged.shape)
-        return _put_back(output, _unarrange(edited, t, self.resolved), self.select, self.name)
+        edited = edited.to(t.dtype).reshape(g * b, *arranged.shape[1:])
+        back = _unarrange(edited, t, self.resolved, g * b)
+        return _put_back(output, back, self.select, self.name)
 
     def _check_shape(self, shape: Sequence[int]) -> None:
         want = tuple(self.cp.shape[1:])
@@ -181,16 +186,16 @@ def project(x: torch.Tensor, patterns: torch.Tensor, *, nonnegative: bool) -> to
     return torch.from_numpy(a)
 
 
-def _unarrange(edited: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+def _unarrange(edited: torch.Tensor, like: torch.Tensor, layout: str, rows: int) -> torch.Tensor:
     """Undo :func:`peekcore.capture.layouts._arrange`: back to ``like``'s layout and shape."""
     if layout == "tokens":
         return edited.permute(0, 2, 1).contiguous()
     if layout == "sequence_first":
         return edited.permute(2, 0, 1).contiguous()
     if layout == "channels_last":
-        shape = (like.shape[0], like.shape[-1], *like.shape[1:-1])
+        shape = (rows, like.shape[-1], *like.shape[1:-1])
         return edited.reshape(shape).movedim(1, -1).contiguous()
-    return edited.reshape(like.shape)
+    return edited.reshape(rows, *like.shape[1:])
 
 
 def _put_back(output: Any, edited: torch.Tensor, select: Any, name: str) -> Any:
@@ -322,7 +327,15 @@ def _use_model_rows(sample_factors: str, cp: CPModel, n: int, same_data: bool) -
 
 
 class _Runner:
-    """Runs stacked edits of one batch through the network; returns their logits."""
+    """Runs stacked edits of one batch through the network; returns their logits.
+
+    Edits are stacked after the layer where the network allows it (the layers
+    before it run once per pass): on the first pass both ways run, and stacking
+    after the layer is kept only if it gives the same logits as repeating the
+    inputs (a network whose later layers reuse tensors from before the layer,
+    such as a skip connection around it, fails that check or raises, and gets
+    repeated inputs).
+    """
 
     def __init__(self, model: nn.Module, edits: _Edits, device: torch.device, pass_bytes: int):
         self.model = model
@@ -330,7 +343,8 @@ class _Runner:
         self.device = device
         self.per_variant: int | None = None  # edits per forward pass, set on the first batch
         self.pass_bytes = pass_bytes
-        self.passes = 0
+        self.passes = 0  # forward passes whose logits were used
+        self.expand: bool | None = None  # stack after the layer (None: not checked yet)
         params = [p for p in model.parameters() if p.is_floating_point()]
         self.input_dtype = params[0].dtype if params else None
 
@@ -350,19 +364,43 @@ class _Runner:
         try:
             for lo in range(0, len(keep), group):
                 self.edits.keep_x, self.edits.coef = keep[lo : lo + group], c[lo : lo + group]
-                g = int(self.edits.coef.shape[0])
-                stacked = x.repeat(g, *([1] * (x.ndim - 1)))
-                y = self.model(stacked)
+                out.append(self._stacked(x, int(self.edits.coef.shape[0]), b))
                 self.passes += 1
-                if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != g * b:
-                    raise InvalidArgumentError(
-                        f"the model must return logits of shape (batch, classes); it returned "
-                        f"{_describe(y)} for a batch of {g * b}: wrap it so that it does"
-                    )
-                out.append(y.detach().to(torch.float64).reshape(g, b, -1))
         finally:
             self.edits.keep_x = self.edits.coef = None
         return torch.cat(out)
+
+    def _stacked(self, x: torch.Tensor, g: int, b: int) -> torch.Tensor:
+        """``g x b x K`` logits of the edits set on the hook."""
+        if self.expand is None:
+            self.expand = self._check_expand(x, b)
+        return self._forward(x, g, b, self.expand)
+
+    def _check_expand(self, x: torch.Tensor, b: int) -> bool:
+        """Whether two of the edits give the same logits stacked after the layer as before it."""
+        keep, coef = self.edits.keep_x, self.edits.coef
+        self.edits.keep_x, self.edits.coef = keep[:2], coef[:2]
+        try:
+            g = int(self.edits.coef.shape[0])
+            want = self._forward(x, g, b, expand=False)
+            try:
+                got = self._forward(x, g, b, expand=True)
+            except Exception:  # later layers combine the copies with tensors from before it
+                return False
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale))
+        finally:
+            self.edits.keep_x, self.edits.coef = keep, coef
+
+    def _forward(self, x: torch.Tensor, g: int, b: int, expand: bool) -> torch.Tensor:
+        self.edits.expand = expand
+        y = self.model(x if expand else x.repeat(g, *([1] * (x.ndim - 1))))
+        if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != g * b:
+            raise InvalidArgumentError(
+                f"the model must return logits of shape (batch, classes); it returned "
+                f"{_describe(y)} for a batch of {g * b}: wrap it so that it does"
+            )
+        return y.detach().to(torch.float64).reshape(g, b, -1)
 
     def _group(self, b: int) -> int:
         """Edits per forward pass: as many as ``pass_bytes`` allow, at least 2."""

@@ -344,12 +344,13 @@ def component_importance(
     for mode in modes:
         keep_x += [1 if mode == "remove" else 0] * rank
         coef += list((-1.0 if mode == "remove" else 1.0) * np.eye(rank))
+    coefs = np.stack(coef)  # edits x R
     acc = _Accumulator(len(keep_x))
     with hooked(setup.module, model, setup.edits):
         for offset, x, y in inputs.batches(0):
             b = int(x.shape[0])
             rows = cp.factors[0][offset : offset + b] if use_rows else None
-            logits = setup.runner.logits(x, rows, keep_x, np.stack(coef))
+            logits = setup.runner.logits(x, rows, keep_x, coefs)
             lab = given[offset : offset + b] if given is not None else y
             acc.add(logits, None if lab is None else _check_labels(lab, b))
     meta = {
@@ -357,6 +358,7 @@ def component_importance(
         "sample_factors": "model" if use_rows else "project",
         "batch_size": int(batch_size),
         "forward_passes": setup.runner.passes,
+        "stacked_after_layer": bool(setup.runner.expand),
         "seconds": time.perf_counter() - t0,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "cp_shape": list(cp.shape),

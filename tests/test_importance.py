@@ -346,3 +346,40 @@ def test_bad_input(rng):
         edited_outputs(net, "feat", cp, z)
     with pytest.raises(InvalidArgumentError, match="not in 0..2"):
         edited_outputs(net, "feat", cp, z, keep=[3])
+
+
+class Skip(nn.Module):
+    """A skip connection around the edited layer: its copies meet a tensor from before it."""
+
+    def __init__(self, factors: list[np.ndarray]) -> None:
+        super().__init__()
+        self.register_buffer("b", torch.tensor(factors[0], dtype=torch.float32))
+        self.register_buffer("c", torch.tensor(factors[1], dtype=torch.float32))
+        self.layer = nn.Conv1d(C, C, 1)
+        self.head = nn.Linear(C * S, 4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("nr,cr,sr->ncs", z, self.b, self.c)
+        return self.head((self.layer(h) + h).flatten(1))
+
+
+def test_skip_connection_around_the_layer(rng):
+    """Edits are stacked after the layer only where that gives the same logits."""
+    z = rng.uniform(0.2, 1.0, (20, R)).astype(np.float32)
+    net = Skip([rng.standard_normal((C, R)), rng.standard_normal((S, R))])
+    x = layer_values(net, "layer", z).double().numpy()
+    cp = peekcore.cp_als(x, R, n_iter_max=30, random_state=0, progress=False)
+    imp = component_importance(net, "layer", cp, z, sample_factors="model", batch_size=8)
+    assert imp.metadata["stacked_after_layer"] is False
+    h = torch.einsum("nr,cr,sr->ncs", torch.as_tensor(z), net.b, net.c).double().numpy()
+    w, bias = net.head.weight.detach().double().numpy(), net.head.bias.detach().double().numpy()
+    a = cp.factors[0] * cp.weights
+    base = (x + h).reshape(len(z), -1) @ w.T + bias
+    for r in range(R):
+        part = np.einsum("n,c,s->ncs", a[:, r], cp.factors[1][:, r], cp.factors[2][:, r])
+        removed = (x - part + h).reshape(len(z), -1) @ w.T + bias
+        np.testing.assert_allclose(
+            imp.logit_change["remove"][r], (removed - base).mean(0), atol=1e-4
+        )
+    pnet, pz, pcp = planted(rng)  # a plain sequence of layers
+    assert component_importance(pnet, "feat", pcp, pz).metadata["stacked_after_layer"] is True
