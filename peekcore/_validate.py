@@ -37,6 +37,7 @@ import torch
 from .errors import InvalidArgumentError, InvalidTypeError, MissingFolderError, OutputPathError
 
 __all__ = [
+    "check_device",
     "SUPPORTED_DTYPES",
     "check_int",
     "check_seed",
@@ -270,3 +271,35 @@ def check_output_file(
             "folder or change its permissions"
         )
     return dest
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``, refused with a clear message when it is not there.
+
+    Torch's own error for a CUDA device in a CPU build ("Torch not compiled with
+    CUDA enabled") does not say what to do; this one does.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidArgumentError(
+            f"device {device!r} is not a device torch knows: use 'cpu', 'cuda' or 'cuda:<index>'"
+        ) from err
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise InvalidArgumentError(
+                f"device {str(dev)!r}: this torch ({torch.__version__}) is a CPU-only build; "
+                "install the CUDA build of torch for your driver (pytorch.org) or use device "
+                "'cpu'"
+            )
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"device {str(dev)!r}: torch sees no CUDA device (no GPU, no driver, or "
+                "CUDA_VISIBLE_DEVICES hides them); use device 'cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"device {str(dev)!r}: there are only {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    return dev

@@ -168,9 +168,12 @@ def _profile_report(args: argparse.Namespace) -> dict:
 
 
 def _capture(args: argparse.Namespace) -> dict:
+    from ._validate import check_device
     from .capture import capture
     from .loading import load_inputs, load_model
 
+    if args.device is not None:
+        check_device(args.device)
     model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
     data, notes = load_inputs(args.data, model)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
@@ -185,7 +188,7 @@ def _capture(args: argparse.Namespace) -> dict:
         device=args.device,
         fold_spatial=args.fold_spatial,
         overwrite=args.overwrite,
-        progress=None if not args.json else False,
+        progress=_progress(args),
     )
     return {
         "store": str(store.path),
@@ -204,7 +207,7 @@ def _solver_kwargs(args: argparse.Namespace) -> dict:
         device=args.device,
         chunk_size=args.chunk_size,
         dtype=args.dtype,
-        progress=None if not args.json else False,
+        progress=_progress(args),
         distributed=True if args.distributed else None,
     )
 
@@ -214,6 +217,26 @@ def _rank0() -> bool:
 
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """Bars when asked (``--progress``); none under ``--json``; else only on a terminal."""
+    if getattr(args, "progress", False):
+        return True
+    return False if args.json else None
+
+
+def _unconverged_notes(models: list, args: argparse.Namespace) -> list[str]:
+    """A line saying how many fits stopped at ``--iters`` before meeting ``--tol``."""
+    stopped = [m for m in models if m.history.stop_reason == "n_iter_max"]
+    if not stopped:
+        return []
+    which = "the fit" if len(models) == 1 else f"{len(stopped)} of {len(models)} fits"
+    return [
+        f"not converged: {which} stopped at --iters {args.iters} with the fit still changing "
+        f"by more than --tol {args.tol:g} per iteration; raise --iters (or loosen --tol) "
+        "and run again"
+    ]
 
 
 def _fit(args: argparse.Namespace) -> dict:
@@ -236,7 +259,9 @@ def _fit(args: argparse.Namespace) -> dict:
         "stop_reason": model.history.stop_reason,
         "seconds_per_iteration": float(np.median(model.history.seconds)),
         "weights": model.weights.tolist(),
+        "source": model.metadata.get("source"),
         "out": args.out,
+        "notes": _unconverged_notes([model], args),
     }
 
 
@@ -261,7 +286,9 @@ def _sweep(args: argparse.Namespace) -> dict:
         "table": sweep.table(),
         "compression": sweep.compression,
         "seconds": sweep.seconds,
+        "source": sweep.metadata.get("source"),
         "out": args.out,
+        "notes": _unconverged_notes([m for row in sweep.models for m in row], args),
     }
 
 
@@ -441,6 +468,7 @@ def _info(args: argparse.Namespace) -> dict:
         m = peekcore.CPModel.load(p)
         return {
             "kind": "CP model",
+            "source": m.metadata.get("source"),
             "shape": list(m.shape),
             "rank": m.rank,
             "fit": m.fit,
@@ -453,6 +481,7 @@ def _info(args: argparse.Namespace) -> dict:
         s = RankSweep.load(p)
         return {
             "kind": "rank sweep",
+            "source": s.metadata.get("source"),
             "ranks": s.ranks,
             "replicates": s.replicates,
             "chosen_rank": s.chosen_rank,
@@ -693,6 +722,12 @@ def _global_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument(
         "--debug", action="store_true", default=default, help="show full tracebacks on errors"
     )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        default=default,
+        help="progress bars even when stderr is not a terminal (default: on a terminal only)",
+    )
 
 
 def _is_rank0() -> bool:
@@ -700,8 +735,24 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: Python argument names in library messages, and the flags a command-line user types.
+_FLAG_NAMES = (
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\bresume=(?=[\s,;:.)]|$)"), "--resume"),
+    (re.compile(r"\bcheckpoint=(?=[\s,;:.)]|$)"), "--checkpoint"),
+    (re.compile(r"\bchunk_size=(?=[\s,;:.)]|$)"), "--chunk-size"),
+    (re.compile(r"\bn_iter_max=(?=[\s,;:.)]|$)"), "--iters"),
+    (re.compile(r"\brandom_state=(?=[\s,;:.)]|$)"), "--seed"),
+    (re.compile(r"\bfold_spatial=True\b"), "--fold-spatial"),
+)
+
+
 def _error_message(err: BaseException) -> str:
-    return str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+    """The error's message, with Python argument names replaced by the flags users type."""
+    msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+    for pattern, flag in _FLAG_NAMES:
+        msg = pattern.sub(flag, msg)
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "ChunkSource",
     "ArraySource",
     "as_source",
+    "describe_source",
     "dtype_label",
     "dtype_name",
     "natural_chunk_size",
@@ -155,3 +156,41 @@ def as_source(data: Any) -> ChunkSource:
         "a .npy path, or an object with shape, dtype and chunks(chunk_size) "
         "(see peekcore.sources)"
     )
+
+
+def describe_source(data: Any) -> dict[str, Any]:
+    """Where data came from, for result files to record (and reports to name sections by).
+
+    Parameters
+    ----------
+    data : any
+        What a fit or sweep was given: a ``.npy`` path, an array or tensor, a
+        stored layer (``store["layer3"]``) or another chunk source. A chunk
+        source may describe itself with a ``source_info`` dict attribute.
+
+    Returns
+    -------
+    dict
+        ``{"store": path, "layer": name, "layout": [dims]}`` for a stored layer,
+        ``{"file": path}`` for a ``.npy`` path, ``{"array": "numpy float32"}``
+        for data in memory; plain strings and lists only (JSON-safe).
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return {"file": str(Path(data).resolve())}
+    info = getattr(data, "source_info", None)
+    if isinstance(info, dict):
+        return dict(info)
+    store = getattr(data, "store", None)
+    if store is not None and hasattr(store, "path") and hasattr(data, "name"):
+        return {
+            "store": str(Path(store.path).resolve()),
+            "layer": str(data.name),
+            "layout": [str(d) for d in getattr(data, "dims", ())],
+        }
+    if isinstance(data, np.ndarray):
+        kind = "numpy memmap" if isinstance(data, np.memmap) else "numpy array"
+        filename = getattr(data, "filename", None)
+        return {"file": str(filename)} if filename else {"array": f"{kind} {data.dtype}"}
+    if isinstance(data, torch.Tensor):
+        return {"array": f"torch tensor {str(data.dtype).removeprefix('torch.')} {data.device}"}
+    return {"array": type(data).__name__}

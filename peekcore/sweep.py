@@ -430,6 +430,8 @@ def _assemble(
     stab = np.full(len(ranks), math.nan)
     reached = np.zeros(len(ranks))
     for k, row in enumerate(grid):
+        for m in row:  # compressed and refined models too describe the data given
+            m.metadata["source"] = problem.origin
         # replicates that found the best optimum (in fit); stability asks whether they
         # agree on the components (an overfactored rank reaches one fit many ways)
         fits = scores["fit"][k]
@@ -465,6 +467,7 @@ def _assemble(
             "rule": choice.rule,
             "high_quality_ranks": list(choice.high_quality),
             "peekcore_version": __version__,
+            "source": problem.origin,
         },
         **scores,
     )
@@ -596,6 +599,7 @@ def _compressed_sweep(
             dtype=settings.compute_dtype,
             progress=False,
         )
+        refined.metadata["source"] = problem.origin
         sweep.models[k][b] = refined
         sweep.fit[k, b] = refined.fit
     j = k * replicates + b

@@ -77,7 +77,7 @@ def format_number(value: Any, digits: int = 4) -> str:
         if value == 0:
             return "0"
         if 1e-3 <= abs(value) < 1e6:
-            return f"{value:.{digits}g}" if abs(value) < 1 else _fixed(value, digits)
+            return f"{value:#.{digits}g}" if abs(value) < 1 else _fixed(value, digits)
         return f"{value:.{max(digits - 2, 1)}e}"
     return str(value)
 
@@ -153,6 +153,8 @@ def _lines(result: Mapping[str, Any], indent: str, notes: set[str]) -> list[str]
             if any(_is_nan(v) or v is None for v in items[:_MAX_LIST]):
                 notes.add(NAN_FOOTNOTE)
             out.append(f"{label}: {_short_list(items)}")
+        elif value is None:
+            out.append(f"{label}: (none)")
         else:
             if _is_nan(value):
                 notes.add(NAN_FOOTNOTE)

@@ -88,3 +88,99 @@ def test_missing_extras_name_the_pip_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r'pip install "peekcore\[report\]"'):
         figures._mpl()
+
+
+def test_human_output_is_an_aligned_table_without_nan(tmp_path, npy):
+    """`peek sweep` and `peek info sweep.npz` printed one long JSON line with NaN in it."""
+    argv = ["sweep", "x.npy", "--ranks", "1-3", "--replicates", "1", "--iters", "5"]
+    for out in (
+        run_peek(*argv, "--out", "s.npz", cwd=tmp_path),
+        run_peek("info", "s.npz", cwd=tmp_path),
+    ):
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        lines = text.splitlines()
+        assert "{" not in text and not any("NaN" in line for line in lines if line[:1] != "-")
+        header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "fit"])
+        rows = lines[header + 2 : header + 5]
+        assert [row.split()[0] for row in rows] == ["1", "2", "3"]
+        # right-aligned numbers: every row as long as the rule under the header
+        assert {len(row) for row in rows} == {len(lines[header + 1].rstrip())}
+        # stability with one replicate is undefined: '-' and the footnote saying so
+        assert all(row.split()[6] == "-" for row in rows) and "nan" not in "".join(rows)
+        assert any(line.startswith("- : not defined here (NaN)") for line in lines)
+        assert max(len(line) for line in lines) < 200
+
+
+def test_results_record_their_source(tmp_path, npy):
+    """Sweep and model files forgot which layer they came from."""
+    import peekcore
+
+    model = peekcore.cp_als(str(npy), 2, n_iter_max=3, progress=False)
+    assert model.metadata["source"] == {"file": str(npy.resolve())}
+    images = np.random.default_rng(1).random((24, 1, 6, 6), dtype=np.float32)
+    from peekcore.demo import DigitsCNN
+
+    net = DigitsCNN()
+    store = peekcore.capture(
+        net, images, ["act1"], tmp_path / "acts.zarr", dtype="float32", progress=False
+    )
+    layer = store["act1"]
+    sweep = peekcore.rank_sweep(layer, [1, 2], 1, n_iter_max=3, progress=False)
+    want = {
+        "store": str((tmp_path / "acts.zarr").resolve()),
+        "layer": "act1",
+        "layout": list(layer.dims),
+    }
+    assert sweep.metadata["source"] == want and sweep.model().metadata["source"] == want
+    sweep.save(tmp_path / "s.npz")
+    assert peekcore.RankSweep.load(tmp_path / "s.npz").metadata["source"] == want
+    code, info, _ = run_peek_json("info", "s.npz", cwd=tmp_path)
+    assert code == 0 and info["source"] == want
+
+
+def test_messages_use_the_flags_a_user_types(tmp_path):
+    """CLI errors said `overwrite=True` and `resume=`, the Python names."""
+    np.save(tmp_path / "images.npy", datasets.digits().inputs[:20])
+    argv = ["capture", "--model", "peekcore.demo:DigitsCNN", "--data", "images.npy"]
+    argv += ["--layers", "act1", "--store", "acts.zarr"]
+    code, _, err = run_peek_json(*argv, "--dtype", "float32", cwd=tmp_path)
+    assert code == 0, err
+    code, res, _ = run_peek_json(*argv, "--dtype", "float16", cwd=tmp_path)
+    assert code == 1 and "other settings" in res["error"]
+    assert "--overwrite to replace it" in res["error"] and "overwrite=True" not in res["error"]
+    np.save(tmp_path / "x.npy", np.ones((8, 3, 2), np.float32))
+    fit = ["fit", "x.npy", "--rank", "2", "--iters", "2"]
+    assert run_peek_json(*fit, "--out", "m.npz", cwd=tmp_path)[0] == 0
+    code, res, _ = run_peek_json(*fit, "--resume", "m.npz", cwd=tmp_path)  # a model file
+    assert code == 1 and "--resume" in res["error"] and "resume=" not in res["error"]
+
+
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, npy):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, res, err = run_peek_json("fit", "x.npy", "--rank", "2", "--device", "cuda", cwd=tmp_path)
+    assert code == 1 and res["kind"] == "InvalidArgumentError"
+    assert "device 'cuda'" in res["error"] and "use device 'cpu'" in res["error"]
+    assert "Torch not compiled" not in err
+
+
+def test_unconverged_fits_say_so(tmp_path, npy):
+    out = run_peek("fit", "x.npy", "--rank", "3", "--iters", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "not converged: the fit stopped at --iters 2" in out.stdout
+    code, res, _ = run_peek_json("sweep", "x.npy", "--ranks", "1-2", "--iters", "2", cwd=tmp_path)
+    assert code == 0 and res["notes"][0].startswith("not converged: 6 of 6 fits")
+    code, res, _ = run_peek_json("fit", "x.npy", "--rank", "1", "--iters", "500", cwd=tmp_path)
+    assert code == 0 and res["converged"] and res["notes"] == []
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, npy):
+    """Bars written into log files filled them with carriage-return lines."""
+    argv = ["fit", "x.npy", "--rank", "2", "--iters", "3", "--tol", "0"]
+    quiet = run_peek(*argv, cwd=tmp_path)  # stderr is a pipe, as in a log file
+    assert quiet.returncode == 0 and "\r" not in quiet.stderr and "it/s" not in quiet.stderr
+    asked = run_peek(*argv, "--progress", cwd=tmp_path)
+    assert asked.returncode == 0 and "it/s" in asked.stderr

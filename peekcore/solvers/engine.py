@@ -18,6 +18,7 @@ progress, checkpoints, callbacks.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,11 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._validate import check_device
 from .._version import __version__
 from ..distributed import Communicator, ShardSource, communicator
 from ..kernels import HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
-from ..sources import ChunkSource, as_source, dtype_name, natural_chunk_size
+from ..sources import ChunkSource, as_source, describe_source, dtype_name, natural_chunk_size
 from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from .checks import (
     NATURAL_CHUNK_ALONE_BYTES,
@@ -143,6 +145,8 @@ class Problem:
     device: torch.device
     settings: RunSettings
     comm: Communicator = field(default_factory=Communicator)
+    #: where the data came from (``sources.describe_source``), recorded in results
+    origin: dict = field(default_factory=dict)
 
 
 def prepare(
@@ -179,7 +183,7 @@ def prepare(
                 f"cannot write checkpoints to {checkpoint}: folder {folder} does not exist; "
                 "create it first"
             )
-    dev = torch.device(device)
+    dev = check_device(device)
     kern = get_kernel(kernel, dev)
     settings = RunSettings(
         method=method,
@@ -201,7 +205,7 @@ def prepare(
         checkpoint_every=checkpoint_every,
         fixed_modes=check_fixed_modes(fixed_modes, len(shape)),
     )
-    return Problem(source, shape, stored, kern, dev, settings, comm)
+    return Problem(source, shape, stored, kern, dev, settings, comm, describe_source(data))
 
 
 # ---------------------------------------------------------------- dead components
@@ -292,7 +296,9 @@ def run_models(
         initial=start_iter,
         desc=desc,
         unit="it",
-        disable=(None if progress is None else not progress) or problem.comm.rank != 0,
+        # bars only on a terminal unless asked: in a log file they are lines of \r updates
+        disable=(not sys.stderr.isatty() if progress is None else not progress)
+        or problem.comm.rank != 0,
         leave=False,
     )
     stack: Stack | None = None
@@ -415,6 +421,7 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
         "sweeps": settings.sweeps,
         "peekcore_version": __version__,
         "torch_version": torch.__version__,
+        "source": problem.origin,
     }
     return CPModel(weights, factors, state.history, metadata)
 
