@@ -18,6 +18,8 @@ __all__ = [
     "MissingFolderError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "StoreError",
+    "StoreDamageError",
 ]
 
 
@@ -66,3 +68,12 @@ class CheckpointMismatchError(CheckpointError):
     def __init__(self, message: str, differences: dict | None = None) -> None:
         super().__init__(message)
         self.differences = dict(differences or {})
+
+
+class StoreError(PeekcoreError, ValueError):
+    """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
+
+
+class StoreDamageError(StoreError):
+    """A store's files disagree with what it recorded: a chunk file corrupt, truncated,
+    moved or swapped, or metadata missing or edited. Capturing it again is the fix."""

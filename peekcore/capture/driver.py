@@ -23,6 +23,7 @@ from ..store import (
     StoreError,
     StoreWriter,
     check_replaceable,
+    check_store_path,
     is_empty_dir,
     zarr_module,
 )
@@ -257,6 +258,7 @@ def _plan(
         isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_store_path(path)  # before any work: a path under a file can hold no store
     run = opts.hook(model, data, layers)
     settings = {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..datasets import describe_callable
+from ..errors import InvalidTypeError
 
 LAYOUTS = ("auto", "channels_first", "channels_last", "tokens", "sequence_first")
 
@@ -55,10 +56,21 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, n
     ------
     KeyError
         For a name that is not a submodule, listing the closest names.
+    InvalidTypeError
+        For ``layers`` that is neither a name nor a list of names (None, say).
     ValueError
         For an empty list, a repeated name, or the empty name (the whole model).
     """
-    names = [layers] if isinstance(layers, str) else list(layers)
+    if isinstance(layers, str):
+        names = [layers]
+    else:
+        try:
+            names = list(layers)
+        except TypeError:
+            raise InvalidTypeError(
+                f"layers must be a layer name or a list of names, e.g. layers=['layer3']; got "
+                f"{layers!r} (the names are those of model.named_modules())"
+            ) from None
     if not names:
         raise ValueError("layers is empty: name at least one layer, e.g. layers=['layer3']")
     if len(set(names)) != len(names):

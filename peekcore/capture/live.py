@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,8 +19,11 @@ class ModelSource:
     For when the activations do not fit on disk: ``peekcore.cp_als(ModelSource(
     model, data, "layer3"), rank=16)`` recomputes ``layer3`` on every iteration.
     The first batch is computed once at construction (to learn the shape); every
-    pass checks that its first batch is bit-identical to it, so a
-    non-deterministic model gets a clear error instead of silently wrong factors.
+    pass checks that its first batch is bit-identical to it, and that every
+    later batch has the digest (CRC32C of its bits) that batch had on the first
+    pass that computed it, stopping at the first that differs. So a
+    non-deterministic model, also one whose randomness starts after the first
+    batch, gets a clear error instead of silently wrong factors.
 
     Parameters
     ----------
@@ -86,6 +90,8 @@ class ModelSource:
         if first is None:  # pragma: no cover - Inputs refuses empty data
             raise ValueError("the data is empty")
         self._reference = first
+        # digest of each batch as a pass first computed it (batch 0: the reference itself)
+        self._digests: list[tuple] = [_digest(first)]
         self._shape = (self.inputs.n_samples, *first.shape[1:])
         self.dims = self._hooks.dims[layer]
 
@@ -109,19 +115,23 @@ class ModelSource:
         Raises
         ------
         RuntimeError
-            When the first batch differs from the one computed at construction.
+            When the first batch differs from the one computed at construction,
+            or a later one from what it was on the first pass (before any of its
+            samples are yielded).
         """
         step = max(1, int(chunk_size))
         self.passes += 1
         pending: list[torch.Tensor] = []
         held = 0
-        for offset, x, _y in self.inputs.batches(0):
+        for k, (offset, x, _y) in enumerate(self.inputs.batches(0)):
             # hooks and eval mode only for this batch's forward: while a chunk is out (the
             # pass suspended, perhaps for good), the model is the caller's, as it was
             with self._hooks, _batch_rng(self.seed, offset, self.device):
                 t = self._hooks.run(x)[self.layer].cpu()
             if offset == 0:
                 self._check_repeat(t)
+            else:
+                self._check_digest(k, offset, t)
             pending.append(t)
             held += t.shape[0]
             while held >= step:
@@ -132,6 +142,25 @@ class ModelSource:
                 held = rest.shape[0]
         if held:
             yield torch.cat(pending) if len(pending) > 1 else pending[0]
+
+    def _check_digest(self, k: int, offset: int, t: torch.Tensor) -> None:
+        """Refuse batch ``k`` when its digest differs from the first pass's; record it when
+        no pass reached it before (a pass the caller stopped early)."""
+        digest = _digest(t)
+        if k == len(self._digests):
+            self._digests.append(digest)
+            return
+        if k < len(self._digests) and digest == self._digests[k]:
+            return
+        raise RuntimeError(
+            f"layer {self.layer!r} gave different activations on pass {self.passes} for the "
+            f"batch starting at sample {offset} than it gave on the first pass (their CRC32C "
+            "digests differ): the model is not deterministic, so each pass of the fit would "
+            "see different data and the factors would be wrong. Remove random operations "
+            "(dropout in train mode, noise layers, state kept between forwards), enable "
+            "torch.use_deterministic_algorithms(True) on GPUs, or capture the activations "
+            "once with peekcore.capture and fit the store"
+        )
 
     def _check_repeat(self, t: torch.Tensor) -> None:
         """Refuse a first batch that is not bit for bit the one computed at construction.
@@ -172,3 +201,12 @@ class ModelSource:
             f"ModelSource({type(self.model).__name__}, layer={self.layer!r}, shape={self.shape}, "
             f"dtype={self.dtype})"
         )
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    """Shape and CRC32C of a CPU tensor's bit patterns: cheap (GB/s), and equal for two
+    batches exactly when their bits are, barring a 2**-32 chance."""
+    import google_crc32c
+
+    bits = _bit_view(t.contiguous()).numpy()
+    return tuple(t.shape), google_crc32c.value(bits.reshape(-1).view(np.uint8))

@@ -44,6 +44,7 @@ from .chunkfile import READ_MODES
 from .format import (
     FORMAT,
     STORE_DTYPES,
+    StoreDamageError,
     StoreError,
     check_store_dtype,
     from_storage,
@@ -53,18 +54,20 @@ from .format import (
     zarr_module,
 )
 from .reader import ActivationStore, StoredLayer
-from .writer import StoreWriter, check_replaceable, remove_store
+from .writer import StoreWriter, check_replaceable, check_store_path, remove_store
 
 __all__ = [
     "ActivationStore",
     "StoredLayer",
     "StoreError",
+    "StoreDamageError",
     "STORE_DTYPES",
     # used by capture and the command line
     "FORMAT",
     "READ_MODES",
     "StoreWriter",
     "check_replaceable",
+    "check_store_path",
     "check_store_dtype",
     "from_storage",
     "is_empty_dir",

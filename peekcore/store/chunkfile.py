@@ -61,13 +61,14 @@ def _writes_directly(array: Any) -> bool:
 
 def _write_chunk_file(
     array_dir: Path, index: int, data: np.ndarray, dtype: np.dtype, crc: int | None = None
-) -> None:
+) -> int:
     """Write one whole chunk the way zarr encodes it: raw bytes, then their CRC32C.
 
     This is byte for byte what zarr's ``bytes`` + ``crc32c`` codecs produce, without
     their copies; like zarr, the file is written beside its place and renamed.
     ``crc``: the CRC32C of the bytes when already known. With ``WRITE_BEHIND`` the
     file's writeback is started before the rename (:func:`_start_writeback`).
+    Returns the CRC32C written (the chunk's record, see ``StoreWriter``).
     """
     import google_crc32c
 
@@ -92,10 +93,23 @@ def _write_chunk_file(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    return int(crc)
+
+
+def _file_crc(path: Path) -> int:
+    """The CRC32C a chunk file ends with (its last 4 bytes, as zarr's ``crc32c`` codec
+    writes them); for chunks that zarr wrote, whose bytes peekcore did not see."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return int(np.frombuffer(fh.read(4), "<u4")[0])
 
 
 def _read_chunk_file(
-    array_dir: Path, index: int, out: np.ndarray, verified: dict[int, tuple] | None = None
+    array_dir: Path,
+    index: int,
+    out: np.ndarray,
+    verified: dict[int, tuple] | None = None,
+    expect: int | None = None,
 ) -> None:
     """Read one whole chunk written as :func:`_write_chunk_file` writes it into ``out``.
 
@@ -108,7 +122,8 @@ def _read_chunk_file(
     ``verified`` (:func:`_check_unless_verified`): a file whose identity has
     not changed since its CRC32C passed in this process is not checked again:
     its bytes come from the page cache that the check read, and any write to
-    the file changes its change time.
+    the file changes its change time. ``expect``: the CRC32C recorded for this
+    chunk when it was written (:func:`_check_chunk_bytes`).
     """
     path = _chunk_path(array_dir, index, out.ndim)
     raw = out.reshape(-1).view(np.uint8)
@@ -123,7 +138,7 @@ def _read_chunk_file(
             got = _readinto_full(fh, raw)
             if got == raw.size:
                 got += _readinto_full(fh, tail)
-    _check_unless_verified(path, raw, got, bytes(tail[:4]), st, index, verified)
+    _check_unless_verified(path, raw, got, bytes(tail[:4]), st, index, verified, expect)
 
 
 def _check_unless_verified(
@@ -134,6 +149,7 @@ def _check_unless_verified(
     st: os.stat_result,
     index: int,
     verified: dict[int, tuple] | None,
+    expect: int | None = None,
 ) -> bool:
     """:func:`_check_chunk_bytes`, unless ``verified`` says this file passed as it is now.
 
@@ -144,7 +160,7 @@ def _check_unless_verified(
     ident = _file_identity(st)
     if verified is not None and got == raw.size + 4 and verified.get(index) == ident:
         return True
-    _check_chunk_bytes(path, raw, got, tail)
+    _check_chunk_bytes(path, raw, got, tail, expect)
     if verified is not None:
         verified[index] = ident
     return False
@@ -222,6 +238,7 @@ def _map_chunk_file(
     shape: tuple[int, ...],
     dtype: np.dtype,
     verified: dict[int, tuple],
+    expect: int | None = None,
 ) -> np.ndarray | None:
     """One whole chunk file's data as an array backed by a private mapping of the file, or None.
 
@@ -265,7 +282,7 @@ def _map_chunk_file(
     _advise(mapped, mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapped, np.uint8, count=nbytes)
     tail = mapped[nbytes : nbytes + 4]
-    if _check_unless_verified(path, raw, st.st_size, tail, st, index, verified):
+    if _check_unless_verified(path, raw, st.st_size, tail, st, index, verified, expect):
         _advise(mapped, _MADV_POPULATE_READ)  # no CRC read them: map the pages in ahead of use
     return raw.view(dtype).reshape(shape)
 
@@ -310,7 +327,7 @@ def _aligned_blocks(nbytes: int) -> np.ndarray:
 
 
 def _read_chunk_file_direct(
-    array_dir: Path, index: int, buf: np.ndarray, nbytes: int, ndim: int
+    array_dir: Path, index: int, buf: np.ndarray, nbytes: int, ndim: int, expect: int | None = None
 ) -> bool:
     """Read one whole chunk file of ``nbytes`` data bytes into ``buf`` with ``O_DIRECT``.
 
@@ -339,18 +356,29 @@ def _read_chunk_file_direct(
         raise
     finally:
         os.close(fd)
-    _check_chunk_bytes(path, buf[:nbytes], got, buf[nbytes : nbytes + 4].tobytes())
+    _check_chunk_bytes(path, buf[:nbytes], got, buf[nbytes : nbytes + 4].tobytes(), expect)
     return True
 
 
-def _check_chunk_bytes(path: Path, raw: np.ndarray, got: int, tail: bytes) -> None:
-    """Refuse a chunk file of the wrong size or whose CRC32C does not match (``ValueError``)."""
+def _check_chunk_bytes(
+    path: Path, raw: np.ndarray, got: int, tail: bytes, expect: int | None = None
+) -> None:
+    """Refuse a chunk file of the wrong size, whose CRC32C does not match its bytes, or
+    (``expect``, the CRC32C recorded for this chunk when it was written) whose bytes are
+    whole but are another chunk's: a file moved or swapped (``ValueError``)."""
     import google_crc32c
 
     if got != raw.size + 4:
         raise ValueError(f"chunk file {path} does not hold {raw.size + 4} bytes")
-    if np.frombuffer(tail, "<u4")[0] != google_crc32c.value(raw):
+    crc = int(np.frombuffer(tail, "<u4")[0])
+    if crc != google_crc32c.value(raw):
         raise ValueError(f"chunk file {path} fails its CRC32C checksum")
+    if expect is not None and crc != expect:
+        raise ValueError(
+            f"chunk file {path} is intact but is not the chunk written there: its CRC32C "
+            f"{crc:08x} is not the {expect:08x} the store recorded for this chunk (a chunk "
+            "file moved, swapped or copied in from elsewhere)"
+        )
 
 
 @functools.cache

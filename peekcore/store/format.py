@@ -12,16 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import StoreDamageError, StoreError
 from ..sources import dtype_label
 
 FORMAT = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 _NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _BF16_NAN_BITS = 0x7FC0
-
-
-class StoreError(ValueError):
-    """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
 
 
 class _StoreChanged(StoreError):
@@ -167,7 +164,7 @@ def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
     try:
         root = zarr.open_group(path, mode=mode, use_consolidated=False)
     except Exception as err:
-        raise StoreError(
+        raise StoreDamageError(
             f"cannot open {path} as a zarr group ({type(err).__name__}: {err}); its zarr.json is "
             "damaged: remove the folder and capture the store again"
         ) from err
@@ -185,11 +182,34 @@ def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
     required = {"n_samples", "chunk_size", "dtype", "layers", "has_labels", "progress"}
     missing = sorted(required - attrs.keys())
     if missing:
-        raise StoreError(
+        raise StoreDamageError(
             f"the metadata of {path} lacks {missing}: the store is damaged; capture it again "
             "(overwrite=True)"
         )
+    _check_progress(path, attrs)
     return root, attrs
+
+
+def _check_progress(path: Path, attrs: Mapping) -> None:
+    """Refuse root metadata whose progress disagrees with its size (``n_samples`` or
+    ``chunk_size`` edited, say), before anything is read by it."""
+    fix = "the metadata was edited or is damaged; capture the store again (overwrite=True)"
+    try:
+        n, cs = int(attrs["n_samples"]), int(attrs["chunk_size"])
+        done = int(attrs["progress"]["chunks_written"])
+        recorded = int(attrs["progress"]["n_chunks"])
+    except (KeyError, TypeError, ValueError):
+        raise StoreDamageError(
+            f"the metadata of {path} has no valid n_samples, chunk_size and progress; {fix}"
+        ) from None
+    if n < 1 or cs < 1:
+        raise StoreDamageError(f"the metadata of {path} says n_samples={n}, chunk_size={cs}; {fix}")
+    total = math.ceil(n / cs)
+    if recorded != total or not 0 <= done <= total:
+        raise StoreDamageError(
+            f"the metadata of {path} disagrees with itself: n_samples={n} in chunks of {cs} "
+            f"make {total} chunks, but its progress counts {done} written of {recorded}; {fix}"
+        )
 
 
 def _n_chunks(attrs: Mapping) -> int:
@@ -216,7 +236,7 @@ def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = N
     n_chunks = _n_chunks(attrs) if upto is None else upto
     layers = attrs["layers"]
     if not isinstance(layers, Mapping) or not layers:
-        raise StoreError(f"the metadata of {path} lists no layers; the store is damaged")
+        raise StoreDamageError(f"the metadata of {path} lists no layers; the store is damaged")
     expect: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {}
     for name, info in layers.items():
         expect[_layer_group(name) + "/activations"] = (
@@ -234,20 +254,20 @@ def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = N
         try:
             arr = root[key]
         except KeyError:
-            raise StoreError(
+            raise StoreDamageError(
                 f"{path}: the metadata lists {what} but there is no array {key}; {fix}"
             ) from None
         if tuple(arr.shape) != shape:
-            raise StoreError(
+            raise StoreDamageError(
                 f"{path}: {what} has shape {tuple(arr.shape)} but the metadata says {shape}; {fix}"
             )
         if np.dtype(arr.dtype) != np_dtype:
-            raise StoreError(
+            raise StoreDamageError(
                 f"{path}: {what} is stored as {arr.dtype} but the metadata says {np_dtype}; {fix}"
             )
         per_chunk, chunks_here = (n, 1) if key == "sample_id" else (cs, n_chunks)
         if tuple(arr.chunks) != (per_chunk, *shape[1:]):
-            raise StoreError(
+            raise StoreDamageError(
                 f"{path}: {what} is chunked {tuple(arr.chunks)}, not {per_chunk} samples per "
                 f"chunk as the metadata says; {fix}"
             )
@@ -259,10 +279,51 @@ def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = N
                 f"{i} (samples {i * cs}..{min((i + 1) * cs, n) - 1})" for i in missing[:5]
             )
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise StoreError(
+            raise StoreDamageError(
                 f"{path}: {what} is missing {len(missing)} of {chunks_here} chunk files: chunk "
                 f"{shown}{more}. They were deleted or never written; capture the store again "
                 "(overwrite=True)"
             )
         arrays[key.removesuffix("/activations")] = arr
+    for group in ["layers", *(_layer_group(name) for name in layers)]:
+        if not (path / group / "zarr.json").is_file():  # zarr opens its arrays without it
+            raise StoreDamageError(f"{path}: the group {group} has no zarr.json (deleted?); {fix}")
     return arrays
+
+
+def _array_keys(attrs: Mapping) -> list[str]:
+    """Keys of a store's arrays: each layer's activations, ``sample_id``, ``labels``."""
+    keys = [_layer_group(name) + "/activations" for name in attrs["layers"]]
+    return [*keys, "sample_id", *(["labels"] if attrs["has_labels"] else [])]
+
+
+def _chunk_records(path: Path, attrs: Mapping) -> dict[str, list[int]] | None:
+    """The CRC32C recorded for each chunk written, by array key; None for stores written
+    before peekcore recorded them.
+
+    The records sit in the root's ``progress`` (``progress["crc32c"][key][i]``
+    for chunk ``i``), replaced with ``chunks_written`` in one atomic write, so
+    they cover exactly the chunks counted as written (one for ``sample_id``).
+    Reads compare each chunk file's CRC32C with its record: a file that is
+    whole but another chunk's (moved or swapped) is refused.
+    """
+    records = attrs["progress"].get("crc32c")
+    if records is None:
+        return None
+    done = int(attrs["progress"]["chunks_written"])
+    want = {key: 1 if key == "sample_id" else done for key in _array_keys(attrs)}
+    fix = "the metadata was edited or is damaged; capture the store again (overwrite=True)"
+    if not isinstance(records, Mapping) or set(records) != set(want):
+        raise StoreDamageError(
+            f"the chunk records of {path} do not list its arrays {sorted(want)}; {fix}"
+        )
+    out = {}
+    for key, count in want.items():
+        got = records[key]
+        ok = isinstance(got, list) and len(got) == count
+        if not ok or not all(type(v) is int and 0 <= v < 1 << 32 for v in got):
+            raise StoreDamageError(
+                f"the chunk records of {path} for {key} are not {count} CRC32C values; {fix}"
+            )
+        out[key] = list(got)
+    return out

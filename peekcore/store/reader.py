@@ -18,10 +18,12 @@ import torch
 from . import chunkfile
 from .chunkfile import _NOT_THE_FILES_FAULT, READ_MODES, _file_identity
 from .format import (
+    StoreDamageError,
     StoreError,
     _capture_id,
     _check_arrays,
     _check_complete,
+    _chunk_records,
     _layer_group,
     _n_chunks,
     _open_root,
@@ -110,6 +112,8 @@ class StoredLayer:
         # chunk files whose CRC32C passed in this process (shared with shards); see
         # _read_chunk_file. Direct reads come from the disk each time and are always checked.
         self._verified: dict[int, tuple] = {} if verified is None else verified
+        # the CRC32C recorded for each chunk when it was written (None: an older store)
+        self._records = store._record_of(_layer_group(name) + "/activations")
 
     @property
     def ndim(self) -> int:
@@ -151,50 +155,39 @@ class StoredLayer:
         """Rows ``start:stop`` of the whole array (not of a shard); see :meth:`_read`."""
         cs = self.chunk_size
         try:
-            if self._direct and start % cs == 0 and stop % cs == 0:
-                shape = (stop - start, *self.shape[1:])
-                if self._uncached and stop - start == cs:  # read straight into the result
-                    nbytes = math.prod(shape) * self._np_dtype.itemsize
-                    buf = chunkfile._aligned_blocks(nbytes + 4)
-                    at = (self._dir, start // cs, buf, nbytes, len(shape))
-                    if chunkfile._read_chunk_file_direct(*at):
-                        return buf[:nbytes].view(self._np_dtype).reshape(shape)
-                    self._uncached = False  # the file system refuses O_DIRECT
-                if view and not self._uncached and stop - start == cs:
-                    at = (self._dir, start // cs, shape, self._np_dtype)
-                    mapped = chunkfile._map_chunk_file(*at, self._verified)
-                    if mapped is not None:
-                        return mapped
-                out = np.empty(shape, self._np_dtype)
-                for i in range(start // cs, stop // cs):
-                    rows = out[i * cs - start : (i + 1) * cs - start]
-                    chunkfile._read_chunk_file(self._dir, i, rows, self._verified)
-                return out
-            return self._array[start:stop]
-        except FileNotFoundError as err:
-            raise StoreError(
-                f"cannot read samples {start}..{stop - 1} of layer {self.name!r}: the chunk "
-                f"file {err.filename} is missing (deleted after the store was opened?); "
-                "capture the store again (overwrite=True)"
-            ) from err
+            if not self._direct:  # an encoding peekcore does not write: zarr reads it
+                return self._array[start:stop]
+            if start % cs or stop % cs:  # whole stored chunks (the last one padded), then cut
+                first, end = start // cs, -(-stop // cs)
+                whole = self._read_rows(first * cs, end * cs, view=False)
+                return whole[start - first * cs : stop - first * cs].copy()
+            shape = (stop - start, *self.shape[1:])
+            if self._uncached and stop - start == cs:  # read straight into the result
+                nbytes = math.prod(shape) * self._np_dtype.itemsize
+                buf = chunkfile._aligned_blocks(nbytes + 4)
+                at = (self._dir, start // cs, buf, nbytes, len(shape), self._record(start // cs))
+                if chunkfile._read_chunk_file_direct(*at):
+                    return buf[:nbytes].view(self._np_dtype).reshape(shape)
+                self._uncached = False  # the file system refuses O_DIRECT
+            if view and not self._uncached and stop - start == cs:
+                at = (self._dir, start // cs, shape, self._np_dtype)
+                mapped = chunkfile._map_chunk_file(*at, self._verified, self._record(start // cs))
+                if mapped is not None:
+                    return mapped
+            out = np.empty(shape, self._np_dtype)
+            for i in range(start // cs, stop // cs):
+                rows = out[i * cs - start : (i + 1) * cs - start]
+                chunkfile._read_chunk_file(self._dir, i, rows, self._verified, self._record(i))
+            return out
+        except StoreError:
+            raise  # from the read of whole chunks above: said already
         except (ValueError, OSError) as err:
-            # only what the file gives: the size and CRC32C checks (ValueError, also zarr's),
-            # and I/O errors. MemoryError and the like are no fault of the file: they pass,
-            # and so does running out of descriptors or memory (EMFILE, ENFILE, ENOMEM).
-            if isinstance(err, OSError) and err.errno in _NOT_THE_FILES_FAULT:
-                raise
-            if isinstance(err, ValueError):
-                why = "The chunk file is corrupt (truncated or changed on disk)"
-            else:
-                why = (
-                    "Reading the chunk file failed (a disk or file system error); if it fails "
-                    "again, the file is damaged"
-                )
-            raise StoreError(
-                f"cannot read samples {start}..{stop - 1} of layer {self.name!r} in "
-                f"{self.store.path}: {type(err).__name__}: {str(err).rstrip('.')}. {why}; "
-                "capture the store again (overwrite=True)"
-            ) from err
+            what = f"samples {start}..{min(stop, self._array.shape[0]) - 1} of layer {self.name!r}"
+            raise _read_error(err, what, self.store.path) from err
+
+    def _record(self, index: int) -> int | None:
+        """The CRC32C recorded for stored chunk ``index``, or None (a store without records)."""
+        return None if self._records is None else self._records[index]
 
     def read(self, start: int | None = 0, stop: int | None = None) -> np.ndarray | torch.Tensor:
         """Samples ``start:stop`` in the stored dtype.
@@ -450,6 +443,7 @@ class ActivationStore:
         self._capture_id = _capture_id(self.attrs)
         _check_complete(self.path, self.attrs)
         self._arrays = _check_arrays(self.path, self._root, self.attrs)
+        self._records = _chunk_records(self.path, self.attrs)
         self.layers = tuple(self.attrs["layers"])
         self.n_samples = int(self.attrs["n_samples"])
         self.chunk_size = int(self.attrs["chunk_size"])
@@ -521,9 +515,21 @@ class ActivationStore:
         """``(N,)`` int64: the index of each stored sample in the data source."""
         return self._read_whole("sample_id")
 
+    def _record_of(self, key: str) -> list[int] | None:
+        """The CRC32C records of array ``key``'s chunks (None: a store without records)."""
+        return None if self._records is None else self._records[key]
+
     def _read_whole(self, key: str) -> np.ndarray:
+        """All of ``labels`` or ``sample_id``, each chunk file checked against its record."""
         self._check_unchanged()
-        out = np.asarray(self._arrays[key][...])
+        arr = self._arrays[key]
+        try:
+            if chunkfile._writes_directly(arr):
+                out = _read_chunks(self.path / key, arr, self._record_of(key))
+            else:  # an encoding peekcore does not write: zarr reads it
+                out = np.asarray(arr[...])
+        except (ValueError, OSError) as err:
+            raise _read_error(err, f"the {key}", self.path) from err
         self._check_unchanged()
         return out
 
@@ -537,26 +543,42 @@ class ActivationStore:
     def verify(self) -> dict:
         """Check completeness, read every chunk (checksums) and scan for NaN/Inf.
 
+        Each chunk file's CRC32C is also compared with the one recorded for its
+        place when it was written, so a chunk file moved or swapped (whole, but
+        another chunk's) is found. Stores written before peekcore recorded
+        them (``"chunk_records": False`` in the result) are accepted, checked
+        without that comparison; capture such a store again to get it.
+
         Returns
         -------
         dict
-            ``{"n_samples", "chunks", "layers": {name: {"shape", "dtype", "nonfinite"}}}``
-            when everything is in order.
+            ``{"n_samples", "chunks", "chunk_records", "layers": {name: {"shape",
+            "dtype", "nonfinite"}}}`` when everything is in order.
 
         Raises
         ------
+        StoreDamageError
+            Listing every problem found when a file is damaged: missing, corrupt,
+            moved or swapped chunks (and any NaN/Inf, as below).
         StoreError
-            Listing every problem found: missing or corrupt chunks, and for each
-            layer the number of NaN/Inf values and the first sample holding one.
+            Listing, for each layer, the number of NaN/Inf values and the first
+            sample holding one.
         """
         self._check_unchanged()  # another store: nothing to verify
         problems: list[str] = []
+        damaged = False
         try:
             _check_complete(self.path, self.attrs)
             _check_arrays(self.path, self._root, self.attrs)
         except StoreError as err:
             problems.append(str(err))
-        report: dict = {"n_samples": self.n_samples, "chunks": _n_chunks(self.attrs), "layers": {}}
+            damaged = True
+        report: dict = {
+            "n_samples": self.n_samples,
+            "chunks": _n_chunks(self.attrs),
+            "chunk_records": self._records is not None,
+            "layers": {},
+        }
         for name in self.layers:
             layer = self._layers[name]
             layer._verified.clear()  # check every checksum again
@@ -570,6 +592,7 @@ class ActivationStore:
                     raise
                 except StoreError as err:
                     problems.append(str(err))
+                    damaged = True
                     continue
                 lo_val, hi_val = torch.aminmax(x)  # fast; NaN and Inf show in the extremes
                 if math.isfinite(float(lo_val)) and math.isfinite(float(hi_val)):
@@ -591,10 +614,12 @@ class ActivationStore:
                     self._read_whole(key)
                 except _StoreChanged:
                     raise
-                except Exception as err:
-                    problems.append(f"cannot read {key}: {type(err).__name__}: {err}")
+                except StoreError as err:
+                    problems.append(str(err))
+                    damaged = True
         if problems:
-            raise StoreError(f"store {self.path} failed verification:\n- " + "\n- ".join(problems))
+            error = StoreDamageError if damaged else StoreError
+            raise error(f"store {self.path} failed verification:\n- " + "\n- ".join(problems))
         return report
 
     def to_xarray(self, layer: str) -> Any:
@@ -643,3 +668,47 @@ class ActivationStore:
             f"ActivationStore({str(self.path)!r}, n_samples={self.n_samples}, dtype={self.dtype}, "
             f"chunk_size={self.chunk_size}, layers={{{layers}}})"
         )
+
+
+def _read_chunks(array_dir: Path, array: Any, records: list[int] | None) -> np.ndarray:
+    """All of a small array (``labels``, ``sample_id``) read from its chunk files.
+
+    Each chunk file is checked (size, CRC32C, and its record when there is
+    one) as activations are, so a damaged file gives one clear error rather
+    than zarr's codec error.
+    """
+    n, cs = int(array.shape[0]), int(array.chunks[0])
+    n_chunks = -(-n // cs)
+    out = np.empty((n_chunks * cs, *array.shape[1:]), np.dtype(array.dtype))
+    for i in range(n_chunks):
+        record = None if records is None else records[i]
+        chunkfile._read_chunk_file(array_dir, i, out[i * cs : (i + 1) * cs], None, record)
+    return out[:n]
+
+
+def _read_error(err: BaseException, what: str, path: Path) -> BaseException:
+    """The error to raise for a failed read of ``what``, a chunk file's fault or not.
+
+    Only what the file gives becomes a :class:`StoreDamageError`: the size,
+    CRC32C and record checks (``ValueError``) and I/O errors. Running out of
+    descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOMEM``) is no fault of the
+    file: it is returned as it was.
+    """
+    fix = "capture the store again (overwrite=True)"
+    if isinstance(err, FileNotFoundError):
+        return StoreDamageError(
+            f"cannot read {what}: the chunk file {err.filename} is missing (deleted after the "
+            f"store was opened?); {fix}"
+        )
+    if isinstance(err, OSError) and err.errno in _NOT_THE_FILES_FAULT:
+        return err
+    if isinstance(err, ValueError):
+        why = "The chunk file is corrupt (truncated, changed, moved or swapped on disk)"
+    else:
+        why = (
+            "Reading the chunk file failed (a disk or file system error); if it fails "
+            "again, the file is damaged"
+        )
+    return StoreDamageError(
+        f"cannot read {what} in {path}: {type(err).__name__}: {str(err).rstrip('.')}. {why}; {fix}"
+    )

@@ -17,12 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from .chunkfile import _write_chunk_file, _writes_directly
+from ..errors import InvalidArgumentError
+from .chunkfile import _file_crc, _write_chunk_file, _writes_directly
 from .format import (
     _BF16_NAN_BITS,
     FORMAT,
     StoreError,
+    _array_keys,
     _check_arrays,
+    _chunk_path,
+    _chunk_records,
     _layer_group,
     _n_chunks,
     _open_root,
@@ -49,6 +53,10 @@ class StoreWriter:
     holds whole files and ``chunks_written`` never counts a chunk that is not on
     disk; a resumed capture rewrites everything from there. Each whole chunk
     file's writeback to disk starts as soon as it is complete (``WRITE_BEHIND``).
+
+    With the progress, the CRC32C of every chunk written is recorded per array
+    (``progress["crc32c"]``, :func:`~peekcore.store.format._chunk_records`), so
+    that a reader can tell a chunk file from the one written at its place.
     """
 
     def __init__(self, path: Path, root: Any, attrs: dict) -> None:
@@ -68,6 +76,16 @@ class StoreWriter:
             self._extra.append(("labels", self._labels, _writes_directly(self._labels)))
         self.np_dtypes = {name: np.dtype(arr.dtype) for name, arr in self._acts.items()}
         self._recorded_at = -math.inf
+        records = _chunk_records(path, attrs)
+        if records is None:  # a store from before chunk records: read them from its files
+            records = {
+                key: [
+                    _file_crc(_chunk_path(path / key, i, root[key].ndim))
+                    for i in range(1 if key == "sample_id" else self.chunks_written)
+                ]
+                for key in _array_keys(attrs)
+            }
+        self.records = records
 
     @property
     def complete(self) -> bool:
@@ -162,6 +180,10 @@ class StoreWriter:
                 **common,
             )
             ids[:] = np.arange(n_samples, dtype=np.int64)
+            records: dict[str, list[int]] = {
+                _layer_group(name) + "/activations": [] for name in layers
+            }
+            records["sample_id"] = [_file_crc(_chunk_path(tmp / "sample_id", 0, 1))]
             if label_info is not None:
                 lshape = tuple(label_info["shape"])
                 ldtype = np.dtype(label_info["dtype"])
@@ -174,6 +196,10 @@ class StoreWriter:
                     dimension_names=("sample", *(f"label_{i}" for i in range(len(lshape)))),
                     **common,
                 )
+            if label_info is not None:
+                records["labels"] = []
+            progress = {**root_attrs["progress"], "crc32c": records}
+            root.attrs.update({"progress": progress})
             _move_in(tmp, path, replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,31 +257,38 @@ class StoreWriter:
         whole = hi - lo == self.chunk_size
         checksums = checksums or {}
         for name in self.layers:
-            data = activations[name]
+            data, key = activations[name], _layer_group(name) + "/activations"
             if self._direct[name] and whole:
-                _write_chunk_file(
-                    self.path / _layer_group(name) / "activations",
-                    index,
-                    data,
-                    self.np_dtypes[name],
-                    checksums.get(name),
-                )
+                at = (self.path / key, index, data, self.np_dtypes[name], checksums.get(name))
+                crc = _write_chunk_file(*at)
             else:  # zarr pads the last, partial chunk with the fill value
                 self._acts[name][lo:hi] = data
+                crc = _file_crc(_chunk_path(self.path / key, index, data.ndim))
+            self._record(key, index, crc)
         for key, array, direct in self._extra:
             if whole and direct:
-                _write_chunk_file(self.path / key, index, labels, np.dtype(array.dtype))
+                crc = _write_chunk_file(self.path / key, index, labels, np.dtype(array.dtype))
             else:
                 array[lo:hi] = labels
+                crc = _file_crc(_chunk_path(self.path / key, index, labels.ndim))
+            self._record(key, index, crc)
         self.chunks_written = index + 1
         now = time.monotonic()
         if self.complete or now - self._recorded_at >= PROGRESS_EVERY_S:
             self.record_progress()
             self._recorded_at = now
 
+    def _record(self, key: str, index: int, crc: int) -> None:
+        """Keep chunk ``index``'s CRC32C as array ``key``'s record (recorded with progress)."""
+        del self.records[key][index:]  # records of chunks written before a crash, again
+        self.records[key].append(int(crc))
+
     def record_progress(self) -> None:
-        """Record ``chunks_written`` in the root metadata (zarr replaces the file atomically)."""
-        progress = {"chunks_written": self.chunks_written, "n_chunks": self.n_chunks}
+        """Record ``chunks_written`` and the chunks' CRC32C records in the root metadata, in
+        one atomic replacement of the file (zarr's)."""
+        done = self.chunks_written
+        records = {k: v[: 1 if k == "sample_id" else done] for k, v in self.records.items()}
+        progress = {"chunks_written": done, "n_chunks": self.n_chunks, "crc32c": records}
         self.root.attrs.update({"progress": progress})
 
 
@@ -277,6 +310,24 @@ def _move_in(tmp: Path, path: Path, replace: bool) -> None:
         old.rename(path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_store_path(path: Path) -> None:
+    """Refuse (``InvalidArgumentError``) a store path under a file, where no folder can be.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Where a store is to be created; its parents are created as needed.
+    """
+    for parent in path.parents:  # the nearest one that exists must be a folder
+        if os.path.lexists(parent):
+            if not os.path.isdir(parent):
+                raise InvalidArgumentError(
+                    f"cannot create the store {path}: {parent} is a file, not a folder; "
+                    "choose a store path whose parents are folders (or absent)"
+                )
+            return
 
 
 def check_replaceable(path: Path) -> None:
