@@ -10,7 +10,7 @@ from torch import nn
 
 import peekcore
 from peekcore.capture import ModelSource, capture
-from peekcore.errors import InvalidArgumentError, InvalidTypeError
+from peekcore.errors import InvalidTypeError, OutputPathError
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ class Counting(SmallCNN):
 def test_capture_refuses_a_store_path_under_a_file_before_any_work(images, tmp_path):
     (tmp_path / "notes.txt").write_text("not a folder")
     for store in (tmp_path / "notes.txt" / "s.zarr", tmp_path / "notes.txt" / "a" / "s.zarr"):
-        with pytest.raises(InvalidArgumentError, match=r"notes.txt is a file, not a folder"):
+        with pytest.raises(OutputPathError, match=r"notes.txt is a file, not a folder"):
             capture(Counting(), images, "conv1", store, progress=False)
     assert Counting.calls == 0  # refused before the model ran
     assert (tmp_path / "notes.txt").read_text() == "not a folder"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import OutputPathError
 from .chunkfile import _file_crc, _write_chunk_file, _writes_directly
 from .format import (
     _BF16_NAN_BITS,
@@ -313,21 +313,28 @@ def _move_in(tmp: Path, path: Path, replace: bool) -> None:
 
 
 def check_store_path(path: Path) -> None:
-    """Refuse (``InvalidArgumentError``) a store path under a file, where no folder can be.
+    """Refuse (``OutputPathError``) a store path where no store folder can be made.
 
     Parameters
     ----------
     path : pathlib.Path
-        Where a store is to be created; its parents are created as needed.
+        Where a store is to be created; its parents are created as needed, so
+        the nearest one that exists must be a writable folder.
     """
-    for parent in path.parents:  # the nearest one that exists must be a folder
-        if os.path.lexists(parent):
-            if not os.path.isdir(parent):
-                raise InvalidArgumentError(
-                    f"cannot create the store {path}: {parent} is a file, not a folder; "
-                    "choose a store path whose parents are folders (or absent)"
-                )
-            return
+    for parent in path.parents:
+        if not os.path.lexists(parent):
+            continue
+        if not os.path.isdir(parent):
+            raise OutputPathError(
+                f"cannot create the store {path}: {parent} is a file, not a folder; "
+                "choose a store path whose parents are folders (or absent)"
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputPathError(
+                f"cannot create the store {path}: folder {parent} is not writable; choose "
+                "another folder or change its permissions"
+            )
+        return
 
 
 def check_replaceable(path: Path) -> None:
