@@ -43,7 +43,7 @@ from .capture.layouts import _apply_select, _arrange, _resolve_layout, resolve_l
 from .capture.options import _model_device
 from .datasets import as_inputs
 from .errors import InvalidArgumentError, InvalidTypeError
-from .model import CPModel
+from .model import CPModel, solve_sample_rows
 
 __all__ = ["edited_outputs", "project", "DEFAULT_PASS_BYTES"]
 
@@ -173,17 +173,9 @@ def project(x: torch.Tensor, patterns: torch.Tensor, *, nonnegative: bool) -> to
     m = (x.to(pat.dtype) @ pat.T).to("cpu", torch.float64).numpy()  # b x R: the MTTKRP
     p64 = patterns.to("cpu", torch.float64)
     gram = (p64 @ p64.T).numpy()  # the Hadamard product of the factors' Grams
-    if not nonnegative:
-        a = np.linalg.lstsq(gram, m.T, rcond=None)[0].T
-        return torch.from_numpy(np.ascontiguousarray(a))
-    from scipy.optimize import nnls
-
-    # G = L L^T (a tiny ridge where G is singular): ||L^T a - L^-1 m||^2 = a'Ga - 2a'm + const
-    ridge = 1e-12 * max(float(np.trace(gram)), 1e-300)
-    chol = np.linalg.cholesky(gram + ridge * np.eye(gram.shape[0]))
-    rhs = np.linalg.solve(chol, m.T).T
-    a = np.stack([nnls(chol.T, row)[0] for row in rhs]) if len(rhs) else np.zeros_like(m)
-    return torch.from_numpy(a)
+    return torch.from_numpy(
+        np.ascontiguousarray(solve_sample_rows(m, gram, nonnegative=nonnegative))
+    )
 
 
 def _unarrange(edited: torch.Tensor, like: torch.Tensor, layout: str, rows: int) -> torch.Tensor:

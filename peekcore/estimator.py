@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .model import CPModel
+from .model import CPModel, solve_sample_rows
 from .solvers import cp_als, ncp_hals
 
 __all__ = ["CP"]
@@ -234,16 +234,7 @@ class CP:
         self._check_fitted()
         arr = self._samples(X, fitted=True)
         m, g = self._normal_equations(arr)
-        if not self.nonnegative:
-            return np.linalg.lstsq(g, m.T, rcond=None)[0].T
-        from scipy.linalg import cho_factor, solve_triangular
-        from scipy.optimize import nnls
-
-        # ||x - K a||^2 = ||L^T a - L^-1 m||^2 + const with G = L L^T
-        chol, _ = cho_factor(g + 1e-14 * np.trace(g) * np.eye(self.rank), lower=True)
-        low = np.tril(chol)
-        rhs = solve_triangular(low, m.T, lower=True).T  # n x R
-        return np.stack([nnls(low.T, row)[0] for row in rhs]) if len(rhs) else rhs
+        return solve_sample_rows(m, g, nonnegative=self.nonnegative)
 
     def inverse_transform(self, X: Any) -> np.ndarray:
         """Samples from features: ``n x rank`` -> ``n x I_1 x ... x I_d``.

@@ -10,7 +10,7 @@ import numpy as np
 
 from ._io import load_npz, save_npz
 
-__all__ = ["CPModel", "FitHistory", "normalize_factors"]
+__all__ = ["CPModel", "FitHistory", "normalize_factors", "solve_sample_rows"]
 
 FORMAT_VERSION = 1
 
@@ -94,6 +94,42 @@ def normalize_factors(
     out[0][:, neg] *= -1
     order = np.argsort(-w, kind="stable")
     return w[order], [f[:, order] for f in out]
+
+
+def solve_sample_rows(mttkrp: np.ndarray, gram: np.ndarray, *, nonnegative: bool) -> np.ndarray:
+    """Sample-factor rows of samples under fixed non-sample factors, from the normal equations.
+
+    Least squares ``min_a ||x - sum_r a_r b_r ∘ c_r ∘ ...||`` per sample solves
+    ``a G = m``; the nonnegative version runs scipy's NNLS on the ``R x R``
+    Cholesky factor of ``G``, which has the same objective up to a constant
+    (``||x - K a||^2 = ||L^T a - L^-1 m||^2 + const`` with ``G = L L^T``).
+
+    Parameters
+    ----------
+    mttkrp : ndarray
+        ``n x R``: each sample against the Khatri-Rao product of the factors.
+    gram : ndarray
+        ``R x R``: the Hadamard product of the factors' Grams.
+    nonnegative : bool
+        Solve under ``a >= 0``.
+
+    Returns
+    -------
+    ndarray
+        ``n x R`` float64.
+    """
+    m = np.asarray(mttkrp, dtype=np.float64)
+    g = np.asarray(gram, dtype=np.float64)
+    if not nonnegative:
+        return np.linalg.lstsq(g, m.T, rcond=None)[0].T
+    from scipy.linalg import cho_factor, solve_triangular
+    from scipy.optimize import nnls
+
+    rank = g.shape[0]
+    chol, _ = cho_factor(g + 1e-14 * np.trace(g) * np.eye(rank), lower=True)  # ridge: G singular
+    low = np.tril(chol)
+    rhs = solve_triangular(low, m.T, lower=True).T  # n x R
+    return np.stack([nnls(low.T, row)[0] for row in rhs]) if len(rhs) else rhs
 
 
 @dataclass
