@@ -270,38 +270,37 @@ def _decide(
     """Step 4 for a named rule, and the fallbacks when core consistency decides nothing."""
     valid = ~np.isnan(cc)
     high = tuple(int(k) for k in r[good])
-    detail = (" [" + "; ".join(notes) + "]") if notes else ""
     if not valid.any():
         k = int(np.argmax(good))
         why = (
-            f"rank {r[k]}: core consistency is undefined (nan) for every rank, so the smallest "
-            f"rank passing the stability and fit filters {list(high)} was taken{detail}"
+            "core consistency is undefined (nan) for every rank, so the smallest rank passing "
+            f"the stability and fit filters {list(high)} was taken"
         )
-        return RankChoice(int(r[k]), why, rule, high)
-    if not good.any():
+    elif not good.any():
         k = int(np.nanargmax(cc))
         why = (
-            f"rank {r[k]}: no rank passed the quality filters (threshold {threshold:g}), so the "
-            f"rank with the highest core consistency ({cc[k]:.1f}) was taken{detail}"
+            f"no rank passed the quality filters (threshold {threshold:g}), so the rank with "
+            f"the highest core consistency ({cc[k]:.1f}) was taken"
         )
-        return RankChoice(int(r[k]), why, rule, high)
-    if rule == "first-drop":
-        k = int(np.argmax(good))
-        for j in range(k + 1, len(good)):  # a nan rank (no evidence) does not end the run
-            if good[j]:
-                k = j
-            elif valid[j]:
-                break
-        what = "last rank of the first run of high-quality ranks"
     else:
-        k = int(np.flatnonzero(good)[-1])
-        what = (
-            "largest rank with core consistency >= threshold"
-            if rule == "largest"
-            else "largest rank in the high-quality cluster"
+        if rule == "first-drop":
+            k = int(np.argmax(good))
+            for j in range(k + 1, len(good)):  # a nan rank (no evidence) does not end the run
+                if good[j]:
+                    k = j
+                elif valid[j]:
+                    break
+            what = "last rank of the first run of high-quality ranks"
+        else:
+            k = int(np.flatnonzero(good)[-1])
+            what = (
+                "largest rank with core consistency >= threshold"
+                if rule == "largest"
+                else "largest rank in the high-quality cluster"
+            )
+        why = (
+            f"{what} {list(high)} (core consistency {cc[k]:.1f} >= {threshold:g}, "
+            f"fit {fit[k]:.4f}" + ("" if st is None else f", stability {st[k]:.2f}") + ")"
         )
-    why = (
-        f"rank {r[k]}: {what} {list(high)} (core consistency {cc[k]:.1f} >= {threshold:g}, "
-        f"fit {fit[k]:.4f}" + ("" if st is None else f", stability {st[k]:.2f}") + f"){detail}"
-    )
-    return RankChoice(int(r[k]), why, rule, high)
+    detail = (" [" + "; ".join(notes) + "]") if notes else ""
+    return RankChoice(int(r[k]), f"rank {r[k]}: {why}{detail}", rule, high)

@@ -457,5 +457,9 @@ def test_verdict_wording():
     assert pooled.layer == "all" and pooled.n_groups == 2
     _, overall = assoc.summarize([strong, null, pooled])
     assert overall.startswith("all: the stable rank falls")
+    also = assoc.associate(q, q, layer="act2", measure="ev_area")
+    per_layer, _ = assoc.summarize([strong, also])
+    assert per_layer["act2"].count("act2") == 1  # the layer named once
+    assert "stable rank falls" in per_layer["act2"] and "area rises" in per_layer["act2"]
     _, overall = assoc.summarize([few])
     assert "too few" in overall and "no conclusion" in overall

@@ -279,6 +279,38 @@ def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def _paired(
+    quality: Any, values: Any, groups: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Checked float pairs with NaN pairs dropped, their group codes, and how many were dropped."""
+    try:
+        q = np.asarray(quality, dtype=np.float64).reshape(-1)
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgumentError(
+            f"quality and values must be numbers (NaN for a missing value): {err}"
+        ) from err
+    if q.shape != v.shape:
+        raise InvalidArgumentError(
+            f"quality and values must pair up: {q.size} quality values, {v.size} measure values"
+        )
+    codes = _group_codes(groups, q.size)
+    keep = np.isfinite(q) & np.isfinite(v)
+    codes = np.unique(codes[keep], return_inverse=True)[1].reshape(-1)
+    return q[keep], v[keep], codes, int((~keep).sum())
+
+
+def _undefined(q: np.ndarray, v: np.ndarray, what: str, quality_name: str) -> str:
+    """Why rho is undefined for these points, or ``""``."""
+    if q.size < 3:
+        return f"only {q.size} point{'s' if q.size != 1 else ''} with defined values"
+    if np.ptp(v) == 0:
+        return f"the {what} is the same ({v[0]:g}) at every point"
+    if np.ptp(q) == 0:
+        return f"the {quality_name} is the same ({q[0]:g}) at every point"
+    return ""
+
+
 def associate(
     quality: Any,
     values: Any,
@@ -329,25 +361,11 @@ def associate(
         rho is undefined (fewer than 3 points, or a side constant) the
         statistics are nan and ``reason`` says why.
     """
-    try:
-        q = np.asarray(quality, dtype=np.float64).reshape(-1)
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as err:
-        raise InvalidArgumentError(
-            f"quality and values must be numbers (NaN for a missing value): {err}"
-        ) from err
-    if q.shape != v.shape:
-        raise InvalidArgumentError(
-            f"quality and values must pair up: {q.size} quality values, {v.size} measure values"
-        )
+    q, v, codes, n_dropped = _paired(quality, values, groups)
     n_permutations = _check_positive_int(n_permutations, "n_permutations", 2000)
     n_boot = _check_positive_int(n_boot, "n_boot", 100)
     if not 0.5 < float(level) < 1.0:
         raise InvalidArgumentError(f"level must be in (0.5, 1), e.g. 0.95, got {level}")
-    codes_all = _group_codes(groups, q.size)
-    keep = np.isfinite(q) & np.isfinite(v)
-    q, v = q[keep], v[keep]
-    codes = np.unique(codes_all[keep], return_inverse=True)[1].reshape(-1)
     n = int(q.size)
     base = Association(
         layer=str(layer),
@@ -357,21 +375,14 @@ def associate(
         p_value=math.nan,
         ci=(math.nan, math.nan),
         n=n,
-        n_dropped=int((~keep).sum()),
+        n_dropped=n_dropped,
         n_groups=int(codes.max() + 1) if n else 0,
         n_permutations=n_permutations,
         n_boot=n_boot,
         level=float(level),
         quality_name=quality_name,
     )
-    reason = ""
-    what = _MEASURE_NAMES.get(measure, measure)
-    if n < 3:
-        reason = f"only {n} point{'s' if n != 1 else ''} with defined values"
-    elif np.ptp(v) == 0:
-        reason = f"the {what} is the same ({v[0]:g}) at every point"
-    elif np.ptp(q) == 0:
-        reason = f"the {quality_name} is the same ({q[0]:g}) at every point"
+    reason = _undefined(q, v, _MEASURE_NAMES.get(measure, measure), quality_name)
     if reason:
         result = replace(base, reason=reason + ", so rho is undefined")
         result.verdict = _verdict(result)
@@ -524,6 +535,9 @@ def _layer_verdict(name: str, items: list[Association]) -> str:
         return f"{name}: no associations to judge"
     hits = [a for a in items if a.significant]
     if hits:
+        if len({a.layer for a in hits}) == 1:  # one layer: name it once
+            head = f"{hits[0].layer}: "
+            return head + "; ".join(a.verdict.removeprefix(head) for a in hits)
         return "; ".join(a.verdict for a in hits)
     if all(a.n < MIN_POINTS for a in items):
         n = max(a.n for a in items)
