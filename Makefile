@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.peekcore-installed
 CU_FILES := $(wildcard csrc/cuda/*.cu)
-CPP_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu')
+CPP_FILES := $(shell find csrc include examples -name '*.cpp' -o -name '*.h' -o -name '*.hpp' -o -name '*.cuh' -o -name '*.cu')
 
 .PHONY: setup demo test lint format cuda-check browser pytest bench clean
 

@@ -55,6 +55,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPEEKCORE_BLAS_DIR={Path(scipy_openblas32.__file__).parent}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
+            "-DPEEKCORE_CPP_LIBRARY=OFF",  # the C++ library is built by CMake alone
             f"-DCMAKE_CXX_COMPILER={shutil.which(cxx.split()[0])}",
         ]
         if shutil.which("ninja"):
