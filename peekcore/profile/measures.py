@@ -124,7 +124,9 @@ def fit_elbow(ranks: Any, fits: Any, *, fraction: float = 0.95) -> float:
     starts there) and ``f_max`` the best fit of any rank, the elbow is the
     smallest rank ``r`` with ``f_r >= f_0 + fraction * (f_max - f_0)``. Ranks
     with a nan fit are skipped. When no rank improves on the smallest one
-    (``f_max <= f_0``), the smallest rank is returned.
+    (``f_max <= f_0``), the smallest rank is returned. The gain counts what
+    ranks above the data's gain by fitting noise, so with heavy noise (35% of
+    the signal's RMS on a planted rank 3) the elbow can sit one rank high.
 
     Parameters
     ----------
@@ -611,7 +613,10 @@ def bootstrap_measures(
     So the draws show how the measures vary with the sample *given the
     models*: fitting each resample would also move the factors and may change
     which optimum a replicate finds, so these intervals are narrower than a
-    full refit bootstrap would give (a lower bound on the uncertainty).
+    full refit bootstrap would give (a lower bound on the uncertainty). On
+    planted rank-3 tensors (``benchmarks/bench_profile_bootstrap.py``) the
+    spread of ``ev_area`` was 5-15% smaller than with refits; at high noise
+    ``fit_elbow``'s draws sat below the point value while refits' sat above.
 
     Cost: one pass over ``data`` contracting each chunk with every model's
     resident factors (like one sweep iteration), ``N x (K P)`` float64 kept; then
