@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -16,7 +18,15 @@ import numpy as np
 
 from ._validate import check_output_file
 
-__all__ = ["atomic_write", "current_umask", "save_npz", "load_npz", "open_npz", "read_header"]
+__all__ = [
+    "atomic_write",
+    "remove_stale_temporaries",
+    "current_umask",
+    "save_npz",
+    "load_npz",
+    "open_npz",
+    "read_header",
+]
 
 
 def current_umask() -> int:
@@ -48,12 +58,75 @@ def _new_file_mode(path: Path) -> int:
     return 0o666 & ~current_umask()
 
 
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """Names of the temporaries atomic_write makes for ``path``: ``.NAME.PID.XXXXXXXX.tmp``."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]{{8}}\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (or no such pid at all)
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of writes to ``path`` whose writer died (SIGKILL, power loss).
+
+    Only files provably left by :func:`atomic_write` for this very path are
+    touched: named ``.NAME.PID.XXXXXXXX.tmp`` beside it, whose writer process
+    ``PID`` is gone, and on which no process holds the lock a writer keeps while
+    it fills the file (so a live writer on another host of a shared file system
+    is left alone where the file system supports ``flock``).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    path = Path(path)
+    pattern = _temporary_pattern(path)
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:  # locked: someone still writes it
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def _temporary_beside(path: Path) -> Iterator[tuple[IO[bytes], str]]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with contextlib.suppress(OSError):  # where the file system has no modes
-        os.fchmod(fd, _new_file_mode(path))
+    # the writer's pid in the name and a lock while it is filled: remove_stale_temporaries
+    # can then tell a dead writer's leftover from a write in progress
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
+        with contextlib.suppress(OSError):  # where the file system has no locks or modes
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as fh:
             yield fh, tmp
     except BaseException:
@@ -88,6 +161,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         (``MissingFolderError``, a ``FileNotFoundError``).
     """
     dest = check_output_file(path)
+    remove_stale_temporaries(dest)
     with _temporary_beside(dest) as (fh, tmp):
         write(fh)
         fh.flush()

@@ -132,3 +132,49 @@ def test_numpy_integer_seed_is_kept_as_an_int(tmp_path, solver):
     straight = fit(x, 2, random_state=3, **kw)
     for a, b in zip(resumed.factors, straight.factors, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_other_data_of_the_same_shape_is_refused(tmp_path):
+    from peekcore.errors import CheckpointMismatchError
+
+    x = _data(tmp_path / "x.npy")
+    ckpt = tmp_path / "c.npz"
+    kw = dict(n_iter_max=3, tol=0, progress=False)
+    peekcore.cp_als(x, 3, checkpoint=ckpt, **kw)
+    other = np.random.default_rng(12).random(x.shape)  # differs everywhere (sampled rows too)
+    with pytest.raises(CheckpointMismatchError, match=r"other data.*samples") as err:
+        peekcore.cp_als(other, 3, resume=ckpt, **kw)
+    assert set(err.value.differences) == {"samples"}
+    # rows the fingerprint does not read: refused after the first resumed pass, by ||X||^2
+    edited = x.copy()
+    edited[10] *= 1.5
+    seen = []
+    for more in (0, 2):  # nothing left to run, or two more iterations
+        with pytest.raises(CheckpointMismatchError, match=r"other data: \|\|X\|\|\^2 was"):
+            peekcore.cp_als(
+                edited, 3, resume=ckpt, callback=seen.append, **{**kw, "n_iter_max": 3 + more}
+            )
+    assert seen == []  # no iteration of a resumed fit was reported
+    with pytest.raises(CheckpointMismatchError, match=r"dtype: 'float64' .* 'float32'"):
+        peekcore.cp_als(x.astype(np.float32), 3, resume=ckpt, **kw)
+
+
+def test_resume_refuses_another_init_and_names_it(tmp_path):
+    x = _data(tmp_path / "x.npy")
+    ckpt = tmp_path / "c.npz"
+    peekcore.cp_als(x, 3, n_iter_max=2, init="random", checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match=r"init: 'random' in the checkpoint, 'gram' now"):
+        peekcore.cp_als(x, 3, n_iter_max=3, init="gram", resume=ckpt, progress=False)
+
+
+def test_resume_with_another_chunk_size_warns_and_stays_close(tmp_path):
+    x = _data(tmp_path / "x.npy")
+    ckpt = tmp_path / "c.npz"
+    kw = dict(tol=0, random_state=2, progress=False)
+    peekcore.cp_als(x, 3, n_iter_max=4, chunk_size=16, checkpoint=ckpt, **kw)
+    with pytest.warns(RuntimeWarning, match=r"chunk_size 16 -> 7.*not bit-identical"):
+        resumed = peekcore.cp_als(x, 3, n_iter_max=8, chunk_size=7, resume=ckpt, **kw)
+    straight = peekcore.cp_als(x, 3, n_iter_max=8, chunk_size=16, **kw)
+    assert resumed.metadata["init"] == "random"
+    np.testing.assert_allclose(resumed.history.fit, straight.history.fit, rtol=1e-12)
+    np.testing.assert_allclose(resumed.reconstruct(), straight.reconstruct(), rtol=1e-9, atol=1e-12)

@@ -141,3 +141,27 @@ def test_output_checks_name_the_problem(tmp_path):
             check_output_file(ro / "m.npz")
     with pytest.raises(FileNotFoundError):  # still what older code catches
         _io.atomic_write(tmp_path / "nope" / "x", lambda fh: fh.write(b""))
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed_and_no_others(tmp_path, rng):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(dead.stdout)  # a process that has exited
+    target = tmp_path / "m.npz"
+    stale = tmp_path / f".m.npz.{pid}.abcd_123.tmp"
+    live = tmp_path / f".m.npz.{os.getppid()}.abcd_123.tmp"  # a living process's
+    other = tmp_path / f".other.npz.{pid}.abcd_123.tmp"  # another target's
+    foreign = tmp_path / ".m.npz.notapid.tmp"  # not ours at all
+    for p in (stale, live, other, foreign):
+        p.write_bytes(b"partial")
+    _model(rng).save(target)
+    assert not stale.exists()
+    assert live.exists() and other.exists() and foreign.exists()
+    assert peekcore.CPModel.load(target).rank == 2

@@ -2,37 +2,174 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .._io import open_npz, read_header, save_npz
 from .._version import __version__
+from ..errors import CheckpointError, CheckpointMismatchError
 from ..model import FitHistory
+from .passes import iterate_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import ModelState, RunSettings
+    from .engine import ModelState, Problem
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_key"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_key",
+    "data_fingerprint",
+    "measure_norm2",
+    "check_resumed_norm2",
+]
 
 FORMAT = "peekcore.checkpoint"
-VERSION = 2
+VERSION = 3  # 3: a data fingerprint, and settings split into exact and rounding-only ones
+
+#: samples read at each of the first, middle and last positions for the fingerprint
+FINGERPRINT_SAMPLES = 4
+
+#: settings that change only the order of floating-point sums: a resume with others
+#: continues the same fit, but is not bit-identical to an uninterrupted one (warned)
+ROUNDING_ONLY = ("chunk_size", "kernel", "processes")
 
 
-def checkpoint_key(shape: tuple[int, ...], settings: RunSettings, states: list[ModelState]) -> dict:
-    """What a checkpoint must agree with to be resumed: data shape, models, solver settings."""
+def _sample_bytes(block: Any) -> bytes:
+    if isinstance(block, torch.Tensor):
+        block = block.detach().cpu()
+        if block.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+            block = block.view(torch.int16)
+        block = block.numpy()
+    return np.ascontiguousarray(block).tobytes()
+
+
+def data_fingerprint(source: Any) -> dict:
+    """What identifies the data cheaply: shape, dtype and a digest of a few samples.
+
+    Sources that can read any samples (arrays, stored layers: ``read(start,
+    stop)``) contribute their first, middle and last ``FINGERPRINT_SAMPLES``;
+    others their first. The rest of the data is checked by ``||X||^2``, which
+    the first resumed pass measures again (:func:`check_resumed_norm2`). A shard of a
+    data-parallel fit is fingerprinted as the whole data it belongs to.
+    """
+    whole = getattr(source, "source", source)  # a ShardSource's whole data
+    n = int(whole.shape[0])
+    k = min(n, FINGERPRINT_SAMPLES)
+    digest = hashlib.blake2b(digest_size=16)
+    if hasattr(whole, "array") or hasattr(whole, "read"):
+        for lo in sorted({0, (n - k) // 2, n - k}):
+            block = whole.array[lo : lo + k] if hasattr(whole, "array") else whole.read(lo, lo + k)
+            digest.update(_sample_bytes(block))
+    else:
+        chunks = whole.chunks(k)
+        try:
+            digest.update(_sample_bytes(np.asarray(next(iter(chunks)))[:k]))
+        finally:
+            getattr(chunks, "close", lambda: None)()
     return {
-        "shape": list(shape),
-        "ranks": [s.rank for s in states],
-        "seeds": [s.seed for s in states],
-        "method": settings.method,
-        "sweeps": settings.sweeps,
-        "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
+        "shape": [int(d) for d in whole.shape],
+        "dtype": str(whole.dtype).removeprefix("torch."),
+        "samples": digest.hexdigest(),
     }
+
+
+def checkpoint_key(problem: Problem, states: list[ModelState], init: str) -> dict:
+    """What a checkpoint must agree with to be resumed.
+
+    ``"data"`` and ``"numbers"`` must match exactly (another value changes the
+    fit itself); ``"rounding"`` only changes summation order (``ROUNDING_ONLY``).
+    """
+    settings = problem.settings
+    return {
+        "data": data_fingerprint(problem.source),
+        "numbers": {
+            "ranks": [s.rank for s in states],
+            "seeds": [s.seed for s in states],
+            "method": settings.method,
+            "sweeps": settings.sweeps,
+            "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
+            "init": init,
+        },
+        "rounding": {
+            "chunk_size": settings.chunk_size,
+            "kernel": problem.kernel.name,
+            "processes": problem.comm.world,
+        },
+    }
+
+
+def _compare(path: Path, recorded: Any, key: dict) -> None:
+    """Refuse a checkpoint for other data or settings; warn where only rounding differs."""
+    if not isinstance(recorded, dict) or set(recorded) != {"data", "numbers", "rounding"}:
+        raise CheckpointError(
+            f"{path} was written by an older peekcore without a data fingerprint, so it cannot "
+            "be checked against this data; start afresh without resume="
+        )
+    differ = {}
+    for part in ("data", "numbers"):
+        for name, value in key[part].items():
+            if recorded[part].get(name) != value:
+                differ[name] = (recorded[part].get(name), value)
+    if differ:
+        what = "; ".join(
+            f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items()
+        )
+        data = " (other data)" if any(k in key["data"] for k in differ) else ""
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} was written for another fit{data}: {what}. Resume with "
+            "the same data and settings, or start afresh without resume=",
+            differ,
+        )
+    changed = {
+        k: (recorded["rounding"].get(k), v)
+        for k, v in key["rounding"].items()
+        if recorded["rounding"].get(k) != v
+    }
+    if changed:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        warnings.warn(
+            f"resuming {path} with {what}: these change only the order of the sums (rounding), "
+            "so the fit goes on, but is not bit-identical to an uninterrupted one; resume with "
+            "the same values for that",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def measure_norm2(problem: Problem) -> float:
+    """``||X||^2`` by one plain pass (for a resumed fit that has no iteration left to run)."""
+    total = 0.0
+    for _, chunk in iterate_chunks(problem.source, problem.settings.chunk_size):
+        x = chunk.to(device=problem.device, dtype=problem.settings.compute_dtype)
+        total += float(torch.sum(x * x))
+    return problem.comm.allreduce_scalar(total, problem.device)
+
+
+def check_resumed_norm2(
+    path: Path | None, recorded: float, measured: float, dtype: torch.dtype
+) -> None:
+    """Refuse a resume whose data has another ``||X||^2`` than the checkpoint's data had.
+
+    Measured again by the first resumed pass; it may differ by the rounding of a
+    differently ordered sum (another chunk size or process count), not more.
+    """
+    eps = torch.finfo(dtype).eps
+    if not math.isclose(measured, recorded, rel_tol=1e3 * eps, abs_tol=0.0):
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} was written for other data: ||X||^2 was {recorded:.9g}, "
+            f"this data's is {measured:.9g} (the sampled rows matched, others differ). Resume "
+            "with the same data, or start afresh without resume=",
+            {"norm2": (recorded, measured)},
+        )
 
 
 def save_checkpoint(
@@ -74,8 +211,16 @@ def load_checkpoint(
     """Restore every model from a checkpoint (in place); returns ``(||X||^2, iteration)``.
 
     A data-parallel fit keeps this process's rows of each sample factor, so a
-    checkpoint resumes on any number of processes. Refuses a checkpoint written
-    for other data, models or settings.
+    checkpoint resumes on any number of processes.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    CheckpointMismatchError
+        Written for other data or settings (its ``differences`` name them).
+    CheckpointError
+        Not a readable peekcore checkpoint.
     """
     rows = slice(comm.lo, comm.hi) if comm is not None and comm.active else slice(None)
     path = Path(path)
@@ -93,16 +238,11 @@ def load_checkpoint(
                         " but a model saved by CPModel.save (to start from it, pass "
                         "init=peekcore.CPModel.load(path))"
                     )
-                raise ValueError(
+                raise CheckpointError(
                     f"{path} is not a peekcore checkpoint{hint}; resume= takes a file written "
                     "by checkpoint="
                 )
-            if header.get("key") != key:
-                raise ValueError(
-                    f"the checkpoint {path} was written for {header.get('key')}, but this fit "
-                    f"is {key}; resume with the same data and settings, or start afresh "
-                    "without resume="
-                )
+            _compare(path, header.get("key"), key)
             for k, s in enumerate(states):
                 s.a = torch.as_tensor(data[f"m{k}_a"][rows], device=device).contiguous()
                 s.resident = [
@@ -111,10 +251,15 @@ def load_checkpoint(
                 ]
                 s.history = FitHistory(**header["models"][k]["history"])
                 s.active = bool(header["models"][k]["active"])
-    except (KeyError, OSError, json.JSONDecodeError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
-    except ValueError as err:
-        if any(w in str(err) for w in ("written for", "not a peekcore", "peekcore header")):
-            raise
-        raise ValueError(f"{path} is not a readable peekcore checkpoint ({err})") from err
-    return float(header["norm2"]), int(header["iteration"])
+            return float(header["norm2"]), int(header["iteration"])
+    except CheckpointError:
+        raise
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        OSError,
+        json.JSONDecodeError,
+        zipfile.BadZipFile,
+    ) as err:
+        raise CheckpointError(f"{path} is not a readable peekcore checkpoint ({err})") from err

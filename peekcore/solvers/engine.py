@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,13 @@ from ..distributed import Communicator, ShardSource, communicator
 from ..kernels import HALS, PassKernel, get_kernel
 from ..model import CPModel, FitHistory, normalize_factors
 from ..sources import ChunkSource, as_source, describe_source, dtype_name, natural_chunk_size
-from .checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_resumed_norm2,
+    checkpoint_key,
+    load_checkpoint,
+    measure_norm2,
+    save_checkpoint,
+)
 from .checks import (
     NATURAL_CHUNK_ALONE_BYTES,
     check_checkpoint_every,
@@ -279,12 +286,14 @@ def run_models(
     desc: str = "fit",
     key: dict | None = None,
     keep_statistics: bool = False,
+    check_norm2: Callable[[float], Any] | None = None,
 ) -> float:
     """Iterate every active model until it converges or ``n_iter_max`` passes are done.
 
     With ``keep_statistics``, each model's ``statistics`` holds ``(T, AtA)`` of
     its last pass when it stops (for diagnostics such as core consistency).
-    Returns ``||X||^2`` (measured by the first pass when not given).
+    Returns ``||X||^2`` (measured by the first pass when not given, and then
+    handed to ``check_norm2``: a resumed fit compares it with its checkpoint's).
     """
     from tqdm.auto import tqdm
 
@@ -333,6 +342,8 @@ def run_models(
                 result = step(problem, stack, norm2)
             if norm2 is None:
                 norm2 = result.norm2
+                if check_norm2 is not None:
+                    check_norm2(norm2)
             # the one host transfer of the iteration: residuals and dead-component counts
             values = result.values.tolist()
             seconds = time.perf_counter() - t0
@@ -493,16 +504,24 @@ def fit_streaming(
         comm=problem.comm,
     )
     t_init = time.perf_counter()
+    check_norm2 = None
     if resume is not None:
         placeholder = [torch.empty(0)] * (len(problem.shape) - 1)
         state = ModelState(rank, random_state, torch.empty(0), placeholder)
-        key = checkpoint_key(problem.shape, settings, [state])
-        norm2, start = load_checkpoint(Path(resume), key, [state], problem.device, problem.comm)
+        key = checkpoint_key(problem, [state], initializer.name)
+        recorded, start = load_checkpoint(Path(resume), key, [state], problem.device, problem.comm)
         state.a = state.a.to(settings.compute_dtype).contiguous()
+        # the first resumed pass measures ||X||^2 again: the rest of the data is checked too
+        norm2 = None
+        check_norm2 = partial(
+            check_resumed_norm2, Path(resume), recorded, dtype=settings.compute_dtype
+        )
+        if not state.active or start >= settings.n_iter_max:  # no pass left to measure it
+            check_norm2(measure_norm2(problem))
     else:
         state = new_state(initializer, rank, random_state, settings.compute_dtype, problem.comm)
         state.history.init_seconds = time.perf_counter() - t_init
-        key = checkpoint_key(problem.shape, settings, [state])
+        key = checkpoint_key(problem, [state], initializer.name) if settings.checkpoint else None
         norm2, start = initializer.norm2, 0
     run_models(
         problem,
@@ -513,5 +532,6 @@ def fit_streaming(
         progress=progress,
         desc="ncp_hals" if method == HALS else "cp_als",
         key=key,
+        check_norm2=check_norm2,
     )
     return finish_model(problem, state, initializer.name)
