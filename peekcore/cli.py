@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import parse_ranks
+from ._validate import check_output_file, parse_ranks
 
 __all__ = ["main", "parse_ranks", "section_names"]
 
@@ -69,6 +69,7 @@ def _demo(args: argparse.Namespace) -> dict:
 
     cfg = DemoConfig.small(args.seed) if args.small else DemoConfig(seed=args.seed)
     log = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda line: None)
+    check_output_file(Path(args.out) / "summary.json", "the demo's outputs", make_folder=True)
     result = run_demo(args.out, cfg, progress=False, log=log)
     return {  # the verdict once; the per-layer sentences are in the report and profile
         "verdict": result.verdict,
@@ -242,6 +243,8 @@ def _unconverged_notes(models: list, args: argparse.Namespace) -> list[str]:
 def _fit(args: argparse.Namespace) -> dict:
     import peekcore
 
+    if args.out:  # before the fit, which a bad path would otherwise throw away
+        check_output_file(args.out, "the model (--out)")
     data = _open_data(args.data, args.layer)
     fit = peekcore.cp_als if args.method == "cp" else peekcore.ncp_hals
     kw = _solver_kwargs(args)
@@ -268,11 +271,14 @@ def _fit(args: argparse.Namespace) -> dict:
 def _sweep(args: argparse.Namespace) -> dict:
     from .sweep import rank_sweep
 
+    if args.out:  # before the sweep, which a bad path would otherwise throw away
+        check_output_file(args.out, "the sweep (--out)")
+    ranks = parse_ranks(args.ranks)
     data = _open_data(args.data, args.layer)
     kw = _solver_kwargs(args)
     sweep = rank_sweep(
         data,
-        parse_ranks(args.ranks),
+        ranks,
         args.replicates,
         method=args.method,
         compress=args.compress,
@@ -327,8 +333,9 @@ def _report(args: argparse.Namespace) -> dict:
     from .report.importance_figures import importance_sections
     from .sweep import RankSweep
 
-    out = Path(args.out)
+    out = check_output_file(args.out, "the report (--out)", make_folder=True)
     figs = out.parent / (out.stem + "_figures")
+    check_output_file(figs / "figure.png", f"figures (in {figs})", make_folder=True)
     images = np.load(args.images) if args.images else None
     labels = np.load(args.labels) if args.labels else None
     paths = [Path(path) for path in args.results]

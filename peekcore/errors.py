@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointMismatchError",
     "StoreError",
     "StoreDamageError",
+    "NumericalError",
 ]
 
 
@@ -77,3 +78,7 @@ class StoreError(PeekcoreError, ValueError):
 class StoreDamageError(StoreError):
     """A store's files disagree with what it recorded: a chunk file corrupt, truncated,
     moved or swapped, or metadata missing or edited. Capturing it again is the fix."""
+
+
+class NumericalError(PeekcoreError, FloatingPointError):
+    """A fit's numbers left what the compute dtype holds (overflow, a failed solve)."""

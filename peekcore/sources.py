@@ -47,6 +47,7 @@ __all__ = [
     "dtype_label",
     "dtype_name",
     "natural_chunk_size",
+    "sample_rows",
     "SUPPORTED_DTYPES",
 ]
 
@@ -194,3 +195,36 @@ def describe_source(data: Any) -> dict[str, Any]:
     if isinstance(data, torch.Tensor):
         return {"array": f"torch tensor {str(data.dtype).removeprefix('torch.')} {data.device}"}
     return {"array": type(data).__name__}
+
+
+#: samples read at each of the first, middle and last positions by :func:`sample_rows`
+SAMPLED_ROWS = 4
+
+
+def sample_rows(source: Any, k: int = SAMPLED_ROWS) -> list[Any]:
+    """A few samples of a source, cheaply: its first, middle and last ``k``.
+
+    Sources that can read any samples (arrays: ``array``; stored layers:
+    ``read(start, stop)``) give the three blocks; others only their first ``k``
+    samples (the first chunk of a pass, stopped there).
+
+    Returns
+    -------
+    list of array or tensor
+        Blocks of shape ``(b, *shape[1:])`` in the stored dtype.
+    """
+    n = int(source.shape[0])
+    k = min(n, k)
+    if hasattr(source, "array") or hasattr(source, "read"):
+        starts = sorted({0, (n - k) // 2, n - k})
+        if hasattr(source, "array"):
+            return [source.array[lo : lo + k] for lo in starts]
+        return [source.read(lo, lo + k) for lo in starts]
+    chunks = source.chunks(k)
+    try:
+        first = next(iter(chunks))
+    except StopIteration:
+        return []
+    finally:
+        getattr(chunks, "close", lambda: None)()
+    return [first[:k]]

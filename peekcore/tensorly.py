@@ -222,7 +222,8 @@ def _fit(
     norm2 = initializer.norm2  # None: the first pass measures it and vets the data
 
     def current() -> CPTensor:
-        mats = [state.a.to(torch.float64).cpu().numpy()]
+        # the engine reads data far from 1 rescaled (peekcore.solvers.scaling): undone here
+        mats = [state.a.to(torch.float64).cpu().numpy() / problem.scale]
         mats += [f.cpu().numpy() for f in state.resident]
         return _to_cp(mats, tensor, arr.dtype, normalize_factors, rank)
 
@@ -253,7 +254,7 @@ def _fit(
         return False
 
     run_models(problem, [state], norm2=norm2, callback=on_iteration, progress=False)
-    mats = [problem.comm.gather_rows(state.a).to(torch.float64).cpu().numpy()]
+    mats = [problem.comm.gather_rows(state.a).to(torch.float64).cpu().numpy() / problem.scale]
     mats += [f.cpu().numpy() for f in state.resident]
     return _to_cp(mats, tensor, arr.dtype, normalize_factors, rank), errors
 

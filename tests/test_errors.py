@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import peekcore
+from peekcore.errors import DataError
 from peekcore.model import CPModel
 
 
@@ -21,15 +22,18 @@ def x(rng):
     return rng.standard_normal((20, 5, 4))
 
 
-def test_nan_names_the_sample_range(x, kernel):
+def test_nan_names_the_sample(x, kernel):
     x[13, 2, 1] = np.nan
-    with pytest.raises(ValueError, match=r"NaN or Inf in samples 10\.\.14"):
+    with pytest.raises(DataError, match=r"NaN or Inf at sample 13: clean"):
+        fit(x, chunk_size=5, kernel=kernel)
+    x[11, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"at sample 11 \(and 1 more samples up to 13\)"):
         fit(x, chunk_size=5, kernel=kernel)
 
 
 def test_inf_with_gram_init(x):
     x[3, 0, 0] = np.inf
-    with pytest.raises(ValueError, match=r"NaN or Inf in samples 0\.\.3"):
+    with pytest.raises(ValueError, match=r"NaN or Inf at sample 3:"):
         fit(x, chunk_size=4, init="gram")
 
 
@@ -200,7 +204,10 @@ def test_checkpoint_every_must_be_positive(x, every, tmp_path):
 
 
 def test_float32_overflow_in_gram_pass_is_not_called_nan(x):
-    big = np.abs(x).astype(np.float32) * np.float32(1e20)  # finite; squares overflow float32
+    # finite; the squares of sample 5 overflow float32, and the rows sampled to choose a
+    # scale (0..3, 8..11, 16..19) do not show it
+    big = np.abs(x).astype(np.float32)
+    big[5] *= np.float32(1e20)
     assert np.all(np.isfinite(big))
     for solver in (peekcore.cp_als, peekcore.ncp_hals):
         with pytest.raises(ValueError, match=r"overflowed float32.*dtype='float64'") as err:
@@ -208,6 +215,12 @@ def test_float32_overflow_in_gram_pass_is_not_called_nan(x):
         assert "NaN" not in str(err.value)
     m = fit(big, init="gram", dtype="float64")  # as the message says
     assert np.isfinite(m.fit)
+    # finite float64 whose squares overflow float64 is not "NaN or Inf" either
+    huge = np.abs(x)
+    huge[5] *= 1e200
+    with pytest.raises(ValueError, match=r"samples 5\.\.5 overflowed float64.*rescale") as err:
+        fit(huge, chunk_size=1)
+    assert "NaN" not in str(err.value)
 
 
 def test_rank_sweep_checks_seed_and_zeros_too(x):

@@ -16,9 +16,12 @@ import torch
 
 from .._io import open_npz, read_header, save_npz
 from .._version import __version__
+from ..distributed import ShardSource
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..model import FitHistory
+from ..sources import dtype_name, sample_rows
 from .passes import iterate_chunks
+from .scaling import unscaled
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import ModelState, Problem
@@ -34,9 +37,6 @@ __all__ = [
 
 FORMAT = "peekcore.checkpoint"
 VERSION = 3  # 3: a data fingerprint, and settings split into exact and rounding-only ones
-
-#: samples read at each of the first, middle and last positions for the fingerprint
-FINGERPRINT_SAMPLES = 4
 
 #: settings that change only the order of floating-point sums: a resume with others
 #: continues the same fit, but is not bit-identical to an uninterrupted one (warned)
@@ -55,29 +55,21 @@ def _sample_bytes(block: Any) -> bytes:
 def data_fingerprint(source: Any) -> dict:
     """What identifies the data cheaply: shape, dtype and a digest of a few samples.
 
-    Sources that can read any samples (arrays, stored layers: ``read(start,
-    stop)``) contribute their first, middle and last ``FINGERPRINT_SAMPLES``;
-    others their first. The rest of the data is checked by ``||X||^2``, which
-    the first resumed pass measures again (:func:`check_resumed_norm2`). A shard of a
-    data-parallel fit is fingerprinted as the whole data it belongs to.
+    The samples are ``sources.sample_rows``'s (first, middle and last where the
+    source reads any samples, else the first); the rest of the data is checked
+    by ``||X||^2``, which the first resumed pass measures again
+    (:func:`check_resumed_norm2`). A process's shard is fingerprinted as the
+    whole data it belongs to, unscaled.
     """
-    whole = getattr(source, "source", source)  # a ShardSource's whole data
-    n = int(whole.shape[0])
-    k = min(n, FINGERPRINT_SAMPLES)
+    whole = unscaled(source)
+    if isinstance(whole, ShardSource):
+        whole = whole.source
     digest = hashlib.blake2b(digest_size=16)
-    if hasattr(whole, "array") or hasattr(whole, "read"):
-        for lo in sorted({0, (n - k) // 2, n - k}):
-            block = whole.array[lo : lo + k] if hasattr(whole, "array") else whole.read(lo, lo + k)
-            digest.update(_sample_bytes(block))
-    else:
-        chunks = whole.chunks(k)
-        try:
-            digest.update(_sample_bytes(np.asarray(next(iter(chunks)))[:k]))
-        finally:
-            getattr(chunks, "close", lambda: None)()
+    for block in sample_rows(whole):
+        digest.update(_sample_bytes(block))
     return {
         "shape": [int(d) for d in whole.shape],
-        "dtype": str(whole.dtype).removeprefix("torch."),
+        "dtype": dtype_name(whole.dtype),
         "samples": digest.hexdigest(),
     }
 
@@ -98,6 +90,7 @@ def checkpoint_key(problem: Problem, states: list[ModelState], init: str) -> dic
             "sweeps": settings.sweeps,
             "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
             "init": init,
+            "scale": problem.scale,
         },
         "rounding": {
             "chunk_size": settings.chunk_size,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validate import check_device
+from .._validate import check_device, check_output_file
 from .._version import __version__
 from ..distributed import Communicator, ShardSource, communicator
 from ..kernels import HALS, PassKernel, get_kernel
@@ -58,6 +58,7 @@ from .graphs import MIN_ITERATIONS_LEFT, GraphedStep, capture_step, graphs_allow
 from .init import Initializer
 from .iteration import Stack, step
 from .passes import default_chunk_bytes
+from .scaling import ScaledSource, choose_scale, unscaled
 
 __all__ = [
     "IterationInfo",
@@ -142,7 +143,10 @@ class Problem:
     """A validated data source, kernel and settings (what ``prepare`` returns).
 
     ``shape`` is the whole data's; in a data-parallel fit ``source`` holds this
-    process's rows ``comm.lo .. comm.hi`` of it.
+    process's rows ``comm.lo .. comm.hi`` of it. ``source`` reads the data
+    multiplied by ``scale``, a power of two (``peekcore.solvers.scaling``;
+    1.0 unless the data's magnitude is far from 1): the factors, statistics and
+    ``||X||^2`` of a run are in that scale, and :func:`finish_model` undoes it.
     """
 
     source: ChunkSource
@@ -154,6 +158,7 @@ class Problem:
     comm: Communicator = field(default_factory=Communicator)
     #: where the data came from (``sources.describe_source``), recorded in results
     origin: dict = field(default_factory=dict)
+    scale: float = 1.0
 
 
 def prepare(
@@ -174,22 +179,22 @@ def prepare(
     fixed_modes: Any = None,
 ) -> Problem:
     """Check the arguments of a fit and pick its kernel, chunking and process shard."""
-    source = as_source(data)
+    source = unscaled(as_source(data))  # a nested fit (a sweep's refinement) scales anew
     shape = check_shape(tuple(int(n) for n in source.shape))
+    whole = source
     comm = communicator(distributed, shape[0], natural_chunk_size(source) or 1)
     if comm.active:
         source = ShardSource(source, comm.lo, comm.hi)
     stored = dtype_name(source.dtype)
     n_iter_max, tol, sweeps = check_iterations(n_iter_max, tol, sweeps)
     compute = compute_dtype_for(stored, dtype)
+    # every process samples the whole data, so all pick the same scale
+    scale = choose_scale(whole, compute)
+    if scale != 1.0:
+        source = ScaledSource(source, scale)
     checkpoint_every = check_checkpoint_every(checkpoint_every)
     if checkpoint is not None and comm.rank == 0:  # before any pass: none is lost to it
-        folder = Path(checkpoint).parent
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"cannot write checkpoints to {checkpoint}: folder {folder} does not exist; "
-                "create it first"
-            )
+        check_output_file(checkpoint, "checkpoints")
     dev = check_device(device)
     kern = get_kernel(kernel, dev)
     settings = RunSettings(
@@ -212,7 +217,7 @@ def prepare(
         checkpoint_every=checkpoint_every,
         fixed_modes=check_fixed_modes(fixed_modes, len(shape)),
     )
-    return Problem(source, shape, stored, kern, dev, settings, comm, describe_source(data))
+    return Problem(source, shape, stored, kern, dev, settings, comm, describe_source(data), scale)
 
 
 # ---------------------------------------------------------------- dead components
@@ -414,6 +419,7 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
     a = problem.comm.gather_rows(state.a)
     mats = [a.to(torch.float64).cpu().numpy()] + [f.cpu().numpy() for f in state.resident]
     weights, factors = normalize_factors(mats)
+    weights = weights / problem.scale  # exact: a power of two
     metadata = {
         "shape": list(problem.shape),
         "rank": state.rank,

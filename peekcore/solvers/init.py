@@ -11,6 +11,7 @@ import torch
 from ..model import CPModel
 from ..sources import ChunkSource
 from .passes import check_not_all_zeros, gram_pass
+from .scaling import ScaledSource
 
 __all__ = ["Initializer"]
 
@@ -118,7 +119,9 @@ class Initializer:
                 f"the initial model has shape {model.shape} and rank {model.rank}; the data has "
                 f"shape {shape} and rank {rank} was asked"
             )
-        mats = [f * model.weights if i == 0 else f for i, f in enumerate(model.factors)]
+        # in the scale the data is read in (peekcore.solvers.scaling)
+        scale = self.source.scale if isinstance(self.source, ScaledSource) else 1.0
+        mats = [f * (model.weights * scale) if i == 0 else f for i, f in enumerate(model.factors)]
         if self.nonneg and any(np.any(m < 0) for m in mats):
             raise ValueError("a nonnegative fit needs a nonnegative initial model")
         return self._to_device(mats)

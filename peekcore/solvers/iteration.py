@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import NumericalError
 from ..kernels import ALS
 from ..kernels.base import PassStatistics
 from .passes import (
@@ -138,6 +139,17 @@ class StepResult:
     norm2: float | None = None
 
 
+def _overflowed(compute_dtype: torch.dtype, what: str) -> None:
+    """Refuse a fit whose numbers left the compute dtype, with the likely cause and the fix."""
+    name = str(compute_dtype).removeprefix("torch.")
+    raise NumericalError(
+        f"{what} overflowed {name} or became singular: the data is finite, but its samples "
+        f"differ in magnitude by more than {name} can hold in products of them (peekcore "
+        "rescales data by the magnitude of a few sampled samples); fit with dtype='float64', "
+        "or bring the samples to comparable magnitudes (e.g. normalize each)"
+    )
+
+
 def step(problem, stack: Stack, norm2: float | None) -> StepResult:
     """One pass over the data and the resident updates of every stacked model.
 
@@ -201,7 +213,7 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
             )
         if want_norm:
             n2 = float(n2)
-            check_finite(n2, base + offset, chunk.shape[0])
+            check_finite(n2, base + offset, chunk, settings.compute_dtype)
             total += n2
     comm = problem.comm
     comm.allreduce_(stats.t)  # a data-parallel fit sums its statistics here
@@ -212,6 +224,8 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
         check_not_all_zeros(norm2)
     t_all = stats.t.to(torch.float64).reshape((r_total, *dims))
     ata = stats.ata * mask
+    if want_norm and not bool(torch.isfinite(t_all).all() & torch.isfinite(ata).all()):
+        _overflowed(settings.compute_dtype, "the pass's statistics (A^T A, X x_0 A^T)")
     mttkrp = ResidentMTTKRP(t_all)
     for m in range(n_modes):
         if m + 1 in fixed and m < n_modes - 1:  # the last mode's MTTKRP gives <X, M> below
@@ -220,10 +234,14 @@ def step(problem, stack: Stack, norm2: float | None) -> StepResult:
         if m + 1 in fixed:
             continue
         gm = hadamard([ata] + [grams[k] for k in range(n_modes) if k != m])
-        if method == ALS:
-            stacked[m].copy_(als_solve(mt, with_noise_floor(gm, stats_dtype, *blocks), *blocks))
-        else:
-            stacked[m].copy_(kern.hals_update(stacked[m], mt, gm, settings.sweeps, stack.ranks))
+        try:
+            if method == ALS:
+                solved = als_solve(mt, with_noise_floor(gm, stats_dtype, *blocks), *blocks)
+            else:
+                solved = kern.hals_update(stacked[m], mt, gm, settings.sweeps, stack.ranks)
+        except torch.linalg.LinAlgError as err:
+            _overflowed(settings.compute_dtype, f"the update of mode {m + 1} ({err})")
+        stacked[m].copy_(solved)
         grams[m] = (stacked[m].T @ stacked[m]) * mask
     k_models = len(stack.ranks)
     dev = mask.device

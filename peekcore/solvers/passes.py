@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..kernels import PassKernel
 from ..kernels.base import PassStatistics
 from ..sources import ChunkSource
@@ -161,13 +162,36 @@ def check_nonnegative(x: torch.Tensor, offset: int) -> None:
         )
 
 
-def check_finite(norm2: float, offset: int, rows: int) -> None:
-    """Refuse a chunk whose sum of squares is NaN or Inf, naming its samples."""
-    if not math.isfinite(norm2):
-        raise ValueError(
-            f"the data holds NaN or Inf in samples {offset}..{offset + rows - 1}: clean or drop "
-            "those samples (e.g. np.nan_to_num) before fitting"
-        )
+def check_finite(
+    norm2: float, offset: int, chunk: torch.Tensor, compute_dtype: torch.dtype
+) -> None:
+    """Refuse a chunk whose sum of squares is NaN or Inf, naming the sample that holds them.
+
+    Finite data whose squares overflowed the compute dtype is told apart
+    (:func:`check_overflow`): it is not "NaN or Inf".
+
+    Parameters
+    ----------
+    norm2 : float
+        The chunk's ``||X_b||^2`` as the pass computed it.
+    offset : int
+        The whole data's index of the chunk's first sample.
+    chunk : torch.Tensor
+        ``b x ...`` the chunk as read.
+    compute_dtype : torch.dtype
+    """
+    if math.isfinite(norm2):
+        return
+    finite = torch.isfinite(chunk.reshape(chunk.shape[0], -1)).all(dim=1).cpu()
+    bad = torch.nonzero(~finite).flatten().tolist()
+    if not bad:
+        check_overflow(offset, chunk.shape[0], compute_dtype)
+    first = offset + bad[0]
+    others = f" (and {len(bad) - 1} more samples up to {offset + bad[-1]})" if len(bad) > 1 else ""
+    raise DataError(
+        f"the data holds NaN or Inf at sample {first}{others}: clean or drop those samples "
+        "(e.g. np.nan_to_num) before fitting"
+    )
 
 
 def check_not_all_zeros(norm2: float) -> None:
@@ -184,9 +208,10 @@ def check_overflow(offset: int, rows: int, compute_dtype: torch.dtype) -> None:
         if compute_dtype != torch.float64
         else "rescale the data (e.g. divide by its largest magnitude)"
     )
-    raise ValueError(
+    raise DataError(
         f"the sum of squares of samples {offset}..{offset + rows - 1} overflowed {name}: the "
-        f"data is finite, but too large to accumulate in {name}; {fix}"
+        f"data is finite, but too large to accumulate in {name} (peekcore rescales data by the "
+        f"magnitude of a few sampled samples, and these are far larger); {fix}"
     )
 
 
@@ -210,9 +235,7 @@ def gram_pass(
             check_nonnegative(x, offset)
         chunk_grams = [_mode_gram(x, m + 1) for m in range(d)]
         sq = float(torch.trace(chunk_grams[0]))  # ||X_b||^2: any mode's Gram trace
-        if not math.isfinite(sq) and bool(torch.all(torch.isfinite(chunk))):
-            check_overflow(offset, x.shape[0], compute_dtype)
-        check_finite(sq, offset, x.shape[0])
+        check_finite(sq, offset, chunk, compute_dtype)
         norm2 += sq
         for g, cg in zip(grams, chunk_grams, strict=True):
             g += cg
