@@ -299,7 +299,7 @@ def residual(
         rows = a[offset : offset + chunk.shape[0]]
         n2 = accumulate_given_rows(chunk.reshape(rows.shape[0], width), rows, stats, want_norm)
         if want_norm:
-            check_finite(n2, base + offset, chunk.shape[0])
+            check_finite(n2, base + offset, chunk, settings.compute_dtype)
             total += n2
     comm = problem.comm
     comm.allreduce_(stats.t)
