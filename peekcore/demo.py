@@ -304,11 +304,13 @@ def run_demo(
         for name in shown
         for layer in LAYERS
     }
+    importance = _importance_view(checkpoints, x_te.numpy(), y_te.numpy(), cfg, out, log)
     report = profile_report(
         profile,
         out / "report.html",
         title="peekcore demo: does layer rank track training quality? (digits CNN)",
         sweeps=sweeps,
+        more_sections=[importance] if importance is not None else [],
     )
     seconds = time.perf_counter() - t_start
     profile.seconds = seconds  # the whole experiment, training and report included
@@ -329,4 +331,55 @@ def run_demo(
             "report": time.perf_counter() - t_profiled,
             **{f"profile: {k}": v for k, v in profile.settings["seconds_by_step"].items()},
         },
+    )
+
+
+def _importance_view(checkpoints: list[dict], x_te, y_te, cfg: DemoConfig, out: Path, log) -> Any:
+    """What the well-trained network does with each component of its last layer's model.
+
+    The clean-label network of the first seed at its last epoch: its last
+    layer captured on the held-out digits, the model of it from the example
+    sweep (its chosen rank) or, without one, a nonnegative CP fit at the
+    largest rank swept, and :func:`peekcore.component_importance` of every
+    component. Returns the report section (class purity beside importance),
+    or None when no such network was trained.
+    """
+    from . import capture, ncp_hals
+    from .importance import component_importance
+    from .report import LayerSection, class_component_figure
+    from .report.importance_figures import importance_figure
+    from .sweep import RankSweep
+
+    layer, epoch = LAYERS[-1], max(cfg.epochs)
+    name = f"net{cfg.seed * cfg.n_networks}-noise0-e{epoch}"
+    found = [c["model"] for c in checkpoints if c["name"] == name]
+    if not found or epoch == 0:
+        return None
+    folder = out / "importance"
+    store = capture(
+        found[0], (x_te, y_te), layer, folder / f"{name}_{layer}.zarr", dtype="float32",
+        fold_spatial=True, overwrite=True, progress=False,
+    )  # fmt: skip
+    swept = out / "sweeps" / f"{name}_{layer}_sweep.npz"
+    if swept.exists():
+        cp = RankSweep.load(swept).model()
+    else:
+        kw = dict(n_iter_max=cfg.n_iter_max, tol=cfg.tol, random_state=cfg.seed, progress=False)
+        cp = ncp_hals(store[layer], max(cfg.ranks), **kw)
+    cp.save(folder / f"{name}_{layer}_model.npz")
+    imp = component_importance(found[0], layer, folder / f"{name}_{layer}_model.npz", (x_te, y_te),
+                               store=store)  # fmt: skip
+    imp.save(folder / f"{name}_{layer}_importance.npz")
+    log(
+        f"[demo] importance of {name}'s {layer} components: accuracy {imp.baseline_accuracy:.3f}, "
+        f"{imp.reconstruction_accuracy:.3f} with the rank-{cp.rank} model"
+    )
+    figs = out / "report_figures"
+    return LayerSection(
+        name=f"{layer} of {name}: what each component drives",
+        summary={"rank": cp.rank, "fit": cp.fit, **imp.summary()},
+        figures=[
+            class_component_figure(cp, y_te, figs / f"importance_{layer}_classes"),
+            importance_figure(imp, figs / f"importance_{layer}"),
+        ],
     )

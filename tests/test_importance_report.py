@@ -131,3 +131,34 @@ def test_modes_keep_only_without_labels(fitted):
     imp = component_importance(net, "1", tmp / "m.npz", torch.as_tensor(x), modes=["keep"])
     assert imp.modes == ("keep",) and imp.metadata["sample_factors"] == "project"
     assert np.isnan(imp.reconstruction_accuracy)
+
+
+@pytest.mark.slow
+def test_demo_importance_view(tmp_path):
+    """The demo's view: the clean network's last layer, class purity beside importance."""
+    from peekcore.demo import DemoConfig, _importance_view, _train_run
+
+    cfg = DemoConfig.small()
+    data = peekcore.datasets.digits()
+    x = torch.as_tensor(np.asarray(data.inputs)[:400], dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(data.labels)[:400], dtype=torch.int64)
+    net = _train_run(x[:300], y[:300], 0, [max(cfg.epochs)], cfg)[max(cfg.epochs)]
+    name = f"net0-noise0-e{max(cfg.epochs)}"
+    lines: list[str] = []
+    section = _importance_view(
+        [{"name": name, "model": net}],
+        x[300:].numpy(),
+        y[300:].numpy(),
+        cfg,
+        tmp_path,
+        lines.append,
+    )
+    assert [f.kind for f in section.figures] == ["class_component", "importance"]
+    imp = ComponentImportance.load(tmp_path / "importance" / f"{name}_act3_importance.npz")
+    assert imp.rank == max(cfg.ranks) and imp.n_classes == 10 and imp.n_samples == 100
+    assert imp.metadata["sample_factors"] == "model" and imp.metadata["fold_spatial"] is True
+    with torch.no_grad():
+        acc = float((net(x[300:]).argmax(1) == y[300:]).float().mean())
+    assert imp.baseline_accuracy == pytest.approx(acc)
+    assert section.summary["baseline_accuracy"] == imp.baseline_accuracy and len(lines) == 1
+    assert _importance_view([], x.numpy(), y.numpy(), cfg, tmp_path, lines.append) is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,7 @@ def profile_report(
     *,
     title: str | None = None,
     sweeps: Mapping[tuple[str, str], Any] | None = None,
+    more_sections: Sequence[Any] = (),
 ) -> Path:
     """One HTML report of a rank profile: the verdict on top, the figure, the tables.
 
@@ -259,6 +260,8 @@ def profile_report(
     sweeps : dict, optional
         ``(checkpoint, layer) -> RankSweep`` or its file: example sweeps drawn
         in each layer's section.
+    more_sections : sequence of LayerSection, optional
+        More sections, shown after the layers' (e.g. the demo's importance view).
 
     Returns
     -------
@@ -310,7 +313,7 @@ def profile_report(
             **profile.settings,
             "seconds": round(profile.seconds, 1),
         },
-        layers=sections,
+        layers=[*sections, *more_sections],
         figures=[main],
         notes=notes,
     )
