@@ -497,6 +497,11 @@ def _info(args: argparse.Namespace) -> dict:
         }
     if kind == "peekcore.checkpoint":
         return {"kind": "checkpoint", "iteration": header["iteration"], "key": header["key"]}
+    if kind == "peekcore.ComponentImportance":
+        from .importance import ComponentImportance
+
+        imp = ComponentImportance.load(p)
+        return {"kind": "component importance", **imp.summary(), "table": imp.table()}
     raise ValueError(f"{p}: unknown peekcore file format {kind!r}")
 
 

@@ -243,6 +243,17 @@ def _check_labels(labels: Any, n: int) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
+def _in_range(labels: np.ndarray, logits: torch.Tensor) -> np.ndarray:
+    """``labels``, refused unless every one indexes one of the network's classes."""
+    k = int(logits.shape[2])
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise InvalidArgumentError(
+            f"labels must be class indices 0..{k - 1} (the network gives {k} logits); got "
+            f"values from {labels.min()} to {labels.max()}"
+        )
+    return labels
+
+
 def component_importance(
     model: nn.Module,
     layer: str,
@@ -352,7 +363,7 @@ def component_importance(
             rows = cp.factors[0][offset : offset + b] if use_rows else None
             logits = setup.runner.logits(x, rows, keep_x, coefs)
             lab = given[offset : offset + b] if given is not None else y
-            acc.add(logits, None if lab is None else _check_labels(lab, b))
+            acc.add(logits, None if lab is None else _in_range(_check_labels(lab, b), logits))
     meta = {
         **{k: v for k, v in setup.settings.items() if k != "select" or not callable(v)},
         "sample_factors": "model" if use_rows else "project",

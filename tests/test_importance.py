@@ -340,6 +340,8 @@ def test_bad_input(rng):
         component_importance(net, "feat", cp, z[:47], sample_factors="model")
     with pytest.raises(InvalidArgumentError, match=r"labels must be one class index per sample"):
         component_importance(net, "feat", cp, z, labels=np.zeros(3, int))
+    with pytest.raises(InvalidArgumentError, match=r"class indices 0..2 \(the network gives 3"):
+        component_importance(net, "feat", cp, z, labels=np.full(N, 3))
     with pytest.raises(InvalidArgumentError, match="logits of shape"):
         component_importance(nn.Sequential(net, nn.Flatten(0)), "0.feat", cp, z)
     with pytest.raises(InvalidArgumentError, match="exactly one of"):
@@ -383,3 +385,41 @@ def test_skip_connection_around_the_layer(rng):
         )
     pnet, pz, pcp = planted(rng)  # a plain sequence of layers
     assert component_importance(pnet, "feat", pcp, pz).metadata["stacked_after_layer"] is True
+
+
+class Pair(nn.Module):
+    """A layer whose output is a tuple or dict holding the activation (``select=``)."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> object:
+        extra = x.sum(dim=(1, 2))
+        return {"extra": extra, "acts": x} if self.as_dict else (x, extra)
+
+
+class Selected(nn.Module):
+    def __init__(self, planted: Planted, as_dict: bool) -> None:
+        super().__init__()
+        self.planted = planted
+        self.layer = Pair(as_dict)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.planted
+        out = self.layer(p.feat((z @ p.pattern).reshape(-1, C, S)))
+        acts, extra = (out["acts"], out["extra"]) if isinstance(out, dict) else out
+        return p.head(p.act(acts).flatten(1)) + extra[:, None]
+
+
+@pytest.mark.parametrize("select", [0, "acts"])
+def test_select_puts_the_edit_back(rng, select):
+    net, z, cp = planted(rng)
+    sel = Selected(net, as_dict=select == "acts")
+    kw = {"select": select, "layout": "channels_first", "sample_factors": "model"}
+    kept = edited_outputs(sel, "layer", cp, z, keep=[1], **kw)
+    part = torch.tensor(CPModel(np.ones(1), [f[:, 1:2] for f in cp.factors]).reconstruct())
+    x = layer_values(net, "feat", z)
+    extra = x.double().sum(dim=(1, 2))[:, None].numpy()  # from before the edit: unchanged
+    want = outputs_with(net, "feat", z, part) + extra
+    np.testing.assert_allclose(kept, want, rtol=1e-5, atol=1e-4)

@@ -85,6 +85,8 @@ def test_cli_importance_and_report(fitted, capsys):
         "--out",
         str(tmp / "imp.npz"),
     )
+    info = run(capsys, "info", str(tmp / "imp.npz"))
+    assert info["kind"] == "component importance" and len(info["table"]) == 3
     saved = ComponentImportance.load(tmp / "imp.npz")
     direct = component_importance(net, "1", tmp / "m.npz", x, labels=y, store=store)
     for mode in direct.modes:
