@@ -30,10 +30,10 @@ from .figures import (
     class_component_figure,
     component_figure,
     component_figures,
-    rank_sweep_figure,
-    training_quality_figure,
 )
 from .html import LayerSection, write_report
+from .quality_figure import training_quality_figure
+from .sweep_figure import rank_sweep_figure
 
 __all__ = [
     "FigureOutput",

@@ -1,4 +1,7 @@
-"""Figures from result files: rank sweep, components, classes x components, training quality.
+"""Figures from result files: components, classes x components; the plumbing all figures share.
+
+The rank-sweep figure is in :mod:`.sweep_figure`, the training-quality one in
+:mod:`.quality_figure`.
 
 Every function takes a loaded result or the path of its file (``CPModel.save``,
 ``RankSweep.save``), never live solver state, and writes the same figure as
@@ -14,7 +17,6 @@ registry, no network, only matplotlib's own fonts.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +34,6 @@ from ._common import (
     component_scores,
     label_names,
     load_model,
-    load_sweep,
     spatial_maps,
     top_samples,
     write_file,
@@ -43,12 +44,8 @@ __all__ = [
     "class_component_figure",
     "component_figure",
     "component_figures",
-    "rank_sweep_figure",
-    "training_quality_figure",
 ]
 
-#: Keys every record of :func:`training_quality_figure` needs.
-RECORD_KEYS = ("layer", "checkpoint", "accuracy", "rank")
 _DPI = 110
 _CHOSEN = "#d62728"
 
@@ -131,163 +128,6 @@ def _integer_ticks(ax, y: bool = False) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-# ---------------------------------------------------------------------- rank sweep
-
-
-def rank_sweep_figure(
-    sweep_or_path: Any,
-    out_stem: str | os.PathLike,
-    *,
-    title: str | None = None,
-    dpi: int = _DPI,
-) -> FigureOutput:
-    """Fit, core consistency and stability against rank, the chosen rank marked.
-
-    Parameters
-    ----------
-    sweep_or_path : RankSweep or path-like
-        A sweep of ``K`` ranks with ``P`` replicates each, or its ``.npz`` file.
-    out_stem : path-like
-        Output path without suffix; ``.png`` and ``.svg`` are written (folders
-        are created).
-    title : str, optional
-        Default names the method, the replicates and the chosen rank.
-    dpi : int
-        PNG resolution.
-
-    Returns
-    -------
-    FigureOutput
-        Tables ``"ranks"`` (``K`` rows: the best replicate's scores and the
-        rank's stability, as :meth:`RankSweep.table`) and ``"replicates"``
-        (``K * P`` rows).
-    """
-    sweep = load_sweep(sweep_or_path)
-    ranks = np.asarray(sweep.ranks)
-    n_ranks, n_rep = sweep.fit.shape
-    best = np.asarray(sweep.best, dtype=np.int64)
-    idx = np.arange(n_ranks)
-    chosen = sweep.chosen_rank
-    title = title or (
-        f"Rank sweep ({sweep.method}, {n_rep} replicate{'s' if n_rep > 1 else ''}): "
-        f"chosen rank {chosen}"
-    )
-    fig = _new_figure((11.5, 3.8))
-    ax_fit, ax_cc, ax_st = fig.subplots(1, 3, sharex=True)
-
-    # fit: every replicate as a dot, the best replicate as a line
-    rep_x = np.repeat(ranks, n_rep)
-    ax_fit.scatter(rep_x, sweep.fit.ravel(), s=12, color="0.6", label="replicates", zorder=2)
-    ax_fit.plot(ranks, sweep.fit[idx, best], "o-", color="C0", label="fit (best)", zorder=3)
-    ax_fit.plot(
-        ranks,
-        sweep.explained_variance[idx, best],
-        "s--",
-        color="C2",
-        ms=4,
-        label="explained variance",
-        zorder=3,
-    )
-    ax_fit.set_title("Fit")
-    ax_fit.set_ylabel("fit, explained variance")
-
-    # core consistency: clip very negative values to a floor, shown as down triangles
-    cc = np.asarray(sweep.corcondia, dtype=np.float64)
-    finite = cc[np.isfinite(cc)]
-    low = float(np.min(finite)) if finite.size else 0.0
-    floor = min(-5.0, max(low - 5.0, -105.0))
-    clipped = cc < floor
-    ax_cc.scatter(rep_x, np.where(clipped, floor, cc).ravel(), s=12, color="0.6", zorder=2)
-    best_cc = cc[idx, best]
-    ax_cc.plot(ranks, np.maximum(best_cc, floor), "o-", color="C1", label="best replicate")
-    if clipped.any():
-        ax_cc.scatter(
-            rep_x[clipped.ravel()],
-            np.full(int(clipped.sum()), floor),
-            marker="v",
-            color="k",
-            s=24,
-            zorder=4,
-            label=f"below {floor:.0f}",
-        )
-    ax_cc.axhline(0, color="0.8", lw=0.8, zorder=1)
-    ax_cc.set_ylim(floor - 5, 105)
-    ax_cc.set_title("Core consistency (CORCONDIA)")
-    ax_cc.set_ylabel("core consistency (%)")
-
-    # stability: factor match among replicates that reached the best fit
-    stab = np.asarray(sweep.stability, dtype=np.float64)
-    ax_st.plot(
-        ranks,
-        np.asarray(sweep.reached_best),
-        "s--",
-        color="C4",
-        ms=4,
-        label="share reaching best fit",
-    )
-    if np.isfinite(stab).any():
-        ax_st.plot(ranks, stab, "o-", color="C3", label="stability (FMS)")
-    else:
-        ax_st.text(
-            0.5,
-            0.5,
-            "stability needs replicates > 1",
-            transform=ax_st.transAxes,
-            ha="center",
-            va="center",
-            color="0.4",
-        )
-    ax_st.set_ylim(-0.05, 1.05)
-    ax_st.set_title("Stability")
-    ax_st.set_ylabel("score")
-
-    for ax in (ax_fit, ax_cc, ax_st):
-        ax.axvline(chosen, color=_CHOSEN, ls=":", lw=1.5, zorder=1)
-        ax.set_xlabel("rank")
-        ax.grid(alpha=0.25)
-        _integer_ticks(ax)
-    ax_fit.plot([], [], color=_CHOSEN, ls=":", label=f"chosen rank {chosen}")
-    k = sweep.ranks.index(chosen) if chosen in sweep.ranks else None
-    if k is not None:
-        ax_fit.plot(chosen, sweep.fit[k, best[k]], "*", color=_CHOSEN, ms=13, zorder=5)
-        ax_cc.plot(chosen, max(best_cc[k], floor), "*", color=_CHOSEN, ms=13, zorder=5)
-    for ax in (ax_fit, ax_cc, ax_st):
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
-
-    replicates = []
-    for kk, r in enumerate(sweep.ranks):
-        for p in range(n_rep):
-            m = sweep.models[kk][p]
-            replicates.append(
-                {
-                    "rank": int(r),
-                    "replicate": p,
-                    "fit": float(sweep.fit[kk, p]),
-                    "explained_variance": float(sweep.explained_variance[kk, p]),
-                    "corcondia": float(sweep.corcondia[kk, p]),
-                    "degeneracy": float(sweep.degeneracy[kk, p]),
-                    "n_iter": m.history.n_iter,
-                    "converged": m.history.converged,
-                    "best": p == int(best[kk]),
-                }
-            )
-    return FigureOutput(
-        kind="rank_sweep",
-        title=title,
-        png=png,
-        svg=svg,
-        tables={"ranks": sweep.table(), "replicates": replicates},
-        caption=(
-            "Fit and explained variance (higher is better), core consistency (near 100 "
-            "means a valid trilinear structure) and stability (do replicates find the same "
-            f"components?) against rank. {sweep.choice_reason}"
-        ),
-        stats={"chosen_rank": chosen, "choice_reason": sweep.choice_reason},
-    )
-
-
 # ---------------------------------------------------------------------- components
 
 
@@ -345,6 +185,148 @@ def _upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def _component_data(
+    model: Any,
+    images: Any,
+    r: int,
+    top_k: int,
+    labels: Any,
+    class_names: Any,
+    spatial_shape: Sequence[int] | None,
+) -> dict[str, Any]:
+    """What a component figure shows, computed before drawing: top samples, map, tables."""
+    n = model.shape[0]
+    check_int(top_k, "top_k", purpose=" (samples to show)")
+    images, layout, img_hw = _image_layout(images, n)
+    names = None
+    if labels is not None:
+        labels = check_labels(labels, n)
+        classes = np.unique(labels)
+        names = dict(zip(classes.tolist(), label_names(classes, class_names), strict=True))
+    scores, signed = component_scores(model)
+    top = top_samples(scores, r, top_k)
+    maps = spatial_maps(model, spatial_shape)
+    a, b = model.factors[0][:, r], model.factors[1][:, r]
+    order_b = np.argsort(-(np.abs(b) if signed else b), kind="stable")
+    top_rows = []
+    for pos, i in enumerate(top):
+        row = {"position": pos + 1, "sample": int(i), "A": float(a[i])}
+        if names is not None:
+            row["label"] = names[labels[i].item()]
+        top_rows.append(row)
+    tables: dict[str, list[dict]] = {
+        "top_samples": top_rows,
+        "top_channels": [{"channel": int(c), "loading": float(b[c])} for c in order_b[:10]],
+    }
+    stats: dict[str, Any] = {"component": r, "weight": float(model.weights[r]), "signed": signed}
+    m = None if maps is None else maps[r]
+    if m is not None:
+        tables["spatial_map"] = [
+            {"y": y, **{f"x{x}": float(m[y, x]) for x in range(m.shape[1])}}
+            for y in range(m.shape[0])
+        ]
+        peak = np.unravel_index(int(np.argmax(np.abs(m) if signed else m)), m.shape)
+        stats["peak_yx"] = [int(peak[0]), int(peak[1])]
+    return {
+        "images": images,
+        "layout": layout,
+        "img_hw": img_hw,
+        "names": names,
+        "labels": labels,
+        "scores": scores[:, r],
+        "signed": signed,
+        "top": top,
+        "map": m,
+        "a": a,
+        "b": b,
+        "order_b": order_b,
+        "tables": tables,
+        "stats": stats,
+    }
+
+
+def _map_colors(m: np.ndarray, signed: bool) -> tuple[str, float, float]:
+    """Colour map and limits of a spatial map: diverging around 0 when signed."""
+    if signed:
+        vmax = float(np.max(np.abs(m))) or 1.0
+        return "RdBu_r", -vmax, vmax
+    vmin, vmax = float(np.min(m)), float(np.max(m))
+    return "viridis", vmin, (vmax if vmax > vmin else vmin + 1.0)
+
+
+def _draw_top_samples(panel, d: dict[str, Any], alpha: float) -> None:
+    """The top images in grey, the upsampled spatial map over each as contour lines.
+
+    Contours leave the image itself untouched (a colour wash hid 8 x 8 digits);
+    ``alpha`` is the opacity of the lines.
+    """
+    top = d["top"]
+    ncols = math.ceil(math.sqrt(len(top)))
+    nrows = math.ceil(len(top) / ncols)
+    grid = np.atleast_1d(panel.subplots(nrows, ncols, squeeze=False)).ravel()
+    heat = None
+    if d["map"] is not None:
+        cmap, vmin, vmax = _map_colors(d["map"], d["signed"])
+        heat = _upsample(d["map"], d["img_hw"])
+        levels = np.linspace(vmin, vmax, 6)[1:-1]  # four levels inside the map's range
+    for ax, i in zip(grid, top, strict=False):
+        img = _image(d["images"], i, d["layout"])
+        ax.imshow(
+            img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
+        )
+        if heat is not None and np.ptp(heat) > 0:
+            ax.contour(
+                heat,
+                levels=levels,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                linewidths=1.2,
+                alpha=min(1.0, alpha * 2),
+            )
+        caption = f"#{int(i)}  A={d['a'][i]:.3g}"
+        if d["names"] is not None:
+            caption += f"\n{d['names'][d['labels'][i].item()]}"
+        ax.set_title(caption, fontsize=8)
+    for ax in grid:
+        ax.set_axis_off()
+    what = "|A|" if d["signed"] else "A"
+    contours = "; contours: the spatial factor" if heat is not None else ""
+    panel.suptitle(f"The {len(top)} samples with the largest {what}{contours}", fontsize=11)
+
+
+def _draw_factors(panel, d: dict[str, Any]) -> None:
+    """The spatial map, the channel loadings and the sorted sample factor."""
+    ax_map, ax_b, ax_a = panel.subplots(3, 1, height_ratios=[1.6, 1, 1])
+    m, b, signed = d["map"], d["b"], d["signed"]
+    if m is not None:
+        cmap, vmin, vmax = _map_colors(m, signed)
+        im = ax_map.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        panel.colorbar(im, ax=ax_map, shrink=0.9)
+        ax_map.set_title(f"Spatial factor ({m.shape[0]} x {m.shape[1]})", fontsize=10)
+        ax_map.set_xlabel("x")
+        ax_map.set_ylabel("y")
+        _integer_ticks(ax_map, y=True)
+    else:
+        ax_map.text(0.5, 0.5, "no spatial mode", ha="center", va="center", color="0.4")
+        ax_map.set_axis_off()
+    ax_b.bar(np.arange(b.shape[0]), b, width=1.0, color="C0")
+    for c in d["order_b"][:3]:
+        ax_b.annotate(
+            str(int(c)), (c, b[c]), fontsize=7, ha="center", va="bottom" if b[c] >= 0 else "top"
+        )
+    ax_b.set_title("Channel loadings B[:, r]", fontsize=10)
+    ax_b.set_xlabel("channel")
+    ax_b.set_xlim(-0.5, b.shape[0] - 0.5)
+    a, top = d["a"], d["top"]
+    order_a = np.argsort(-d["scores"], kind="stable")
+    ax_a.plot(np.arange(a.shape[0]), a[order_a], color="C2", lw=1)
+    ax_a.plot(np.arange(len(top)), a[top], "o", color=_CHOSEN, ms=3, label=f"top {len(top)}")
+    ax_a.set_title(f"Sample factor A[:, r], sorted by {'|A|' if signed else 'A'}", fontsize=10)
+    ax_a.set_xlabel("samples (sorted)")
+    ax_a.legend(fontsize=7)
+
+
 def component_figure(
     model_or_path: Any,
     images: Any,
@@ -359,14 +341,14 @@ def component_figure(
     title: str | None = None,
     dpi: int = _DPI,
 ) -> FigureOutput:
-    """One component: its top-k images with the spatial factor laid over, and its loadings.
+    """One component: its top-k images with the spatial factor as contours, and its loadings.
 
     The top-k samples are the ``k`` largest entries of ``A[:, r]`` for a
     nonnegative model, of ``|A[:, r]|`` otherwise. The spatial map (``outer(C[:, r],
     D[:, r])`` for a 4-way model, ``C[:, r]`` reshaped to ``spatial_shape`` for
     a 3-way one) is upsampled bilinearly to the image size and drawn over each
-    image with transparency ``alpha``; beside them are the map itself, the
-    channel loadings ``B[:, r]`` and the sorted sample factor.
+    grey image as contour lines, so the image stays visible; beside them are
+    the map itself, the channel loadings ``B[:, r]`` and the sorted sample factor.
 
     Parameters
     ----------
@@ -391,7 +373,7 @@ def component_figure(
     class_names : sequence or mapping, optional
         Display names of the labels.
     alpha : float
-        Opacity of the heatmap over the images.
+        Opacity of the contour lines is ``min(1, 2 * alpha)``.
     title : str, optional
     dpi : int
 
@@ -403,114 +385,28 @@ def component_figure(
     """
     model = load_model(model_or_path)
     r = check_component(model, component)
-    n = model.shape[0]
-    check_int(top_k, "top_k", purpose=" (samples to show)")
-    images, layout, img_hw = _image_layout(images, n)
-    names = None
-    if labels is not None:
-        labels = check_labels(labels, n)
-        classes = np.unique(labels)
-        names = dict(zip(classes.tolist(), label_names(classes, class_names), strict=True))
-    scores, signed = component_scores(model)
-    top = top_samples(scores, r, top_k)
-    maps = spatial_maps(model, spatial_shape)
-    a = model.factors[0][:, r]
-    b = model.factors[1][:, r]
-    weight = float(model.weights[r])
+    d = _component_data(model, images, r, top_k, labels, class_names, spatial_shape)
+    weight = d["stats"]["weight"]
     title = title or f"Component {r} of {model.rank} (weight {weight:.4g})"
-
     fig = _new_figure((12.5, 6.4))
     left, right = fig.subfigures(1, 2, width_ratios=[1.2, 1.0])
-    ncols = math.ceil(math.sqrt(len(top)))
-    nrows = math.ceil(len(top) / ncols)
-    grid = np.atleast_1d(left.subplots(nrows, ncols, squeeze=False)).ravel()
-    heat = cmap = None
-    vmin = vmax = None
-    if maps is not None:
-        m = maps[r]
-        if signed:
-            cmap = "RdBu_r"
-            vmax = float(np.max(np.abs(m))) or 1.0
-            vmin = -vmax
-        else:
-            cmap = "turbo"
-            vmin, vmax = float(np.min(m)), float(np.max(m))
-            vmax = vmax if vmax > vmin else vmin + 1.0
-        heat = _upsample(m, img_hw)
-    for ax, i in zip(grid, top, strict=False):
-        img = _image(images, i, layout)
-        ax.imshow(
-            img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
-        )
-        if heat is not None:
-            ax.imshow(heat, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, interpolation="bilinear")
-        caption = f"#{int(i)}  A={a[i]:.3g}"
-        if names is not None:
-            caption += f"\n{names[labels[i].item()]}"
-        ax.set_title(caption, fontsize=8)
-    for ax in grid:
-        ax.set_axis_off()
-    left.suptitle(f"Top {len(top)} samples by {'|A|' if signed else 'A'}, spatial factor over")
-
-    ax_map, ax_b, ax_a = right.subplots(3, 1, height_ratios=[1.6, 1, 1])
-    if maps is not None:
-        im = ax_map.imshow(maps[r], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        right.colorbar(im, ax=ax_map, shrink=0.9)
-        ax_map.set_title(f"Spatial factor ({maps.shape[1]} x {maps.shape[2]})", fontsize=10)
-        ax_map.set_xlabel("x")
-        ax_map.set_ylabel("y")
-        _integer_ticks(ax_map, y=True)
-    else:
-        ax_map.text(0.5, 0.5, "no spatial mode", ha="center", va="center", color="0.4")
-        ax_map.set_axis_off()
-    channels = np.arange(b.shape[0])
-    ax_b.bar(channels, b, width=1.0, color="C0")
-    order_b = np.argsort(-(np.abs(b) if signed else b), kind="stable")
-    for c in order_b[:3]:
-        ax_b.annotate(
-            str(int(c)), (c, b[c]), fontsize=7, ha="center", va="bottom" if b[c] >= 0 else "top"
-        )
-    ax_b.set_title("Channel loadings B[:, r]", fontsize=10)
-    ax_b.set_xlabel("channel")
-    ax_b.set_xlim(-0.5, b.shape[0] - 0.5)
-    order_a = np.argsort(-scores[:, r], kind="stable")
-    ax_a.plot(np.arange(n), a[order_a], color="C2", lw=1)
-    ax_a.plot(np.arange(len(top)), a[top], "o", color=_CHOSEN, ms=3, label=f"top {len(top)}")
-    ax_a.set_title(f"Sample factor A[:, r], sorted by {'|A|' if signed else 'A'}", fontsize=10)
-    ax_a.set_xlabel("samples (sorted)")
-    ax_a.legend(fontsize=7)
+    _draw_top_samples(left, d, alpha)
+    _draw_factors(right, d)
     fig.suptitle(title)
     png, svg = _write(fig, out_stem, dpi)
-
-    top_rows = []
-    for pos, i in enumerate(top):
-        row = {"position": pos + 1, "sample": int(i), "A": float(a[i])}
-        if names is not None:
-            row["label"] = names[labels[i].item()]
-        top_rows.append(row)
-    chan_rows = [{"channel": int(c), "loading": float(b[c])} for c in order_b[:10]]
-    stats: dict[str, Any] = {"component": r, "weight": weight, "signed": signed}
-    tables: dict[str, list[dict]] = {"top_samples": top_rows, "top_channels": chan_rows}
-    if maps is not None:
-        m = maps[r]
-        tables["spatial_map"] = [
-            {"y": y, **{f"x{x}": float(m[y, x]) for x in range(m.shape[1])}}
-            for y in range(m.shape[0])
-        ]
-        peak = np.unravel_index(int(np.argmax(np.abs(m) if signed else m)), m.shape)
-        stats["peak_yx"] = [int(peak[0]), int(peak[1])]
     return FigureOutput(
         kind="component",
         title=title,
         png=png,
         svg=svg,
-        tables=tables,
+        tables=d["tables"],
         caption=(
-            f"The {len(top)} samples that express component {r} most, with its spatial "
-            "factor (upsampled) over them; its channel loadings; its sample factor, sorted."
+            f"The {len(d['top'])} samples that express component {r} most, with contour lines "
+            "of its spatial factor (upsampled) over them; its channel loadings; its sample "
+            "factor, sorted."
         ),
         component=r,
-        stats=stats,
+        stats=d["stats"],
     )
 
 
@@ -664,167 +560,4 @@ def class_component_figure(
             f"each component's top {k} samples in its dominant class (top)."
         ),
         stats={"top_k": k, "mean_purity": float(purity.mean()), "n_classes": int(n_cls)},
-    )
-
-
-# ---------------------------------------------------------------------- training quality
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    from scipy.stats import spearmanr
-
-    n = int(x.size)
-    if n < 3:
-        return {"rho": math.nan, "p_value": math.nan, "n": n, "note": "fewer than 3 points"}
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {"rho": math.nan, "p_value": math.nan, "n": n, "note": "constant values"}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        res = spearmanr(x, y)
-    return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": n, "note": ""}
-
-
-def _check_records(records: Any) -> list[dict]:
-    if isinstance(records, dict) or not isinstance(records, Sequence) or not records:
-        raise ValueError(
-            "records must be a non-empty list of dicts with keys layer, checkpoint, accuracy "
-            "and rank (one per layer and checkpoint)"
-        )
-    out, seen = [], set()
-    for i, rec in enumerate(records):
-        if not hasattr(rec, "keys"):
-            raise TypeError(f"record {i} is a {type(rec).__name__}, not a dict")
-        missing = [k for k in RECORD_KEYS if k not in rec]
-        if missing:
-            raise ValueError(
-                f"record {i} lacks {missing}: each record needs {list(RECORD_KEYS)}, e.g. "
-                "{'layer': 'layer3', 'checkpoint': 10, 'accuracy': 0.71, 'rank': 12}"
-            )
-        try:
-            acc, rank = float(rec["accuracy"]), float(rec["rank"])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"record {i}: accuracy and rank must be numbers ({err})") from err
-        if not (math.isfinite(acc) and math.isfinite(rank)):
-            raise ValueError(f"record {i}: accuracy and rank must be finite, got {acc}, {rank}")
-        key = (str(rec["layer"]), rec["checkpoint"])
-        if key in seen:
-            raise ValueError(f"record {i} repeats layer {key[0]!r} at checkpoint {key[1]!r}")
-        seen.add(key)
-        out.append(
-            {
-                "layer": key[0],
-                "checkpoint": rec["checkpoint"],
-                "accuracy": acc,
-                "rank": int(rank) if rank == round(rank) else rank,
-            }
-        )
-    return out
-
-
-def training_quality_figure(
-    records: Sequence[dict],
-    out_stem: str | os.PathLike,
-    *,
-    title: str | None = None,
-    dpi: int = _DPI,
-) -> FigureOutput:
-    """Chosen rank per layer against test accuracy across checkpoints, with Spearman's rho.
-
-    Parameters
-    ----------
-    records : list of dict
-        One per (layer, checkpoint): ``{"layer": str, "checkpoint": int or str,
-        "accuracy": float, "rank": int}``. Checkpoints keep their first-seen order,
-        or numeric order when all are numbers.
-    out_stem : path-like
-        Output path without suffix.
-    title : str, optional
-    dpi : int
-
-    Returns
-    -------
-    FigureOutput
-        Tables ``"records"`` and ``"spearman"`` (one row per layer and one for
-        all layers pooled: ``rho``, ``p_value``, ``n``); ``stats["spearman"]``
-        maps each layer (and ``"all layers"``) to the same numbers. Rho is nan
-        with fewer than 3 points or a constant series.
-    """
-    recs = _check_records(records)
-    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in recs))
-    if all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in checkpoints):
-        checkpoints.sort()
-    pos = {c: i for i, c in enumerate(checkpoints)}
-    layers = list(dict.fromkeys(r["layer"] for r in recs))
-    recs.sort(key=lambda r: (layers.index(r["layer"]), pos[r["checkpoint"]]))
-    corr: dict[str, dict] = {}
-    for layer in layers:
-        rs = [r for r in recs if r["layer"] == layer]
-        corr[layer] = _spearman(
-            np.array([r["accuracy"] for r in rs]),
-            np.array([r["rank"] for r in rs], dtype=np.float64),
-        )
-    overall = _spearman(
-        np.array([r["accuracy"] for r in recs]),
-        np.array([r["rank"] for r in recs], dtype=np.float64),
-    )
-
-    def rho_text(c: dict) -> str:
-        if not math.isfinite(c["rho"]):
-            return f"rho n/a ({c['note']})"
-        return f"rho = {c['rho']:.2f} (p = {c['p_value']:.2g}, n = {c['n']})"
-
-    title = title or f"Chosen rank vs test accuracy: Spearman {rho_text(overall)}"
-    fig = _new_figure((12.0, 4.4))
-    ax_t, ax_s = fig.subplots(1, 2)
-    ax_acc = ax_t.twinx()
-    acc_by_ckpt = [
-        np.mean([r["accuracy"] for r in recs if r["checkpoint"] == c]) for c in checkpoints
-    ]
-    ax_acc.plot(np.arange(len(checkpoints)), acc_by_ckpt, "k--", marker="x", label="test accuracy")
-    ax_acc.set_ylabel("test accuracy")
-    for j, layer in enumerate(layers):
-        rs = [r for r in recs if r["layer"] == layer]
-        x = [pos[r["checkpoint"]] for r in rs]
-        ranks = [r["rank"] for r in rs]
-        accs = [r["accuracy"] for r in rs]
-        color = f"C{j % 10}"
-        ax_t.plot(x, ranks, "o-", color=color, label=layer)
-        ax_s.plot(accs, ranks, "-", color=color, alpha=0.35)
-        ax_s.scatter(accs, ranks, color=color, label=f"{layer}: {rho_text(corr[layer])}", zorder=3)
-    ax_t.set_xticks(
-        np.arange(len(checkpoints)),
-        [str(c) for c in checkpoints],
-        rotation=45 if len(checkpoints) > 8 else 0,
-        fontsize=8,
-    )
-    ax_t.set_xlabel("checkpoint")
-    ax_t.set_ylabel("chosen rank")
-    ax_t.set_title("Chosen rank per layer across checkpoints")
-    h1, l1 = ax_t.get_legend_handles_labels()
-    h2, l2 = ax_acc.get_legend_handles_labels()
-    ax_t.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-    ax_s.set_xlabel("test accuracy")
-    ax_s.set_ylabel("chosen rank")
-    ax_s.set_title("Rank against accuracy (lines follow checkpoints)")
-    ax_s.legend(fontsize=7, loc="best")
-    for ax in (ax_t, ax_s):
-        ax.grid(alpha=0.25)
-    fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
-
-    corr_all = {**corr, "all layers": overall}
-    return FigureOutput(
-        kind="training_quality",
-        title=title,
-        png=png,
-        svg=svg,
-        tables={
-            "records": recs,
-            "spearman": [{"layer": name, **c} for name, c in corr_all.items()],
-        },
-        caption=(
-            "Left: the rank chosen for each layer at each checkpoint, and the test accuracy "
-            "(dashed). Right: rank against accuracy, with Spearman's rank correlation per "
-            "layer and over all layers pooled."
-        ),
-        stats={"spearman": corr_all},
     )
