@@ -328,110 +328,53 @@ def _importance(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace) -> dict:
     if len(args.results) == 1 and _is_profile(args.results[0]):
         return _profile_report(args)
-    from . import report
-    from .report._common import _file_format, load_result
-    from .report.importance_figures import importance_sections
-    from .sweep import RankSweep
+    from .report.assemble import build_report
 
     out = check_output_file(args.out, "the report (--out)", make_folder=True)
     figs = out.parent / (out.stem + "_figures")
     check_output_file(figs / "figure.png", f"figures (in {figs})", make_folder=True)
-    images = np.load(args.images) if args.images else None
-    labels = np.load(args.labels) if args.labels else None
-    paths = [Path(path) for path in args.results]
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"no such result file: {p}")
-    importances = [p for p in paths if _file_format(p) == "peekcore.ComponentImportance"]
-    paths = [p for p in paths if p not in importances]
-    results = [load_result(p) for p in paths]  # every file checked before anything is written
-    names = section_names(paths)
-    stems = _file_stems(names)
-    figs.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for p, result, section, name in zip(paths, results, names, stems, strict=True):
-        figures, components = [], []
-        model = result.model() if isinstance(result, RankSweep) else result
-        if isinstance(result, RankSweep):
-            figures.append(report.rank_sweep_figure(result, figs / f"{name}_sweep"))
-        if labels is not None:
-            figures.append(report.class_component_figure(model, labels, figs / f"{name}_classes"))
-        if images is not None:
-            for r in range(min(model.rank, args.components)):
-                components.append(
-                    report.component_figure(
-                        model,
-                        images,
-                        r,
-                        out_stem=figs / f"{name}_c{r}",
-                        labels=labels,
-                        spatial_shape=_spatial(args, model),
-                    )
-                )
-        summary = {"file": str(p), "shape": list(model.shape), "rank": model.rank, "fit": model.fit}
-        sections.append(
-            report.LayerSection(
-                name=section, summary=summary, figures=figures, components=components
-            )
-        )
-    sections += importance_sections(importances, sections, paths, figs)
-    path = report.write_report(
-        out, title=args.title, settings={"results": args.results}, layers=sections
+    built = build_report(
+        args.results,
+        args.out,
+        images=args.images,
+        labels=args.labels,
+        components=args.components,
+        spatial_shape=_spatial(args.spatial),
+        title=args.title,
+        settings=_report_settings(args),
     )
-    return {"report": str(path), "sections": [s.name for s in sections]}
+    return {"report": str(built.path), "sections": built.sections}
+
+
+def _report_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's settings table: what the user gave, under the flags' names."""
+    settings: dict[str, Any] = {"result files": list(args.results)}
+    for flag, value in (
+        ("--images", args.images),
+        ("--labels", args.labels),
+        ("--spatial", args.spatial),
+    ):
+        if value is not None:
+            settings[flag] = value
+    settings["--components"] = args.components
+    return settings
 
 
 def section_names(paths: list[Path]) -> list[str]:
-    """One distinct report section name per result file.
+    """One distinct section name per file (see :func:`peekcore.report.assemble.section_names`)."""
+    from .report.assemble import section_names as names
 
-    Each file's stem, with as many of its parent folders as it takes to tell it
-    apart from other files of the same stem (``runA/sweep`` and ``runB/sweep``);
-    a file given more than once gets `` (2)``, `` (3)``, ... on its repeats.
-    """
-    keys = [p.resolve().with_suffix("").parts for p in paths]
-    depth = [1] * len(keys)
-    while True:
-        names = ["/".join(k[-d:]) for k, d in zip(keys, depth, strict=True)]
-        grow = [
-            i
-            for i, name in enumerate(names)
-            if depth[i] < len(keys[i])
-            and any(n == name and keys[j] != keys[i] for j, n in enumerate(names) if j != i)
-        ]
-        if not grow:
-            break
-        for i in grow:
-            depth[i] += 1
-    out, seen = [], {}
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
-    return out
+    return names(paths)
 
 
-def _file_stems(names: list[str]) -> list[str]:
-    """Distinct, file-safe figure stems, one per section (``runA/sweep`` -> ``runA_sweep``)."""
-    taken: set[str] = set()
-    out = []
-    for name in names:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "result"
-        stem, i = base, 2
-        while stem.lower() in taken:  # case-insensitive file systems too
-            stem, i = f"{base}_{i}", i + 1
-        taken.add(stem.lower())
-        out.append(stem)
-    return out
-
-
-def _spatial(args: argparse.Namespace, model) -> tuple[int, int] | None:
-    if args.spatial:
-        h, w = (int(v) for v in args.spatial.lower().split("x"))
-        return h, w
-    if len(model.shape) == 3:
-        side = int(round(model.shape[2] ** 0.5))
-        if side * side == model.shape[2]:
-            return side, side
-    return None
+def _spatial(text: str | None) -> tuple[int, int] | None:
+    """``--spatial HxW`` as ``(H, W)``."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--spatial {text!r}: give the spatial shape as HxW, e.g. 7x7")
+    return int(m.group(1)), int(m.group(2))
 
 
 #: What ``peek info`` reads, for its errors.

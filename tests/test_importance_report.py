@@ -103,7 +103,8 @@ def test_cli_importance_and_report(fitted, capsys):
         "--out",
         str(tmp / "r.html"),
     )
-    assert rep["sections"] == ["m"]  # the importance view sits in its model's section
+    # the importance view sits in its model's section, named after the layer m.npz came from
+    assert rep["sections"] == ["1"]
     html = (tmp / "r.html").read_text()
     assert "mean change in each class" in html and "Classes x components" in html
     assert html.index("Classes x components") < html.index("mean change in each class")

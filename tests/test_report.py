@@ -243,7 +243,12 @@ def test_report_is_self_contained_and_linked(run):
         assert f"Table: {name} (" in text
     assert text.count("<table") >= 12
     assert "Synthetic &lt;report&gt;" in text and "<report>" not in text
-    assert "synthetic" in text and "{&quot;a&quot;: 1}" in text
+    # settings as a readable table: nested dicts as nested tables, lists as text, no JSON
+    assert "synthetic" in text and "{&quot;a&quot;: 1}" not in text
+    assert '<th>nested</th><td><div class="scroll"><table class="kv"><tbody><tr><th>a</th>' in text
+    assert "<th>ranks</th><td>1, 2, 3</td>" in text
+    # the definitions, linked from the contents
+    assert 'href="#definitions"' in text and "<dt>core consistency (CORCONDIA)</dt>" in text
     # every internal link lands on an element; layers link to components and back
     ids = re.findall(r'\bid="([^"]+)"', text)
     assert len(ids) == len(set(ids))

@@ -34,6 +34,48 @@ __all__ = ["LayerSection", "write_report"]
 #: Tables with more rows than this start folded.
 OPEN_TABLE_ROWS = 25
 
+#: How an undefined number (NaN) is shown, and the footnote under a table that has one.
+NAN_MARK = "\u2013"
+_NAN_NOTE = (
+    f'<p class="note">{NAN_MARK} : not defined (NaN), e.g. stability with a single replicate, '
+    "or core consistency at a rank the data cannot identify.</p>"
+)
+
+#: What the report's numbers mean; shown once, linked from the contents.
+DEFINITIONS = (
+    (
+        "fit",
+        "1 - ||X - X_hat|| / ||X||: how much of the data's norm the model reproduces, from 0 "
+        "(nothing) to 1 (exactly). It grows with the rank.",
+    ),
+    (
+        "explained variance",
+        "1 - ||X - X_hat||^2 / ||X||^2: the share of the data's (uncentered) sum of squares "
+        "the model accounts for; one minus the squared relative error, so at least the fit.",
+    ),
+    (
+        "core consistency (CORCONDIA)",
+        "How close the best unconstrained core for the model's factors is to the "
+        "superdiagonal core a CP model assumes: 100 means a valid trilinear structure; it "
+        "falls, without bound, as components start to model noise or each other. Figures and "
+        "the core_consistency column clip it to 0-100 (below 0 means no trilinear structure "
+        "at all); the raw value is in the corcondia column. NaN at ranks above what the "
+        "samples can identify.",
+    ),
+    (
+        "stability",
+        "Among the replicates (random starts) of a rank whose fit is within 0.001 of the "
+        "best, the mean factor match score of each against the best one (1 = they find the "
+        "same components, up to order and scale). NaN with fewer than two such replicates; "
+        "'reached best' is the share of replicates that qualify.",
+    ),
+    (
+        "degeneracy",
+        "The most negative congruence between two components (near -1: two components "
+        "cancel each other, a sign of a rank too high).",
+    ),
+)
+
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 _CSS = """
@@ -57,6 +99,8 @@ table.kv th { width: 16em; } pre { margin: 0; white-space: pre-wrap; font-size: 
 div.scroll { overflow-x: auto; max-width: 100%; }
 details { margin: 4px 0 12px; } summary { cursor: pointer; color: #57606a; }
 h4 { margin: 8px 0 2px; font-size: 0.95em; }
+p.note { font-size: 0.85em; color: #57606a; margin: -8px 0 12px; }
+dl.defs dt { font-weight: bold; margin-top: 6px; } dl.defs dd { margin-left: 18px; }
 footer { margin-top: 40px; font-size: 0.85em; color: #57606a; }
 """
 
@@ -171,6 +215,8 @@ def _cell(value: Any, link: str | None = None) -> str:
         text = "yes" if value else "no"
     elif value is None:
         text = ""
+    elif isinstance(value, float) and math.isnan(value):
+        text, cls = NAN_MARK, ' class="num nan" title="not defined (NaN)"'
     elif isinstance(value, float):
         text = f"{value:.4g}" if math.isfinite(value) else str(value)
         cls = ' class="num"'
@@ -211,23 +257,41 @@ def _table(rows: Sequence[Mapping], links: Mapping[str, Mapping[Any, str]] | Non
             out.append(_cell(v, target))
         out.append("</tr>")
     out.append("</tbody></table></div>")
+    if any(_is_nan(row.get(c)) for row in rows for c in columns):
+        out.append(_NAN_NOTE)
     return "".join(out)
 
 
-def _kv_table(d: Mapping[str, Any]) -> str:
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _plain_list(values: Sequence[Any]) -> str | None:
+    """A short list of scalars as ``a, b, c`` (None when it holds containers)."""
+    if any(isinstance(v, Mapping | list | tuple) for v in values):
+        return None
+    return ", ".join(NAN_MARK if _is_nan(v) else str(v) for v in json_safe(list(values)))
+
+
+def _kv_table(d: Mapping[str, Any], depth: int = 0) -> str:
+    """Keys and values as a two-column table: nested dicts as nested tables, lists as text."""
     if not d:
         return "<p><em>(none)</em></p>"
     out = ['<div class="scroll"><table class="kv"><tbody>']
     for k, v in d.items():
-        if isinstance(v, Mapping | list | tuple):
-            compact = json.dumps(json_safe(v), default=str)
-            if len(compact) > 80:
-                compact = json.dumps(json_safe(v), indent=1, default=str)
-            text = f"<pre>{_e(compact)}</pre>"
-            out.append(f"<tr><th>{_e(k)}</th><td>{text}</td></tr>")
+        label = _e(str(k).replace("_", " "))
+        if isinstance(v, Mapping) and depth < 3:
+            out.append(f"<tr><th>{label}</th><td>{_kv_table(v, depth + 1)}</td></tr>")
+        elif isinstance(v, list | tuple) and _plain_list(v) is not None:
+            out.append(f"<tr><th>{label}</th><td>{_e(_plain_list(v))}</td></tr>")
+        elif isinstance(v, Mapping | list | tuple):
+            text = json.dumps(json_safe(v), indent=1, default=str)
+            out.append(f"<tr><th>{label}</th><td><pre>{_e(text)}</pre></td></tr>")
         else:
-            out.append(f"<tr><th>{_e(k)}</th>{_cell(v)}</tr>")
+            out.append(f"<tr><th>{label}</th>{_cell(v)}</tr>")
     out.append("</tbody></table></div>")
+    if any(_is_nan(v) for v in d.values()):
+        out.append(_NAN_NOTE)
     return "".join(out)
 
 
@@ -301,6 +365,102 @@ def _component_index(comps: list[_Fig], anchors: list[str]) -> str:
     )
 
 
+def _head(title: str) -> str:
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            '<link rel="icon" href="data:,">',
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+            f'<h1 id="top">{_e(title)}</h1>',
+        ]
+    )
+
+
+def _definitions() -> str:
+    items = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>" for term, text in DEFINITIONS)
+    return f'<section id="definitions"><h2>Definitions</h2><dl class="defs">{items}</dl></section>'
+
+
+def _toc(
+    sections: list[LayerSection],
+    slugs: list[str],
+    comp_figs: list[list[_Fig]],
+    comp_anchors: list[list[str]],
+    overview: bool,
+) -> str:
+    toc = [
+        '<nav class="toc"><h2>Contents</h2><ul><li><a href="#settings">Settings</a></li>',
+        '<li><a href="#definitions">Definitions</a></li>',
+    ]
+    if overview:
+        toc.append('<li><a href="#overview">Across layers</a></li>')
+    if sections:
+        toc.append('<li><a href="#layers">Layers</a><ul>')
+        for s, slug, figs, anchors in zip(sections, slugs, comp_figs, comp_anchors, strict=True):
+            comps = "".join(
+                f'<a href="#{_e(a)}">{_e(f.component)}</a>'
+                for f, a in zip(figs, anchors, strict=True)
+            )
+            extra = f' <span class="comps">components: {comps}</span>' if comps else ""
+            toc.append(f'<li><a href="#{_e(slug)}">{_e(s.name)}</a>{extra}</li>')
+        toc.append("</ul></li>")
+    toc.append("</ul></nav>")
+    return "".join(toc)
+
+
+def _layer_html(
+    sections: list[LayerSection],
+    slugs: list[str],
+    j: int,
+    figs: list[_Fig],
+    anchors: list[str],
+    figure_format: str,
+    taken: set[str],
+) -> str:
+    """Section ``j``: its summary, figures, tables, component index and components."""
+    s, slug = sections[j], slugs[j]
+    comp_links = {"component": {f.component: a for f, a in zip(figs, anchors, strict=True)}}
+    crumbs = ['<a href="#top">contents</a>']
+    if j > 0:
+        crumbs.append(
+            f'<a href="#{_e(slugs[j - 1])}">previous layer: {_e(sections[j - 1].name)}</a>'
+        )
+    if j + 1 < len(sections):
+        crumbs.append(f'<a href="#{_e(slugs[j + 1])}">next layer: {_e(sections[j + 1].name)}</a>')
+    parts = [
+        f'<section class="layer" id="{_e(slug)}"><h2>Layer {_e(s.name)}</h2>'
+        f'<nav class="crumbs">{" · ".join(crumbs)}</nav>'
+    ]
+    if s.summary:
+        parts.append(_kv_table(s.summary))
+    if s.notes:
+        parts.append(f"<p>{_e(s.notes)}</p>")
+    for i, fig in enumerate(s.figures):
+        fig_id = _slug(f"{slug}-fig-{i}", taken)
+        parts.append(_figure(_as_fig(fig), figure_format, fig_id, comp_links))
+    if s.tables:
+        parts.append(_tables_block(s.tables, comp_links))
+    if figs:
+        parts.append(f"<h3>Components of {_e(s.name)}</h3>{_component_index(figs, anchors)}")
+    for i, (fig, anchor) in enumerate(zip(figs, anchors, strict=True)):
+        nav = [f'<a href="#{_e(slug)}">layer {_e(s.name)}</a>']
+        if i > 0:
+            nav.append(f'<a href="#{_e(anchors[i - 1])}">previous component</a>')
+        if i + 1 < len(figs):
+            nav.append(f'<a href="#{_e(anchors[i + 1])}">next component</a>')
+        body = _figure(fig, figure_format, _slug(f"{anchor}-fig", taken), comp_links)
+        parts.append(
+            f'<section class="component" id="{_e(anchor)}">'
+            f"<h3>{_e(s.name)}: component {_e(fig.component)}</h3>"
+            f'<nav class="crumbs">{" · ".join(nav)}</nav>{body}</section>'
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def write_report(
     path: str | os.PathLike,
     *,
@@ -346,7 +506,7 @@ def write_report(
         raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
     sections = [_as_layer(x) for x in layers]
     overview = [_as_fig(f) for f in figures]
-    taken: set[str] = {"top", "settings", "overview", "layers"}
+    taken: set[str] = {"top", "settings", "definitions", "overview", "layers"}
     slugs = [_slug(f"layer-{s.name}", taken) for s in sections]
     layer_links = {s.name: slug for s, slug in zip(sections, slugs, strict=True)}
     comp_figs = [[_as_fig(c) for c in s.components] for s in sections]
@@ -359,47 +519,19 @@ def write_report(
         for slug, figs in zip(slugs, comp_figs, strict=True)
     ]
 
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        '<link rel="icon" href="data:,">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f'<h1 id="top">{_e(title)}</h1>',
-    ]
+    parts = [_head(title)]
     if notes:
         parts.append(f"<p>{_e(notes)}</p>")
-
-    # contents
-    toc = ['<nav class="toc"><h2>Contents</h2><ul><li><a href="#settings">Settings</a></li>']
-    if overview:
-        toc.append('<li><a href="#overview">Across layers</a></li>')
-    if sections:
-        toc.append('<li><a href="#layers">Layers</a><ul>')
-        for s, slug, figs, anchors in zip(sections, slugs, comp_figs, comp_anchors, strict=True):
-            comps = "".join(
-                f'<a href="#{_e(a)}">{_e(f.component)}</a>'
-                for f, a in zip(figs, anchors, strict=True)
-            )
-            extra = f' <span class="comps">components: {comps}</span>' if comps else ""
-            toc.append(f'<li><a href="#{_e(slug)}">{_e(s.name)}</a>{extra}</li>')
-        toc.append("</ul></li>")
-    toc.append("</ul></nav>")
-    parts.append("".join(toc))
-
-    parts.append(f'<section id="settings"><h2>Settings</h2>{_kv_table(settings)}</section>')
-
+    parts.append(_toc(sections, slugs, comp_figs, comp_anchors, bool(overview)))
+    parts.append(
+        f'<section id="settings"><h2>Settings</h2>{_kv_table(settings)}</section>{_definitions()}'
+    )
     if overview:
         parts.append('<section id="overview"><h2>Across layers</h2>')
         for i, fig in enumerate(overview):
-            parts.append(
-                _figure(
-                    fig, figure_format, _slug(f"overview-fig-{i}", taken), {"layer": layer_links}
-                )
-            )
+            fig_id = _slug(f"overview-fig-{i}", taken)
+            parts.append(_figure(fig, figure_format, fig_id, {"layer": layer_links}))
         parts.append("</section>")
-
     if sections:
         rows = [{"layer": s.name, **s.summary} for s in sections]
         parts.append(
@@ -407,48 +539,10 @@ def write_report(
             + _table(rows, {"layer": layer_links})
             + "</section>"
         )
-    for j, (s, slug, figs, anchors) in enumerate(
-        zip(sections, slugs, comp_figs, comp_anchors, strict=True)
-    ):
-        comp_links = {"component": {f.component: a for f, a in zip(figs, anchors, strict=True)}}
-        crumbs = ['<a href="#top">contents</a>']
-        if j > 0:
-            crumbs.append(
-                f'<a href="#{_e(slugs[j - 1])}">previous layer: {_e(sections[j - 1].name)}</a>'
-            )
-        if j + 1 < len(sections):
-            crumbs.append(
-                f'<a href="#{_e(slugs[j + 1])}">next layer: {_e(sections[j + 1].name)}</a>'
-            )
+    for j in range(len(sections)):
         parts.append(
-            f'<section class="layer" id="{_e(slug)}"><h2>Layer {_e(s.name)}</h2>'
-            f'<nav class="crumbs">{" · ".join(crumbs)}</nav>'
+            _layer_html(sections, slugs, j, comp_figs[j], comp_anchors[j], figure_format, taken)
         )
-        if s.summary:
-            parts.append(_kv_table(s.summary))
-        if s.notes:
-            parts.append(f"<p>{_e(s.notes)}</p>")
-        for i, fig in enumerate(s.figures):
-            parts.append(
-                _figure(_as_fig(fig), figure_format, _slug(f"{slug}-fig-{i}", taken), comp_links)
-            )
-        if s.tables:
-            parts.append(_tables_block(s.tables, comp_links))
-        if figs:
-            parts.append(f"<h3>Components of {_e(s.name)}</h3>{_component_index(figs, anchors)}")
-        for i, (fig, anchor) in enumerate(zip(figs, anchors, strict=True)):
-            nav = [f'<a href="#{_e(slug)}">layer {_e(s.name)}</a>']
-            if i > 0:
-                nav.append(f'<a href="#{_e(anchors[i - 1])}">previous component</a>')
-            if i + 1 < len(figs):
-                nav.append(f'<a href="#{_e(anchors[i + 1])}">next component</a>')
-            body = _figure(fig, figure_format, _slug(f"{anchor}-fig", taken), comp_links)
-            parts.append(
-                f'<section class="component" id="{_e(anchor)}">'
-                f"<h3>{_e(s.name)}: component {_e(fig.component)}</h3>"
-                f'<nav class="crumbs">{" · ".join(nav)}</nav>{body}</section>'
-            )
-        parts.append("</section>")
     parts.append(f"<footer>Written by peekcore {_e(__version__)}.</footer></body></html>")
     doc = "\n".join(parts).encode("utf-8")
     dest = Path(path)
