@@ -42,6 +42,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int
+from .npyfile import map_npy
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
@@ -327,7 +328,7 @@ class Inputs:
             if path.suffix == ".npy":
                 if not path.exists():
                     raise FileNotFoundError(f"no such input file: {path}")
-                data = ArrayDataset(np.load(path, mmap_mode="r"), name=f"{path.name} (npy)")
+                data = ArrayDataset(map_npy(path), name=f"{path.name} (npy)")
             else:
                 data = image_folder(path, transform)
                 transform = None

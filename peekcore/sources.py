@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ._validate import SUPPORTED_DTYPES, dtype_label, dtype_name
+from .npyfile import NpyFile, open_npy
 
 __all__ = [
     "ChunkSource",
@@ -126,7 +127,7 @@ def as_source(data: Any) -> ChunkSource:
     ----------
     data : array, tensor, path or chunk source
         A numpy array or memmap, a torch tensor, a path to a ``.npy`` file
-        (opened memory-mapped, read lazily), or any object that follows the
+        (read chunk by chunk, :class:`~peekcore.npyfile.NpyFile`), or any object that follows the
         chunk-source protocol (returned as is).
 
     Returns
@@ -142,7 +143,8 @@ def as_source(data: Any) -> ChunkSource:
                 f"{path}: peekcore reads .npy files directly; for other formats load the "
                 "array yourself or pass a chunk source"
             )
-        return ArraySource(np.load(path, mmap_mode="r"))
+        opened = open_npy(path)  # read by chunks, not mapped: see peekcore.npyfile
+        return opened if isinstance(opened, NpyFile) else ArraySource(opened)
     if isinstance(data, (np.ndarray, torch.Tensor)):
         return ArraySource(data)
     if isinstance(data, ChunkSource):

@@ -1,0 +1,96 @@
+"""``.npy`` data files cut short, before or while they are read (issue 16, item 9)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import peekcore
+from peekcore.errors import DataError
+from peekcore.npyfile import NpyFile
+from peekcore.sources import as_source
+
+
+@pytest.fixture
+def npy(rng, tmp_path):
+    x = rng.standard_normal((50, 4, 6)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    return path, x
+
+
+def test_npy_chunks_shards_and_fits_equal_the_array(npy):
+    path, x = npy
+    src = as_source(path)
+    assert isinstance(src, NpyFile) and src.shape == x.shape and src.dtype == "float32"
+    for size in (7, 50, 64):
+        np.testing.assert_array_equal(np.concatenate(list(src.chunks(size))), x)
+    np.testing.assert_array_equal(np.concatenate(list(src.shard(10, 33).chunks(5))), x[10:33])
+    a = peekcore.cp_als(path, 3, n_iter_max=5, init="random", random_state=1, progress=False)
+    b = peekcore.cp_als(x, 3, n_iter_max=5, init="random", random_state=1, progress=False)
+    np.testing.assert_allclose(a.fit, b.fit, rtol=1e-6)
+
+
+def test_fortran_ordered_npy_is_still_read(npy, tmp_path):
+    _, x = npy
+    path = tmp_path / "f.npy"
+    np.save(path, np.asfortranarray(x))
+    np.testing.assert_array_equal(np.concatenate(list(as_source(path).chunks(16))), x)
+
+
+@pytest.mark.parametrize("keep", [-1, -300, 100])
+def test_a_truncated_npy_is_refused_with_a_clear_error(npy, keep):
+    path, _ = npy
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    what = "is truncated" if keep < 0 else "not a readable .npy file"
+    with pytest.raises(DataError, match=what):
+        as_source(path)
+    with pytest.raises(DataError, match=what):
+        peekcore.cp_als(path, 2, progress=False)
+
+
+SHRINK = """
+import os, sys
+import numpy as np
+from peekcore.sources import as_source
+path, mapped = sys.argv[1], sys.argv[2] == "mapped"
+src = np.load(path, mmap_mode="r") if mapped else as_source(path)
+chunks = iter([src[i : i + 10] for i in range(0, 50, 10)]) if mapped else src.chunks(10)
+first = np.array(next(chunks))
+os.truncate(path, os.path.getsize(path) // 2)
+try:
+    rest = [np.array(c) for c in chunks]
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_an_npy_that_shrinks_while_it_is_read_gives_an_error_not_sigbus(npy, tmp_path):
+    path, _ = npy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", SHRINK, str(path), "read"], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("DataError") and "shrank while it was read" in run.stdout
+    # what a memory map does (and as_source did): the process dies of SIGBUS
+    np.save(path, np.zeros((50, 4, 6), np.float32))
+    mapped = subprocess.run(
+        [sys.executable, "-c", SHRINK, str(path), "mapped"], capture_output=True, env=env
+    )
+    assert mapped.returncode == -7  # SIGBUS
+
+
+def test_capture_refuses_a_truncated_npy_of_inputs(rng, tmp_path):
+    from test_capture import SmallCNN
+
+    path = tmp_path / "images.npy"
+    np.save(path, rng.standard_normal((20, 1, 8, 8)).astype(np.float32))
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(DataError, match=r"images.npy is truncated: its header declares shape"):
+        peekcore.capture(SmallCNN(), path, "conv1", tmp_path / "s.zarr", progress=False)
