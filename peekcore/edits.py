@@ -218,6 +218,13 @@ def _settings(
     if store is not None:
         attrs = _stored_layer(store, layer).attrs
         recorded = {k: attrs.get(k) for k in ("layout", "select", "fold_spatial")}
+        chosen = recorded["select"]
+        if isinstance(chosen, str) and (" [" in chosen or chosen.startswith("<")):
+            # a callable, recorded by its description: it cannot be applied again, nor undone
+            raise InvalidArgumentError(
+                f"layer {layer!r} was captured with a callable select ({chosen}); an edit "
+                "cannot be put back through it: capture the module that returns the tensor"
+            )
         for key, value in recorded.items():
             given = options[key]
             if given is not None and given != value and not (key == "layout" and given == "auto"):
@@ -225,11 +232,6 @@ def _settings(
                     f"{key}={given!r} but the store captured layer {layer!r} with "
                     f"{key}={value!r}: leave {key} out to use the store's"
                 )
-        if isinstance(recorded["select"], dict):  # a callable, described: cannot be used again
-            raise InvalidArgumentError(
-                f"layer {layer!r} was captured with a callable select ({recorded['select']}); "
-                "it cannot be applied in reverse: hook the module that returns the tensor"
-            )
     clip = options["clip"]
     if clip is None:
         clip = isinstance(module, _RELU_MODULES)
@@ -419,7 +421,6 @@ class EditSetup:
     edits: _Edits
     use_rows: bool  # sample-factor rows from the model, else projected
     runner: _Runner
-    store_labels: np.ndarray | None  # the store's labels, when the data are the store's
 
 
 def prepare_edits(
@@ -451,8 +452,7 @@ def prepare_edits(
     same = _same_data(store, layer, inputs)
     rows = _use_model_rows(options["sample_factors"], cp, inputs.n_samples, same)
     runner = _Runner(model, edits, dev, int(options["pass_bytes"]))
-    labels = _stored_layer(store, layer).store.labels if same else None
-    return EditSetup(module, cp, inputs, settings, edits, rows, runner, labels)
+    return EditSetup(module, cp, inputs, settings, edits, rows, runner)
 
 
 @contextlib.contextmanager

@@ -254,6 +254,23 @@ def _in_range(labels: np.ndarray, logits: torch.Tensor) -> np.ndarray:
     return labels
 
 
+def _edit_plan(rank: int, modes: tuple[str, ...]) -> tuple[list[int], np.ndarray, int]:
+    """The edits of every batch: ``keep_x`` (0/1 each), coefficients (edits x R), and the
+    index of the first per-component edit.
+
+    Edit 0 is the network, 1 the full reconstruction, 2 the zeroed layer (with
+    ``"keep"``), then ``R`` edits per mode in component order.
+    """
+    keep_x, coef = [1, 0], [np.zeros(rank), np.ones(rank)]
+    if "keep" in modes:
+        keep_x, coef = [*keep_x, 0], [*coef, np.zeros(rank)]
+    first = len(keep_x)
+    for mode in modes:
+        keep_x += [1 if mode == "remove" else 0] * rank
+        coef += list((-1.0 if mode == "remove" else 1.0) * np.eye(rank))
+    return keep_x, np.stack(coef), first
+
+
 def component_importance(
     model: nn.Module,
     layer: str,
@@ -344,18 +361,8 @@ def component_importance(
     )
     cp, inputs, use_rows = setup.cp, setup.inputs, setup.use_rows
     given = _check_labels(labels, inputs.n_samples)
-    if given is None and setup.store_labels is not None:
-        given = _check_labels(setup.store_labels, inputs.n_samples)
     rank = cp.rank
-    # edits: 0 the network, 1 the full reconstruction, [2 zero], then per component and mode
-    keep_x, coef = [1, 0], [np.zeros(rank), np.ones(rank)]
-    if "keep" in modes:
-        keep_x, coef = [*keep_x, 0], [*coef, np.zeros(rank)]
-    first = len(keep_x)
-    for mode in modes:
-        keep_x += [1 if mode == "remove" else 0] * rank
-        coef += list((-1.0 if mode == "remove" else 1.0) * np.eye(rank))
-    coefs = np.stack(coef)  # edits x R
+    keep_x, coefs, first = _edit_plan(rank, modes)
     acc = _Accumulator(len(keep_x))
     with hooked(setup.module, model, setup.edits):
         for offset, x, y in inputs.batches(0):

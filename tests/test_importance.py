@@ -423,3 +423,20 @@ def test_select_puts_the_edit_back(rng, select):
     extra = x.double().sum(dim=(1, 2))[:, None].numpy()  # from before the edit: unchanged
     want = outputs_with(net, "feat", z, part) + extra
     np.testing.assert_allclose(kept, want, rtol=1e-5, atol=1e-4)
+
+
+def test_store_with_a_callable_select(rng, tmp_path):
+    net, z, cp = planted(rng)
+    sel = Selected(net, as_dict=False)
+    store = peekcore.capture(
+        sel, z, "layer", tmp_path / "s.zarr", dtype="float32", layout="channels_first",
+        select=lambda out: out[0], progress=False,
+    )  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="captured with a callable select"):
+        component_importance(sel, "layer", cp, z, store=store)
+    plain = peekcore.capture(
+        sel, z, "layer", tmp_path / "t.zarr", dtype="float32", layout="channels_first",
+        select=0, progress=False,
+    )  # fmt: skip
+    imp = component_importance(sel, "layer", cp, z, store=plain)
+    assert imp.metadata["select"] == 0 and imp.metadata["sample_factors"] == "model"
