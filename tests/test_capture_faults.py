@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from test_capture import SmallCNN, Wrap
+from test_store import Counting
 from torch import nn
 
 import peekcore
@@ -66,18 +67,11 @@ def test_capture_refuses_layers_none(images, tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
-class Counting(SmallCNN):
-    calls = 0
-
-    def forward(self, x):
-        Counting.calls += 1
-        return super().forward(x)
-
-
 def test_capture_refuses_a_store_path_under_a_file_before_any_work(images, tmp_path):
     (tmp_path / "notes.txt").write_text("not a folder")
+    calls = Counting.calls
     for store in (tmp_path / "notes.txt" / "s.zarr", tmp_path / "notes.txt" / "a" / "s.zarr"):
         with pytest.raises(OutputPathError, match=r"notes.txt is a file, not a folder"):
             capture(Counting(), images, "conv1", store, progress=False)
-    assert Counting.calls == 0  # refused before the model ran
+    assert Counting.calls == calls  # refused before the model ran
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
