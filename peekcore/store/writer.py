@@ -126,28 +126,7 @@ class StoreWriter:
         tmp = path.parent / f".{path.name}.creating"
         if tmp.exists():
             shutil.rmtree(tmp)
-        root_attrs = {
-            "peekcore": {"kind": "activation store", "format": FORMAT},
-            "n_samples": int(n_samples),
-            "chunk_size": int(chunk_size),
-            "dtype": dtype,
-            "layers": {
-                name: {"shape": list(info["shape"]), "dims": list(info["dims"])}
-                for name, info in layers.items()
-            },
-            "has_labels": label_info is not None,
-            **({"label_info": dict(label_info)} if label_info is not None else {}),
-            **dict(attrs),
-            "progress": {"chunks_written": 0, "n_chunks": math.ceil(n_samples / chunk_size)},
-        }
-        root_attrs = _json(root_attrs)
-        # which capture made the store, so that an open store sees when it is replaced:
-        # a digest of everything that defines the capture, so a resumed or repeated
-        # capture makes the same bytes
-        defining = json.dumps(
-            {k: v for k, v in root_attrs.items() if k != "progress"}, sort_keys=True
-        )
-        root_attrs["peekcore"]["capture_id"] = hashlib.sha256(defining.encode()).hexdigest()[:32]
+        root_attrs = _root_attributes(n_samples, chunk_size, dtype, layers, label_info, attrs)
         common = {
             "compressors": (Crc32cCodec(),),
             "filters": None,
@@ -196,7 +175,6 @@ class StoreWriter:
                     dimension_names=("sample", *(f"label_{i}" for i in range(len(lshape)))),
                     **common,
                 )
-            if label_info is not None:
                 records["labels"] = []
             progress = {**root_attrs["progress"], "crc32c": records}
             root.attrs.update({"progress": progress})
@@ -290,6 +268,38 @@ class StoreWriter:
         records = {k: v[: 1 if k == "sample_id" else done] for k, v in self.records.items()}
         progress = {"chunks_written": done, "n_chunks": self.n_chunks, "crc32c": records}
         self.root.attrs.update({"progress": progress})
+
+
+def _root_attributes(
+    n_samples: int,
+    chunk_size: int,
+    dtype: str,
+    layers: Mapping[str, Mapping[str, Any]],
+    label_info: Mapping[str, Any] | None,
+    attrs: Mapping[str, Any],
+) -> dict:
+    """The root attributes of a new store (see :meth:`StoreWriter.create`), capture id included."""
+    root_attrs = {
+        "peekcore": {"kind": "activation store", "format": FORMAT},
+        "n_samples": int(n_samples),
+        "chunk_size": int(chunk_size),
+        "dtype": dtype,
+        "layers": {
+            name: {"shape": list(info["shape"]), "dims": list(info["dims"])}
+            for name, info in layers.items()
+        },
+        "has_labels": label_info is not None,
+        **({"label_info": dict(label_info)} if label_info is not None else {}),
+        **dict(attrs),
+        "progress": {"chunks_written": 0, "n_chunks": math.ceil(n_samples / chunk_size)},
+    }
+    root_attrs = _json(root_attrs)
+    # which capture made the store, so that an open store sees when it is replaced:
+    # a digest of everything that defines the capture, so a resumed or repeated
+    # capture makes the same bytes
+    defining = json.dumps({k: v for k, v in root_attrs.items() if k != "progress"}, sort_keys=True)
+    root_attrs["peekcore"]["capture_id"] = hashlib.sha256(defining.encode()).hexdigest()[:32]
+    return root_attrs
 
 
 def _move_in(tmp: Path, path: Path, replace: bool) -> None:
