@@ -47,6 +47,12 @@ SCRIPT = textwrap.dedent(
     elif kind == "sweep":
         s = rank_sweep(x, [1, 2, 3], 2, n_iter_max=12, tol=0, progress=False)
         m = s.models[2][1]
+    elif kind == "f32":  # float32 data, summed in float32, then in float64
+        x32 = np.asarray(x, dtype=np.float32)
+        m = peekcore.cp_als(x32, 3, init="gram", **kw)
+        m64 = peekcore.cp_als(x32, 3, init="gram", dtype="float64", **kw)
+        if rank == 0:
+            m64.save(out + ".f64.npz")
     elif kind == "die":
         m = peekcore.cp_als(x, 3, callback=die, **kw)
     elif kind == "store":  # its own chunks: whole stored chunks per process
@@ -300,3 +306,27 @@ def test_a_shards_bad_samples_are_named_by_their_index_in_the_whole_data(rng, in
             chunk_size=1,
             progress=False,
         )
+
+
+def test_float32_differences_are_the_rounding_of_another_summation_order(tmp_path, data):
+    # Two processes sum their statistics in another order than one (each shard's chunks,
+    # then an all-reduce). In float32 that changes the rounding, ~1e-7 a sum, and twelve
+    # ALS iterations carry it to ~1e-6 relative; the same fit accumulated in float64
+    # agrees to ~1e-15, so the float32 difference is rounding and nothing else.
+    procs, out = _launch(tmp_path, 2, "f32")
+    codes, errs, _ = _wait(procs)
+    assert codes == [0, 0], errs
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False, init="gram")
+    x32 = data.astype(np.float32)
+    diffs = {}
+    for name, path, dtype in (
+        ("float32", out, None),
+        ("float64", str(out) + ".f64.npz", "float64"),
+    ):
+        got = peekcore.CPModel.load(path)
+        want = peekcore.cp_als(x32, 3, dtype=dtype, **kw)
+        full = want.reconstruct()
+        diffs[name] = float(np.max(np.abs(got.reconstruct() - full)) / np.max(np.abs(full)))
+    print(diffs)
+    assert diffs["float64"] < 1e-13
+    assert diffs["float32"] < 2e-5  # float32 rounding (2.7e-7 measured), carried by the iterations
