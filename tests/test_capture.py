@@ -784,8 +784,10 @@ def test_numpy_integers_are_taken_for_integers(images, tmp_path):
     assert numpy.provenance["seed"] == 3
     src = ModelSource(model, images, "m", batch_size=8, seed=np.int64(3), n_samples=40)
     np.testing.assert_array_equal(torch.cat(list(src.chunks(16))).numpy(), plain["m"][:])
-    with pytest.raises(TypeError, match="seed must be an integer"):
+    with pytest.raises(TypeError, match="seed must be None or a nonnegative integer"):
         capture(model, images, "m", tmp_path / "float.zarr", seed=1.5, **kw)
+    with pytest.raises(ValueError, match="seed must be None or a nonnegative integer"):
+        capture(model, images, "m", tmp_path / "negative.zarr", seed=-1, **kw)
 
 
 # ---------------------------------------------------------------- hooks outside their passes

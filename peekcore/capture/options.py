@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from .._validate import check_seed
 from ..datasets import Inputs, as_inputs
 from ..store import check_store_dtype
 from .hooks import LayerHooks
 from .layouts import _per_layer, resolve_layers
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _check_seed(seed: Any) -> int | None:
-    """``seed`` as a Python int (numpy and other integer types too), or None."""
-    if seed is None:
-        return None
-    if not isinstance(seed, (bool, np.bool_)):
-        with contextlib.suppress(TypeError):
-            return operator.index(seed)
-    raise TypeError(f"seed must be an integer or None, got {seed!r}")
 
 
 def _model_device(model: nn.Module, device: Any) -> torch.device:
@@ -99,7 +87,7 @@ class CaptureOptions:
         modules = resolve_layers(model, layers)
         names = list(modules)
         dtype = check_store_dtype(self.dtype)
-        seed = _check_seed(self.seed)
+        seed = check_seed(self.seed, "seed")  # nonnegative, as every seed in peekcore
         device = _model_device(model, self.device)
         inputs = as_inputs(
             data,
