@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._validate import check_int
 from .._version import __version__
 from ..datasets import Inputs
 from ..store import (
@@ -254,10 +255,8 @@ def _plan(
     overwrite: bool,
 ) -> _Plan:
     """Check a :func:`capture` call and decide: a new store, a resumed one, or a replaced one."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size", purpose=" (samples per stored chunk)")
     check_store_path(path)  # before any work: a path under a file can hold no store
     run = opts.hook(model, data, layers)
     settings = {

@@ -38,6 +38,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .. import diagnostics as diag
+from .._validate import check_int
 from ..errors import InvalidArgumentError
 from ..solvers.passes import iterate_chunks
 from ..sources import as_source
@@ -645,8 +646,7 @@ def bootstrap_measures(
         ``{name: ndarray (n_boot,)}`` in the order of :data:`MEASURES`; a draw
         where a measure is undefined holds nan.
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise InvalidArgumentError(f"n_boot must be a positive integer, got {n_boot!r}")
+    n_boot = check_int(n_boot, "n_boot", purpose=" (bootstrap draws)")
     rng = np.random.default_rng(random_state)
     ctx = _context(sweep, data, labels, fraction, fms_threshold)
     n = ctx.norms.size
