@@ -106,6 +106,7 @@ def _profile(args: argparse.Namespace) -> dict:
     from .loading import import_object
     from .profile.profile import accuracy, rank_profile
 
+    check_output_file(args.out, "the rank profile (--out)")  # before the captures and fits
     builder = import_object(args.model)
     inputs, labels = _profile_data(args)
     if args.quality:
@@ -303,6 +304,8 @@ def _importance(args: argparse.Namespace) -> dict:
     from .loading import load_inputs, load_model
     from .store import ActivationStore
 
+    if args.out:  # before the forward passes
+        check_output_file(args.out, "the importance result (--out)")
     model = load_model(args.model, trust=args.trust_model_file, weights=args.weights)
     store = ActivationStore(args.store)
     data, notes = load_inputs(args.data, model)
