@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ._io import load_npz, save_npz
+from ._validate import check_int
 from .edits import DEFAULT_PASS_BYTES, hooked, prepare_edits
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -346,6 +347,7 @@ def component_importance(
         output is not ``(batch, classes)`` logits, or bad options.
     """
     modes = _check_modes(modes)
+    pass_bytes = check_int(pass_bytes, "pass_bytes", purpose=" (bytes of edits per forward pass)")
     options = dict(
         layout=layout,
         select=select,

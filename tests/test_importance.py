@@ -334,6 +334,8 @@ def test_bad_input(rng):
     folded = CPModel(np.ones(R), [cp.factors[0], rng.random((4, R)), rng.random((6, R))])
     with pytest.raises(InvalidArgumentError, match="another layout of this layer.*fold_spatial"):
         component_importance(four, "layer", folded, z)
+    with pytest.raises(ValueError, match="pass_bytes"):
+        component_importance(net, "feat", cp, z, pass_bytes=0)
     with pytest.raises(InvalidArgumentError, match="modes must be"):
         component_importance(net, "feat", cp, z, modes=("ablate",))
     with pytest.raises(InvalidArgumentError, match="data has 47"):

@@ -124,6 +124,8 @@ def test_cli_importance_errors(fitted, capsys, rng):
     err = capsys.readouterr().err
     assert "peek importance: error: the CP model was fitted to samples of shape (6, 5)" in err
     assert "another layout of this layer" in err
+    assert main([*argv, "--out", str(tmp)]) == 1  # a folder: refused before any work
+    assert "not a regular file" in capsys.readouterr().err
     argv[argv.index("1")] = "3"
     assert main(argv) == 1
     assert "no layer '3' in the store" in capsys.readouterr().err
