@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._validate import check_device
 from .capture.layouts import _apply_select, _arrange, _resolve_layout, resolve_layers
 from .capture.options import _model_device
 from .datasets import as_inputs
@@ -99,6 +100,13 @@ class _Edits:
         arranged, _ = _arrange(self.name, t, self.resolved, self.fold_spatial, rows_in)
         x = arranged[:b].reshape(b, -1)
         self._check_shape(arranged.shape[1:])
+        if not bool(torch.isfinite(x).all()):
+            # a NaN would spread through the projection and every edit's logits
+            raise InvalidArgumentError(
+                f"layer {self.name!r} gives non-finite values (NaN or inf) for "
+                f"{int((~torch.isfinite(x)).any(dim=1).sum())} of the {b} samples of a batch: "
+                "check the data (NaN in the inputs?) and the network before this layer"
+            )
         if self.patterns is None or self.patterns.device != x.device:
             self.patterns = _patterns(self.cp, x.device)
         if self.a is None:
@@ -381,8 +389,10 @@ class _Runner:
                 got = self._forward(x, g, b, expand=True)
             except Exception:  # later layers combine the copies with tensors from before it
                 return False
-            scale = float(want.abs().max()) if want.numel() else 0.0
-            return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale))
+            # non-finite logits are refused later, with a message; here they must not break atol
+            finite = want.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            scale = float(finite.max()) if want.numel() else 0.0
+            return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale, equal_nan=True))
         finally:
             self.edits.keep_x, self.edits.coef = keep, coef
 
@@ -445,7 +455,7 @@ def prepare_edits(
         raise InvalidArgumentError(
             f"the CP model has {len(cp.shape)} mode(s); it needs samples + 1"
         )
-    dev = _model_device(model, device)
+    dev = _model_device(model, None if device is None else check_device(device))
     inputs = as_inputs(data, batch_size=batch_size, pin_memory=dev.type == "cuda")
     settings = _settings(layer, module, cp, store, options)
     edits = _Edits(layer, module, cp, settings)

@@ -388,6 +388,13 @@ def component_importance(
     return acc.result(layer, modes, rank, first, meta)
 
 
+def _edit_name(finite: torch.Tensor) -> str:
+    """Which edit first gave non-finite logits, in words (edit order of :func:`_edit_plan`)."""
+    v = int(torch.nonzero(~finite)[0, 0])
+    names = ["the unedited network", "the full reconstruction"]
+    return names[v] if v < 2 else f"edit {v} (the zeroed layer, or a component removed or kept)"
+
+
 class _Accumulator:
     """Sums over samples of each edit's logits, probabilities and correct answers.
 
@@ -409,6 +416,13 @@ class _Accumulator:
 
     def add(self, logits: torch.Tensor, labels: np.ndarray | None) -> None:
         """One batch: ``V x b x K`` float64 logits and ``b`` labels (or None)."""
+        finite = torch.isfinite(logits).all(dim=2).all(dim=1)  # V
+        if not bool(finite.all()):
+            raise InvalidArgumentError(
+                f"the network's logits are not finite (NaN or inf) under {_edit_name(finite)}: "
+                "importance needs finite logits; check the layers after the edited one (a log "
+                "or division of an edited activation?) and try clip=True"
+            )
         if self.logits is None:
             k = int(logits.shape[2])
             self.logits, self.probs = np.zeros((self.n_edits, k)), np.zeros((self.n_edits, k))

@@ -442,3 +442,31 @@ def test_store_with_a_callable_select(rng, tmp_path):
     )  # fmt: skip
     imp = component_importance(sel, "layer", cp, z, store=plain)
     assert imp.metadata["select"] == 0 and imp.metadata["sample_factors"] == "model"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(rng):
+    net, z, cp = planted(rng)
+    with pytest.raises(InvalidArgumentError, match="device 'cuda'.*use device 'cpu'"):
+        component_importance(net, "feat", cp, z, device="cuda")
+
+
+def test_non_finite_activations_and_logits_are_clear_errors(rng):
+    net, z, cp = planted(rng)
+    bad = z.copy()
+    bad[5, 0] = np.nan
+    for sample_factors in ("model", "project"):
+        with pytest.raises(InvalidArgumentError, match="layer 'feat' gives non-finite values"):
+            component_importance(net, "feat", cp, bad, sample_factors=sample_factors)
+
+    class LogAfter(nn.Module):  # finite layer, NaN logits once a component is removed
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.net(z) - self.net.head.bias - 1e-3)
+
+    # removing component r zeroes class r's logit above its bias: the log of a negative
+    with pytest.raises(InvalidArgumentError, match="logits are not finite.*edit"):
+        component_importance(LogAfter(), "net.feat", cp, z, modes=("remove",), clip=False)

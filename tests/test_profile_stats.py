@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -463,3 +464,21 @@ def test_verdict_wording():
     assert "stable rank falls" in per_layer["act2"] and "area rises" in per_layer["act2"]
     _, overall = assoc.summarize([few])
     assert "too few" in overall and "no conclusion" in overall
+
+
+def test_verdict_states_no_direction_when_the_interval_spans_zero():
+    """p below 0.05 but a bootstrap interval for rho that includes 0: the tests disagree."""
+    q = [0.435, -0.197, -0.043, -2.492, -2.7, 0.337, 0.33]
+    v = [1.741, 0.564, 0.187, -1.977, -3.587, 1.153, -0.34]
+    a = assoc.associate(q, v, layer="L", measure="stable", random_state=26)
+    low, high = a.ci
+    assert a.significant and low < 0 < high  # the case: permutation p < 0.05, interval spans 0
+    assert "rises" not in a.verdict and "falls" not in a.verdict
+    assert "direction" in a.verdict and "includes zero" in a.verdict
+    assert not a.conclusive
+    per_layer, overall = assoc.summarize([a])
+    for sentence in (per_layer["L"], overall):
+        assert "rises" not in sentence and "falls" not in sentence
+    # the same data with the interval excluding zero states the direction
+    b = assoc.holm([dataclasses.replace(a, ci=(0.2, 0.95))])[0]
+    assert b.conclusive and "the stable rank rises as accuracy rises" in b.verdict

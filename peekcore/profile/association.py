@@ -125,6 +125,18 @@ class Association:
         p = self.p_adjusted if math.isfinite(self.p_adjusted) else self.p_value
         return bool(self.n >= MIN_POINTS and math.isfinite(p) and p < 1.0 - self.level)
 
+    @property
+    def conclusive(self) -> bool:
+        """Significant, and the bootstrap interval agrees: it excludes zero (or is undefined).
+
+        The permutation test and the bootstrap interval answer with different
+        methods; on few points they can disagree (p < 0.05 while the interval
+        includes 0). Only then is a direction stated in the verdict.
+        """
+        low, high = self.ci
+        spans = math.isfinite(low) and math.isfinite(high) and low <= 0.0 <= high
+        return self.significant and not spans
+
     def to_dict(self) -> dict:
         """A JSON-ready record (``ci`` as ``[low, high]``; nan stays nan)."""
         out = asdict(self)
@@ -489,9 +501,15 @@ def _verdict(a: Association) -> str:
         )
     if a.reason:
         return head + f"no test of the {what}: {a.reason}"
-    if a.significant:
+    if a.conclusive:
         way = "rises" if a.rho > 0 else "falls"
         return head + f"the {what} {way} as {a.quality_name} rises, {_numbers(a)}"
+    if a.significant:  # the permutation test and the interval disagree: no direction
+        return head + (
+            f"inconclusive for the {what} and {a.quality_name}: the permutation test is below "
+            f"{1.0 - a.level:.2g} but the {a.level:.0%} interval for rho includes zero, so "
+            f"neither a link nor its direction is established ({_numbers(a)})"
+        )
     return (
         head + f"no evidence of a link between the {what} and {a.quality_name} at this sample "
         f"size ({_numbers(a)})"
