@@ -20,11 +20,11 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import json, peekcore; print(json.dumps(peekcore.build_info()))" | tee "$OUT/build_info.json"
 for f in csrc/cuda/*.cu; do nvcc -std=c++17 -arch=sm_90 -cubin -Icsrc/include -o /tmp/x.cubin "$f" \
   && echo "nvcc sm_90 ok: $f"; done
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_pass.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py \
   2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 # the kernels again, launched through peekcore._core instead of CuPy
 PEEKCORE_CUDA_BACKEND=extension timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_cuda.py tests/test_cuda_pass.py -k "pass_chunk or update_rows or hals_update or graph" 2>&1 \
+  tests/test_cuda.py tests/test_kernels.py -k "pass_chunk or update_rows or hals_update or graph" 2>&1 \
   | tee "$OUT/pytest_cuda_extension.log" | tail -3
 echo "checks done at $(( $(date +%s) - t0 )) s"
 # issue 6 on the card: the shared sweep against one-by-one fits, then where its

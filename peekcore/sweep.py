@@ -33,9 +33,9 @@ from ._version import __version__
 from .kernels import ALS, HALS, PassKernel
 from .model import CPModel, FitHistory
 from .solvers.checks import check_random_state, check_rank
-from .solvers.engine import ModelState, Problem, finish_model, new_state, prepare, run_models
-from .solvers.init import Initializer
+from .solvers.engine import finish_model, fit_models
 from .solvers.passes import check_not_all_zeros, gram_pass, iterate_chunks
+from .solvers.problem import ModelState, Problem, prepare
 from .sources import ArraySource
 
 __all__ = ["RankSweep", "rank_sweep"]
@@ -215,19 +215,9 @@ def _check_ranks(ranks: Any, shape: tuple[int, ...]) -> list[int]:
     return sorted(check_rank(r, shape) for r in parse_ranks(ranks))
 
 
-def _states(
-    initializer: Initializer,
-    ranks: list[int],
-    replicates: int,
-    random_state: int,
-    compute: torch.dtype,
-    comm: Any = None,
-) -> list[ModelState]:
-    return [
-        new_state(initializer, r, random_state + p, compute, comm)
-        for r in ranks
-        for p in range(replicates)
-    ]
+def _specs(ranks: list[int], replicates: int, random_state: int) -> list[tuple[int, int]]:
+    """(rank, seed) of every model of a sweep: replicate ``p`` seeds ``random_state + p``."""
+    return [(r, random_state + p) for r in ranks for p in range(replicates)]
 
 
 def _score(
@@ -364,8 +354,6 @@ def rank_sweep(
         device=device,
         kernel=kernel,
         sweeps=sweeps,
-        checkpoint=None,
-        checkpoint_every=1,
     )
     problem = prepare(data, method=_METHODS[method], distributed=distributed, **kw)
     if compress and problem.comm.active:
@@ -385,28 +373,16 @@ def rank_sweep(
             kw,
             t_start,
         )
-    settings = problem.settings
-    initializer = Initializer(
-        init,
-        problem.source,
-        nonneg=method == "ncp",
-        chunk_size=settings.chunk_size,
-        compute_dtype=settings.compute_dtype,
-        device=problem.device,
-        comm=problem.comm,
-    )
-    states = _states(
-        initializer, ranks, replicates, random_state, settings.compute_dtype, problem.comm
-    )
-    norm2 = run_models(
+    fitted = fit_models(
         problem,
-        states,
-        norm2=initializer.norm2,
+        init,
+        _specs(ranks, replicates, random_state),
         progress=progress,
-        desc=f"rank sweep ({len(states)} models)",
+        desc=f"rank sweep ({len(ranks) * replicates} models)",
         keep_statistics=True,
     )
-    models = [finish_model(problem, s, initializer.name) for s in states]
+    states, norm2 = fitted.states, fitted.norm2
+    models = [finish_model(problem, s, fitted.init_name) for s in states]
     return _assemble(
         problem, states, models, ranks, replicates, method, norm2, rank_rule, {}, t_start
     )
@@ -499,6 +475,55 @@ def _lifted_history(history: FitHistory, norm2: float, norm2_y: float) -> FitHis
     return replace(history, fit=[1.0 - e for e in rel], rel_error=rel)
 
 
+def _compress_dims(compress_dims: Any, dims: tuple[int, ...], ranks: list[int]) -> list[int]:
+    """Subspace size per resident mode (default ``min(I_m, max(ranks) + 8)``), checked."""
+    if compress_dims is None:
+        compress_dims = [min(n, max(ranks) + 8) for n in dims]
+    elif isinstance(compress_dims, int):
+        compress_dims = [min(n, compress_dims) for n in dims]
+    if len(compress_dims) != len(dims) or any(k < 1 for k in compress_dims):
+        raise ValueError(f"compress_dims must give one positive size per mode {dims}")
+    return list(compress_dims)
+
+
+def _leading_subspaces(
+    problem: Problem, compress_dims: list[int]
+) -> tuple[list[torch.Tensor], float]:
+    """One streamed Gram pass: the leading ``k_m`` eigenvectors of every resident mode's
+    Gram (``I_m x k_m``) and ``||X||^2``."""
+    settings = problem.settings
+    grams, norm2 = gram_pass(
+        problem.source, settings.chunk_size, settings.compute_dtype, problem.device
+    )
+    check_not_all_zeros(norm2)
+    bases = []
+    for g, k in zip(grams, compress_dims, strict=True):
+        vals, vecs = torch.linalg.eigh(g)
+        bases.append(vecs[:, torch.argsort(vals, descending=True)[:k]].contiguous())
+    return bases, norm2
+
+
+def _refine(problem: Problem, chosen: CPModel, iterations: int) -> CPModel:
+    """``iterations`` exact passes over the full data from a compressed sweep's model."""
+    from .solvers.als import cp_als
+
+    settings = problem.settings
+    refined = cp_als(
+        problem.source,
+        chosen.rank,
+        init=chosen,
+        n_iter_max=iterations,
+        tol=settings.tol,
+        chunk_size=settings.chunk_size,
+        device=problem.device,
+        kernel=problem.kernel,
+        dtype=settings.compute_dtype,
+        progress=False,
+    )
+    refined.metadata["source"] = problem.origin
+    return refined
+
+
 def _compressed_sweep(
     problem: Problem,
     ranks: list[int],
@@ -514,21 +539,9 @@ def _compressed_sweep(
 ) -> RankSweep:
     settings = problem.settings
     dims = problem.shape[1:]
-    if compress_dims is None:
-        compress_dims = [min(n, max(ranks) + 8) for n in dims]
-    elif isinstance(compress_dims, int):
-        compress_dims = [min(n, compress_dims) for n in dims]
-    if len(compress_dims) != len(dims) or any(k < 1 for k in compress_dims):
-        raise ValueError(f"compress_dims must give one positive size per mode {dims}")
+    compress_dims = _compress_dims(compress_dims, dims, ranks)
     # 1. leading subspaces of every resident mode, from one streamed Gram pass
-    grams, norm2 = gram_pass(
-        problem.source, settings.chunk_size, settings.compute_dtype, problem.device
-    )
-    check_not_all_zeros(norm2)
-    bases = []
-    for g, k in zip(grams, compress_dims, strict=True):
-        vals, vecs = torch.linalg.eigh(g)
-        bases.append(vecs[:, torch.argsort(vals, descending=True)[:k]].contiguous())
+    bases, norm2 = _leading_subspaces(problem, compress_dims)
     # 2. one pass projects the data; 3. the whole sweep on the small tensor
     y = _project(problem, bases)
     norm2_y = float(torch.sum(y.double() ** 2))
@@ -542,24 +555,16 @@ def _compressed_sweep(
         "dtype": settings.compute_dtype,
     }
     small = prepare(ArraySource(y), method=ALS, **small_kw)
-    small_init = Initializer(
-        init,
-        small.source,
-        nonneg=False,
-        chunk_size=small.settings.chunk_size,
-        compute_dtype=small.settings.compute_dtype,
-        device=small.device,
-    )
-    states = _states(small_init, ranks, replicates, random_state, small.settings.compute_dtype)
     bases = [u.to(problem.device) for u in bases]
-    run_models(
+    states = fit_models(
         small,
-        states,
+        init,
+        _specs(ranks, replicates, random_state),
         norm2=norm2_y,
         progress=progress,
-        desc=f"compressed sweep ({len(states)} models)",
+        desc=f"compressed sweep ({len(ranks) * replicates} models)",
         keep_statistics=True,
-    )
+    ).states
     # 4. every model evaluated on the full data, exactly, from what the two
     # passes measured. The lifted model (B = U_1 B_y, ...) lies in the
     # subspaces, so X - M splits into two orthogonal parts, X - P X and the
@@ -583,25 +588,9 @@ def _compressed_sweep(
     # 5. refine the chosen rank's best replicate with more exact passes
     k = sweep.ranks.index(sweep.chosen_rank)
     b = int(sweep.best[k])
-    chosen = sweep.models[k][b]
     if refine_iters > 0:
-        from .solvers.als import cp_als
-
-        refined = cp_als(
-            problem.source,
-            sweep.chosen_rank,
-            init=chosen,
-            n_iter_max=refine_iters,
-            tol=settings.tol,
-            chunk_size=settings.chunk_size,
-            device=problem.device,
-            kernel=problem.kernel,
-            dtype=settings.compute_dtype,
-            progress=False,
-        )
-        refined.metadata["source"] = problem.origin
-        sweep.models[k][b] = refined
-        sweep.fit[k, b] = refined.fit
+        sweep.models[k][b] = _refine(problem, sweep.models[k][b], refine_iters)
+        sweep.fit[k, b] = sweep.models[k][b].fit
     j = k * replicates + b
     sweep.compression = {
         "dims": list(compress_dims),

@@ -48,9 +48,9 @@ except ImportError as err:  # pragma: no cover - tensorly is a test dependency
 from .kernels import ALS, HALS
 from .model import CPModel
 from .solvers.checks import check_rank
-from .solvers.engine import new_state, prepare, run_models
-from .solvers.init import Initializer
+from .solvers.engine import run_models
 from .solvers.iteration import residual
+from .solvers.problem import new_state, prepare
 
 __all__ = ["parafac", "non_negative_parafac_hals", "CP", "CP_NN_HALS"]
 
@@ -200,24 +200,13 @@ def _fit(
     rank = check_rank(rank, problem.shape)
     settings = problem.settings
 
-    def initializer_of(init: Any, nonneg: bool) -> Initializer:
-        return Initializer(
-            init,
-            problem.source,
-            nonneg=nonneg,
-            chunk_size=settings.chunk_size,
-            compute_dtype=settings.compute_dtype,
-            device=problem.device,
-            comm=problem.comm,
-        )
-
     if engine_init == "gram" and nonneg:
         # TensorLy makes its SVD start feasible by absolute values; so does this one (the
         # engine's positive parts stalled TensorLy's own test case at an error of 0.11)
-        a0, resident = initializer_of("gram", False).factors(rank, seed)
+        a0, resident = problem.initializer("gram", nonneg=False).factors(rank, seed)
         mats = [a0.cpu().numpy()] + [torch.abs(f).cpu().numpy() for f in resident]
         engine_init = CPModel(np.ones(rank), mats)
-    initializer = initializer_of(engine_init, nonneg)
+    initializer = problem.initializer(engine_init, nonneg=nonneg)
     state = new_state(initializer, rank, seed, settings.compute_dtype, problem.comm)
     norm2 = initializer.norm2  # None: the first pass measures it and vets the data
 

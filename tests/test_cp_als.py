@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import numpy as np
@@ -391,20 +392,25 @@ def test_float32_pass_for_narrow_ranks_matches_dense_als(rng, shape, rank):
         assert _rel(got, exp) < 1e-4
 
 
-def test_chunk_size_for_natural_chunks():
-    from peekcore.solvers.checks import chunk_size_for
+def test_chunk_plan_for_natural_chunks():
+    from peekcore.kernels import TorchKernel
+    from peekcore.solvers.problem import plan_chunks, samples_per_chunk
 
-    shape, mib = (10_000, 256, 1024), 1 << 20  # float32: 1 MiB per sample
-    pick = lambda **kw: chunk_size_for(shape, "float32", None, None, 64 * mib, **kw)  # noqa: E731
+    n, mib = 10_000, 1 << 20  # float32 256 x 1024: 1 MiB per sample
+    pick = lambda **kw: samples_per_chunk(n, mib, budget=64 * mib, **kw)  # noqa: E731
     assert pick() == 64  # no natural chunk: the budget
     assert pick(natural=5) == 60  # the largest multiple in the budget
-    assert pick(natural=5, natural_alone_bytes=4 * mib) == 5  # big enough to read alone
-    assert pick(natural=3, natural_alone_bytes=4 * mib) == 63  # too small: grouped
-    assert pick(natural=100, natural_alone_bytes=4 * mib) == 100  # over the budget: one
-    # an explicit budget or chunk size wins over reading natural chunks alone
-    assert chunk_size_for(shape, "float32", None, 32 * mib, 64 * mib, 5, 4 * mib) == 30
-    assert chunk_size_for(shape, "float32", 7, None, 64 * mib, 5, 4 * mib) == 7
-    assert chunk_size_for((12, 256, 1024), "float32", None, None, 64 * mib, 50, mib) == 12
+    assert pick(natural=5, alone_bytes=4 * mib) == 5  # big enough to read alone
+    assert pick(natural=3, alone_bytes=4 * mib) == 63  # too small: grouped
+    assert pick(natural=100, alone_bytes=4 * mib) == 100  # over the budget: one
+    # the plan on the CPU: 64 MiB, natural chunks of 4 MiB read alone; an explicit
+    # budget or chunk size wins over reading natural chunks alone
+    source = types.SimpleNamespace(shape=(n, 256, 1024), dtype=np.dtype("float32"), chunk_size=5)
+    cpu = TorchKernel("cpu")
+    assert plan_chunks(source, cpu) == 5
+    assert plan_chunks(source, cpu, max_chunk_bytes=32 * mib) == 30
+    assert plan_chunks(source, cpu, chunk_size=7) == 7
+    assert samples_per_chunk(12, mib, budget=64 * mib, natural=50, alone_bytes=mib) == 12
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])

@@ -9,10 +9,9 @@ import pytest
 import reference as ref
 import torch
 
-from peekcore.solvers.engine import new_state, prepare
 from peekcore.solvers.graphs import agree, graphs_allowed
-from peekcore.solvers.init import Initializer
 from peekcore.solvers.iteration import Stack, step
+from peekcore.solvers.problem import new_state, prepare
 
 
 def _setup(rng, ranks, method="als", shape=(31, 6, 5), kernel=None):
@@ -32,14 +31,7 @@ def _setup(rng, ranks, method="als", shape=(31, 6, 5), kernel=None):
         checkpoint=None,
         checkpoint_every=1,
     )
-    init = Initializer(
-        "random",
-        problem.source,
-        nonneg=method == "hals",
-        chunk_size=12,
-        compute_dtype=problem.settings.compute_dtype,
-        device=problem.device,
-    )
+    init = problem.initializer("random")
     states = [
         new_state(init, r, seed, problem.settings.compute_dtype) for seed, r in enumerate(ranks)
     ]

@@ -252,10 +252,10 @@ def test_solvers_read_whole_stored_chunks(digit_store, monkeypatch):
         assert fit.metadata["chunk_size"] == min(want, layer.shape[0])
     # the default budget on the CPU: stored chunks of at least NATURAL_CHUNK_ALONE_BYTES are
     # read alone (mapped, no copy), smaller ones grouped up to the budget
-    from peekcore.solvers import engine
+    from peekcore.solvers import problem
 
     for alone, alone_ok in ((cs * row, True), (cs * row + 1, False)):
-        monkeypatch.setattr(engine, "NATURAL_CHUNK_ALONE_BYTES", alone)
+        monkeypatch.setattr(problem, "NATURAL_CHUNK_ALONE_BYTES", alone)
         fit = peekcore.cp_als(layer, 2, n_iter_max=1, progress=False)
         assert (fit.metadata["chunk_size"] == cs) == alone_ok
     # a chunk size that is not a multiple reads whole chunks too, and cuts them

@@ -24,7 +24,7 @@ from .passes import iterate_chunks
 from .scaling import unscaled
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import ModelState, Problem
+    from .problem import ModelState, Problem
 
 __all__ = [
     "save_checkpoint",

@@ -1,4 +1,7 @@
-"""Argument checks shared by the solvers: every message says what to change."""
+"""Argument checks shared by the solvers: every message says what to change.
+
+The chunk policy lives in ``problem.plan_chunks``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ __all__ = [
     "check_iterations",
     "check_fixed_modes",
     "compute_dtype_for",
-    "chunk_size_for",
 ]
 
 TORCH_DTYPES = {
@@ -28,15 +30,6 @@ TORCH_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # CPU: a chunk is a unit of reading, blocks do the work
-DEVICE_RESIDENT_CHUNK_BYTES = 1 << 30  # data already on the GPU: few, large GEMMs
-DEVICE_STREAMED_CHUNK_BYTES = 256 << 20  # host -> GPU: double-buffered copies of this size
-# CPU, default budget: a source's own chunk (a store's stored chunk) of at least this size
-# is read alone, not grouped up to the budget. A store hands those out as mappings of its
-# files, without a copy; a 4,096 x 256 x 14 x 14 float16 fit from a store went 129-149 ->
-# 96-99 ms per iteration (benchmarks/bench_store_fit.py), and passes over 128 samples
-# instead of 668 cost the same fit in memory at most 10 ms.
-NATURAL_CHUNK_ALONE_BYTES = 4 << 20
 
 
 def check_rank(rank: Any, shape: tuple[int, ...]) -> int:
@@ -164,33 +157,3 @@ def compute_dtype_for(stored: str, dtype: Any) -> torch.dtype:
             f"None), got {dtype}; half-precision storage is fine, accumulation in half is not"
         )
     return compute
-
-
-def chunk_size_for(
-    shape: tuple[int, ...],
-    stored: str,
-    chunk_size: int | None,
-    max_chunk_bytes: int | None,
-    default_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    natural: int | None = None,
-    natural_alone_bytes: int | None = None,
-) -> int:
-    """Samples per chunk: ``chunk_size`` if given, else as many as fit in the byte budget.
-
-    ``natural``: the source's own chunk in samples (a store's stored chunks);
-    without a ``chunk_size`` the chunk is then the largest multiple of it in
-    the budget (at least one), so that reads stay whole stored chunks.
-    ``natural_alone_bytes``: with the default budget, a natural chunk of at
-    least this many bytes is used alone instead (whole stored chunks come
-    without a copy).
-    """
-    if chunk_size is not None:
-        return check_int(chunk_size, "chunk_size", purpose=" (samples per chunk)")
-    per_sample = math.prod(shape[1:]) * torch.empty((), dtype=TORCH_DTYPES[stored]).element_size()
-    budget = default_bytes if max_chunk_bytes is None else int(max_chunk_bytes)
-    if natural is not None and natural >= 1:
-        alone = natural_alone_bytes is not None and max_chunk_bytes is None
-        if alone and natural_alone_bytes <= natural * per_sample <= budget:
-            return min(shape[0], natural)
-        return max(1, min(shape[0], max(1, budget // (natural * per_sample)) * natural))
-    return max(1, min(shape[0], budget // per_sample))

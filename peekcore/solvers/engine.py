@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validate import check_device, check_output_file
 from .._version import __version__
-from ..distributed import Communicator, ShardSource, communicator
-from ..kernels import HALS, PassKernel, get_kernel
-from ..model import CPModel, FitHistory, normalize_factors
-from ..sources import ChunkSource, as_source, describe_source, dtype_name, natural_chunk_size
+from ..distributed import Communicator
+from ..kernels import HALS
+from ..model import CPModel, normalize_factors
 from .checkpoint import (
     check_resumed_norm2,
     checkpoint_key,
@@ -43,32 +41,25 @@ from .checkpoint import (
     measure_norm2,
     save_checkpoint,
 )
-from .checks import (
-    NATURAL_CHUNK_ALONE_BYTES,
-    check_checkpoint_every,
-    check_fixed_modes,
-    check_iterations,
-    check_random_state,
-    check_rank,
-    check_shape,
-    chunk_size_for,
-    compute_dtype_for,
-)
+from .checks import check_random_state, check_rank
 from .graphs import MIN_ITERATIONS_LEFT, GraphedStep, capture_step, graphs_allowed
-from .init import Initializer
 from .iteration import Stack, step
-from .passes import default_chunk_bytes
-from .scaling import ScaledSource, choose_scale, unscaled
+
+# what callers imported from here before problem.py held them
+from .problem import ModelState, Problem, RunSettings, new_state, prepare
 
 __all__ = [
+    "Fitted",
     "IterationInfo",
     "ModelState",
-    "RunSettings",
     "Problem",
+    "RunSettings",
+    "finish_model",
+    "fit_models",
+    "fit_streaming",
+    "new_state",
     "prepare",
     "run_models",
-    "finish_model",
-    "fit_streaming",
 ]
 
 # a residual below -CANCELLATION_ULPS units of the statistics' rounding (times ||X||^2)
@@ -84,140 +75,6 @@ class IterationInfo:
     fit: float
     rel_error: float
     seconds: float
-
-
-@dataclass
-class RunSettings:
-    """Validated solver settings shared by every model of a run."""
-
-    method: str
-    n_iter_max: int
-    tol: float
-    chunk_size: int
-    compute_dtype: torch.dtype
-    sweeps: int
-    checkpoint: Path | None = None
-    checkpoint_every: int = 1
-    # modes whose factors stay at their initial values (0 the sample mode)
-    fixed_modes: tuple[int, ...] = ()
-
-
-@dataclass
-class ModelState:
-    """One model while it is being fitted.
-
-    Attributes
-    ----------
-    rank, seed : int
-    a : torch.Tensor
-        ``N x R`` sample factor in the compute dtype, on the kernel's device.
-    resident : list of torch.Tensor
-        ``I_m x R`` float64 resident factors.
-    history : FitHistory
-    active : bool
-        Still iterating.
-    statistics : tuple, optional
-        ``(T, AtA)`` of the model's last pass (``R x I_1 x ... x I_d`` and
-        ``R x R``, float64), in the scale of ``a`` and ``resident``; kept when
-        ``run_models(keep_statistics=True)``.
-    graphed : int
-        Iterations replayed from a CUDA graph (``peekcore.solvers.graphs``).
-    cancelled : bool
-        Its residual came out clearly negative once (warned).
-    """
-
-    rank: int
-    seed: int | None
-    a: torch.Tensor
-    resident: list[torch.Tensor]
-    history: FitHistory = field(default_factory=FitHistory)
-    active: bool = True
-    dead_seen: bool = False
-    statistics: tuple[torch.Tensor, torch.Tensor] | None = None
-    graphed: int = 0
-    cancelled: bool = False
-
-
-@dataclass
-class Problem:
-    """A validated data source, kernel and settings (what ``prepare`` returns).
-
-    ``shape`` is the whole data's; in a data-parallel fit ``source`` holds this
-    process's rows ``comm.lo .. comm.hi`` of it. ``source`` reads the data
-    multiplied by ``scale``, a power of two (``peekcore.solvers.scaling``;
-    1.0 unless the data's magnitude is far from 1): the factors, statistics and
-    ``||X||^2`` of a run are in that scale, and :func:`finish_model` undoes it.
-    """
-
-    source: ChunkSource
-    shape: tuple[int, ...]
-    stored: str
-    kernel: PassKernel
-    device: torch.device
-    settings: RunSettings
-    comm: Communicator = field(default_factory=Communicator)
-    #: where the data came from (``sources.describe_source``), recorded in results
-    origin: dict = field(default_factory=dict)
-    scale: float = 1.0
-
-
-def prepare(
-    data: Any,
-    *,
-    method: str,
-    n_iter_max: int,
-    tol: float,
-    chunk_size: int | None,
-    max_chunk_bytes: int | None,
-    dtype: Any,
-    device: str | torch.device,
-    kernel: str | PassKernel | None,
-    sweeps: int,
-    checkpoint: str | Path | None,
-    checkpoint_every: int,
-    distributed: bool | None = None,
-    fixed_modes: Any = None,
-) -> Problem:
-    """Check the arguments of a fit and pick its kernel, chunking and process shard."""
-    source = unscaled(as_source(data))  # a nested fit (a sweep's refinement) scales anew
-    shape = check_shape(tuple(int(n) for n in source.shape))
-    whole = source
-    comm = communicator(distributed, shape[0], natural_chunk_size(source) or 1)
-    if comm.active:
-        source = ShardSource(source, comm.lo, comm.hi)
-    stored = dtype_name(source.dtype)
-    n_iter_max, tol, sweeps = check_iterations(n_iter_max, tol, sweeps)
-    compute = compute_dtype_for(stored, dtype)
-    # every process samples the whole data, so all pick the same scale
-    scale = choose_scale(whole, compute)
-    if scale != 1.0:
-        source = ScaledSource(source, scale)
-    checkpoint_every = check_checkpoint_every(checkpoint_every)
-    if checkpoint is not None and comm.rank == 0:  # before any pass: none is lost to it
-        check_output_file(checkpoint, "checkpoints")
-    dev = check_device(device)
-    kern = get_kernel(kernel, dev)
-    settings = RunSettings(
-        method=method,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        chunk_size=chunk_size_for(
-            shape,
-            stored,
-            chunk_size,
-            max_chunk_bytes,
-            default_chunk_bytes(source, kern),
-            natural_chunk_size(source),
-            # on a GPU fewer, larger chunks pay more than a saved host copy
-            NATURAL_CHUNK_ALONE_BYTES if kern.device.type != "cuda" else None,
-        ),
-        compute_dtype=compute,
-        sweeps=sweeps if method == HALS else 0,
-        checkpoint=Path(checkpoint) if checkpoint is not None else None,
-        checkpoint_every=checkpoint_every,
-        fixed_modes=check_fixed_modes(fixed_modes, len(shape)),
-    )
-    return Problem(source, shape, stored, kern, dev, settings, comm, describe_source(data), scale)
 
 
 # ---------------------------------------------------------------- dead components
@@ -280,6 +137,48 @@ def reseed_dead(
 # ---------------------------------------------------------------- the loop
 
 
+def _record(
+    s: ModelState, resid2: float, it: int, seconds: float, norm2: float, settings: RunSettings
+) -> None:
+    """One iteration of one model: vet its residual, extend its history, stop it at ``tol``.
+
+    A residual below -CANCELLATION_ULPS units of the statistics' rounding
+    (times ``||X||^2``) is warned about once per model.
+    """
+    if not math.isfinite(resid2):
+        raise FloatingPointError(
+            f"the fit became non-finite at iteration {it + 1}: the data changed "
+            "between passes or holds NaN/Inf (checked in the first pass only), or "
+            "the model overflowed the compute dtype (try dtype='float64')"
+        )
+    if (
+        resid2 < -CANCELLATION_ULPS * torch.finfo(settings.compute_dtype).eps * norm2
+        and not s.cancelled
+    ):
+        s.cancelled = True
+        warnings.warn(
+            f"rank {s.rank}, iteration {it + 1}: the residual came out negative "
+            f"({resid2 / norm2:.1e} of ||X||^2), so the model's components cancel "
+            "each other beyond the precision of the statistics and the reported "
+            "fit is not its real fit; the rank is likely above what the data "
+            "holds: fit a lower rank, or pass dtype='float64'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    rel = math.sqrt(max(resid2, 0.0) / norm2)
+    h = s.history
+    h.fit.append(1.0 - rel)
+    h.rel_error.append(rel)
+    h.seconds.append(seconds)
+    h.inner_sweeps.append(settings.sweeps)
+    if len(h.fit) >= 2:
+        prev = h.fit[-2]
+        if abs(h.fit[-1] - prev) <= settings.tol * max(abs(prev), 1e-12):
+            h.converged = True
+            h.stop_reason = "tol"
+            s.active = False
+
+
 def run_models(
     problem: Problem,
     states: list[ModelState],
@@ -303,7 +202,6 @@ def run_models(
     from tqdm.auto import tqdm
 
     settings = problem.settings
-    stats_eps = torch.finfo(settings.compute_dtype).eps  # rounding of the pass's sums
     method = settings.method
     bar = tqdm(
         total=settings.n_iter_max,
@@ -356,35 +254,7 @@ def run_models(
                 resid2, dead_count = values[2 * k], values[2 * k + 1]
                 s.dead_seen = dead_count > 0
                 s.graphed += graphed is not None
-                if not math.isfinite(resid2):
-                    raise FloatingPointError(
-                        f"the fit became non-finite at iteration {it + 1}: the data changed "
-                        "between passes or holds NaN/Inf (checked in the first pass only), or "
-                        "the model overflowed the compute dtype (try dtype='float64')"
-                    )
-                if resid2 < -CANCELLATION_ULPS * stats_eps * norm2 and not s.cancelled:
-                    s.cancelled = True
-                    warnings.warn(
-                        f"rank {s.rank}, iteration {it + 1}: the residual came out negative "
-                        f"({resid2 / norm2:.1e} of ||X||^2), so the model's components cancel "
-                        "each other beyond the precision of the statistics and the reported "
-                        "fit is not its real fit; the rank is likely above what the data "
-                        "holds: fit a lower rank, or pass dtype='float64'",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                rel = math.sqrt(max(resid2, 0.0) / norm2)
-                h = s.history
-                h.fit.append(1.0 - rel)
-                h.rel_error.append(rel)
-                h.seconds.append(seconds)
-                h.inner_sweeps.append(settings.sweeps)
-                if len(h.fit) >= 2:
-                    prev = h.fit[-2]
-                    if abs(h.fit[-1] - prev) <= settings.tol * max(abs(prev), 1e-12):
-                        h.converged = True
-                        h.stop_reason = "tol"
-                        s.active = False
+                _record(s, resid2, it, seconds, norm2, settings)
                 if keep_statistics and (not s.active or it == settings.n_iter_max - 1):
                     # its own copies: the stack's statistics are refilled next iteration
                     s.statistics = (result.t[lo:hi].clone(), result.ata[lo:hi, lo:hi].clone())
@@ -443,18 +313,106 @@ def finish_model(problem: Problem, state: ModelState, init_name: str) -> CPModel
     return CPModel(weights, factors, state.history, metadata)
 
 
-def new_state(
-    initializer: Initializer,
-    rank: int,
-    seed: int | None,
-    compute: torch.dtype,
-    comm: Communicator | None = None,
-) -> ModelState:
-    """A model at its initial factors (this process's rows of the sample factor)."""
-    a64, resident = initializer.factors(rank, seed)
-    if comm is not None and comm.active:
-        a64 = a64[comm.lo : comm.hi]
-    return ModelState(rank, seed, a64.to(compute).contiguous(), resident)
+@dataclass
+class Fitted:
+    """What :func:`fit_models` returns.
+
+    Attributes
+    ----------
+    states : list of ModelState
+        Every model at its last iteration, in the order of the specs.
+    norm2 : float
+        ``||X||^2`` of the data the models were fitted to (in the problem's scale).
+    init_name : str
+        The initializer's name (model metadata).
+    """
+
+    states: list[ModelState]
+    norm2: float
+    init_name: str
+
+
+def fit_models(
+    problem: Problem,
+    init: Any,
+    specs: list[tuple[int, int | None]],
+    *,
+    norm2: float | None = None,
+    resume: str | Path | None = None,
+    callback: Callable[[IterationInfo], Any] | None = None,
+    progress: bool | None = None,
+    desc: str = "fit",
+    keep_statistics: bool = False,
+) -> Fitted:
+    """Fit a model per ``(rank, seed)`` of ``specs`` from ``init``, in shared passes.
+
+    The one entry of ``fit_streaming``, ``rank_sweep`` and the compressed
+    sweep: builds the initializer, the models' initial states (or reads them
+    from the checkpoint ``resume``), and runs the loop (:func:`run_models`).
+
+    Parameters
+    ----------
+    problem : Problem
+        From :func:`prepare`.
+    init : str, CPModel or sequence
+        As ``cp_als`` takes it.
+    specs : list of (int, int or None)
+        Rank and seed of every model.
+    norm2 : float, optional
+        ``||X||^2`` when already known (else the initializer's, or the first
+        pass measures it and vets the data).
+    resume : path, optional
+        Checkpoint to continue from (its models must match ``specs``); the
+        first resumed pass measures ``||X||^2`` again and compares it with the
+        checkpoint's.
+    callback, progress, desc, keep_statistics
+        As for :func:`run_models`.
+
+    Returns
+    -------
+    Fitted
+    """
+    settings = problem.settings
+    initializer = problem.initializer(init)
+    check_norm2 = None
+    if resume is not None:
+        empty = len(problem.shape) - 1
+        states = [
+            ModelState(rank, seed, torch.empty(0), [torch.empty(0)] * empty) for rank, seed in specs
+        ]
+        key = checkpoint_key(problem, states, initializer.name)
+        recorded, start = load_checkpoint(Path(resume), key, states, problem.device, problem.comm)
+        for s in states:
+            s.a = s.a.to(settings.compute_dtype).contiguous()
+        # the first resumed pass measures ||X||^2 again: the rest of the data is checked too
+        norm2 = None
+        check_norm2 = partial(
+            check_resumed_norm2, Path(resume), recorded, dtype=settings.compute_dtype
+        )
+        if not any(s.active for s in states) or start >= settings.n_iter_max:
+            check_norm2(measure_norm2(problem))  # no pass left to measure it
+    else:
+        states = []
+        for rank, seed in specs:
+            t_init = time.perf_counter()
+            s = new_state(initializer, rank, seed, settings.compute_dtype, problem.comm)
+            s.history.init_seconds = time.perf_counter() - t_init
+            states.append(s)
+        key = checkpoint_key(problem, states, initializer.name) if settings.checkpoint else None
+        norm2, start = (initializer.norm2 if norm2 is None else norm2), 0
+    norm2 = run_models(
+        problem,
+        states,
+        norm2=norm2,
+        start_iter=start,
+        callback=callback,
+        progress=progress,
+        desc=desc,
+        key=key,
+        keep_statistics=keep_statistics,
+        check_norm2=check_norm2,
+    )
+    return Fitted(states, norm2, initializer.name)
 
 
 def fit_streaming(
@@ -462,82 +420,28 @@ def fit_streaming(
     rank: Any,
     *,
     method: str,
-    n_iter_max: int,
-    tol: float,
     init: Any,
     random_state: int | None,
-    chunk_size: int | None,
-    max_chunk_bytes: int | None,
-    dtype: Any,
-    device: str | torch.device,
-    kernel: str | PassKernel | None,
     callback: Callable[[IterationInfo], Any] | None,
     progress: bool | None,
-    sweeps: int = 1,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 1,
     resume: str | Path | None = None,
-    distributed: bool | None = None,
-    fixed_modes: Any = None,
+    **options: Any,
 ) -> CPModel:
-    """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``)."""
+    """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``).
+
+    ``options`` are :func:`prepare`'s keyword arguments (iterations, chunking,
+    dtype, device, kernel, sweeps, checkpoints, distributed, fixed modes).
+    """
     random_state = check_random_state(random_state)  # a seed: stored with the model
-    problem = prepare(
-        data,
-        method=method,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        chunk_size=chunk_size,
-        max_chunk_bytes=max_chunk_bytes,
-        dtype=dtype,
-        device=device,
-        kernel=kernel,
-        sweeps=sweeps,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        distributed=distributed,
-        fixed_modes=fixed_modes,
-    )
+    problem = prepare(data, method=method, **options)
     rank = check_rank(rank, problem.shape)
-    settings = problem.settings
-    initializer = Initializer(
-        init,
-        problem.source,
-        nonneg=method == HALS,
-        chunk_size=settings.chunk_size,
-        compute_dtype=settings.compute_dtype,
-        device=problem.device,
-        comm=problem.comm,
-    )
-    t_init = time.perf_counter()
-    check_norm2 = None
-    if resume is not None:
-        placeholder = [torch.empty(0)] * (len(problem.shape) - 1)
-        state = ModelState(rank, random_state, torch.empty(0), placeholder)
-        key = checkpoint_key(problem, [state], initializer.name)
-        recorded, start = load_checkpoint(Path(resume), key, [state], problem.device, problem.comm)
-        state.a = state.a.to(settings.compute_dtype).contiguous()
-        # the first resumed pass measures ||X||^2 again: the rest of the data is checked too
-        norm2 = None
-        check_norm2 = partial(
-            check_resumed_norm2, Path(resume), recorded, dtype=settings.compute_dtype
-        )
-        if not state.active or start >= settings.n_iter_max:  # no pass left to measure it
-            check_norm2(measure_norm2(problem))
-    else:
-        state = new_state(initializer, rank, random_state, settings.compute_dtype, problem.comm)
-        state.history.init_seconds = time.perf_counter() - t_init
-        key = checkpoint_key(problem, [state], initializer.name) if settings.checkpoint else None
-        norm2, start = initializer.norm2, 0
-    run_models(
+    fitted = fit_models(
         problem,
-        [state],
-        norm2=norm2,
-        start_iter=start,
+        init,
+        [(rank, random_state)],
+        resume=resume,
         callback=callback,
         progress=progress,
         desc="ncp_hals" if method == HALS else "cp_als",
-        key=key,
-        check_norm2=check_norm2,
     )
-    return finish_model(problem, state, initializer.name)
+    return finish_model(problem, fitted.states[0], fitted.init_name)

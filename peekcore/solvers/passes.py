@@ -14,17 +14,11 @@ from ..errors import DataError
 from ..kernels import PassKernel
 from ..kernels.base import PassStatistics
 from ..sources import ChunkSource
-from .checks import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    DEVICE_RESIDENT_CHUNK_BYTES,
-    DEVICE_STREAMED_CHUNK_BYTES,
-)
 
 __all__ = [
     "iterate_chunks",
     "pass_chunks",
     "accumulate_given_rows",
-    "default_chunk_bytes",
     "gram_pass",
     "check_nonnegative",
     "check_finite",
@@ -82,15 +76,6 @@ def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, 
         raise ValueError(
             f"the source yielded {offset} samples in a pass but its shape declares {shape[0]}"
         )
-
-
-def default_chunk_bytes(source: ChunkSource, kern: PassKernel) -> int:
-    """Chunk byte budget for a source read by a kernel (CPU, GPU-resident, host to GPU)."""
-    if kern.device.type != "cuda":
-        return DEFAULT_MAX_CHUNK_BYTES
-    if on_device(source, kern.device):
-        return DEVICE_RESIDENT_CHUNK_BYTES
-    return DEVICE_STREAMED_CHUNK_BYTES
 
 
 def on_device(source: ChunkSource, device: torch.device) -> bool:
