@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["require"]
 
 
-def require(module: str, extra: str, what: str) -> Any:
+def require(module: str, extra: str, what: str, package: str | None = None) -> Any:
     """Import an optional dependency, or say which pip line installs it.
 
     Parameters
@@ -24,6 +24,9 @@ def require(module: str, extra: str, what: str) -> Any:
         peekcore's extra that installs it (``"vision"``).
     what : str
         What needs it, for the message (``"reading a folder of images"``).
+    package : str, optional
+        The name pip installs it by, where it differs from the module's
+        (``"scikit-learn"`` for ``sklearn.datasets``).
 
     Returns
     -------
@@ -38,7 +41,8 @@ def require(module: str, extra: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
+        package = package or module.split(".")[0]
         raise ImportError(
-            f"{what} needs {module}, which is not installed: "
-            f'pip install "peekcore[{extra}]" (or pip install {module})'
+            f"{what} needs {package}, which is not installed: "
+            f'pip install "peekcore[{extra}]" (or pip install {package})'
         ) from err

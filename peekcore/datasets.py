@@ -194,7 +194,12 @@ def digits(*, dtype: str = "float32") -> ArrayDataset:
     ImportError
         When scikit-learn is not installed (``pip install scikit-learn``).
     """
-    require("sklearn", "demo", "peekcore.datasets.digits() (scikit-learn's bundled digits)")
+    require(
+        "sklearn.datasets",
+        "demo",
+        "peekcore.datasets.digits() (scikit-learn's bundled digits)",
+        package="scikit-learn",
+    )
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

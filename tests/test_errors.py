@@ -143,9 +143,10 @@ def test_failed_save_leaves_no_partial_file(tmp_path, x, monkeypatch):
 
 
 def test_torch_gpu_tensor_needs_a_gpu_only_when_used(x):
-    # a CPU tensor works on the CPU device; a wrong device string fails clearly
+    # a CPU tensor works on the CPU device; a wrong device string fails clearly (torch's own
+    # RuntimeError became peekcore's message naming the devices it takes)
     fit(torch.from_numpy(x))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="not a device torch knows: use 'cpu', 'cuda'"):
         fit(x, device="not-a-device")
 
 
