@@ -482,3 +482,38 @@ def test_verdict_states_no_direction_when_the_interval_spans_zero():
     # the same data with the interval excluding zero states the direction
     b = assoc.holm([dataclasses.replace(a, ci=(0.2, 0.95))])[0]
     assert b.conclusive and "the stable rank rises as accuracy rises" in b.verdict
+
+
+def test_one_point_per_group_is_not_a_test_with_nothing_to_permute():
+    """Separate runs with one checkpoint each: a within-group permutation permutes nothing
+    (p = 1 whatever the data), so the points, independent runs, are permuted freely."""
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=12)
+    a = assoc.associate(q, q, layer="L", measure="stable", groups=np.arange(12))
+    plain = assoc.associate(q, q, layer="L", measure="stable")
+    assert a.p_value == plain.p_value < 0.001
+    assert a.conclusive and "rises" in a.verdict
+    assert "one point" in a.extra["groups"]
+    # pooled: one point per (layer, seed) falls back to permuting within layer, not across
+    layers = np.repeat(["a", "b"], 12)
+    pooled = assoc.associate_pooled(
+        np.r_[q, q], np.r_[q, 10 + q], layers, measure="stable", seeds=np.tile(np.arange(12), 2)
+    )
+    assert pooled.n_groups == 2 and pooled.p_value < 0.001
+
+
+def test_verdict_says_when_too_few_within_group_orderings_exist():
+    """Four groups of two points have 2**4 = 16 orderings: the two-sided p-value cannot
+    fall below about 2 / 16, so even rho = 1 is no test, not "no evidence"."""
+    q = np.arange(8.0)
+    few = assoc.associate(q, q, layer="L", measure="stable", groups=np.arange(8) // 2)
+    assert few.extra["orderings"] == 16 and not few.significant
+    assert "no power" in few.verdict and "16 distinct" in few.verdict
+    assert "no evidence" not in few.verdict
+    per_layer, _ = assoc.summarize([few])
+    assert "too few distinct orderings" in per_layer["L"] and "no evidence" not in per_layer["L"]
+    q = np.arange(12.0)
+    six = assoc.associate(q, q, layer="L", measure="stable", groups=np.arange(12) // 2)
+    assert six.extra["orderings"] == 64  # 2 / 64 < 0.05: a test, the usual wording
+    many = assoc.associate(q, q, layer="L", measure="stable", groups=np.arange(12) // 6)
+    assert many.extra["orderings"] == math.factorial(6) ** 2

@@ -22,6 +22,12 @@ run). With ``groups`` (the seed, say):
   are resampled **within** each group instead (a stratified bootstrap), which,
   like the permutation test, holds the groups fixed: the interval then leaves
   out the variation between runs, and ``extra["ci_method"]`` says so.
+- when every group holds one point (separate runs, one checkpoint each) there
+  is nothing to permute within a group; such runs are independent, so the
+  points are tested as if ungrouped, and ``extra["groups"]`` says so;
+- a within-group permutation has only ``prod(size_g!)`` distinct orderings
+  (``extra["orderings"]``); when ``2 / orderings`` exceeds ``1 - level`` no
+  data could be significant, and the verdict says the test has no power.
 
 Pooled over layers (``layer="all"``), pass the layer (or the pair layer and
 seed) as ``groups``: the permutation is then within layer, because measures of
@@ -98,6 +104,10 @@ class Association:
     reason : str
         Why the statistics are nan, or ``""``.
     quality_name : str
+    extra : dict
+        ``ci_method`` (how the interval was made), ``orderings`` (distinct
+        orderings the permutation can draw), ``groups`` (a note when groups
+        were set aside).
     """
 
     layer: str
@@ -285,6 +295,21 @@ def _bootstrap_ci(
     return (float(low), float(high)), how
 
 
+def _orderings(codes: np.ndarray) -> int:
+    """Distinct orderings the permutation test can draw: ``prod(size_g!)`` over groups.
+
+    An upper bound (tied values give fewer), capped at ``10**9`` so that it
+    stays a small number in saved files. The two-sided p-value cannot fall
+    below about ``2 / orderings``.
+    """
+    total = 1
+    for k in np.bincount(codes):
+        total *= math.factorial(min(int(k), 13))  # 13! > 10**9: no need for more
+        if total >= 10**9:
+            return 10**9
+    return total
+
+
 def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -374,6 +399,12 @@ def associate(
         statistics are nan and ``reason`` says why.
     """
     q, v, codes, n_dropped = _paired(quality, values, groups)
+    notes = {}
+    if groups is not None and codes.size and np.bincount(codes).max() == 1:
+        # separate runs, one point each: a within-group permutation would permute nothing
+        # (p = 1 whatever the data); independent runs are exchangeable, so permute freely
+        codes = np.zeros_like(codes)
+        notes["groups"] = "every group holds one point (independent runs): tested ungrouped"
     n_permutations = _check_positive_int(n_permutations, "n_permutations", 2000)
     n_boot = _check_positive_int(n_boot, "n_boot", 100)
     if not 0.5 < float(level) < 1.0:
@@ -412,7 +443,7 @@ def associate(
         p_adjusted=p,
         ci=ci,
         exact=exact,
-        extra={"ci_method": how},
+        extra={"ci_method": how, "orderings": _orderings(codes), **notes},
     )
     result.verdict = _verdict(result)
     return result
@@ -430,7 +461,8 @@ def associate_pooled(
     """:func:`associate` over the points of every layer (``layer="all"``).
 
     The permutation is within layer (within layer and seed when ``seeds`` is
-    given), and the bootstrap resamples whole (layer[, seed]) groups.
+    given and some (layer, seed) holds several points), and the bootstrap
+    resamples whole (layer[, seed]) groups.
 
     Parameters
     ----------
@@ -445,7 +477,12 @@ def associate_pooled(
         Passed to :func:`associate`.
     """
     layers = np.asarray(layers).astype(str)
-    groups = layers if seeds is None else np.stack([layers, np.asarray(seeds).astype(str)], 1)
+    groups = layers
+    if seeds is not None:
+        pairs = np.stack([layers, np.asarray(seeds).astype(str)], 1)
+        # one point per (layer, seed) leaves nothing to permute within: then within layer
+        if np.unique(pairs, axis=0).shape[0] < pairs.shape[0]:
+            groups = pairs
     return associate(quality, values, layer="all", measure=measure, groups=groups, **kwargs)
 
 
@@ -491,6 +528,11 @@ def _numbers(a: Association) -> str:
     return f"rho = {a.rho:.2f}{ci}, {p}, n = {a.n}"
 
 
+def _powerless(a: Association) -> bool:
+    """Not significant, and the permutation could never have made it so (too few orderings)."""
+    return not a.significant and 2.0 / a.extra.get("orderings", math.inf) > 1.0 - a.level
+
+
 def _verdict(a: Association) -> str:
     what = _MEASURE_NAMES.get(a.measure, a.measure)
     head = f"{a.layer}: "
@@ -504,6 +546,13 @@ def _verdict(a: Association) -> str:
     if a.conclusive:
         way = "rises" if a.rho > 0 else "falls"
         return head + f"the {what} {way} as {a.quality_name} rises, {_numbers(a)}"
+    orderings = a.extra.get("orderings", math.inf)
+    if _powerless(a):
+        return head + (
+            f"no test of the {what}: the permutation within {a.n_groups} groups has only "
+            f"{orderings} distinct orderings, so p cannot fall below about {2.0 / orderings:.2f}: "
+            f"the test has no power here, so no conclusion ({_numbers(a)})"
+        )
     if a.significant:  # the permutation test and the interval disagree: no direction
         return head + (
             f"inconclusive for the {what} and {a.quality_name}: the permutation test is below "
@@ -566,6 +615,11 @@ def _layer_verdict(name: str, items: list[Association]) -> str:
     tested = [a for a in items if math.isfinite(a.p_value)]
     if not tested:
         return f"{name}: no measure could be tested ({items[0].reason})"
+    if all(_powerless(a) for a in tested):
+        return (
+            f"{name}: too few distinct orderings within groups for any test to reach "
+            f"p < {1.0 - tested[0].level:.2g} (for example: {tested[0].verdict}): no conclusion"
+        )
     strongest = min(tested, key=lambda a: a.p_value)
     what = _MEASURE_NAMES.get(strongest.measure, strongest.measure)
     return (
