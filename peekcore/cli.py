@@ -78,6 +78,8 @@ def _demo(args: argparse.Namespace) -> dict:
         "summary": str(Path(result.out_dir) / "summary.json"),
         "profile": result.profile,
         "seconds": result.seconds,
+        "cpu_seconds": result.cpu_seconds,  # CPU time of all its threads (what contention hides)
+        "seconds_by_step": result.seconds_by_step,
     }
 
 

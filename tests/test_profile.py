@@ -158,6 +158,9 @@ def test_checkpoint_errors_say_what_to_give(snapshots):
         rank_profile([("a", m), ("b", m)], np.zeros((4, 1, 8, 8)), "act1", quality=[0.5])
     with pytest.raises(TypeError, match="torch.nn.Module or the path"):
         rank_profile([("a", 3, 0.5)], np.zeros((4, 1, 8, 8)), "act1")
+    # a missing file is reported before any checkpoint runs
+    with pytest.raises(FileNotFoundError, match="checkpoint 'b': no such file"):
+        rank_profile([("a", m, 0.1), ("b", "nowhere.pt", 0.2)], np.zeros((4, 1, 8, 8)), "act1")
 
 
 class _Payload:

@@ -82,6 +82,9 @@ def _one_spec(i: int, item: Any) -> CheckpointSpec:
             f"checkpoint {spec.name!r}: the model must be a torch.nn.Module or the path of a "
             f"torch.save'd file, got {type(spec.model).__name__}"
         )
+    if not isinstance(spec.model, nn.Module) and not Path(spec.model).is_file():
+        # checked before any checkpoint runs, not when its turn comes
+        raise FileNotFoundError(f"checkpoint {spec.name!r}: no such file {spec.model}")
     spec.name = str(spec.name)
     spec.condition = str(spec.condition or spec.name)
     if spec.seed is not None:

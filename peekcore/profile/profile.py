@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -485,15 +486,20 @@ def rank_profile(
             lab = labels if labels is not None else acts.labels
             for layer in layer_list:
                 t = time.perf_counter()
-                sweep = rank_sweep(
-                    acts[layer],
-                    ranks,
-                    replicates,
-                    method=method,
-                    random_state=random_state,
-                    progress=progress,
-                    **sw_kw,
-                )
+                with warnings.catch_warnings():
+                    # expected above a layer's identifiable ranks; nan there, see UNDEFINED
+                    warnings.filterwarnings(
+                        "ignore", "core consistency is undefined", RuntimeWarning
+                    )
+                    sweep = rank_sweep(
+                        acts[layer],
+                        ranks,
+                        replicates,
+                        method=method,
+                        random_state=random_state,
+                        progress=progress,
+                        **sw_kw,
+                    )
                 timing["sweeps"] += time.perf_counter() - t
                 if sweep_dir is not None and (save_sweeps is None or spec.name in save_sweeps):
                     sweep.save(Path(sweep_dir) / f"{store_stem(spec.name)}_{layer}_sweep.npz")

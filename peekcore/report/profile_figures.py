@@ -208,7 +208,8 @@ def _association_rows(profile) -> list[dict]:
         {
             "layer": a.layer,
             "measure": a.measure,
-            "rho": a.rho,
+            # an undefined rho says why where it is shown (a constant measure, too few points)
+            "rho": a.rho if math.isfinite(a.rho) else f"undefined: {a.reason or 'no points'}",
             "tau": a.tau,
             "ci_low": a.ci[0],
             "ci_high": a.ci[1],
@@ -222,6 +223,8 @@ def _association_rows(profile) -> list[dict]:
 
 
 def _point_rows(profile, layer: str) -> list[dict]:
+    from ..profile.profile import UNDEFINED
+
     rows = []
     for p in profile.points:
         if p["layer"] != layer:
@@ -229,7 +232,7 @@ def _point_rows(profile, layer: str) -> list[dict]:
         row = {"checkpoint": p["checkpoint"], "seed": p["seed"], profile.quality_name: p["quality"]}
         for m, v in p["measures"].items():
             lo, hi = p["interval"].get(m, (math.nan, math.nan))
-            row[m] = v
+            row[m] = v if v is not None and math.isfinite(v) else f"undefined ({UNDEFINED.get(m, m)})"
             row[f"{m} 95% interval"] = f"[{_num(lo)}, {_num(hi)}]"
         rows.append(row)
     return rows
