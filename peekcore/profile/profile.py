@@ -219,10 +219,13 @@ class RankProfile:
         ]
         lines += _align(["layer", "measure", "rho", "tau", "95% CI", "p", "p (Holm)", "n"], assoc)
         lines.append("")
-        lines += [f"{layer}: {text}" for layer, text in self.verdicts.items()]
+        lines += list(self.verdicts.values())  # each sentence names its layer
         lines.append(f"Verdict: {self.verdict}")
         if any(not math.isfinite(v) for p in self.points for v in p["measures"].values()):
             lines.append("- : undefined; " + "; ".join(f"{m}: {UNDEFINED[m]}" for m in ms))
+        reasons = {f"{a.layer} {a.measure}": a.reason for a in self.associations if a.reason}
+        if reasons:
+            lines.append("rho undefined: " + "; ".join(f"{k}: {r}" for k, r in reasons.items()))
         return "\n".join(lines)
 
     def __str__(self) -> str:

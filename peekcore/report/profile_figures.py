@@ -232,7 +232,9 @@ def _point_rows(profile, layer: str) -> list[dict]:
         row = {"checkpoint": p["checkpoint"], "seed": p["seed"], profile.quality_name: p["quality"]}
         for m, v in p["measures"].items():
             lo, hi = p["interval"].get(m, (math.nan, math.nan))
-            row[m] = v if v is not None and math.isfinite(v) else f"undefined ({UNDEFINED.get(m, m)})"
+            row[m] = (
+                v if v is not None and math.isfinite(v) else f"undefined ({UNDEFINED.get(m, m)})"
+            )
             row[f"{m} 95% interval"] = f"[{_num(lo)}, {_num(hi)}]"
         rows.append(row)
     return rows
@@ -303,9 +305,7 @@ def profile_report(
                 tables={"points": _point_rows(profile, layer)},
             )
         )
-    notes = f"Verdict: {profile.verdict} " + " ".join(
-        f"{layer}: {text}" for layer, text in profile.verdicts.items()
-    )
+    notes = f"Verdict: {profile.verdict}. " + ". ".join(profile.verdicts.values()) + "."
     return write_report(
         out,
         title=title or f"Rank profile: rank measures against {profile.quality_name}",
