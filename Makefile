@@ -18,24 +18,41 @@ CPP_FILES := $(shell find csrc include examples -name '*.cpp' -o -name '*.h' -o 
 
 setup: $(STAMP)
 
+# Each step says what it does and how long it usually takes (2 cores, a warm pip cache);
+# the whole set-up runs once and is reused until pyproject.toml or the C++ sources change.
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(CPP_FILES)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test,demo]"
-	touch $(STAMP)
+	@echo "setup 1/4: virtual environment $(VENV) (a few seconds)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup 2/4: upgrading pip in $(VENV) (about 10 s)"
+	@$(PIP) install --quiet --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "setup 3/4: torch already installed, kept"; \
+	else echo "setup 3/4: installing $(TORCH_SPEC) (CPU build, about 1-2 min)"; \
+	  $(PIP) install --quiet "$(TORCH_SPEC)"; fi
+	@echo "setup 4/4: building peekcore's C++ extension (CMake) and installing it with the"
+	@echo "           test and demo extras (about 1-3 min; pip is quiet while the compiler runs)"
+	@$(PIP) install --quiet -e ".[test,demo]"
+	@touch $(STAMP)
+	@echo "setup: done"
 
 demo: setup
 	$(PY) -m peekcore demo
 
 test: setup lint cuda-check browser pytest
 
-# The report test renders HTML in headless Chromium (Debian's package; root installs it).
+# The report test renders HTML in headless Chromium. Where it is missing and we are root
+# with apt-get, Debian's chromium package is installed (about 300 MB under /usr/lib/chromium,
+# 1-2 min); `make test SKIP_BROWSER=1` skips this step (the render test then skips).
+SKIP_BROWSER ?=
 browser:
-	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
-	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || true
-	@if command -v chromium >/dev/null; then echo "browser: chromium ready"; \
-	else echo "browser: chromium not installed, the report render test will skip"; fi
+	@if [ -n "$(SKIP_BROWSER)" ]; then echo "browser: skipped (SKIP_BROWSER set)"; \
+	elif command -v chromium >/dev/null; then echo "browser: chromium found at $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser: installing Debian's chromium package with apt-get (about 300 MB into"; \
+	  echo "         /usr/lib/chromium, 1-2 min; skip with make test SKIP_BROWSER=1)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
+	  && echo "browser: chromium installed at $$(command -v chromium)" \
+	  || echo "browser: apt-get could not install chromium, the report render test will skip"; \
+	else echo "browser: chromium not installed (not root or no apt-get), the render test will skip"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check peekcore tests benchmarks setup.py
@@ -61,8 +78,9 @@ cuda-check:
 	    -DPython_EXECUTABLE=$(abspath $(PY)) >$$tmp.log 2>&1 && $(VENV)/bin/cmake --build $$tmp -j2 >>$$tmp.log 2>&1 \
 	  || { tail -40 $$tmp.log; exit 1; }; rm -rf $$tmp $$tmp.log; echo "cuda-check: extension with CUDA launchers builds"; fi
 
+# One line per test file (not a screen of dots), then the ten slowest tests.
 pytest: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest --durations=10
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py
