@@ -413,8 +413,7 @@ def _info(args: argparse.Namespace) -> dict:
             "labels": store.labels is not None,
             "provenance": store.provenance,
         }
-    from ._io import read_header
-    from .report._common import open_npz
+    from ._io import open_npz, read_header
 
     with open_npz(p, _INFO_ACCEPTS) as data:
         header = read_header(data, p, _INFO_ACCEPTS)

@@ -7,6 +7,7 @@ folder, as a user would, and checks one thing that used to break or confuse.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -184,3 +185,29 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, npy):
     assert quiet.returncode == 0 and "\r" not in quiet.stderr and "it/s" not in quiet.stderr
     asked = run_peek(*argv, "--progress", cwd=tmp_path)
     assert asked.returncode == 0 and "it/s" in asked.stderr
+
+
+def test_makefile_set_up_says_what_it_does(tmp_path):
+    """`make demo` spent minutes in silent set-up; `make test` hid a root apt-get install."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "Makefile").read_text()
+    stamp = text[text.index("$(STAMP):") : text.index("\ndemo:")]
+    steps = re.findall(r'echo "setup (\d)/4: ([^"]*)"', stamp)
+    assert sorted({int(n) for n, _ in steps}) == [1, 2, 3, 4]
+    assert all(re.search(r"\((about|a few) [^)]*(s|min|seconds)\)", what) for _, what in steps[:2])
+    assert "about 1-3 min" in stamp and "about 1-2 min" in stamp
+    pytest_recipe = text[text.index("\npytest:") :].split("\n")[2]
+    assert " -q" not in pytest_recipe and "--durations" in pytest_recipe
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(
+        ["make", "-s", "-C", str(root), "browser", "SKIP_BROWSER=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "browser: skipped (SKIP_BROWSER set)" in out.stdout
+    assert "/usr/lib/chromium" in text and "SKIP_BROWSER=1" in text
