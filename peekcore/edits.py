@@ -450,6 +450,9 @@ def prepare_edits(
     if not isinstance(layer, str):
         raise InvalidTypeError(f"layer must be one layer name (a str), got {layer!r}")
     module = resolve_layers(model, [layer])[layer]
+    if isinstance(options["select"], dict) and layer in options["select"]:
+        # {layer: selector}, as capture takes it (and its message for a tuple output suggests)
+        options = {**options, "select": options["select"][layer]}
     cp = _load_cp(cp)
     if len(cp.shape) < 2:
         raise InvalidArgumentError(

@@ -317,7 +317,8 @@ def component_importance(
         rows are taken from the model when ``data`` is the captured data.
     layout, select, fold_spatial : optional
         How the layer was captured, when no store is given (defaults ``"auto"``,
-        ``None``, ``False``).
+        ``None``, ``False``); ``select`` may also be ``{layer: selector}``, as
+        :func:`peekcore.capture` takes it.
     sample_factors : {"auto", "model", "project"}
         Where a batch's sample-factor rows come from: the fitted model
         (``"model"``: data must be the fitted samples, in order), a projection

@@ -414,10 +414,12 @@ class Selected(nn.Module):
         return p.head(p.act(acts).flatten(1)) + extra[:, None]
 
 
-@pytest.mark.parametrize("select", [0, "acts"])
+@pytest.mark.parametrize("select", [0, "acts", {"layer": 0}, {"layer": "acts"}])
 def test_select_puts_the_edit_back(rng, select):
     net, z, cp = planted(rng)
-    sel = Selected(net, as_dict=select == "acts")
+    # {layer: selector}, as capture takes it and its error message for a tuple suggests
+    picked = select["layer"] if isinstance(select, dict) else select
+    sel = Selected(net, as_dict=picked == "acts")
     kw = {"select": select, "layout": "channels_first", "sample_factors": "model"}
     kept = edited_outputs(sel, "layer", cp, z, keep=[1], **kw)
     part = torch.tensor(CPModel(np.ones(1), [f[:, 1:2] for f in cp.factors]).reconstruct())

@@ -92,6 +92,11 @@ def test_measure_sweep_on_a_handmade_sweep(rng):
     assert math.isnan(out["class_components"])  # no labels: undefined, not 0
     assert out["ev_area"] == pytest.approx((0.75 + 0.96 + 0.97) / 3)
     assert ms.measure_sweep(sweep, fms_threshold=0.95)["stable"] == 1
+    # data of one class: selectivity is undefined (nan, as in a bootstrap draw), not an error
+    n = sweep.models[0][0].shape[0]
+    one = ms.measure_sweep(sweep, labels=np.zeros(n, dtype=int))
+    assert math.isnan(one["class_components"]) and one["ev_area"] == out["ev_area"]
+    assert math.isnan(ms.ev_area([], []))  # no rank: undefined, as documented
 
 
 # ---------------------------------------------------------------- class selectivity

@@ -178,10 +178,10 @@ def ev_area(ranks: Any, explained_variance: Any) -> float:
     float
         In ``[0, 1]``; nan when no value is defined.
     """
-    top = int(np.max(np.asarray(ranks, dtype=np.int64)))
     r, ev = _per_rank(ranks, explained_variance)
     if r.size == 0:
         return math.nan
+    top = int(np.max(np.asarray(ranks, dtype=np.int64)))
     grid = np.arange(1, top + 1)
     curve = np.interp(grid, np.concatenate(([0], r)), np.concatenate(([0.0], np.clip(ev, 0, 1))))
     return float(curve.mean())
@@ -331,9 +331,13 @@ def class_components(sweep: Any, labels: Any) -> float:
     Returns
     -------
     float
+        nan when the labels hold fewer than two classes (selectivity is
+        undefined, as in a bootstrap draw of one class).
     """
     n = sweep.models[0][0].shape[0]
     codes = _label_codes(labels, n)
+    if np.unique(codes).size < 2:
+        return math.nan
     counts = [
         _n_classes_covered(
             _selective(row[int(b)].factors[0], codes, PURITY_THRESHOLD, COVERAGE_THRESHOLD)
