@@ -3,7 +3,8 @@
 :func:`peekcore.capture` and :class:`peekcore.ModelSource` accept any of
 
 - a numpy array or torch tensor of inputs ``(N, ...)``, or a tuple
-  ``(inputs, labels)`` of them, or a path to a ``.npy`` file (memory-mapped);
+  ``(inputs, labels)`` of them, or a path to a ``.npy`` file (read by rows,
+  :class:`peekcore.npyfile.NpyArray`);
 - a torch ``Dataset`` whose items are an input tensor or a tuple
   ``(input, label, ...)``;
 - a torch ``DataLoader`` (its batches are used as they come; it must read
@@ -42,7 +43,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int
-from .npyfile import map_npy
+from .npyfile import NpyArray, map_npy, read_npy_header
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
@@ -54,7 +55,7 @@ class ArrayDataset(Dataset):
 
     Parameters
     ----------
-    inputs : numpy.ndarray, numpy.memmap or torch.Tensor
+    inputs : numpy.ndarray, numpy.memmap, torch.Tensor or peekcore.npyfile.NpyArray
         Shape ``(N, ...)``: one model input per row (e.g. ``N x 3 x 224 x 224``).
     labels : array-like, optional
         Shape ``(N,)`` (or ``(N, ...)``), numeric.
@@ -78,7 +79,7 @@ class ArrayDataset(Dataset):
         transform: Callable | None = None,
         name: str | None = None,
     ) -> None:
-        if not isinstance(inputs, (np.ndarray, torch.Tensor)):
+        if not isinstance(inputs, (np.ndarray, torch.Tensor, NpyArray)):
             inputs = np.asarray(inputs)
         if inputs.ndim < 1 or inputs.shape[0] == 0:
             raise ValueError(
@@ -139,6 +140,13 @@ class ArrayDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ArrayDataset({self.description()}, labels={self.labels is not None})"
+
+
+def _npy_inputs(path: Path) -> NpyArray | np.memmap:
+    """A ``.npy`` of inputs, read by rows (a file that shrinks meanwhile gives a DataError,
+    not SIGBUS), or mapped when Fortran-ordered (its rows are not contiguous on disk)."""
+    shape, fortran, _, _ = read_npy_header(path)
+    return NpyArray(path) if shape and not fortran else map_npy(path)
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -333,7 +341,7 @@ class Inputs:
             if path.suffix == ".npy":
                 if not path.exists():
                     raise FileNotFoundError(f"no such input file: {path}")
-                data = ArrayDataset(map_npy(path), name=f"{path.name} (npy)")
+                data = ArrayDataset(_npy_inputs(path), name=f"{path.name} (npy)")
             else:
                 data = image_folder(path, transform)
                 transform = None

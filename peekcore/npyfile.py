@@ -6,11 +6,15 @@ catch. :class:`NpyFile` therefore checks the file's size against its header
 when it is opened (a truncated file gets a clear error, not numpy's "mmap
 length is greater than file size") and reads each chunk into a new array; a
 file that shrinks during a pass gives a :class:`~peekcore.errors.DataError`.
+:class:`NpyArray` does the same for captures, whose inputs are indexed by
+sample rather than streamed in chunks. Only a Fortran-ordered file (rare; its
+rows are not contiguous on disk) is still mapped, after the same size check.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 from ._validate import dtype_name
 from .errors import DataError
 
-__all__ = ["NpyFile", "map_npy", "open_npy", "read_npy_header"]
+__all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "read_npy_header"]
 
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -93,6 +97,69 @@ def map_npy(path: str | os.PathLike) -> np.memmap:
     return np.load(path, mmap_mode="r")
 
 
+class _Rows:
+    """Where the rows of a C-ordered ``.npy`` file lie, and how to read them.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+    shape : tuple of int
+        The whole array's shape ``(N, ...)`` from the header.
+    dtype : numpy.dtype
+    offset : int
+        Byte offset of row 0 (the header's size).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+        self.path, self.dtype, self.offset = path, dtype, offset
+        self.row_shape = shape[1:]
+        self.row_bytes = math.prod(self.row_shape) * dtype.itemsize
+
+    def check_size(self, n_rows: int, what: str) -> None:
+        """Raise a DataError when the file is too short for ``n_rows`` rows."""
+        need = self.offset + n_rows * self.row_bytes
+        have = os.stat(self.path).st_size
+        if have < need:
+            raise DataError(
+                f"{self.path} {what}: its header declares {n_rows} rows of shape "
+                f"{self.row_shape} {self.dtype} ({need} bytes with the header) but the file "
+                f"holds {have} bytes; it was cut short (an interrupted save or copy?), or "
+                "changed while peekcore read it: save or copy it again, and use a file that "
+                "nothing writes to meanwhile"
+            )
+
+    def read(self, fh: Any, start: int, stop: int, n_rows: int) -> np.ndarray:
+        """Rows ``[start, stop)`` read from the open file ``fh`` into a new array.
+
+        ``n_rows`` is how many rows the file must hold (for the error message).
+
+        Raises
+        ------
+        DataError
+            When the file ends before row ``stop`` (it shrank since it was opened).
+        """
+        out = np.empty((stop - start, *self.row_shape), self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        fh.seek(self.offset + start * self.row_bytes)
+        got = 0
+        while got < len(view):  # one read may return less (2 GiB at most on Linux)
+            n = fh.readinto(view[got:])
+            if not n:  # the file ends early: it shrank since it was opened
+                self.check_size(n_rows, "shrank while it was read")
+                raise DataError(f"{self.path} ended early, in the rows from {start}")
+            got += n
+        return out
+
+
+def _c_ordered_rows(path: Path) -> tuple[_Rows, tuple[int, ...]]:
+    shape, fortran, dtype, offset = read_npy_header(path)
+    if fortran or not shape:
+        raise ValueError(f"{path}: only C-ordered arrays of at least 1 mode are read by rows")
+    rows = _Rows(path, shape, dtype, offset)
+    rows.check_size(shape[0], "is truncated")
+    return rows, shape
+
+
 class NpyFile:
     """A ``.npy`` file (or rows of it) as a chunk source, read with plain reads.
 
@@ -114,18 +181,14 @@ class NpyFile:
 
     def __init__(self, path: str | os.PathLike, rows: tuple[int, int] | None = None) -> None:
         self.path = Path(path)
-        shape, fortran, self.np_dtype, self._offset = read_npy_header(self.path)
-        if fortran or not shape:
-            raise ValueError(f"{self.path}: NpyFile reads C-ordered arrays of at least 1 mode")
+        self._rows, shape = _c_ordered_rows(self.path)
+        self.np_dtype = self._rows.dtype
         self._dtype = dtype_name(self.np_dtype)
-        self._row_shape = shape[1:]
-        self._row_bytes = math.prod(self._row_shape) * self.np_dtype.itemsize
         self._lo, self._hi = rows if rows is not None else (0, shape[0])
-        self._check_size(shape[0], "is truncated")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self._hi - self._lo, *self._row_shape)
+        return (self._hi - self._lo, *self._rows.row_shape)
 
     @property
     def dtype(self) -> str:
@@ -135,18 +198,6 @@ class NpyFile:
     def source_info(self) -> dict[str, Any]:
         """What results record as their source: the file."""
         return {"file": str(self.path.resolve())}
-
-    def _check_size(self, n_rows: int, what: str) -> None:
-        need = self._offset + n_rows * self._row_bytes
-        have = os.stat(self.path).st_size
-        if have < need:
-            raise DataError(
-                f"{self.path} {what}: its header declares {n_rows} rows of shape "
-                f"{self._row_shape} {self.np_dtype} ({need} bytes with the header) but the file "
-                f"holds {have} bytes; it was cut short (an interrupted save or copy?), or "
-                "changed while peekcore read it: save or copy it again, and fit a file that "
-                "nothing writes to meanwhile"
-            )
 
     def chunks(self, chunk_size: int) -> Iterator[np.ndarray]:
         """Consecutive rows ``(b, ...)``, each read from the file into a new array.
@@ -159,17 +210,7 @@ class NpyFile:
         step = max(1, int(chunk_size))
         with open(self.path, "rb", buffering=0) as fh:
             for start in range(self._lo, self._hi, step):
-                out = np.empty((min(step, self._hi - start), *self._row_shape), self.np_dtype)
-                view = memoryview(out.reshape(-1).view(np.uint8))
-                fh.seek(self._offset + start * self._row_bytes)
-                got = 0
-                while got < len(view):  # one read may return less (2 GiB at most on Linux)
-                    n = fh.readinto(view[got:])
-                    if not n:  # the file ends early: it shrank since it was opened
-                        self._check_size(self._hi, "shrank while it was read")
-                        raise DataError(f"{self.path} ended early, in the chunk at row {start}")
-                    got += n
-                yield out
+                yield self._rows.read(fh, start, min(start + step, self._hi), self._hi)
 
     def shard(self, lo: int, hi: int) -> NpyFile:
         """Rows ``[lo, hi)`` as a source of their own."""
@@ -177,3 +218,63 @@ class NpyFile:
 
     def __repr__(self) -> str:
         return f"NpyFile({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class NpyArray:
+    """A ``.npy`` file as a read-only array whose every index is read from the file.
+
+    What :func:`peekcore.capture` uses for a ``.npy`` of model inputs (any
+    numeric dtype, images as ``uint8`` say): ``a[i]`` and ``a[start:stop]``
+    return new arrays read with plain reads, so a file that shrinks during the
+    capture gives a :class:`~peekcore.errors.DataError`, not ``SIGBUS``.
+
+    Parameters
+    ----------
+    path : path-like
+        A C-ordered ``.npy`` file of shape ``(N, ...)``.
+
+    Raises
+    ------
+    DataError
+        Truncated, or not a numeric ``.npy`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._rows, self.shape = _c_ordered_rows(self.path)
+        self.dtype = self._rows.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._rows.row_bytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            lo, hi = (start, max(start, stop)) if step > 0 else (0, n)
+            return self._read(lo, hi)[slice(start - lo, stop - lo, step) if step > 0 else index]
+        i = operator.index(index)  # a TypeError for anything but an integer or a slice
+        if not -n <= i < n:
+            raise IndexError(f"row {i} is out of range for {n} rows")
+        i %= n
+        return self._read(i, i + 1)[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self._read(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        # a file opened per read: cheap next to a batch, and safe in forked DataLoader workers
+        with open(self.path, "rb", buffering=0) as fh:
+            return self._rows.read(fh, start, stop, self.shape[0])
+
+    def __repr__(self) -> str:
+        return f"NpyArray({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"

@@ -92,5 +92,88 @@ def test_capture_refuses_a_truncated_npy_of_inputs(rng, tmp_path):
     path = tmp_path / "images.npy"
     np.save(path, rng.standard_normal((20, 1, 8, 8)).astype(np.float32))
     os.truncate(path, os.path.getsize(path) - 100)
-    with pytest.raises(DataError, match=r"images.npy is truncated: its header declares shape"):
+    with pytest.raises(DataError, match=r"images.npy is truncated: its header declares 20 rows"):
         peekcore.capture(SmallCNN(), path, "conv1", tmp_path / "s.zarr", progress=False)
+
+
+CAPTURE_SHRINK = """
+import os, sys
+import numpy as np
+import torch
+import peekcore
+
+path, store = sys.argv[1], sys.argv[2]
+
+class Cutter(torch.nn.Module):
+    # cuts the input file short once the first batch has run
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            os.truncate(path, 4096)
+        return self.conv(x)
+
+try:
+    peekcore.capture(Cutter(), path, "conv", store, batch_size=20, chunk_size=20,
+                     dtype="float32", progress=False)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_capture_from_an_npy_that_shrinks_gives_an_error_not_sigbus(rng, tmp_path):
+    # before: the inputs were memory-mapped, and the next batch's read killed the process
+    path = tmp_path / "images.npy"
+    np.save(path, rng.standard_normal((400, 1, 8, 8)).astype(np.float32))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", CAPTURE_SHRINK, str(path), str(tmp_path / "s.zarr")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("DataError") and "shrank while it was read" in run.stdout
+
+
+def test_capture_from_an_npy_path_equals_capture_from_the_array(rng, tmp_path):
+    from test_capture import SmallCNN
+
+    x = rng.standard_normal((37, 1, 8, 8)).astype(np.float32)
+    path = tmp_path / "images.npy"
+    np.save(path, x)
+    kw = dict(batch_size=8, dtype="float32", progress=False)
+    a = peekcore.capture(SmallCNN(), path, ["conv1", "conv2"], tmp_path / "a.zarr", **kw)
+    b = peekcore.capture(SmallCNN(), x, ["conv1", "conv2"], tmp_path / "b.zarr", **kw)
+    for layer in ("conv1", "conv2"):
+        np.testing.assert_array_equal(
+            np.concatenate(list(a[layer].chunks(10))), np.concatenate(list(b[layer].chunks(10)))
+        )
+    # a per-sample transform indexes rows one by one
+    t = dict(kw, transform=lambda row: row.float() * 2)
+    c = peekcore.capture(SmallCNN(), path, "conv1", tmp_path / "c.zarr", **t)
+    d = peekcore.capture(SmallCNN(), x, "conv1", tmp_path / "d.zarr", **t)
+    np.testing.assert_array_equal(
+        np.concatenate(list(c["conv1"].chunks(10))), np.concatenate(list(d["conv1"].chunks(10)))
+    )
+
+
+def test_npy_array_indexes_as_numpy_does(npy):
+    from peekcore.npyfile import NpyArray
+
+    path, x = npy
+    a = NpyArray(path)
+    assert a.shape == x.shape and a.dtype == x.dtype and len(a) == 50 and a.nbytes == x.nbytes
+    for index in (0, 49, -1, -50, slice(3, 17), slice(None), slice(40, 80), slice(10, 2)):
+        np.testing.assert_array_equal(a[index], x[index])
+    for index in (slice(1, 30, 4), slice(None, None, -3)):
+        np.testing.assert_array_equal(a[index], x[index])
+    np.testing.assert_array_equal(np.asarray(a), x)
+    with pytest.raises(IndexError, match="out of range"):
+        a[50]
+    with pytest.raises(TypeError):
+        a[1.5]
