@@ -71,6 +71,25 @@ def test_a_chunk_copied_in_from_another_store_is_refused(labelled, images, tmp_p
         store.verify()
 
 
+def test_to_xarray_reads_through_the_checks(labelled):
+    # xarray's zarr backend read swapped chunk files without complaint (zarr checks only
+    # each file's own CRC32C); to_xarray reads through the store's checked path
+    path = labelled.path
+    want = labelled["conv1"].read()
+    da = labelled.to_xarray("conv1")
+    np.testing.assert_array_equal(da.values, want)
+    np.testing.assert_array_equal(da.isel(sample=slice(20, 40), channel=2).values, want[20:40, 2])
+    np.testing.assert_array_equal(da[[3, 50], :, 1].values, want[[3, 50], :, 1])
+    np.testing.assert_array_equal(labelled["conv1"].shard(16, 40).to_xarray().values, want[16:40])
+    swap(chunk_file(path, "conv1", 0, 4), chunk_file(path, "conv1", 2, 4))
+    lazy = ActivationStore(path).to_xarray("conv1")  # nothing read yet
+    np.testing.assert_array_equal(lazy.isel(sample=slice(16, 32)).values, want[16:32])
+    with pytest.raises(StoreDamageError, match=r"samples 0\.\.15 .*not the chunk written there"):
+        np.asarray(lazy.isel(sample=3))
+    with pytest.raises(StoreDamageError, match="not the chunk written there"):
+        lazy.mean().item()
+
+
 def test_swapped_label_chunks_and_a_corrupt_one_give_one_clear_error(labelled):
     labels = labelled.labels
     swap(labelled.path / "labels" / "c" / "0", labelled.path / "labels" / "c" / "1")

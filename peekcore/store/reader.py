@@ -32,6 +32,7 @@ from .format import (
     from_storage,
     storage_dtype,
 )
+from .xarrays import layer_data_array
 
 # chunks read in background threads while the current one is used: four reads in
 # flight kept the disk busier than two (direct reads 93% of a raw file's speed
@@ -301,16 +302,19 @@ class StoredLayer:
         read (chunks span whole samples, so that is what the disk has to give
         anyway), then the key is applied in memory.
         """
+        data = self._select(key)
+        if self.dtype == "bfloat16" and data.size:
+            data = from_storage(np.ascontiguousarray(data), "bfloat16").float().numpy()
+        return np.asarray(data, dtype=np.float16 if self.dtype == "float16" else np.float32)
+
+    def _select(self, key: Any) -> np.ndarray:
+        """``self[key]`` in the stored dtype (bfloat16 as uint16 bit patterns)."""
         key = _numpy_key(key)
         expect = np.broadcast_to(np.empty((), np.uint8), self.shape)[key]  # bad keys fail here
-        out_dtype = np.float16 if self.dtype == "float16" else np.float32
         if expect.size == 0:
-            return np.empty(expect.shape, out_dtype)
+            return np.empty(expect.shape, self._np_dtype)
         lo, hi, local = self._rows_of(key)
-        data = self._read(lo, hi)
-        if self.dtype == "bfloat16":
-            data = from_storage(data, "bfloat16").float().numpy()
-        return np.asarray(data[local], dtype=out_dtype)
+        return self._read(lo, hi)[local]
 
     def _rows_of(self, key: Any) -> tuple[int, int, Any]:
         """The rows ``lo:hi`` a valid, non-empty key (:func:`_numpy_key`) needs, and the key
@@ -636,31 +640,19 @@ class ActivationStore:
             channel, token``, ...); coordinates ``sample`` (the sample ids) and
             ``label`` along ``sample`` when there are labels; attributes: the
             array's and the root's provenance. bfloat16 layers hold uint16 bit
-            patterns (``attrs["peekcore_dtype"] == "bfloat16"``).
+            patterns (``attrs["peekcore_dtype"] == "bfloat16"``). Every read
+            goes through the store's checks, as ``store[layer][...]`` does:
+            each chunk file's CRC32C and the record binding it to its place,
+            and that the store is the one opened (``xr.open_zarr`` on the
+            folder checks only zarr's CRC32C, so it reads a moved or swapped
+            chunk file without complaint).
         """
-        self[layer]  # a clear KeyError for unknown layers
-        self._check_unchanged()  # xarray opens what is at the path now
-        try:
-            import xarray as xr
-        except ImportError as err:
-            raise ImportError("to_xarray needs xarray: `pip install xarray`") from err
-        ds = xr.open_dataset(
-            self.path,
-            engine="zarr",
-            group=_layer_group(layer),
-            consolidated=False,
-            chunks=None,
-            mask_and_scale=False,
-        )
-        da = ds["activations"]
+        stored = self[layer]  # a clear KeyError for unknown layers
         coords = {"sample": ("sample", self.sample_ids)}
         labels = self.labels
         if labels is not None and labels.ndim == 1:
             coords["label"] = ("sample", labels)
-        da = da.assign_coords(coords)
-        da.attrs = {**self.provenance, **dict(da.attrs)}
-        da.name = layer
-        return da
+        return layer_data_array(stored, coords, {**self.provenance, **stored.attrs})
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{n}: {self._layers[n].shape[1:]}" for n in self.layers)
