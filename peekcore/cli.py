@@ -502,24 +502,8 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="peek",
-        description="peekcore: look inside neural networks through tensor factorization.",
-    )
-    _global_options(parser, default=False)
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
-    )
-
-    demo = sub.add_parser(
-        "demo", help="the embedded experiment: digits CNNs along training, rank vs accuracy"
-    )
-    demo.add_argument("--out", default="peek-demo", help="output folder (default peek-demo)")
-    demo.add_argument("--small", action="store_true", help="a fast, smaller configuration")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_demo)
-
+def _profile_parser(sub: Any) -> None:
+    """``peek profile``: rank measures across checkpoints."""
     prof = sub.add_parser(
         "profile", help="rank measures of layers across checkpoints, against their quality"
     )
@@ -554,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="profile.npz", help="the profile (default profile.npz)")
     prof.set_defaults(func=_profile)
 
+
+def _capture_parser(sub: Any) -> None:
+    """``peek capture``: a model, its data and layers, the store."""
     cap = sub.add_parser("capture", help="store layer activations of a model over data")
     cap.add_argument(
         "--model",
@@ -580,25 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--overwrite", action="store_true", help="replace an existing store")
     cap.set_defaults(func=_capture)
 
-    fit = sub.add_parser("fit", help="fit CP or nonnegative CP")
-    fit.add_argument("data", help="an .npy file or an activation store folder")
-    fit.add_argument("--rank", type=int, required=True, help="number of components")
-    fit.add_argument("--init", default="random", choices=("random", "gram"), help="initialization")
-    fit.add_argument("--checkpoint", help="write a checkpoint here every iteration")
-    fit.add_argument("--resume", help="continue from this checkpoint")
-    fit.add_argument("--out", help="save the model here (.npz)")
-    _solver_options(fit)
-    fit.set_defaults(func=_fit)
 
-    sw = sub.add_parser("sweep", help="rank sweep with diagnostics and a rank choice")
-    sw.add_argument("data", help="an .npy file or an activation store folder")
-    sw.add_argument("--ranks", default="1-8", help="e.g. 1-8, 2,4,8 or 1-16:2 (default 1-8)")
-    sw.add_argument("--replicates", type=int, default=3, help="restarts per rank (default 3)")
-    sw.add_argument("--compress", action="store_true", help="compressed sweep (cp only)")
-    sw.add_argument("--out", help="save the sweep here (.npz)")
-    _solver_options(sw)
-    sw.set_defaults(func=_sweep)
-
+def _importance_parser(sub: Any) -> None:
+    """``peek importance``: what the network does with each component."""
     imp = sub.add_parser(
         "importance", help="causal importance of a fitted model's components for the outputs"
     )
@@ -627,6 +598,50 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--device", default=None, help="device of the model (default its own)")
     imp.add_argument("--out", help="save the result here (.npz)")
     imp.set_defaults(func=_importance)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="peek",
+        description="peekcore: look inside neural networks through tensor factorization.",
+    )
+    _global_options(parser, default=False)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
+
+    demo = sub.add_parser(
+        "demo", help="the embedded experiment: digits CNNs along training, rank vs accuracy"
+    )
+    demo.add_argument("--out", default="peek-demo", help="output folder (default peek-demo)")
+    demo.add_argument("--small", action="store_true", help="a fast, smaller configuration")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(func=_demo)
+
+    _profile_parser(sub)
+
+    _capture_parser(sub)
+
+    fit = sub.add_parser("fit", help="fit CP or nonnegative CP")
+    fit.add_argument("data", help="an .npy file or an activation store folder")
+    fit.add_argument("--rank", type=int, required=True, help="number of components")
+    fit.add_argument("--init", default="random", choices=("random", "gram"), help="initialization")
+    fit.add_argument("--checkpoint", help="write a checkpoint here every iteration")
+    fit.add_argument("--resume", help="continue from this checkpoint")
+    fit.add_argument("--out", help="save the model here (.npz)")
+    _solver_options(fit)
+    fit.set_defaults(func=_fit)
+
+    sw = sub.add_parser("sweep", help="rank sweep with diagnostics and a rank choice")
+    sw.add_argument("data", help="an .npy file or an activation store folder")
+    sw.add_argument("--ranks", default="1-8", help="e.g. 1-8, 2,4,8 or 1-16:2 (default 1-8)")
+    sw.add_argument("--replicates", type=int, default=3, help="restarts per rank (default 3)")
+    sw.add_argument("--compress", action="store_true", help="compressed sweep (cp only)")
+    sw.add_argument("--out", help="save the sweep here (.npz)")
+    _solver_options(sw)
+    sw.set_defaults(func=_sweep)
+
+    _importance_parser(sub)
 
     rep = sub.add_parser("report", help="figures and an HTML report from result files")
     rep.add_argument("results", nargs="+", help="model, sweep or component-importance files (.npz)")
