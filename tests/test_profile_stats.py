@@ -522,3 +522,27 @@ def test_verdict_says_when_too_few_within_group_orderings_exist():
     assert six.extra["orderings"] == 64  # 2 / 64 < 0.05: a test, the usual wording
     many = assoc.associate(q, q, layer="L", measure="stable", groups=np.arange(12) // 6)
     assert many.extra["orderings"] == math.factorial(6) ** 2
+    pair = [dataclasses.replace(six, p_value=1e-5), dataclasses.replace(six, p_value=0.5)]
+    tiny = assoc.holm(pair)[0]  # adjusted 2e-5: shown as such, never as "0.000"
+    assert "(Holm-adjusted p < 0.001)" in tiny.verdict and "0.000" not in tiny.verdict
+
+
+def test_tau_has_a_permutation_p_value_equal_to_scipy():
+    rng = np.random.default_rng(21)
+    # rows with ties, against scipy's tau-b
+    x = rng.integers(0, 4, (50, 9)).astype(float)
+    y = rng.integers(0, 3, 9).astype(float)
+    want = [stats.kendalltau(row, y).statistic for row in x]
+    np.testing.assert_allclose(assoc._kendall_rows(x, y), want, rtol=1e-12)
+    # 6 distinct points: 720 permutations, enumerated; scipy's exact null of tau is the same
+    q, v = rng.normal(size=6), rng.normal(size=6)
+    v[:3] += 2 * q[:3]
+    a = assoc.associate(q, v, layer="a", measure="m")
+    assert a.exact
+    exact = stats.kendalltau(q, v, method="exact").pvalue
+    assert a.tau_p_value == pytest.approx(exact, rel=1e-9)
+    # grouped: the same within-group machinery as rho, and saved in the record
+    g = np.repeat(np.arange(3), 8)
+    q, v = rng.normal(size=24), rng.normal(size=24)
+    b = assoc.associate(q, q + v, layer="a", measure="m", groups=g)
+    assert 0 < b.tau_p_value < 0.05 and b.to_dict()["tau_p_value"] == b.tau_p_value

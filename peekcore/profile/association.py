@@ -2,7 +2,7 @@
 
 :func:`associate` gives Spearman's rho and Kendall's tau (as
 ``scipy.stats.spearmanr`` and ``kendalltau``: average ranks, tau-b for ties),
-a two-sided permutation p-value for rho and a bootstrap interval for rho.
+two-sided permutation p-values for both and a bootstrap interval for rho.
 :func:`holm` adjusts the p-values of a family of associations (Holm's
 step-down method, which controls the family-wise error rate), and
 :func:`summarize` turns a family into one plain-language verdict per layer and
@@ -83,7 +83,10 @@ class Association:
     rho, tau : float
         Spearman's rho and Kendall's tau-b of (quality, measure); nan when undefined.
     p_value : float
-        Two-sided permutation p-value of rho.
+        Two-sided permutation p-value of rho (the verdict's).
+    tau_p_value : float
+        Two-sided permutation p-value of tau, from the same kind of
+        permutations (within groups when there are groups); not adjusted.
     ci : tuple of float
         ``(low, high)`` bootstrap interval for rho at ``level``.
     n : int
@@ -127,6 +130,7 @@ class Association:
     level: float = 0.95
     reason: str = ""
     quality_name: str = "accuracy"
+    tau_p_value: float = math.nan
     extra: dict = field(default_factory=dict)
 
     @property
@@ -164,6 +168,28 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     den = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (x * y).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row of ``x`` (``P x n``) with ``y`` (``n``), as scipy.
+
+    ``tau_b = S / sqrt(U_x U_y)``: ``S`` sums ``sign(x_j - x_i) sign(y_j - y_i)``
+    over pairs ``i < j``, ``U`` counts the untied pairs. Rows are done in chunks
+    of at most 2**22 pair signs (32 MiB).
+    """
+    x = np.atleast_2d(x)
+    n = x.shape[-1]
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    sy = np.sign(y[None, :] - y[:, None])[upper]  # pairs
+    out = np.empty(x.shape[0])
+    step = max(1, 2**22 // max(int(upper.sum()), 1))
+    for lo in range(0, x.shape[0], step):
+        rows = x[lo : lo + step]
+        sx = np.sign(rows[:, None, :] - rows[:, :, None])[:, upper]  # chunk x pairs
+        den = np.sqrt((sx != 0).sum(axis=1) * float((sy != 0).sum()))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + step] = np.where(den > 0, (sx @ sy) / np.where(den > 0, den, 1), np.nan)
+    return out
 
 
 def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -205,14 +231,21 @@ def _within_group_permutations(
 
 
 def _permutation_p(
-    q: np.ndarray, v: np.ndarray, codes: np.ndarray, n_permutations: int, rng: np.random.Generator
+    q: np.ndarray,
+    v: np.ndarray,
+    codes: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    rows: Any = _pearson_rows,
 ) -> tuple[float, bool]:
-    """Two-sided permutation p-value of Spearman's rho, and whether it was exact."""
+    """Two-sided permutation p-value of Spearman's rho (``rows=_kendall_rows``: Kendall's
+    tau), and whether it was exact."""
     rq, rv = stats.rankdata(q), stats.rankdata(v)
     if codes.max() == 0:  # no groups: scipy's test (exact when n! <= n_permutations)
 
         def statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
-            return _pearson_rows(np.moveaxis(x, axis, -1), rq)
+            x = np.moveaxis(x, axis, -1)
+            return rows(x.reshape(-1, x.shape[-1]), rq).reshape(x.shape[:-1])
 
         res = stats.permutation_test(
             (rv,),
@@ -224,8 +257,8 @@ def _permutation_p(
             rng=rng,
         )
         return float(res.pvalue), math.factorial(v.size) <= n_permutations
-    observed = float(_pearson_rows(rv, rq))
-    null = _pearson_rows(rv[_within_group_permutations(codes, n_permutations, rng)], rq)
+    observed = float(rows(rv[None, :], rq)[0])
+    null = rows(rv[_within_group_permutations(codes, n_permutations, rng)], rq)
     return _p_from_null(null, observed, n_permutations), False
 
 
@@ -435,11 +468,13 @@ def associate(
     tau = float(stats.kendalltau(q, v).statistic)
     p, exact = _permutation_p(q, v, codes, n_permutations, rng)
     ci, how = _bootstrap_ci(q, v, codes, n_boot, float(level), rng)
+    tau_p, _ = _permutation_p(q, v, codes, n_permutations, rng, _kendall_rows)
     result = replace(
         base,
         rho=rho,
         tau=tau,
         p_value=p,
+        tau_p_value=tau_p,
         p_adjusted=p,
         ci=ci,
         exact=exact,
@@ -524,7 +559,7 @@ def _numbers(a: Association) -> str:
     ci = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
     p = f"p {_fmt_p(a.p_value)}"
     if math.isfinite(a.p_adjusted) and abs(a.p_adjusted - a.p_value) > 1e-12:
-        p += f" (Holm-adjusted {a.p_adjusted:.3f})"
+        p += f" (Holm-adjusted p {_fmt_p(a.p_adjusted)})"  # never "0.000"
     return f"rho = {a.rho:.2f}{ci}, {p}, n = {a.n}"
 
 
