@@ -203,12 +203,25 @@ def describe_source(data: Any) -> dict[str, Any]:
 SAMPLED_ROWS = 4
 
 
+def _first_rows(source: Any, k: int) -> Any:
+    """The first ``k`` samples of a pass over ``source`` (the pass stopped there), or None."""
+    chunks = source.chunks(k)
+    try:
+        first = next(iter(chunks))
+    except StopIteration:
+        return None
+    finally:
+        getattr(chunks, "close", lambda: None)()
+    return first[:k]
+
+
 def sample_rows(source: Any, k: int = SAMPLED_ROWS) -> list[Any]:
     """A few samples of a source, cheaply: its first, middle and last ``k``.
 
-    Sources that can read any samples (arrays: ``array``; stored layers:
-    ``read(start, stop)``) give the three blocks; others only their first ``k``
-    samples (the first chunk of a pass, stopped there).
+    Sources that can cut out rows (``shard(lo, hi)``: arrays, ``.npy`` files,
+    stored layers) give the three blocks; others only their first ``k``
+    samples (the first chunk of a pass, stopped there). The same data gives
+    the same blocks whichever of these sources holds it.
 
     Returns
     -------
@@ -217,16 +230,10 @@ def sample_rows(source: Any, k: int = SAMPLED_ROWS) -> list[Any]:
     """
     n = int(source.shape[0])
     k = min(n, k)
-    if hasattr(source, "array") or hasattr(source, "read"):
-        starts = sorted({0, (n - k) // 2, n - k})
-        if hasattr(source, "array"):
-            return [source.array[lo : lo + k] for lo in starts]
-        return [source.read(lo, lo + k) for lo in starts]
-    chunks = source.chunks(k)
-    try:
-        first = next(iter(chunks))
-    except StopIteration:
-        return []
-    finally:
-        getattr(chunks, "close", lambda: None)()
-    return [first[:k]]
+    if hasattr(source, "shard"):
+        blocks = [
+            _first_rows(source.shard(lo, lo + k), k) for lo in sorted({0, (n - k) // 2, n - k})
+        ]
+    else:
+        blocks = [_first_rows(source, k)]
+    return [b for b in blocks if b is not None]

@@ -178,3 +178,17 @@ def test_resume_with_another_chunk_size_warns_and_stays_close(tmp_path):
     assert resumed.metadata["init"] == "random"
     np.testing.assert_allclose(resumed.history.fit, straight.history.fit, rtol=1e-12)
     np.testing.assert_allclose(resumed.reconstruct(), straight.reconstruct(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_fingerprint_is_the_datas_not_the_sources(tmp_path):
+    import torch
+
+    from peekcore.solvers.checkpoint import data_fingerprint
+    from peekcore.sources import as_source
+
+    x = _data(tmp_path / "x.npy")
+    prints = [data_fingerprint(as_source(d)) for d in (x, tmp_path / "x.npy", torch.from_numpy(x))]
+    assert prints[0] == prints[1] == prints[2]
+    y = x.copy()
+    y[30, 0, 0] += 1.0  # a middle sample the fingerprint reads
+    assert data_fingerprint(as_source(y)) != prints[0]
