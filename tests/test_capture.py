@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import types
@@ -610,6 +611,32 @@ class Wrap(nn.Module):
 def test_model_source_checks_layer_argument(images):
     with pytest.raises(TypeError, match="one layer"):
         ModelSource(SmallCNN(), images, ["conv1", "conv2"])
+
+
+def test_capture_options_show_in_the_signatures_and_wrong_ones_are_refused(images, tmp_path):
+    import inspect
+
+    from peekcore.capture import CaptureOptions
+
+    options = [f.name for f in dataclasses.fields(CaptureOptions)]
+    cap_sig = inspect.signature(peekcore.capture).parameters
+    src_sig = inspect.signature(ModelSource).parameters
+    for name in options:  # what help() shows
+        assert cap_sig[name].kind == src_sig[name].kind == inspect.Parameter.KEYWORD_ONLY
+    assert {"chunk_size", "check_finite", "overwrite", "progress"} <= set(cap_sig)
+    assert not any(p.kind == p.VAR_KEYWORD for p in [*cap_sig.values(), *src_sig.values()])
+    assert cap_sig["dtype"].default == "float16" and src_sig["dtype"].default == "float32"
+    assert ModelSource(SmallCNN(), images, "conv1").dtype == "float32"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        peekcore.capture(SmallCNN(), images, "conv1", tmp_path / "s.zarr", batchsize=8)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'chunk_size'"):
+        ModelSource(SmallCNN(), images, "conv1", chunk_size=8)
+    assert not (tmp_path / "s.zarr").exists()
+    store = peekcore.capture(
+        SmallCNN(), images, "conv1", tmp_path / "t.zarr", batch_size=7, n_samples=20,
+        dtype="float32", progress=False,
+    )  # fmt: skip
+    assert store.n_samples == 20 and store.dtype == "float32"
 
 
 # ---------------------------------------------------------------- sample order, streams

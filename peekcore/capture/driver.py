@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..datasets import Inputs
 from ..store import (
     ActivationStore,
     StoreError,
+    StoreLayout,
     StoreWriter,
     check_replaceable,
     check_store_path,
@@ -30,7 +31,7 @@ from ..store import (
 )
 from .hooks import LayerHooks, _batch_rng
 from .layouts import _describe_select
-from .options import CaptureOptions, Hooked
+from .options import CaptureOptions, Hooked, takes_capture_options
 from .pipeline import _ChunkPipeline
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -92,27 +93,18 @@ def _progress_bar(progress: bool | None, total: int, initial: int, desc: str) ->
 # ---------------------------------------------------------------- capture
 
 
+@takes_capture_options()
 def capture(
     model: nn.Module,
     data: Any,
     layers: str | Sequence[str],
     store: str | Path,
     *,
-    dtype: str = "float16",
-    batch_size: int = 64,
     chunk_size: int | None = None,
-    device: Any = None,
-    autocast: bool | str | torch.dtype = False,
-    layout: str | Mapping[str, str] = "auto",
-    select: Any = None,
-    fold_spatial: bool = False,
-    n_samples: int | None = None,
-    transform: Callable | None = None,
-    seed: int | None = 0,
-    num_workers: int = 0,
     check_finite: bool = True,
     overwrite: bool = False,
     progress: bool | None = None,
+    **options: Any,
 ) -> ActivationStore:
     """Run ``model`` over ``data`` once and store the activations of ``layers``.
 
@@ -197,7 +189,7 @@ def capture(
     ...                          "digits.zarr", dtype="float32")  # doctest: +SKIP
     >>> peekcore.cp_als(store["conv2"], rank=8)                 # doctest: +SKIP
     """
-    opts = CaptureOptions.from_arguments(locals())
+    opts = CaptureOptions.given_to(capture, options)
     plan = _plan(model, data, layers, Path(store), opts, chunk_size, overwrite)
     if plan.writer is not None and plan.writer.complete:
         return ActivationStore(plan.path)
@@ -444,16 +436,8 @@ def _create(
     if labels is not None:
         label_info = {"shape": list(labels.shape[1:]), "dtype": labels.dtype.name}
     attrs = {"provenance": provenance, "settings": settings}
-    return StoreWriter.create(
-        path,
-        n_samples=n,
-        chunk_size=chunk_size,
-        dtype=dtype,
-        layers=layer_info,
-        label_info=label_info,
-        attrs=attrs,
-        replace=replace,
-    )
+    layout = StoreLayout(n, chunk_size, dtype, layer_info, label_info, attrs)
+    return StoreWriter.create(path, layout, replace=replace)
 
 
 def _check_shapes(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import _batch_rng, _bit_view
-from .options import CaptureOptions
+from .options import CaptureOptions, takes_capture_options
 
 
 class ModelSource:
@@ -49,24 +49,8 @@ class ModelSource:
         Passes started so far.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Any,
-        layer: str,
-        *,
-        dtype: str = "float32",
-        batch_size: int = 64,
-        device: Any = None,
-        autocast: bool | str | torch.dtype = False,
-        layout: str = "auto",
-        select: Any = None,
-        fold_spatial: bool = False,
-        n_samples: int | None = None,
-        transform: Callable | None = None,
-        seed: int | None = 0,
-        num_workers: int = 0,
-    ) -> None:
+    @takes_capture_options(dtype="float32")
+    def __init__(self, model: nn.Module, data: Any, layer: str, **options: Any) -> None:
         if not isinstance(layer, str):
             raise TypeError(
                 f"ModelSource streams one layer; got layer={layer!r}. For several layers use "
@@ -74,7 +58,7 @@ class ModelSource:
             )
         self.model = model
         self.layer = layer
-        run = CaptureOptions.from_arguments(locals()).hook(model, data, [layer])
+        run = CaptureOptions.given_to(ModelSource.__init__, options).hook(model, data, [layer])
         self._dtype = run.dtype
         self.device = run.device
         self.inputs = run.inputs

@@ -54,7 +54,7 @@ from .format import (
     zarr_module,
 )
 from .reader import ActivationStore, StoredLayer
-from .writer import StoreWriter, check_replaceable, check_store_path, remove_store
+from .writer import StoreLayout, StoreWriter, check_replaceable, check_store_path, remove_store
 
 __all__ = [
     "ActivationStore",
@@ -65,6 +65,7 @@ __all__ = [
     # used by capture and the command line
     "FORMAT",
     "READ_MODES",
+    "StoreLayout",
     "StoreWriter",
     "check_replaceable",
     "check_store_path",

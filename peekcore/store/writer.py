@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -96,28 +97,17 @@ class StoreWriter:
         return min(self.chunks_written * self.chunk_size, self.n_samples)
 
     @classmethod
-    def create(
-        cls,
-        path: Path,
-        *,
-        n_samples: int,
-        chunk_size: int,
-        dtype: str,
-        layers: Mapping[str, Mapping[str, Any]],
-        label_info: Mapping[str, Any] | None,
-        attrs: Mapping[str, Any],
-        replace: bool = False,
-    ) -> StoreWriter:
+    def create(cls, path: Path, layout: StoreLayout, *, replace: bool = False) -> StoreWriter:
         """Create an empty store (all metadata, no chunks) atomically.
 
-        ``layers[name]`` has ``shape`` (per sample), ``dims`` and ``attrs``.
         The store is built in a temporary folder beside ``path`` and renamed, so
         ``path`` either does not exist or holds complete metadata; the root
         attributes get a capture id, a digest of the capture's settings and
-        provenance. An empty folder at ``path``
-        is taken as no store. ``replace``: a store at ``path`` is replaced
-        (:func:`check_replaceable`), only now that the new one is ready: it is
-        renamed aside, the new one renamed in, and then it is deleted.
+        provenance (:meth:`StoreLayout.root_attributes`). An empty folder at
+        ``path`` is taken as no store. ``replace``: a store at ``path`` is
+        replaced (:func:`check_replaceable`), only now that the new one is
+        ready: it is renamed aside, the new one renamed in, and then it is
+        deleted.
         """
         zarr = _zarr()
         from zarr.codecs import Crc32cCodec
@@ -126,7 +116,9 @@ class StoreWriter:
         tmp = path.parent / f".{path.name}.creating"
         if tmp.exists():
             shutil.rmtree(tmp)
-        root_attrs = _root_attributes(n_samples, chunk_size, dtype, layers, label_info, attrs)
+        root_attrs = layout.root_attributes()
+        n_samples, chunk_size, dtype = layout.n_samples, layout.chunk_size, layout.dtype
+        label_info = layout.label_info
         common = {
             "compressors": (Crc32cCodec(),),
             "filters": None,
@@ -137,7 +129,7 @@ class StoreWriter:
             root = zarr.open_group(tmp, mode="w-", attributes=root_attrs, zarr_format=3)
             group = root.create_group("layers")
             fill = np.float32("nan") if dtype != "bfloat16" else _BF16_NAN_BITS
-            for name, info in layers.items():
+            for name, info in layout.layers.items():
                 shape = tuple(int(s) for s in info["shape"])
                 group.create_group(name).create_array(
                     "activations",
@@ -160,7 +152,7 @@ class StoreWriter:
             )
             ids[:] = np.arange(n_samples, dtype=np.int64)
             records: dict[str, list[int]] = {
-                _layer_group(name) + "/activations": [] for name in layers
+                _layer_group(name) + "/activations": [] for name in layout.layers
             }
             records["sample_id"] = [_file_crc(_chunk_path(tmp / "sample_id", 0, 1))]
             if label_info is not None:
@@ -270,36 +262,60 @@ class StoreWriter:
         self.root.attrs.update({"progress": progress})
 
 
-def _root_attributes(
-    n_samples: int,
-    chunk_size: int,
-    dtype: str,
-    layers: Mapping[str, Mapping[str, Any]],
-    label_info: Mapping[str, Any] | None,
-    attrs: Mapping[str, Any],
-) -> dict:
-    """The root attributes of a new store (see :meth:`StoreWriter.create`), capture id included."""
-    root_attrs = {
-        "peekcore": {"kind": "activation store", "format": FORMAT},
-        "n_samples": int(n_samples),
-        "chunk_size": int(chunk_size),
-        "dtype": dtype,
-        "layers": {
-            name: {"shape": list(info["shape"]), "dims": list(info["dims"])}
-            for name, info in layers.items()
-        },
-        "has_labels": label_info is not None,
-        **({"label_info": dict(label_info)} if label_info is not None else {}),
-        **dict(attrs),
-        "progress": {"chunks_written": 0, "n_chunks": math.ceil(n_samples / chunk_size)},
-    }
-    root_attrs = _json(root_attrs)
-    # which capture made the store, so that an open store sees when it is replaced:
-    # a digest of everything that defines the capture, so a resumed or repeated
-    # capture makes the same bytes
-    defining = json.dumps({k: v for k, v in root_attrs.items() if k != "progress"}, sort_keys=True)
-    root_attrs["peekcore"]["capture_id"] = hashlib.sha256(defining.encode()).hexdigest()[:32]
-    return root_attrs
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """What a new store holds: sizes, dtype, layers, labels and attributes.
+
+    Attributes
+    ----------
+    n_samples : int
+    chunk_size : int
+        Samples per stored chunk.
+    dtype : str
+        Store dtype of the activations.
+    layers : dict of name -> dict
+        ``layers[name]`` has ``shape`` (per sample), ``dims`` and ``attrs``.
+    label_info : dict or None
+        ``shape`` (per sample) and ``dtype`` of the labels; None: no labels.
+    attrs : dict
+        More root attributes (provenance, settings).
+    """
+
+    n_samples: int
+    chunk_size: int
+    dtype: str
+    layers: Mapping[str, Mapping[str, Any]]
+    label_info: Mapping[str, Any] | None
+    attrs: Mapping[str, Any]
+
+    def root_attributes(self) -> dict:
+        """The root attributes of the new store, capture id included."""
+        label_info = self.label_info
+        root_attrs = {
+            "peekcore": {"kind": "activation store", "format": FORMAT},
+            "n_samples": int(self.n_samples),
+            "chunk_size": int(self.chunk_size),
+            "dtype": self.dtype,
+            "layers": {
+                name: {"shape": list(info["shape"]), "dims": list(info["dims"])}
+                for name, info in self.layers.items()
+            },
+            "has_labels": label_info is not None,
+            **({"label_info": dict(label_info)} if label_info is not None else {}),
+            **dict(self.attrs),
+            "progress": {
+                "chunks_written": 0,
+                "n_chunks": math.ceil(self.n_samples / self.chunk_size),
+            },
+        }
+        root_attrs = _json(root_attrs)
+        # which capture made the store, so that an open store sees when it is replaced:
+        # a digest of everything that defines the capture, so a resumed or repeated
+        # capture makes the same bytes
+        defining = {k: v for k, v in root_attrs.items() if k != "progress"}
+        digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+        root_attrs["peekcore"]["capture_id"] = digest[:32]
+        return root_attrs
 
 
 def _move_in(tmp: Path, path: Path, replace: bool) -> None:
