@@ -85,6 +85,7 @@ class _Edits:
         self.coef: torch.Tensor | None = None  # g x R
         self.patterns: torch.Tensor | None = None  # R x P
         self.resolved: str | None = None
+        self.calls = 0  # calls in the current forward pass: a shared module runs more than once
 
     def new_batch(self, b: int, rows: np.ndarray | None) -> None:
         self.batch, self.sample_rows, self.a = b, rows, None
@@ -92,6 +93,14 @@ class _Edits:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.coef is None:
             return None
+        self.calls += 1
+        if self.calls > 1:
+            # both calls would be edited with the first one's components: wrong numbers
+            raise InvalidArgumentError(
+                f"layer {self.name!r} ran twice in one forward pass (a shared module, such as "
+                "one nn.ReLU used after two layers?): the edit would replace both outputs. "
+                "Give each use its own module, and fit and edit the one you mean"
+            )
         t = _apply_select(self.name, output, self.select)
         if self.resolved is None:
             self.resolved = _resolve_layout(self.layout, module, t.ndim)
@@ -398,6 +407,7 @@ class _Runner:
 
     def _forward(self, x: torch.Tensor, g: int, b: int, expand: bool) -> torch.Tensor:
         self.edits.expand = expand
+        self.edits.calls = 0
         y = self.model(x if expand else x.repeat(g, *([1] * (x.ndim - 1))))
         if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != g * b:
             raise InvalidArgumentError(

@@ -472,3 +472,23 @@ def test_non_finite_activations_and_logits_are_clear_errors(rng):
     # removing component r zeroes class r's logit above its bias: the log of a negative
     with pytest.raises(InvalidArgumentError, match="logits are not finite.*edit"):
         component_importance(LogAfter(), "net.feat", cp, z, modes=("remove",), clip=False)
+
+
+def test_shared_module_that_runs_twice_is_refused(rng):
+    """One nn.Tanh after two layers: its hook fires twice per forward, and editing both
+    outputs with the first one's components gave wrong logits without a word."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2, self.head = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.act = nn.Tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.act(self.l2(self.act(self.l1(x)))))
+
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    cp = CPModel(np.ones(2), [rng.standard_normal((10, 2)), rng.standard_normal((5, 2))])
+    for call in (component_importance, lambda *a, **k: edited_outputs(*a, remove=[0], **k)):
+        with pytest.raises(InvalidArgumentError, match="'act' ran twice in one forward pass"):
+            call(Shared(), "act", cp, x, sample_factors="model")
