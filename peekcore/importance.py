@@ -358,7 +358,8 @@ def component_importance(
         pass_bytes=pass_bytes,
     )
     t0 = time.perf_counter()
-    source = os.fspath(cp) if isinstance(cp, (str, os.PathLike)) else None
+    # absolute: the report matches it to its model files from whatever folder it runs in
+    source = os.path.abspath(os.fspath(cp)) if isinstance(cp, (str, os.PathLike)) else None
     setup = prepare_edits(
         model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
     )

@@ -492,3 +492,14 @@ def test_shared_module_that_runs_twice_is_refused(rng):
     for call in (component_importance, lambda *a, **k: edited_outputs(*a, remove=[0], **k)):
         with pytest.raises(InvalidArgumentError, match="'act' ran twice in one forward pass"):
             call(Shared(), "act", cp, x, sample_factors="model")
+
+
+def test_result_path_is_recorded_absolute(rng, tmp_path, monkeypatch):
+    """``peek report`` puts the figure beside its model by this path, from any folder."""
+    net, z, cp = planted(rng)
+    (tmp_path / "run").mkdir()
+    cp.save(tmp_path / "run" / "model.npz")
+    monkeypatch.chdir(tmp_path / "run")
+    imp = component_importance(net, "feat", "model.npz", z, modes=("remove",))
+    monkeypatch.chdir(tmp_path)
+    assert imp.metadata["result"] == str(tmp_path / "run" / "model.npz")
