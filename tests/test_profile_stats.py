@@ -451,6 +451,8 @@ def test_verdict_wording():
     few = assoc.associate(q[:5], q[:5], layer="act3", measure="autoten")
     assert "too few for the test to have any power" in few.verdict
     assert not few.significant  # even rho = 1 on 5 points says nothing
+    gone = assoc.associate(q[:8], np.full(8, np.nan), layer="act3", measure="stable")
+    assert gone.verdict.startswith("act3: 0 points (8 more with no value, NaN) for the stable")
 
     per_layer, overall = assoc.summarize([strong, null, few])
     assert per_layer["act2"].startswith("act2: the stable rank falls as accuracy rises")

@@ -572,9 +572,11 @@ def _verdict(a: Association) -> str:
     what = _MEASURE_NAMES.get(a.measure, a.measure)
     head = f"{a.layer}: "
     if a.n < MIN_POINTS:
+        # say where the other points went: 8 checkpoints reading "0 points" is a puzzle
+        lost = f" ({a.n_dropped} more with no value, NaN)" if a.n_dropped else ""
         return (
-            head + f"{a.n} point{'s' if a.n != 1 else ''} for the {what}: too few for the test "
-            f"to have any power (at least {MIN_POINTS} needed), so no conclusion"
+            head + f"{a.n} point{'s' if a.n != 1 else ''}{lost} for the {what}: too few for the "
+            f"test to have any power (at least {MIN_POINTS} needed), so no conclusion"
         )
     if a.reason:
         return head + f"no test of the {what}: {a.reason}"
