@@ -42,6 +42,7 @@ from .._validate import check_int
 from ..errors import InvalidArgumentError
 from ..solvers.passes import iterate_chunks
 from ..sources import as_source
+from ..sweep import STABILITY_FIT_TOL  # the draws pick "near" replicates as the sweep did
 
 __all__ = [
     "MEASURES",
@@ -88,8 +89,6 @@ PURITY_THRESHOLD = 0.5
 COVERAGE_THRESHOLD = 0.5
 #: A class member "loads" on a component when ``|a_i|`` is at least this times the class's RMS.
 COVERAGE_LEVEL = 0.5
-#: Replicates within this fit of a rank's best count as having found it (as in ``rank_sweep``).
-STABILITY_FIT_TOL = 1e-3
 #: Bytes of float64 workspace one chunk of :func:`sample_residuals` may take.
 _WORKSPACE_BYTES = 64 * 2**20
 
