@@ -299,6 +299,7 @@ class _KernelLauncher(Launcher):
         super().__init__(device)
         self._torch = TorchLauncher(device)  # update_rows beyond the kernel's limits
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._offset_tables: dict[tuple[int, ...], torch.Tensor] = {}
 
     @abstractmethod
     def run(self, launch: Launch) -> None:
@@ -369,11 +370,11 @@ class _KernelLauncher(Launcher):
 
     def _offsets(self, widths: tuple[int, ...]) -> torch.Tensor:
         """Device int32 column offsets of models of ``widths`` side by side (cached)."""
-        key = ("offsets", widths)
-        if key not in self._tables:
+        if widths not in self._offset_tables:
             bounds = [0, *itertools.accumulate(widths)]
-            self._tables[key] = (torch.tensor(bounds, dtype=torch.int32, device=self.device),)
-        return self._tables[key][0]
+            table = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+            self._offset_tables[widths] = table
+        return self._offset_tables[widths]
 
     def _factor_table(self, fs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Device arrays of the factors' addresses and row counts (int64), for ``khatri_rao``.
