@@ -75,3 +75,48 @@ def test_capture_refuses_a_store_path_under_a_file_before_any_work(images, tmp_p
             capture(Counting(), images, "conv1", store, progress=False)
     assert Counting.calls == calls  # refused before the model ran
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
+
+
+FULL_DISK = """
+import resource, sys
+import numpy as np
+import peekcore
+from test_capture import SmallCNN
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+try:
+    peekcore.capture(SmallCNN(), (x, np.arange(40) % 3), ["conv1", "conv2"], sys.argv[1],
+                     dtype="float32", chunk_size=8, batch_size=8, progress=False)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def _files(path):
+    return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
+
+
+@pytest.mark.parametrize("limit", [300, 13000])  # while creating the store; in a chunk write
+def test_a_full_disk_is_said_plainly_and_the_capture_resumes_to_the_same_bytes(tmp_path, limit):
+    # before: raw "[Errno 27] File too large", or "RuntimeError: writing the store failed:
+    # 20480 requested and 13000 written"
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    store = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-c", FULL_DISK, str(store), str(limit)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"OutputPathError writing the store {store} failed: the disk")
+    assert ("resume" in run.stdout) == (limit == 13000)
+    assert sorted(os.listdir(tmp_path)) == (["s.zarr"] if limit == 13000 else [])
+    x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    kw = dict(dtype="float32", chunk_size=8, batch_size=8, progress=False)
+    data = (x, np.arange(40) % 3)
+    capture(SmallCNN(), data, ["conv1", "conv2"], store, **kw)  # resumes
+    ref = capture(SmallCNN(), data, ["conv1", "conv2"], tmp_path / "ref.zarr", **kw)
+    assert _files(store) == _files(ref.path)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..errors import PeekcoreError
 from ..store import StoreWriter, storage_dtype, to_storage
 
 
@@ -160,6 +161,8 @@ class _ChunkPipeline:
                 self._free.put(bufset)
 
     def _raise(self) -> None:
+        if isinstance(self._error, PeekcoreError):  # says what failed and what to do
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"writing the store failed: {self._error}") from self._error
 

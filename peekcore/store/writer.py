@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -12,7 +13,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,11 @@ class StoreWriter:
             progress = {**root_attrs["progress"], "crc32c": records}
             root.attrs.update({"progress": progress})
             _move_in(tmp, path, replace)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            clear = _no_room_error(err, path, resumable=False)
+            if clear is not None:
+                raise clear from err
             raise
         return cls.open(path)
 
@@ -199,6 +203,23 @@ class StoreWriter:
         return all(self._direct.values())
 
     def write_chunk(
+        self,
+        index: int,
+        activations: Mapping[str, np.ndarray],
+        labels: np.ndarray | None,
+        checksums: Mapping[str, int] | None = None,
+    ) -> None:
+        """Write chunk ``index`` of every array, then record it as written.
+
+        A disk that is full (or a file size limit reached) gives an
+        :class:`~peekcore.errors.OutputPathError` that says so; the chunks
+        written before stay, and a capture with the same arguments resumes.
+        See :meth:`_write_chunk` for the parameters.
+        """
+        with _room_to_write(self.path, resumable=True):
+            self._write_chunk(index, activations, labels, checksums)
+
+    def _write_chunk(
         self,
         index: int,
         activations: Mapping[str, np.ndarray],
@@ -259,7 +280,50 @@ class StoreWriter:
         done = self.chunks_written
         records = {k: v[: 1 if k == "sample_id" else done] for k, v in self.records.items()}
         progress = {"chunks_written": done, "n_chunks": self.n_chunks, "crc32c": records}
-        self.root.attrs.update({"progress": progress})
+        with _room_to_write(self.path, resumable=True):
+            self.root.attrs.update({"progress": progress})
+
+
+# what a write that found no room says: the disk (or the user's quota) is full, or the
+# file size limit (RLIMIT_FSIZE, ulimit -f) was reached
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _no_room_error(err: BaseException, path: Path, resumable: bool) -> OutputPathError | None:
+    """The clear error for ``err`` when it says a write of store ``path`` found no room,
+    else None.
+
+    numpy's ``tofile`` reports a short write without an errno ("N requested and
+    M written"); a short write of a regular file means no room too.
+    """
+    if not isinstance(err, OSError) or isinstance(err, OutputPathError):
+        return None
+    short = err.errno is None and re.search(r"\d+ requested and \d+ written", str(err))
+    if err.errno not in _NO_ROOM and not short:
+        return None
+    if resumable:
+        then = (
+            "the chunks written before are kept: free space (or raise the limit) and call "
+            "capture again with the same arguments to resume"
+        )
+    else:
+        then = "nothing was written there: free space (or raise the limit) and capture again"
+    return OutputPathError(
+        f"writing the store {path} failed: the disk or quota is full, or a file size limit "
+        f"(ulimit -f) was reached ({type(err).__name__}: {err}); {then}"
+    )
+
+
+@contextlib.contextmanager
+def _room_to_write(path: Path, resumable: bool) -> Iterator[None]:
+    """Turn a write of store ``path`` that finds no room into a clear OutputPathError."""
+    try:
+        yield
+    except OSError as err:
+        clear = _no_room_error(err, path, resumable)
+        if clear is None:
+            raise
+        raise clear from err
 
 
 @dataclasses.dataclass(frozen=True)
