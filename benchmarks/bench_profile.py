@@ -39,14 +39,15 @@ def main() -> None:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
     tr, te = perm[: cfg.train_size], perm[cfg.train_size :]
     seed = cfg.seed * cfg.n_networks
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # training as the demo trains
     t = time.perf_counter()
     clean = _train_run(x[tr], y[tr], seed, [0, max(cfg.epochs)], cfg)
     shuffled = _train_run(
         x[tr], _noisy_labels(y[tr], 1.0, seed + 1000), seed, [max(cfg.noisy_epochs)], cfg
     )
     print(f"training 2 runs: {time.perf_counter() - t:.1f} s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)  # sweeps: OMP_NUM_THREADS, as set by the caller
     models = {
         "untrained": clean[0],
         "clean": clean[max(cfg.epochs)],

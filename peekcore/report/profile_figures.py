@@ -104,7 +104,8 @@ def _panel(ax, profile, layer: str, measure: str, hues: dict, seeds: list) -> di
         lo, hi = ax.get_ylim()
         if hi - lo < 2:  # one value (or two): whole ranks around it, not fractions
             mid = round((lo + hi) / 2)
-            ax.set_ylim(mid - 1.5, mid + 1.5)
+            lo, hi = mid - 1.5, mid + 1.5
+        ax.set_ylim(max(lo, -0.5), hi)  # counts and ranks are never negative
     ax.grid(alpha=0.25)
     return {
         "layer": layer,
@@ -161,22 +162,29 @@ def rank_profile_figure(
                 ax.set_ylabel(m)
     from matplotlib.lines import Line2D
 
-    handles = [
-        Line2D([], [], ls="", marker="o", mfc="none", mec=hues[k], label=f"{hue_name} {k}")
-        for k in levels
-    ] + [
-        Line2D(
-            [],
-            [],
-            ls="",
-            marker=_MARKERS[i % len(_MARKERS)],
-            mfc="none",
-            mec="k",
-            label=f"seed {s}",
+    handles = []
+    if hue_name != "seed":  # colours carry the seed otherwise, and the markers already do
+        handles += [
+            Line2D([], [], ls="", marker="o", mfc="none", mec=hues[k], label=f"{hue_name} {k}")
+            for k in levels
+        ]
+    if seeds != [None]:
+        handles += [
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker=_MARKERS[i % len(_MARKERS)],
+                mfc="none",
+                mec="k",
+                label=f"seed {s}",
+            )
+            for i, s in enumerate(seeds)
+        ]
+    if handles:
+        fig.legend(
+            handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7
         )
-        for i, s in enumerate(seeds)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7)
     title = f"Rank measures against {profile.quality_name}: {profile.verdict}"
     fig.suptitle(_wrap(title, 140), fontsize=9)
     png, svg = _write(fig, out_stem, dpi)
