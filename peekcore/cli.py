@@ -449,6 +449,17 @@ def _info(args: argparse.Namespace) -> dict:
 
         imp = ComponentImportance.load(p)
         return {"kind": "component importance", **imp.summary(), "table": imp.table()}
+    if kind == "peekcore.RankProfile":
+        from .profile.profile import RankProfile
+
+        prof = RankProfile.load(p)
+        return {
+            "kind": "rank profile",
+            "layers": prof.layers,
+            "ranks": f"{prof.ranks[0]}-{prof.ranks[-1]}",
+            "points": len(prof.points),
+            "verdict": prof.verdict,
+        }
     raise ValueError(f"{p}: unknown peekcore file format {kind!r}")
 
 

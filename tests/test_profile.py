@@ -211,6 +211,8 @@ def test_cli_profile_and_report_end_to_end(tmp_path, snapshots):
     assert rep.returncode == 0, rep.stderr
     html = (tmp_path / "rep.html").read_text()
     assert "Verdict" in html and "rank_profile" not in rep.stderr
+    info = _peek("--json", "info", "p.npz", cwd=tmp_path)
+    assert json.loads(info.stdout)["verdict"] == profile.verdict
     # a pickled payload among the checkpoints: refused, nothing runs
     evil, marker = _evil_checkpoint(tmp_path)
     bad = _peek("profile", "--checkpoints", "e0.pt", str(evil), *args, cwd=tmp_path)
