@@ -12,6 +12,7 @@ saves to and loads from one ``.npz``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -446,36 +447,44 @@ def rank_profile(
     RankProfile
     """
     from .. import capture
-    from ..sweep import rank_sweep
 
     t0 = time.perf_counter()
     specs, quality_fn = checkpoint_specs(checkpoints, quality)
     layer_list = [layers] if isinstance(layers, str) else list(layers)
     if not layer_list:
         raise InvalidArgumentError("layers is empty: name at least one layer, e.g. ['layer3']")
-    ranks = sorted(int(r) for r in ranks)
-    cap_kw = {
-        "dtype": "float32",
-        "fold_spatial": True,
-        "batch_size": 256,
-        **(capture_options or {}),
-    }
-    sw_kw = {"n_iter_max": n_iter_max, "tol": tol, "compress": compress, **(sweep_options or {})}
+    cap_kw = {"dtype": "float32", "fold_spatial": True, "batch_size": 256}
+    plan = _Plan(
+        layers=layer_list,
+        ranks=sorted(int(r) for r in ranks),
+        replicates=replicates,
+        sweep_kw={
+            "method": method,
+            "random_state": random_state,
+            "progress": progress,
+            "n_iter_max": n_iter_max,
+            "tol": tol,
+            "compress": compress,
+            **(sweep_options or {}),
+        },
+        measure_kw={"fraction": fraction, "fms_threshold": fms_threshold},
+        n_boot=n_boot,
+        random_state=random_state,
+        sweep_dir=None if sweep_dir is None else Path(sweep_dir),
+        save_sweeps=save_sweeps,
+    )
     tmp = tempfile.TemporaryDirectory(prefix="peek-profile-") if store is None else None
     root = Path(tmp.name if tmp is not None else store)
     root.mkdir(parents=True, exist_ok=True)
-    if sweep_dir is not None:
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    points: list[dict] = []
-    curves: dict[str, list] = {k: [] for k in CURVES}
-    timing = {"load_and_quality": 0.0, "capture": 0.0, "sweeps": 0.0, "bootstrap": 0.0}
+    if plan.sweep_dir is not None:
+        plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
         for spec in specs:
             t = time.perf_counter()
             model = load_spec_model(spec, builder, trust)
             if spec.quality is None:
                 spec.quality = float(quality_fn(model))
-            timing["load_and_quality"] += time.perf_counter() - t
+            plan.timing["load_and_quality"] += time.perf_counter() - t
             t = time.perf_counter()
             acts = capture(
                 model,
@@ -483,67 +492,22 @@ def rank_profile(
                 layer_list,
                 root / f"{store_stem(spec.name)}.zarr",
                 progress=False,
-                **cap_kw,
+                **{**cap_kw, **(capture_options or {})},
             )
-            timing["capture"] += time.perf_counter() - t
+            plan.timing["capture"] += time.perf_counter() - t
+            del model
             lab = labels if labels is not None else acts.labels
             for layer in layer_list:
-                t = time.perf_counter()
-                with warnings.catch_warnings():
-                    # expected above a layer's identifiable ranks; nan there, see UNDEFINED
-                    warnings.filterwarnings(
-                        "ignore", "core consistency is undefined", RuntimeWarning
-                    )
-                    sweep = rank_sweep(
-                        acts[layer],
-                        ranks,
-                        replicates,
-                        method=method,
-                        random_state=random_state,
-                        progress=progress,
-                        **sw_kw,
-                    )
-                timing["sweeps"] += time.perf_counter() - t
-                if sweep_dir is not None and (save_sweeps is None or spec.name in save_sweeps):
-                    sweep.save(Path(sweep_dir) / f"{store_stem(spec.name)}_{layer}_sweep.npz")
-                t = time.perf_counter()
-                values = measure_sweep(
-                    sweep, labels=lab, fraction=fraction, fms_threshold=fms_threshold
-                )
-                draws = bootstrap_measures(
-                    sweep,
-                    acts[layer],
-                    labels=lab,
-                    n_boot=n_boot,
-                    random_state=random_state,
-                    fraction=fraction,
-                    fms_threshold=fms_threshold,
-                )
-                timing["bootstrap"] += time.perf_counter() - t
-                points.append(
-                    {
-                        "layer": layer,
-                        "checkpoint": spec.name,
-                        "seed": spec.seed,
-                        "condition": spec.condition,
-                        "quality": float(spec.quality),
-                        "measures": {m: float(values[m]) for m in MEASURES},
-                        "interval": {m: _interval(draws[m]) for m in MEASURES if m in draws},
-                        "info": spec.info,
-                    }
-                )
-                for k, v in _curves(sweep).items():
-                    curves[k].append(v)
+                _profile_layer(plan, spec, acts[layer], layer, lab)
             if log is not None:
                 summary = ", ".join(
                     f"{p['layer']} {_fmt(p['measures']['autoten'])}"
-                    for p in points[-len(layer_list) :]
+                    for p in plan.points[-len(layer_list) :]
                 )
                 log(
                     f"[profile] {spec.name}: {quality_name} {spec.quality:.3f}; "
                     f"autoten rank {summary}"
                 )
-            del model
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -552,37 +516,92 @@ def rank_profile(
         "n_permutations": n_permutations,
         "n_boot": n_boot_association,
         "random_state": random_state,
+        "quality_name": quality_name,
     }
-    assoc_kw["quality_name"] = quality_name
-    associations = _associations(points, layer_list, MEASURES, assoc_kw)
+    associations = _associations(plan.points, layer_list, MEASURES, assoc_kw)
     verdicts, verdict = summarize(associations, quality_name=quality_name)
-    timing["association"] = time.perf_counter() - t
+    plan.timing["association"] = time.perf_counter() - t
     settings = {
-        "method": method,
+        **{k: v for k, v in plan.sweep_kw.items() if k != "progress"},
         "replicates": replicates,
-        "n_iter_max": sw_kw["n_iter_max"],
-        "tol": sw_kw["tol"],
-        "compress": bool(sw_kw["compress"]),
         "n_boot": n_boot,
         "n_permutations": n_permutations,
         "n_boot_association": n_boot_association,
-        "fraction": fraction,
-        "fms_threshold": fms_threshold,
-        "random_state": random_state,
+        **plan.measure_kw,
         "capture": {k: v for k, v in cap_kw.items() if isinstance(v, (str, int, float, bool))},
-        "seconds_by_step": timing,
+        "seconds_by_step": plan.timing,
     }
+    n, k = len(plan.points), len(plan.ranks)
     return RankProfile(
-        points=points,
+        points=plan.points,
         associations=associations,
         verdicts=dict(verdicts),
         verdict=verdict,
         layers=layer_list,
-        ranks=ranks,
-        curves={
-            k: np.array(v, dtype=float).reshape(len(points), len(ranks)) for k, v in curves.items()
-        },
+        ranks=plan.ranks,
+        curves={c: np.array(v, dtype=float).reshape(n, k) for c, v in plan.curves.items()},
         quality_name=quality_name,
-        settings=settings,
+        settings=json.loads(json.dumps(settings, default=str)),
         seconds=time.perf_counter() - t0,
     )
+
+
+@dataclass
+class _Plan:
+    """The settings of one profile run, and what it has measured so far."""
+
+    layers: list[str]
+    ranks: list[int]
+    replicates: int
+    sweep_kw: dict
+    measure_kw: dict
+    n_boot: int
+    random_state: int
+    sweep_dir: Path | None
+    save_sweeps: Sequence[str] | None
+    points: list[dict] = field(default_factory=list)
+    curves: dict[str, list] = field(default_factory=lambda: {k: [] for k in CURVES})
+    timing: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("load_and_quality", "capture", "sweeps", "bootstrap"), 0.0
+        )
+    )
+
+
+def _profile_layer(plan: _Plan, spec: Any, source: Any, layer: str, labels: Any) -> None:
+    """Sweep one layer of one checkpoint, take its measures and their bootstrap."""
+    from ..sweep import rank_sweep
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        # expected above a layer's identifiable ranks: nan there, and no measure needs it
+        warnings.filterwarnings("ignore", "core consistency is undefined", RuntimeWarning)
+        sweep = rank_sweep(source, plan.ranks, plan.replicates, **plan.sweep_kw)
+    plan.timing["sweeps"] += time.perf_counter() - t
+    if plan.sweep_dir is not None and (plan.save_sweeps is None or spec.name in plan.save_sweeps):
+        sweep.save(plan.sweep_dir / f"{store_stem(spec.name)}_{layer}_sweep.npz")
+    t = time.perf_counter()
+    values = measure_sweep(sweep, labels=labels, **plan.measure_kw)
+    draws = bootstrap_measures(
+        sweep,
+        source,
+        labels=labels,
+        n_boot=plan.n_boot,
+        random_state=plan.random_state,
+        **plan.measure_kw,
+    )
+    plan.timing["bootstrap"] += time.perf_counter() - t
+    plan.points.append(
+        {
+            "layer": layer,
+            "checkpoint": spec.name,
+            "seed": spec.seed,
+            "condition": spec.condition,
+            "quality": float(spec.quality),
+            "measures": {m: float(values[m]) for m in MEASURES},
+            "interval": {m: _interval(draws[m]) for m in MEASURES if m in draws},
+            "info": spec.info,
+        }
+    )
+    for k, v in _curves(sweep).items():
+        plan.curves[k].append(v)
