@@ -3,6 +3,8 @@
 // and launches it with the shape Python computed.
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "cp_pass.cu"
 #include "launch.h"
 
@@ -22,22 +24,17 @@ struct Type {
 
 // The peekcore::Storage code of each CUDA type.
 template <typename T>
-constexpr Storage storage_of();
-template <>
-constexpr Storage storage_of<__half>() {
-  return Storage::kFloat16;
-}
-template <>
-constexpr Storage storage_of<__nv_bfloat16>() {
-  return Storage::kBFloat16;
-}
-template <>
-constexpr Storage storage_of<float>() {
-  return Storage::kFloat32;
-}
-template <>
-constexpr Storage storage_of<double>() {
-  return Storage::kFloat64;
+constexpr Storage storage_of() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return Storage::kFloat16;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return Storage::kBFloat16;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return Storage::kFloat32;
+  } else {
+    static_assert(std::is_same_v<T, double>, "no peekcore::Storage for this type");
+    return Storage::kFloat64;
+  }
 }
 
 // launch(Type<T>{}) for the T among Types whose code is `storage`, then the
