@@ -162,6 +162,29 @@ def test_an_edited_n_samples_is_refused_on_open_and_resume(labelled, n_samples):
         cap(SmallCNN(), data, ["conv1", "conv2"], labelled.path, chunk_size=16, dtype="float32")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("dtype", "int8", "says dtype='int8', not one of float16, bfloat16, float32"),
+        ("chunk_size", "16", "no valid n_samples, chunk_size and progress"),
+        ("n_samples", 61.0, "no valid n_samples, chunk_size and progress"),
+    ],
+)
+def test_an_edited_dtype_or_a_size_that_is_no_integer_is_refused(labelled, key, value, said):
+    # before: a raw KeyError: 'int8'; "16" and 61.0 were taken as 16 and 61
+    edit_root(labelled.path, lambda attrs: attrs.__setitem__(key, value))
+    with pytest.raises(StoreDamageError, match=said):
+        ActivationStore(labelled.path)
+
+
+def test_a_missing_sample_id_chunk_names_the_samples_it_held(labelled):
+    (labelled.path / "sample_id" / "c" / "0").unlink()  # one chunk of all 61 samples
+    with pytest.raises(
+        StoreDamageError, match=r"sample_id is missing 1 of 1 .*\(samples 0\.\.60\)"
+    ):
+        ActivationStore(labelled.path)
+
+
 @pytest.mark.parametrize("group", ["layers", "layers/conv2"])
 def test_a_deleted_group_zarr_json_is_refused_on_open(labelled, group):
     (labelled.path / group / "zarr.json").unlink()

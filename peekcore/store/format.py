@@ -194,14 +194,20 @@ def _check_progress(path: Path, attrs: Mapping) -> None:
     """Refuse root metadata whose progress disagrees with its size (``n_samples`` or
     ``chunk_size`` edited, say), before anything is read by it."""
     fix = "the metadata was edited or is damaged; capture the store again (overwrite=True)"
-    try:
-        n, cs = int(attrs["n_samples"]), int(attrs["chunk_size"])
-        done = int(attrs["progress"]["chunks_written"])
-        recorded = int(attrs["progress"]["n_chunks"])
-    except (KeyError, TypeError, ValueError):
+    progress = attrs.get("progress")
+    progress = progress if isinstance(progress, Mapping) else {}
+    n, cs = attrs.get("n_samples"), attrs.get("chunk_size")
+    done, recorded = progress.get("chunks_written"), progress.get("n_chunks")
+    if not all(type(v) is int for v in (n, cs, done, recorded)):  # JSON numbers, not "8"
         raise StoreDamageError(
-            f"the metadata of {path} has no valid n_samples, chunk_size and progress; {fix}"
-        ) from None
+            f"the metadata of {path} has no valid n_samples, chunk_size and progress "
+            f"(whole numbers); {fix}"
+        )
+    if attrs["dtype"] not in STORE_DTYPES:
+        raise StoreDamageError(
+            f"the metadata of {path} says dtype={attrs['dtype']!r}, not one of "
+            f"{', '.join(STORE_DTYPES)}; {fix}"
+        )
     if n < 1 or cs < 1:
         raise StoreDamageError(f"the metadata of {path} says n_samples={n}, chunk_size={cs}; {fix}")
     total = math.ceil(n / cs)
@@ -276,7 +282,8 @@ def _check_arrays(path: Path, root: Any, attrs: Mapping, *, upto: int | None = N
         ]
         if missing:
             shown = ", ".join(
-                f"{i} (samples {i * cs}..{min((i + 1) * cs, n) - 1})" for i in missing[:5]
+                f"{i} (samples {i * per_chunk}..{min((i + 1) * per_chunk, n) - 1})"
+                for i in missing[:5]
             )
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise StoreDamageError(
