@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
         Not a ``.npy`` file, or one that holds Python objects.
     """
     fmt = np.lib.format
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, then refuse to seek
+        raise DataError(
+            f"{path} is not a regular file (a pipe, device or folder); peekcore reads .npy "
+            "files by position: save the array to a file with numpy.save"
+        )
     try:
         with open(path, "rb") as fh:
             version = fmt.read_magic(fh)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import peekcore
 from peekcore.errors import DataError
@@ -177,3 +178,16 @@ def test_npy_array_indexes_as_numpy_does(npy):
         a[50]
     with pytest.raises(TypeError):
         a[1.5]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_an_npy_path_that_is_no_regular_file_is_refused(tmp_path, kind):
+    # before: a FIFO blocked until a writer came, then "[Errno 29] Illegal seek"
+    path = tmp_path / "x.npy"
+    {"fifo": lambda: os.mkfifo(path), "device": lambda: path.symlink_to("/dev/zero"),
+     "folder": path.mkdir}[kind]()  # fmt: skip
+    with pytest.raises(DataError, match="x.npy is not a regular file"):
+        as_source(path)
+    with pytest.raises(DataError, match="x.npy is not a regular file"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+        peekcore.capture(model, path, "0", tmp_path / "s.zarr", progress=False)
