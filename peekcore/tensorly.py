@@ -65,8 +65,15 @@ def _refuse(option: str, why: str) -> None:
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:
-    """The tensor as a float numpy array (a view where the backend allows)."""
-    arr = tl.to_numpy(tensor)
+    """The tensor as a float numpy array: a view of numpy arrays (memmaps stay
+    memmaps, streamed from disk) and CPU torch tensors, else ``tl.to_numpy``
+    (whose numpy backend would copy the whole tensor)."""
+    if isinstance(tensor, np.ndarray):
+        arr = tensor
+    elif isinstance(tensor, torch.Tensor):
+        arr = tensor.detach().cpu().numpy()
+    else:
+        arr = tl.to_numpy(tensor)
     if np.iscomplexobj(arr):
         _refuse("complex data", "the streaming engine fits real tensors")
     if arr.ndim < 3:
@@ -181,9 +188,8 @@ def _fit(
         if given is None:
             _refuse("init='svd' without iterations", "the sample mode's SVD factor is not formed")
         return (tl.cp_normalize(given) if normalize_factors else given), []
-    data = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
     problem = prepare(
-        data,
+        arr,
         method=method,
         n_iter_max=int(n_iter_max),
         tol=0.0,  # TensorLy's own rule on the errors, below

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ import pytest
 from reference import low_rank
 
 import peekcore
+from benchmarks._cpp_example import build_example, cmake_tool
+from benchmarks._cpp_example import run as _run
 from peekcore.model import CPModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,51 +30,17 @@ BUILD = ROOT / "build" / "cpp-tests"
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], **kwargs) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    if done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        )
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> Path:
     """The built example program, linked against an installed libpeekcore."""
-    cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
-    if not Path(cmake).exists() and shutil.which("cmake") is None:
+    if cmake_tool() is None:
         pytest.skip("cmake is not installed")
-    import scipy_openblas32
-
-    blas = Path(scipy_openblas32.__file__).parent
-    jobs = ["-j", "2"]  # a shared machine: at most two compile jobs
-    _run(
-        [
-            cmake, "-S", str(ROOT), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
-            "-DPEEKCORE_PYTHON=OFF", f"-DPEEKCORE_BLAS_DIR={blas}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-        ]
-    )  # fmt: skip
-    _run([cmake, "--build", str(BUILD), *jobs])
     prefix = tmp_path_factory.mktemp("prefix")
-    _run([cmake, "--install", str(BUILD), "--prefix", str(prefix)])
     ex = tmp_path_factory.mktemp("example")
-    _run(
-        [
-            cmake,
-            "-S",
-            str(ROOT / "examples" / "embed"),
-            "-B",
-            str(ex),
-            f"-DCMAKE_PREFIX_PATH={prefix}",
-        ]
-    )
-    _run([cmake, "--build", str(ex), *jobs])
-    out = _run([str(Path(cmake).with_name("ctest")) if Path(cmake).with_name("ctest").exists()
-                else "ctest", "--test-dir", str(ex), "--output-on-failure"])  # fmt: skip
+    program = build_example(BUILD, prefix, ex)
+    out = _run([cmake_tool("ctest") or "ctest", "--test-dir", str(ex), "--output-on-failure"])
     assert "100% tests passed" in out
-    return ex / "embed_example"
+    return program
 
 
 def _fit_cpp(example: Path, tmp: Path, x: np.ndarray, init: list[np.ndarray], extra: list[str]):

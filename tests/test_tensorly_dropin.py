@@ -235,3 +235,13 @@ def test_classes_fit_and_keep_errors(rng):
     out = nn.fit_transform(x)
     assert out is nn.decomposition_ and all(np.all(f >= 0) for f in out.factors)
     assert repr(nn) == "Rank-2 Non-Negative CP decomposition."
+
+
+def test_memmap_is_streamed_not_copied(rng, tmp_path):
+    x = _noisy_cp(rng, (30, 4, 5), 2)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    got = pk.parafac(mapped, 2, init="random", random_state=3, n_iter_max=5)
+    want = pk.parafac(x, 2, init="random", random_state=3, n_iter_max=5)
+    for f, g in zip(got.factors, want.factors, strict=True):
+        np.testing.assert_array_equal(f, g)
