@@ -34,6 +34,7 @@ import peekcore
 from peekcore.model import CPModel
 
 GIB = 1 << 30
+KINDS = ("tensorly_numpy", "tensorly_pytorch", "peekcore_memory", "peekcore_npy")
 BUDGET = 16 * GIB
 
 # Run in a fresh process: load the data, start sampling RssAnon, fit, print the peak.
@@ -163,34 +164,42 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[250, 500, 1000])
+    parser.add_argument(
+        "--who", nargs="+", default=["peekcore", "tensorly_numpy", "tensorly_pytorch"]
+    )
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "memory", "cpp"])
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
 
     res: dict = {"case": {"shape": (args.n, args.c, args.s), "rank": args.rank}}
     res["build"] = peekcore.build_info()
-    rows = [("case", f"({args.n}, {args.c}, {args.s}) float32, R={args.rank}")]
+    rows: list[tuple[str, str]] = []
+
+    def add(name: str, value: str) -> None:  # printed as it comes: runs take minutes
+        rows.append((name, value))
+        print(f"{name}: {value}", flush=True)
+
+    add("case", f"({args.n}, {args.c}, {args.s}) float32, R={args.rank}")
     x = make_data(args.n, args.c, args.s)
     if "e2e" not in args.skip:
         e2e: dict = {}
         for iters in args.iters:
-            for who in ("peekcore", "tensorly_numpy", "tensorly_pytorch"):
+            for who in args.who:
                 e2e[f"{who}_{iters}"] = end_to_end(x, args.rank, iters, who)
-                rows.append((f"{who}, {iters} iterations (s)", f"{e2e[f'{who}_{iters}']:8.2f}"))
+                add(f"{who}, {iters} iterations (s)", f"{e2e[f'{who}_{iters}']:8.2f}")
         res["end_to_end_seconds"] = e2e
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "memory" not in args.skip:
             mem = {}
-            for kind in ("tensorly_numpy", "tensorly_pytorch", "peekcore_memory", "peekcore_npy"):
+            for kind in args.kinds:
                 mem[kind] = line = memory_line(
                     kind, args.memory_sizes, args.c, args.s, args.rank, tmp
                 )
-                rows.append(
-                    (
-                        f"{kind}: bytes/sample above input, largest N in 16 GiB",
-                        f"{line['bytes_per_sample']:.0f}, {line['largest_n_in_16gib']}",
-                    )
+                add(
+                    f"{kind}: bytes/sample above input, largest N in 16 GiB",
+                    f"{line['bytes_per_sample']:.0f}, {line['largest_n_in_16gib']}",
                 )
             res["memory"] = mem
         if "cpp" not in args.skip:
