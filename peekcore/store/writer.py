@@ -390,7 +390,10 @@ def _move_in(tmp: Path, path: Path, replace: bool) -> None:
         tmp.rename(path)
         return
     if not replace:
-        raise FileExistsError(f"{path} exists: cannot create a store there")
+        raise FileExistsError(
+            f"{path} exists: cannot create a store there (another capture created it "
+            "meanwhile?); call capture again to resume that store, or pass overwrite=True"
+        )
     check_replaceable(path)
     old = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:12]}"
     path.rename(old)
