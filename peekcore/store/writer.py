@@ -214,19 +214,6 @@ class StoreWriter:
         A disk that is full (or a file size limit reached) gives an
         :class:`~peekcore.errors.OutputPathError` that says so; the chunks
         written before stay, and a capture with the same arguments resumes.
-        See :meth:`_write_chunk` for the parameters.
-        """
-        with _room_to_write(self.path, resumable=True):
-            self._write_chunk(index, activations, labels, checksums)
-
-    def _write_chunk(
-        self,
-        index: int,
-        activations: Mapping[str, np.ndarray],
-        labels: np.ndarray | None,
-        checksums: Mapping[str, int] | None = None,
-    ) -> None:
-        """Write chunk ``index`` of every array, then record it as written.
 
         Parameters
         ----------
@@ -247,22 +234,23 @@ class StoreWriter:
         hi = min(lo + self.chunk_size, self.n_samples)
         whole = hi - lo == self.chunk_size
         checksums = checksums or {}
-        for name in self.layers:
-            data, key = activations[name], _layer_group(name) + "/activations"
-            if self._direct[name] and whole:
-                at = (self.path / key, index, data, self.np_dtypes[name], checksums.get(name))
-                crc = _write_chunk_file(*at)
-            else:  # zarr pads the last, partial chunk with the fill value
-                self._acts[name][lo:hi] = data
-                crc = _file_crc(_chunk_path(self.path / key, index, data.ndim))
-            self._record(key, index, crc)
-        for key, array, direct in self._extra:
-            if whole and direct:
-                crc = _write_chunk_file(self.path / key, index, labels, np.dtype(array.dtype))
-            else:
-                array[lo:hi] = labels
-                crc = _file_crc(_chunk_path(self.path / key, index, labels.ndim))
-            self._record(key, index, crc)
+        with _room_to_write(self.path, resumable=True):
+            for name in self.layers:
+                data, key = activations[name], _layer_group(name) + "/activations"
+                if self._direct[name] and whole:
+                    at = (self.path / key, index, data, self.np_dtypes[name], checksums.get(name))
+                    crc = _write_chunk_file(*at)
+                else:  # zarr pads the last, partial chunk with the fill value
+                    self._acts[name][lo:hi] = data
+                    crc = _file_crc(_chunk_path(self.path / key, index, data.ndim))
+                self._record(key, index, crc)
+            for key, array, direct in self._extra:
+                if whole and direct:
+                    crc = _write_chunk_file(self.path / key, index, labels, np.dtype(array.dtype))
+                else:
+                    array[lo:hi] = labels
+                    crc = _file_crc(_chunk_path(self.path / key, index, labels.ndim))
+                self._record(key, index, crc)
         self.chunks_written = index + 1
         now = time.monotonic()
         if self.complete or now - self._recorded_at >= PROGRESS_EVERY_S:
