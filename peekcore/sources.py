@@ -138,6 +138,11 @@ def as_source(data: Any) -> ChunkSource:
         path = Path(data)
         if not path.exists():
             raise FileNotFoundError(f"no such data file: {path}")
+        if (path / "zarr.json").is_file():  # a folder of a capture, given whole
+            raise ValueError(
+                f"{path} is a store of layers, not one array: pass one layer, "
+                f"peekcore.ActivationStore({str(path)!r})[layer]"
+            )
         if path.suffix != ".npy":
             raise ValueError(
                 f"{path}: peekcore reads .npy files directly; for other formats load the "

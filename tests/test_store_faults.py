@@ -190,3 +190,11 @@ def test_a_deleted_group_zarr_json_is_refused_on_open(labelled, group):
     (labelled.path / group / "zarr.json").unlink()
     with pytest.raises(StoreDamageError, match=rf"the group {group} has no zarr.json"):
         ActivationStore(labelled.path)
+
+
+def test_a_store_folder_given_as_data_names_the_fix(labelled):
+    # before: "peekcore reads .npy files directly; for other formats load the array yourself"
+    import peekcore
+
+    with pytest.raises(ValueError, match=r"a store of layers.*ActivationStore\(.*\)\[layer\]"):
+        peekcore.cp_als(str(labelled.path), 2, progress=False)
