@@ -314,9 +314,8 @@ def load_inputs(spec: str, model: Any = None) -> tuple[Any, list[str]]:
     notes : list of str
         Changes made to the data, for the user to read.
     """
-    import numpy as np
-
     from . import datasets
+    from .npyfile import NpyArray, map_npy, read_npy_header
 
     if spec == "digits":
         return datasets.digits(), []
@@ -330,13 +329,15 @@ def load_inputs(spec: str, model: Any = None) -> tuple[Any, list[str]]:
             f"--data {path}: give 'digits', an .npy file (N x C x H x W, or N x H x W for grey "
             "images) or a folder of images in class subfolders"
         )
-    array = np.load(path, mmap_mode="r")
-    if array.ndim == 3 and model is not None and _first_conv_channels(model) == 1:
-        n, h, w = array.shape
+    shape, fortran, _, _ = read_npy_header(path)
+    if len(shape) == 3 and model is not None and _first_conv_channels(model) == 1:
+        n, h, w = shape
+        # read by rows, not mapped (a file that shrinks meanwhile: an error, not SIGBUS)
+        array = map_npy(path)[:, None] if fortran else NpyArray(path, row_shape=(1, h, w))
         note = (
             f"{path.name} holds {n} x {h} x {w} grey images; the model's first convolution "
             f"takes 1 channel, so they are read as {n} x 1 x {h} x {w}"
         )
         name = f"{path.name} (npy, {n} x {h} x {w} read as {n} x 1 x {h} x {w})"
-        return datasets.ArrayDataset(array[:, None], name=name), [note]
+        return datasets.ArrayDataset(array, name=name), [note]
     return str(path), []

@@ -238,6 +238,9 @@ class NpyArray:
     ----------
     path : path-like
         A C-ordered ``.npy`` file of shape ``(N, ...)``.
+    row_shape : tuple of int, optional
+        Read each row as this shape (as many values as a stored row): ``(1, H,
+        W)`` for grey images stored ``N x H x W``, say.
 
     Raises
     ------
@@ -245,10 +248,15 @@ class NpyArray:
         Truncated, or not a numeric ``.npy`` file.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...] | None = None) -> None:
         self.path = Path(path)
         self._rows, self.shape = _c_ordered_rows(self.path)
         self.dtype = self._rows.dtype
+        if row_shape is not None:
+            if math.prod(row_shape) != math.prod(self._rows.row_shape):
+                raise ValueError(f"rows of shape {self._rows.row_shape} cannot be {row_shape}")
+            self._rows.row_shape = tuple(row_shape)
+            self.shape = (self.shape[0], *self._rows.row_shape)
 
     @property
     def ndim(self) -> int:

@@ -191,3 +191,20 @@ def test_an_npy_path_that_is_no_regular_file_is_refused(tmp_path, kind):
     with pytest.raises(DataError, match="x.npy is not a regular file"):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
         peekcore.capture(model, path, "0", tmp_path / "s.zarr", progress=False)
+
+
+def test_grey_npy_inputs_of_the_command_line_are_read_by_rows(rng, tmp_path):
+    # before: peek capture mapped an N x H x W .npy (SIGBUS if it shrank meanwhile)
+    from peekcore.demo import DigitsCNN
+    from peekcore.loading import load_inputs
+    from peekcore.npyfile import NpyArray
+
+    x = rng.standard_normal((12, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "grey.npy", x)
+    data, notes = load_inputs(str(tmp_path / "grey.npy"), DigitsCNN())
+    assert isinstance(data.inputs, NpyArray) and data.inputs.shape == (12, 1, 8, 8)
+    np.testing.assert_array_equal(data.inputs[3:7], x[3:7, None])
+    np.testing.assert_array_equal(data.inputs[-1], x[-1, None])
+    np.testing.assert_array_equal(data.batch(0, 12)[0].numpy(), x[:, None])
+    with pytest.raises(ValueError, match="cannot be"):
+        NpyArray(tmp_path / "grey.npy", row_shape=(2, 8, 8))
