@@ -198,3 +198,16 @@ def test_a_store_folder_given_as_data_names_the_fix(labelled):
 
     with pytest.raises(ValueError, match=r"a store of layers.*ActivationStore\(.*\)\[layer\]"):
         peekcore.cp_als(str(labelled.path), 2, progress=False)
+
+
+def test_a_folder_of_something_else_is_refused_with_the_fix(images, tmp_path):
+    # before: "... or its creation did not finish; capture it again", which fails the same way
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    for call in (
+        lambda: ActivationStore(tmp_path / "d"),
+        lambda: cap(SmallCNN(), images, "conv1", tmp_path / "d"),
+    ):
+        with pytest.raises(StoreError, match="not an activation store .*choose another path"):
+            call()
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"

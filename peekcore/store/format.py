@@ -158,8 +158,9 @@ def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
         raise FileNotFoundError(f"no activation store at {path} (an empty folder)")
     if not (path / "zarr.json").is_file():
         raise StoreError(
-            f"{path} is not a zarr store (no zarr.json): not an activation store, or its "
-            "creation did not finish; capture it again"
+            f"{path} is not a zarr store, so not an activation store (no zarr.json; stores are "
+            "created whole, so this is a file or a folder of something else): choose another "
+            "path, or move it away first"
         )
     try:
         root = zarr.open_group(path, mode=mode, use_consolidated=False)
