@@ -27,7 +27,7 @@ import torch
 
 from .ops import hals_rows, khatri_rao
 
-__all__ = ["PassKernel", "PassStatistics", "ALS", "HALS", "khatri_rao"]
+__all__ = ["PassKernel", "PassOptions", "PassStatistics", "ALS", "HALS", "khatri_rao"]
 
 ALS = "als"
 HALS = "hals"
@@ -55,6 +55,31 @@ class PassStatistics:
     rows: int = 0
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """The keywords of ``PassKernel.pass_chunk``, bundled for the implementations.
+
+    Attributes
+    ----------
+    dims : tuple of int
+        The resident dimensions (their product is the chunk's width ``J``).
+    update : str
+        ``ALS`` or ``HALS``: how the chunk's rows of the sample factor are updated.
+    sweeps : int
+        HALS sweeps over the rows (ignored by ALS).
+    want_norm : bool
+        Whether to return the chunk's sum of squares.
+    blocks : tuple of int or None
+        The ranks of models stacked side by side, or None for one model.
+    """
+
+    dims: tuple[int, ...]
+    update: str
+    sweeps: int
+    want_norm: bool
+    blocks: tuple[int, ...] | None = None
+
+
 class PassKernel(ABC):
     """One implementation of the per-chunk pass (see the module docstring)."""
 
@@ -75,7 +100,6 @@ class PassKernel(ABC):
         """Resident factors in the form ``pass_chunk`` wants (default: contiguous tensors)."""
         return [f.to(device=self.device, dtype=dtype).contiguous() for f in factors]
 
-    @abstractmethod
     def pass_chunk(
         self,
         chunk: torch.Tensor,
@@ -98,6 +122,12 @@ class PassKernel(ABC):
         (float64) when ``want_norm``, else 0; a kernel may return a 0-d tensor
         to avoid a device synchronization.
         """
+        options = PassOptions(dims, update, sweeps, want_norm, blocks)
+        return self._pass(chunk, factors, g, a_rows, stats, options)
+
+    @abstractmethod
+    def _pass(self, chunk, factors, g, a_rows, stats, options: PassOptions) -> float | torch.Tensor:
+        """The pass itself: ``pass_chunk`` with its keywords bundled in ``options``."""
 
     def hals_update(
         self,

@@ -27,10 +27,11 @@ on the CPU (``tests/test_kernels.py``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from .base import ALS, PassKernel, PassStatistics
+from .base import ALS, PassKernel, PassOptions
 from .cuda_launch import (
     KERNEL_NAMES,
     MAX_RANK,
@@ -126,52 +127,34 @@ class CudaKernel(PassKernel):
         holder.kr[dtype] = (out, 1.0 / scale)
         return holder.kr[dtype]
 
-    def pass_chunk(
-        self,
-        chunk: torch.Tensor,
-        factors: _Factors,
-        g: torch.Tensor,
-        a_rows: torch.Tensor,
-        stats: PassStatistics,
-        *,
-        dims: tuple[int, ...],
-        update: str,
-        sweeps: int,
-        want_norm: bool,
-        blocks: tuple[int, ...] | None = None,
+    def _pass(
+        self, chunk, factors: _Factors, g, a_rows, stats, options: PassOptions
     ) -> float | torch.Tensor:
         rank = a_rows.shape[1]
-        widths = tuple(blocks) if blocks else (rank,)
-        # float64 accumulation: the torch path
+        widths = tuple(options.blocks) if options.blocks else (rank,)
+        # float64 accumulation: the torch path, one model's way (it needs no blocks)
         if stats.t.dtype != torch.float32:
-            return self._reference.pass_chunk(
-                chunk,
-                factors.f64,
-                g,
-                a_rows,
-                stats,
-                dims=dims,
-                update=update,
-                sweeps=sweeps,
-                want_norm=want_norm,
-            )
+            single = replace(options, blocks=None)
+            return self._reference._pass(chunk, factors.f64, g, a_rows, stats, single)
         x = chunk.to(self.device, non_blocking=True).contiguous()
         if x.dtype == torch.float64:
             x = x.to(torch.float32)
         rows, width = x.shape
         norm2: float | torch.Tensor = 0.0
-        if want_norm:
+        if options.want_norm:
             norm2 = self.launcher.sum_squares(x)
         kr, inv_kr_scale = self._khatri_rao(factors, x.dtype)
         half = x.dtype != torch.float32
         m = mm_f32(x, kr)
         g = g.to(self.device, torch.float64).contiguous()
-        if update == ALS:
+        if options.update == ALS:
             # one float64 GEMM beats the one-thread-per-row kernel here (benchmarks/bench_gpu.py)
             m64 = m.view(rows, -1, rank).sum(dim=1, dtype=torch.float64) * inv_kr_scale
             a_rows.copy_(m64 @ g)
         else:  # every model's rows from its own block of G, one launch
-            self.launcher.update_rows(m, inv_kr_scale, g, a_rows, widths, hals=True, sweeps=sweeps)
+            self.launcher.update_rows(
+                m, inv_kr_scale, g, a_rows, widths, hals=True, sweeps=options.sweeps
+            )
         a64 = a_rows.to(torch.float64)
         stats.ata.addmm_(a64.T, a64)
         if half:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .._native import core
-from .base import ALS, PassKernel, PassStatistics
+from .base import ALS, PassKernel, PassOptions
 from .ops import khatri_rao
 from .storage import storage_code
 
@@ -91,19 +91,8 @@ class NativeKernel(PassKernel):
         )
         return out
 
-    def pass_chunk(
-        self,
-        chunk: torch.Tensor,
-        factors: list[np.ndarray],
-        g: torch.Tensor,
-        a_rows: torch.Tensor,
-        stats: PassStatistics,
-        *,
-        dims: tuple[int, ...],
-        update: str,
-        sweeps: int,
-        want_norm: bool,
-        blocks: tuple[int, ...] | None = None,
+    def _pass(
+        self, chunk, factors: list[np.ndarray], g, a_rows, stats, options: PassOptions
     ) -> float:
         x = chunk.contiguous()
         if x.device.type != "cpu":
@@ -118,11 +107,11 @@ class NativeKernel(PassKernel):
             out.numpy(),
             stats.t.numpy(),
             stats.ata.numpy(),
-            0 if update == ALS else 1,
-            int(sweeps),
-            bool(want_norm),
+            0 if options.update == ALS else 1,
+            int(options.sweeps),
+            bool(options.want_norm),
             self.block_bytes,
-            list(blocks or ()),
+            list(options.blocks or ()),
         )
         if out is not a_rows:
             a_rows.copy_(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ALS, PassKernel, PassStatistics
+from .base import ALS, PassKernel, PassOptions
 from .ops import chunk_mttkrp, hals_rows
 
 __all__ = ["TorchKernel", "chunk_mttkrp", "hals_rows"]
@@ -15,32 +15,21 @@ class TorchKernel(PassKernel):
 
     name = "torch"
 
-    def pass_chunk(
-        self,
-        chunk: torch.Tensor,
-        factors: list[torch.Tensor],
-        g: torch.Tensor,
-        a_rows: torch.Tensor,
-        stats: PassStatistics,
-        *,
-        dims: tuple[int, ...],
-        update: str,
-        sweeps: int,
-        want_norm: bool,
-        blocks: tuple[int, ...] | None = None,
+    def _pass(
+        self, chunk, factors: list[torch.Tensor], g, a_rows, stats, options: PassOptions
     ) -> float | torch.Tensor:
         dtype = stats.t.dtype
         x = chunk.to(device=self.device, dtype=dtype)
-        m = chunk_mttkrp(x, factors, dims).to(torch.float64)
-        if update == ALS:
+        m = chunk_mttkrp(x, factors, options.dims).to(torch.float64)
+        if options.update == ALS:
             a = m @ g
         else:
-            a = hals_rows(a_rows.to(torch.float64).clone(), m, g, sweeps)
+            a = hals_rows(a_rows.to(torch.float64).clone(), m, g, options.sweeps)
         a_rows.copy_(a)
         a_c = a_rows.to(torch.float64)
         stats.ata += a_c.T @ a_c
         stats.t.addmm_(a_rows.T, x)
         stats.rows += x.shape[0]
-        if want_norm:
+        if options.want_norm:
             return torch.sum(x.to(torch.float64) ** 2)
         return 0.0
