@@ -162,7 +162,6 @@ class Launcher(ABC):
     ) -> None:
         """``out`` (``J x terms*R``) = the terms of ``KR(fs) * scale`` (``fs`` float64)."""
 
-    @abstractmethod
     def update_rows(
         self,
         m: torch.Tensor,
@@ -181,6 +180,11 @@ class Launcher(ABC):
         HALS, whose sweeps start from the old rows). ``m`` is ``rows x
         terms*R``: the terms are summed, times ``inv_scale`` (``R``).
         """
+        self._update_rows(m, inv_scale, g, a, widths, hals, sweeps)
+
+    @abstractmethod
+    def _update_rows(self, m, inv_scale, g, a, widths, hals: bool, sweeps: int) -> None:
+        """``update_rows`` with its keywords passed by position."""
 
     @abstractmethod
     def split_rows(self, a: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
@@ -209,17 +213,7 @@ class TorchLauncher(Launcher):
     ) -> None:
         split_into(khatri_rao(fs) * scale, out)
 
-    def update_rows(
-        self,
-        m: torch.Tensor,
-        inv_scale: torch.Tensor,
-        g: torch.Tensor,
-        a: torch.Tensor,
-        widths: tuple[int, ...],
-        *,
-        hals: bool,
-        sweeps: int,
-    ) -> None:
+    def _update_rows(self, m, inv_scale, g, a, widths, hals: bool, sweeps: int) -> None:
         rank = a.shape[1]
         terms = m.shape[1] // rank
         lo = 0
@@ -320,17 +314,7 @@ class _KernelLauncher(Launcher):
         args = (ptrs, dims, _i32(len(fs)), _i32(rank), _i64(width), scale, _i32(terms), out)
         self.run(Launch("khatri_rao", out.dtype, (_blocks(width * rank), 1), _THREADS, args))
 
-    def update_rows(
-        self,
-        m: torch.Tensor,
-        inv_scale: torch.Tensor,
-        g: torch.Tensor,
-        a: torch.Tensor,
-        widths: tuple[int, ...],
-        *,
-        hals: bool,
-        sweeps: int,
-    ) -> None:
+    def _update_rows(self, m, inv_scale, g, a, widths, hals: bool, sweeps: int) -> None:
         # the kernel takes a and m both float32 or both float64, models up to
         # MAX_RANK wide; anything else runs as torch operations
         if not (
