@@ -169,14 +169,7 @@ class CudaKernel(PassKernel):
         stats.rows += rows
         return norm2
 
-    def hals_update(
-        self,
-        f: torch.Tensor,
-        m: torch.Tensor,
-        g: torch.Tensor,
-        sweeps: int,
-        blocks: tuple[int, ...] | None = None,
-    ) -> torch.Tensor:
+    def hals_update(self, f, m, g, sweeps, blocks=None) -> torch.Tensor:
         rank = f.shape[1]
         out = f.contiguous().clone()
         ones = torch.ones(rank, dtype=torch.float64, device=self.device)

@@ -72,15 +72,8 @@ class NativeKernel(PassKernel):
         merged = khatri_rao([f.to(torch.float64) for f in factors[t:]])
         return [f.to(dtype=dtype).contiguous().numpy() for f in (*factors[:t], merged)]
 
-    def hals_update(
-        self,
-        f: torch.Tensor,
-        m: torch.Tensor,
-        g: torch.Tensor,
-        sweeps: int,
-        blocks: tuple[int, ...] | None = None,
-    ) -> torch.Tensor:
-        """The resident HALS sweeps in C++ (same order and rounding as the reference)."""
+    def hals_update(self, f, m, g, sweeps, blocks=None) -> torch.Tensor:
+        # the resident HALS sweeps in C++ (same order and rounding as the reference)
         out = f.detach().to(torch.float64).contiguous().clone()
         self._core.hals_rows(
             out.numpy(),
