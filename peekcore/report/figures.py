@@ -120,6 +120,17 @@ def _write(fig, out_stem: str | os.PathLike, dpi: int) -> tuple[Path, Path]:
     return png, svg
 
 
+def _finish(
+    fig, out_stem, dpi: int, kind: str, title: str, tables, caption: str, **extra
+) -> FigureOutput:
+    """Write ``fig`` (see ``_write``) and describe it as a :class:`FigureOutput`.
+
+    ``extra`` holds the output's remaining fields (``component``, ``stats``).
+    """
+    png, svg = _write(fig, out_stem, dpi)
+    return FigureOutput(kind, title, png, svg, tables=tables, caption=caption, **extra)
+
+
 def _integer_ticks(ax, y: bool = False) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -393,20 +404,13 @@ def component_figure(
     _draw_top_samples(left, d, alpha)
     _draw_factors(right, d)
     fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
-    return FigureOutput(
-        kind="component",
-        title=title,
-        png=png,
-        svg=svg,
-        tables=d["tables"],
-        caption=(
-            f"The {len(d['top'])} samples that express component {r} most, with contour lines "
-            "of its spatial factor (upsampled) over them; its channel loadings; its sample "
-            "factor, sorted."
-        ),
-        component=r,
-        stats=d["stats"],
+    caption = (
+        f"The {len(d['top'])} samples that express component {r} most, with contour lines "
+        "of its spatial factor (upsampled) over them; its channel loadings; its sample "
+        "factor, sorted."
+    )
+    return _finish(
+        fig, out_stem, dpi, "component", title, d["tables"], caption, component=r, stats=d["stats"]
     )
 
 
@@ -533,7 +537,6 @@ def class_component_figure(
     if n_cls <= 40:
         ax_m.set_yticks(np.arange(n_cls), names, fontsize=8)
     fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
 
     comp_rows = [
         {
@@ -549,15 +552,10 @@ def class_component_figure(
         {"class": names[c], "n": int(counts[c]), **{f"c{r}": float(means[c, r]) for r in comps}}
         for c in range(n_cls)
     ]
-    return FigureOutput(
-        kind="class_component",
-        title=title,
-        png=png,
-        svg=svg,
-        tables={"components": comp_rows, "class_means": class_rows},
-        caption=(
-            f"Mean {what} of each class's samples per component (bottom), and the share of "
-            f"each component's top {k} samples in its dominant class (top)."
-        ),
-        stats={"top_k": k, "mean_purity": float(purity.mean()), "n_classes": int(n_cls)},
+    caption = (
+        f"Mean {what} of each class's samples per component (bottom), and the share of "
+        f"each component's top {k} samples in its dominant class (top)."
     )
+    tables = {"components": comp_rows, "class_means": class_rows}
+    stats = {"top_k": k, "mean_purity": float(purity.mean()), "n_classes": int(n_cls)}
+    return _finish(fig, out_stem, dpi, "class_component", title, tables, caption, stats=stats)

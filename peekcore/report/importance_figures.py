@@ -18,7 +18,7 @@ import numpy as np
 
 from ..importance import ComponentImportance
 from ._common import label_names
-from .figures import FigureOutput, _new_figure, _write
+from .figures import FigureOutput, _finish, _new_figure
 from .html import LayerSection
 
 __all__ = ["importance_figure", "importance_sections", "load_importance"]
@@ -102,16 +102,8 @@ def importance_figure(
             ax.set_yticks(np.arange(n_cls), names, fontsize=8)
         ax.set_ylabel("class")
     fig.suptitle(title, fontsize=10)
-    png, svg = _write(fig, out_stem, dpi)
-    return FigureOutput(
-        kind="importance",
-        title=title,
-        png=png,
-        svg=svg,
-        tables=_tables(imp, names, top_k),
-        caption=_caption(imp),
-        stats=imp.summary(),
-    )
+    tables, caption = _tables(imp, names, top_k), _caption(imp)
+    return _finish(fig, out_stem, dpi, "importance", title, tables, caption, stats=imp.summary())
 
 
 def _tables(imp: ComponentImportance, names: list[str], top_k: int) -> dict[str, list[dict]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .figures import _DPI, FigureOutput, _new_figure, _write
+from .figures import _DPI, FigureOutput, _finish, _new_figure
 
 __all__ = ["RECORD_KEYS", "training_quality_figure", "training_quality_tables"]
 
@@ -202,17 +202,11 @@ def training_quality_figure(
     fig = _new_figure((12.0, 4.4))
     _draw_quality(fig, tables)
     fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
-    return FigureOutput(
-        kind="training_quality",
-        title=title,
-        png=png,
-        svg=svg,
-        tables={"records": tables["records"], "spearman": tables["spearman"]},
-        caption=(
-            "Left: the rank chosen for each layer at each checkpoint (layers shifted slightly "
-            "apart so none hides another), and the test accuracy (dashed). Right: rank against "
-            "accuracy, with Spearman's rank correlation per layer and over all layers pooled."
-        ),
-        stats={"spearman": corr_all},
+    caption = (
+        "Left: the rank chosen for each layer at each checkpoint (layers shifted slightly "
+        "apart so none hides another), and the test accuracy (dashed). Right: rank against "
+        "accuracy, with Spearman's rank correlation per layer and over all layers pooled."
     )
+    shown = {"records": tables["records"], "spearman": tables["spearman"]}
+    stats = {"spearman": corr_all}
+    return _finish(fig, out_stem, dpi, "training_quality", title, shown, caption, stats=stats)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._common import load_sweep
-from .figures import _CHOSEN, _DPI, FigureOutput, _integer_ticks, _new_figure, _write
+from .figures import _CHOSEN, _DPI, FigureOutput, _finish, _integer_ticks, _new_figure
 
 __all__ = ["CC_RANGE", "clip_core_consistency", "rank_sweep_figure", "rank_sweep_tables"]
 
@@ -189,18 +189,11 @@ def rank_sweep_figure(
     _stability_panel(axes[2], tables)
     _mark_chosen(axes, tables, chosen)
     fig.suptitle(title)
-    png, svg = _write(fig, out_stem, dpi)
-    return FigureOutput(
-        kind="rank_sweep",
-        title=title,
-        png=png,
-        svg=svg,
-        tables=tables,
-        caption=(
-            "Fit and explained variance (higher is better), core consistency (near 100 "
-            "means a valid trilinear structure; shown clipped to 0-100, raw values in the "
-            "tables' corcondia column) and stability (do replicates find the same "
-            f"components?) against rank. {sweep.choice_reason}"
-        ),
-        stats={"chosen_rank": chosen, "choice_reason": sweep.choice_reason},
+    caption = (
+        "Fit and explained variance (higher is better), core consistency (near 100 "
+        "means a valid trilinear structure; shown clipped to 0-100, raw values in the "
+        "tables' corcondia column) and stability (do replicates find the same "
+        f"components?) against rank. {sweep.choice_reason}"
     )
+    stats = {"chosen_rank": chosen, "choice_reason": sweep.choice_reason}
+    return _finish(fig, out_stem, dpi, "rank_sweep", title, tables, caption, stats=stats)
