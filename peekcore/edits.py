@@ -443,6 +443,25 @@ class EditSetup:
     runner: _Runner
 
 
+def edit_options(
+    layout: str | None,
+    select: Any,
+    fold_spatial: bool | None,
+    clip: bool | None,
+    sample_factors: str,
+    pass_bytes: int,
+) -> dict[str, Any]:
+    """The ``options`` that :func:`prepare_edits` reads, from the public functions' keywords."""
+    return {
+        "layout": layout,
+        "select": select,
+        "fold_spatial": fold_spatial,
+        "clip": clip,
+        "sample_factors": sample_factors,
+        "pass_bytes": pass_bytes,
+    }
+
+
 def prepare_edits(
     model: nn.Module,
     layer: str,
@@ -530,14 +549,7 @@ def edited_outputs(
     """
     if (remove is None) == (keep is None):
         raise InvalidArgumentError("give exactly one of remove= and keep= (component indices)")
-    options = dict(
-        layout=layout,
-        select=select,
-        fold_spatial=fold_spatial,
-        clip=clip,
-        sample_factors=sample_factors,
-        pass_bytes=DEFAULT_PASS_BYTES,
-    )
+    options = edit_options(layout, select, fold_spatial, clip, sample_factors, DEFAULT_PASS_BYTES)
     setup = prepare_edits(
         model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
     )

@@ -37,7 +37,7 @@ from torch import nn
 
 from ._io import load_npz, save_npz
 from ._validate import check_int
-from .edits import DEFAULT_PASS_BYTES, hooked, prepare_edits
+from .edits import DEFAULT_PASS_BYTES, edit_options, hooked, prepare_edits
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["ComponentImportance", "component_importance", "MODES"]
@@ -349,14 +349,7 @@ def component_importance(
     """
     modes = _check_modes(modes)
     pass_bytes = check_int(pass_bytes, "pass_bytes", purpose=" (bytes of edits per forward pass)")
-    options = dict(
-        layout=layout,
-        select=select,
-        fold_spatial=fold_spatial,
-        clip=clip,
-        sample_factors=sample_factors,
-        pass_bytes=pass_bytes,
-    )
+    options = edit_options(layout, select, fold_spatial, clip, sample_factors, pass_bytes)
     t0 = time.perf_counter()
     # absolute: the report matches it to its model files from whatever folder it runs in
     source = os.path.abspath(os.fspath(cp)) if isinstance(cp, (str, os.PathLike)) else None
