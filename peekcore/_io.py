@@ -204,6 +204,22 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], header: dic
     return atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
+def file_head(
+    path: Path, size: int, *, missing: str, folder: str, error: type[Exception] = ValueError
+) -> bytes:
+    """The first ``size`` bytes of ``path``, after refusing a missing path or a folder.
+
+    ``missing`` is the message of the ``FileNotFoundError`` for a path that does
+    not exist; ``folder`` that of the ``error`` raised for a folder.
+    """
+    if not path.exists():
+        raise FileNotFoundError(missing)
+    if path.is_dir():
+        raise error(folder)
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
 def open_npz(path: str | os.PathLike, accepted: str) -> Any:
     """``np.load(path)`` of a peekcore ``.npz`` (use as a context manager), or a clear error.
 
@@ -224,12 +240,8 @@ def open_npz(path: str | os.PathLike, accepted: str) -> Any:
         peekcore header.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a peekcore file: give {accepted}")
-    with open(path, "rb") as fh:
-        magic = fh.read(6)
+    folder = f"{path} is a folder, not a peekcore file: give {accepted}"
+    magic = file_head(path, 6, missing=f"no such file: {path}", folder=folder)
     if magic == b"\x93NUMPY":  # a plain .npy
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._extras import require
+from ._io import file_head
 from .errors import InvalidArgumentError, InvalidTypeError, UnsafeFileError
 
 __all__ = [
@@ -160,12 +161,13 @@ def _as_module(obj: Any, spec: str) -> Any:
 
 def _check_model_file(path: Path) -> None:
     """Refuse files that are plainly not ``torch.save`` output, before unpickling anything."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such model file: {path} (or {_SPEC_HINT})")
-    if path.is_dir():
-        raise InvalidArgumentError(f"{path} is a folder, not a model file; {_SPEC_HINT}")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    head = file_head(
+        path,
+        8,
+        missing=f"no such model file: {path} (or {_SPEC_HINT})",
+        folder=f"{path} is a folder, not a model file; {_SPEC_HINT}",
+        error=InvalidArgumentError,
+    )
     if head.startswith(b"\x93NUMPY"):
         raise InvalidArgumentError(
             f"{path} is a numpy array, not a model: --model takes module:attribute, "
