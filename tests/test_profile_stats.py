@@ -465,6 +465,16 @@ def test_verdict_wording():
     assert pooled.layer == "all" and pooled.n_groups == 2
     _, overall = assoc.summarize([strong, null, pooled])
     assert overall.startswith("all: the stable rank falls")
+    # pooled "no evidence" goes on to name the layer links that survive the correction
+    flat = assoc.associate_pooled(
+        np.r_[q, q], rng.normal(size=54), ["a"] * 27 + ["b"] * 27, measure="ev_area"
+    )
+    _, overall = assoc.summarize([strong, null, flat])
+    head, tail = overall.split(". Per layer, after the same correction: ")
+    assert head.startswith("all layers: no evidence of a link")
+    assert tail.startswith("act2: the stable rank falls") and "act1" not in tail
+    _, overall = assoc.summarize([null, flat])
+    assert overall.endswith("Per layer, after the same correction: no layer shows a link either")
     also = assoc.associate(q, q, layer="act2", measure="ev_area")
     per_layer, _ = assoc.summarize([strong, also])
     assert per_layer["act2"].count("act2") == 1  # the layer named once

@@ -620,7 +620,10 @@ def summarize(
         ``{layer: sentence}`` for every layer other than ``"all"``: the
         significant links, or that there is no evidence (or no power).
     overall : str
-        From the pooled associations when there are any, else from all.
+        From the pooled associations when there are any, else from all. With
+        pooled ones, it goes on to name the per-layer links that survive the
+        correction (or says there are none), so that "no evidence" pooled over
+        layers is never read as "no evidence in any layer".
     """
     family = holm([replace(a, quality_name=quality_name) for a in associations])
     layers: dict[str, list[Association]] = {}
@@ -631,6 +634,11 @@ def summarize(
     }
     pooled = layers.get("all")
     overall = _layer_verdict("all layers" if pooled else "overall", pooled or family)
+    if pooled and per_layer:
+        hits = [v for name, v in per_layer.items() if any(a.significant for a in layers[name])]
+        overall += ". Per layer, after the same correction: " + (
+            "; ".join(hits) if hits else "no layer shows a link either"
+        )
     return per_layer, overall
 
 
