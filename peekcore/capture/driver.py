@@ -122,6 +122,12 @@ def capture(
     model : torch.nn.Module
     data : array, tensor, tuple, path, Dataset or DataLoader
         Inputs ``(N, ...)``; see :mod:`peekcore.datasets` for every form.
+        Floating-point inputs are converted to the dtype of the model's first
+        floating-point parameter (float16 into float32 exactly, float64 into
+        float32 rounded, as ``x.float()`` would). Integer and boolean inputs
+        are passed as they are (token ids, or a forward that scales images
+        itself); a model that refuses them gets an ``InvalidTypeError`` saying
+        how to convert them, before a store is created. Nothing is rescaled.
     layers : str or sequence of str
         Module names as ``model.get_submodule`` takes them. A wrong name gets a
         ``KeyError`` listing the closest names.

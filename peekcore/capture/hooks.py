@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError
 from .layouts import _apply_select, _arrange, _resolve_layout
 
 BLOCK_BYTES = 2 << 20  # CPU outputs are copied and checked in blocks that stay in cache
@@ -218,11 +219,7 @@ class LayerHooks:
         self.in_place = set()
         self._dest = dest or {}
         self._batch = int(x.shape[0])
-        ctx = (
-            torch.autocast(device_type=self.device.type, dtype=self.autocast)
-            if self.autocast is not None
-            else contextlib.nullcontext()
-        )
+        ctx = _autocast(self)
         self._running = True
         try:
             with torch.inference_mode(), ctx:
@@ -230,6 +227,10 @@ class LayerHooks:
                     self.model(x)
                 except _StopForward:
                     pass
+        except (RuntimeError, TypeError) as err:
+            self._running = False
+            _refuse_input_dtype(self, x, err)
+            raise
         finally:
             self._running = False
             self._dest = {}
@@ -256,6 +257,45 @@ class LayerHooks:
                     target.copy_(out)
                     outputs[name] = target
         return outputs
+
+
+def _refuse_input_dtype(hooks: LayerHooks, x: torch.Tensor, err: BaseException) -> None:
+    """Raise an InvalidTypeError for integer or boolean inputs that a float model refused.
+
+    Integer inputs are passed to the model as they are, since they may be what
+    it takes (token ids for an embedding, or a forward that converts images
+    itself). When its forward failed on them (``err``), the same batch is run
+    once more as the model's float dtype, with the hooks inactive and the
+    result dropped: if that runs, the dtype was the cause and the error says
+    how to convert; otherwise ``err`` stands. Inputs are never rescaled here:
+    the right scale depends on how the model was trained.
+    """
+    want = hooks._input_dtype
+    if want is None or x.is_floating_point() or x.is_complex():
+        return
+    try:
+        with torch.inference_mode(), _autocast(hooks):
+            hooks.model(x.to(want))
+    except Exception:  # the dtype was not (the only) trouble: torch's error stands
+        return
+    name = str(x.dtype).removeprefix("torch.")
+    array_fix, tensor_fix = "x.astype('float32')", "t.float()"
+    if name == "uint8":  # 8-bit images: the common case, and one whose scale is known
+        array_fix, tensor_fix = f"{array_fix} / 255", f"{tensor_fix} / 255"
+    raise InvalidTypeError(
+        f"the inputs are {name} but the model computes in "
+        f"{str(want).removeprefix('torch.')} (its first floating-point parameter's dtype) "
+        f"and refuses them ({type(err).__name__}: {err}). Convert them to floats as the "
+        f"model was trained, e.g. {array_fix} (then normalize as in training), before "
+        f"saving the .npy or passing the array, or pass transform=lambda t: {tensor_fix}; "
+        "peekcore does not rescale inputs itself"
+    ) from err
+
+
+def _autocast(hooks: LayerHooks) -> Any:
+    if hooks.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=hooks.device.type, dtype=hooks.autocast)
 
 
 def _bits(t: torch.Tensor) -> tuple[np.ndarray, Any, int]:
