@@ -711,7 +711,8 @@ def _global_options(p: argparse.ArgumentParser, default: Any) -> None:
         "--progress",
         action="store_true",
         default=default,
-        help="progress bars even when stderr is not a terminal (default: on a terminal only)",
+        help="progress bars even when stderr is not a terminal (default: on a terminal "
+        "only, or as PEEKCORE_PROGRESS=0/1 says)",
     )
 
 

@@ -15,6 +15,12 @@ import peekcore.kernels  # noqa: E402
 CPU_KERNELS = [k for k in peekcore.kernels.names() if k != "cuda"]
 
 
+@pytest.fixture(autouse=True)
+def no_progress_bars(monkeypatch):
+    """No progress bars in any test (and the CLI runs it starts) unless a test asks for them."""
+    monkeypatch.setenv("PEEKCORE_PROGRESS", "0")
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """Random data per test: seeded by the test's name (and PEEKCORE_TEST_SEED, to vary it)."""

@@ -76,7 +76,6 @@ class TinyTransformer(nn.Module):
 
 
 def cap(model, data, layers, path, **kw):
-    kw.setdefault("progress", False)
     return capture(model, data, layers, path, **kw)
 
 
@@ -557,7 +556,7 @@ def test_fit_on_model_source_equals_fit_on_array(images):
     model = SmallCNN()
     src = ModelSource(model, images, "conv2", batch_size=16)
     arr = torch.cat(list(src.chunks(64))).numpy()
-    kw = dict(n_iter_max=4, tol=0.0, random_state=3, chunk_size=10, progress=False)
+    kw = dict(n_iter_max=4, tol=0.0, random_state=3, chunk_size=10)
     live = peekcore.cp_als(src, 3, **kw)
     ref = peekcore.cp_als(arr, 3, **kw)
     np.testing.assert_allclose(live.weights, ref.weights, rtol=1e-12)
@@ -589,7 +588,7 @@ class Noisy(nn.Module):
 def test_model_source_refuses_non_deterministic_models(images):
     src = ModelSource(Wrap(Drifting()), images, "m", batch_size=8)
     with pytest.raises(RuntimeError, match=r"not deterministic.*peekcore.capture"):
-        peekcore.cp_als(src, 2, n_iter_max=2, progress=False)
+        peekcore.cp_als(src, 2, n_iter_max=2)
     # random operations are reseeded per batch: reproducible with a seed, refused without
     seeded = ModelSource(Wrap(Noisy()), images, "m", batch_size=8, seed=5)
     a, b = (torch.cat(list(seeded.chunks(20))) for _ in range(2))
@@ -634,7 +633,7 @@ def test_capture_options_show_in_the_signatures_and_wrong_ones_are_refused(image
     assert not (tmp_path / "s.zarr").exists()
     store = peekcore.capture(
         SmallCNN(), images, "conv1", tmp_path / "t.zarr", batch_size=7, n_samples=20,
-        dtype="float32", progress=False,
+        dtype="float32",
     )  # fmt: skip
     assert store.n_samples == 20 and store.dtype == "float32"
 
@@ -782,7 +781,7 @@ def test_function_transforms_resume_across_processes(images, tmp_path, monkeypat
 
 
 def test_numpy_integers_are_taken_for_integers(images, tmp_path):
-    kw = dict(dtype="float32", progress=False)
+    kw = dict(dtype="float32")
     model = Wrap(Noisy())  # random in its forward: the seed matters
     plain = capture(
         model,
@@ -943,7 +942,7 @@ def test_a_store_is_not_reused_for_another_transform(tmp_path):
     def scale_by(k):
         return lambda t: t * k
 
-    kw = dict(chunk_size=4, progress=False)
+    kw = dict(chunk_size=4)
     model = nn.Sequential(nn.Identity())
     capture(model, x, "0", tmp_path / "s.zarr", transform=scale_by(2.0), **kw)
     with pytest.raises(peekcore.store.StoreError, match="transform"):

@@ -45,7 +45,7 @@ def test_model_source_stops_at_the_first_batch_that_differs_from_the_first_pass(
     with pytest.raises(RuntimeError, match=r"pass 2 for the batch starting at sample 8.*not "):
         next(second)  # batch 1 is not: refused before any of its samples is yielded
     with pytest.raises(RuntimeError, match=r"not deterministic.*peekcore.capture"):
-        peekcore.cp_als(src, 2, n_iter_max=3, progress=False)
+        peekcore.cp_als(src, 2, n_iter_max=3)
 
 
 def test_model_source_digests_pass_deterministic_models_and_short_passes(images):
@@ -61,9 +61,9 @@ def test_model_source_digests_pass_deterministic_models_and_short_passes(images)
 
 def test_capture_refuses_layers_none(images, tmp_path):
     with pytest.raises(InvalidTypeError, match=r"layers must be a layer name or a list.*None"):
-        capture(SmallCNN(), images, None, tmp_path / "s.zarr", progress=False)
+        capture(SmallCNN(), images, None, tmp_path / "s.zarr")
     with pytest.raises(InvalidTypeError, match="layers must be"):
-        capture(SmallCNN(), images, 3, tmp_path / "s.zarr", progress=False)
+        capture(SmallCNN(), images, 3, tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -72,7 +72,7 @@ def test_capture_refuses_a_store_path_under_a_file_before_any_work(images, tmp_p
     calls = Counting.calls
     for store in (tmp_path / "notes.txt" / "s.zarr", tmp_path / "notes.txt" / "a" / "s.zarr"):
         with pytest.raises(OutputPathError, match=r"notes.txt is a file, not a folder"):
-            capture(Counting(), images, "conv1", store, progress=False)
+            capture(Counting(), images, "conv1", store)
     assert Counting.calls == calls  # refused before the model ran
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
 
@@ -87,7 +87,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFIN
 x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
 try:
     peekcore.capture(SmallCNN(), (x, np.arange(40) % 3), ["conv1", "conv2"], sys.argv[1],
-                     dtype="float32", chunk_size=8, batch_size=8, progress=False)
+                     dtype="float32", chunk_size=8, batch_size=8)
 except Exception as err:
     print(type(err).__name__, err)
 """
@@ -115,7 +115,7 @@ def test_a_full_disk_is_said_plainly_and_the_capture_resumes_to_the_same_bytes(t
     assert ("resume" in run.stdout) == (limit == 13000)
     assert sorted(os.listdir(tmp_path)) == (["s.zarr"] if limit == 13000 else [])
     x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
-    kw = dict(dtype="float32", chunk_size=8, batch_size=8, progress=False)
+    kw = dict(dtype="float32", chunk_size=8, batch_size=8)
     data = (x, np.arange(40) % 3)
     capture(SmallCNN(), data, ["conv1", "conv2"], store, **kw)  # resumes
     ref = capture(SmallCNN(), data, ["conv1", "conv2"], tmp_path / "ref.zarr", **kw)

@@ -36,8 +36,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kernel, solver):
         def cb(info):
             print(info.iteration, flush=True)
             time.sleep(0.3)
-        peekcore.{solver}({str(data)!r}, 3, checkpoint={str(ckpt)!r}, callback=cb,
-                          progress=False, **{kw!r})
+        peekcore.{solver}({str(data)!r}, 3, checkpoint={str(ckpt)!r}, callback=cb, **{kw!r})
         """
     )
     with subprocess.Popen(
@@ -53,8 +52,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kernel, solver):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     fit = SOLVERS[solver]
-    resumed = fit(x, 3, resume=ckpt, checkpoint=ckpt, progress=False, **kw)
-    straight = fit(x, 3, progress=False, **kw)
+    resumed = fit(x, 3, resume=ckpt, checkpoint=ckpt, **kw)
+    straight = fit(x, 3, **kw)
     assert resumed.history.n_iter == straight.history.n_iter == 12
     np.testing.assert_array_equal(resumed.weights, straight.weights)
     for a, b in zip(resumed.factors, straight.factors, strict=True):
@@ -65,16 +64,16 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kernel, solver):
 def test_resume_refuses_other_settings(tmp_path):
     x = _data(tmp_path / "x.npy")
     ckpt = tmp_path / "c.npz"
-    peekcore.cp_als(x, 3, n_iter_max=2, checkpoint=ckpt, progress=False)
+    peekcore.cp_als(x, 3, n_iter_max=2, checkpoint=ckpt)
     with pytest.raises(ValueError, match="written for"):
-        peekcore.cp_als(x, 4, n_iter_max=3, resume=ckpt, progress=False)
+        peekcore.cp_als(x, 4, n_iter_max=3, resume=ckpt)
     with pytest.raises(ValueError, match="written for"):
-        peekcore.ncp_hals(x, 3, n_iter_max=3, resume=ckpt, progress=False)
+        peekcore.ncp_hals(x, 3, n_iter_max=3, resume=ckpt)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        peekcore.cp_als(x, 3, resume=tmp_path / "none.npz", progress=False)
+        peekcore.cp_als(x, 3, resume=tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable peekcore checkpoint"):
-        peekcore.cp_als(x, 3, resume=tmp_path / "junk.npz", progress=False)
+        peekcore.cp_als(x, 3, resume=tmp_path / "junk.npz")
 
 
 def test_checkpoint_interval(tmp_path, monkeypatch):
@@ -86,9 +85,7 @@ def test_checkpoint_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(
         engine, "save_checkpoint", lambda *a, **k: written.append(a[4]) or real(*a, **k)
     )
-    peekcore.cp_als(
-        x, 2, n_iter_max=7, tol=0, checkpoint=tmp_path / "c.npz", checkpoint_every=3, progress=False
-    )
+    peekcore.cp_als(x, 2, n_iter_max=7, tol=0, checkpoint=tmp_path / "c.npz", checkpoint_every=3)
     assert written == [3, 6]
 
 
@@ -103,16 +100,15 @@ def test_missing_checkpoint_folder_is_refused_before_the_first_pass(tmp_path):
                 checkpoint=tmp_path / "missing" / "fit.ckpt",
                 checkpoint_every=every,
                 callback=seen.append,
-                progress=False,
             )
     assert seen == []  # no pass was run (and lost)
 
 
 def test_resume_from_a_model_file_says_it_is_not_a_checkpoint(tmp_path):
     x = _data(tmp_path / "x.npy")
-    peekcore.cp_als(x, 2, n_iter_max=2, progress=False).save(tmp_path / "model.npz")
+    peekcore.cp_als(x, 2, n_iter_max=2).save(tmp_path / "model.npz")
     with pytest.raises(ValueError, match=r"not a peekcore checkpoint.*CPModel") as err:
-        peekcore.cp_als(x, 2, resume=tmp_path / "model.npz", progress=False)
+        peekcore.cp_als(x, 2, resume=tmp_path / "model.npz")
     assert "written for" not in str(err.value)
 
 
@@ -121,7 +117,7 @@ def test_numpy_integer_seed_is_kept_as_an_int(tmp_path, solver):
     x = _data(tmp_path / "x.npy")
     ckpt = tmp_path / "c.npz"
     fit = SOLVERS[solver]
-    kw = dict(n_iter_max=4, tol=0, progress=False)
+    kw = dict(n_iter_max=4, tol=0)
     m = fit(x, 2, random_state=np.int64(3), checkpoint=ckpt, **kw)
     assert m.metadata["random_state"] == 3 and type(m.metadata["random_state"]) is int
     m.save(tmp_path / "m.npz")
@@ -139,7 +135,7 @@ def test_resume_with_other_data_of_the_same_shape_is_refused(tmp_path):
 
     x = _data(tmp_path / "x.npy")
     ckpt = tmp_path / "c.npz"
-    kw = dict(n_iter_max=3, tol=0, progress=False)
+    kw = dict(n_iter_max=3, tol=0)
     peekcore.cp_als(x, 3, checkpoint=ckpt, **kw)
     other = np.random.default_rng(12).random(x.shape)  # differs everywhere (sampled rows too)
     with pytest.raises(CheckpointMismatchError, match=r"other data.*samples") as err:
@@ -162,15 +158,15 @@ def test_resume_with_other_data_of_the_same_shape_is_refused(tmp_path):
 def test_resume_refuses_another_init_and_names_it(tmp_path):
     x = _data(tmp_path / "x.npy")
     ckpt = tmp_path / "c.npz"
-    peekcore.cp_als(x, 3, n_iter_max=2, init="random", checkpoint=ckpt, progress=False)
+    peekcore.cp_als(x, 3, n_iter_max=2, init="random", checkpoint=ckpt)
     with pytest.raises(ValueError, match=r"init: 'random' in the checkpoint, 'gram' now"):
-        peekcore.cp_als(x, 3, n_iter_max=3, init="gram", resume=ckpt, progress=False)
+        peekcore.cp_als(x, 3, n_iter_max=3, init="gram", resume=ckpt)
 
 
 def test_resume_with_another_chunk_size_warns_and_stays_close(tmp_path):
     x = _data(tmp_path / "x.npy")
     ckpt = tmp_path / "c.npz"
-    kw = dict(tol=0, random_state=2, progress=False)
+    kw = dict(tol=0, random_state=2)
     peekcore.cp_als(x, 3, n_iter_max=4, chunk_size=16, checkpoint=ckpt, **kw)
     with pytest.warns(RuntimeWarning, match=r"chunk_size 16 -> 7.*not bit-identical"):
         resumed = peekcore.cp_als(x, 3, n_iter_max=8, chunk_size=7, resume=ckpt, **kw)

@@ -41,7 +41,6 @@ def test_matches_dense_numpy_als_float64(rng, kernel, shape, chunk):
         init=init,
         kernel=kernel,
         chunk_size=chunk or shape[0],
-        progress=False,
     )
     assert model.history.n_iter == 10
     assert _rel(model.weights, w_want) < 1e-10
@@ -64,7 +63,6 @@ def test_matches_dense_numpy_als_float32(rng, kernel, shape, chunk):
         init=init,
         kernel=kernel,
         chunk_size=chunk or shape[0],
-        progress=False,
     )
     assert model.metadata["compute_dtype"] == "float32"
     assert _rel(model.weights, w_want) < 1e-4
@@ -89,7 +87,7 @@ def test_same_fit_as_tensorly_parafac(rng, kernel):
         tol=0,
         normalize_factors=False,
     )
-    ours = peekcore.cp_als(x, rank, n_iter_max=20, tol=0, init=init, kernel=kernel, progress=False)
+    ours = peekcore.cp_als(x, rank, n_iter_max=20, tol=0, init=init, kernel=kernel)
     fit_theirs = ref.dense_fit(x, list(theirs.factors), np.asarray(theirs.weights))
     fit_ours = ref.dense_fit(x, ours.factors, ours.weights)
     assert abs(fit_ours - fit_theirs) < 1e-8
@@ -108,7 +106,6 @@ def test_recovers_planted_rank5(kernel, seed):
         init="random",
         random_state=seed,
         kernel=kernel,
-        progress=False,
     )
     assert model.fit > 0.9999
     assert factor_match_score(model, planted) > 0.99
@@ -118,9 +115,7 @@ def test_recovers_planted_rank5_4way(kernel):
     rng = np.random.default_rng(77)
     shape, rank = (40, 6, 5, 7), 5
     x, planted = ref.low_rank(rng, shape, rank)
-    model = peekcore.cp_als(
-        x, rank, n_iter_max=500, tol=1e-12, random_state=5, kernel=kernel, progress=False
-    )
+    model = peekcore.cp_als(x, rank, n_iter_max=500, tol=1e-12, random_state=5, kernel=kernel)
     assert model.fit > 0.9999
     assert factor_match_score(model, planted) > 0.99
 
@@ -129,9 +124,7 @@ def test_recovers_planted_rank5_4way(kernel):
 def test_reported_fit_equals_dense_fit(rng, kernel, dtype):
     shape, rank = (40, 9, 8), 4
     x, _ = ref.low_rank(rng, shape, rank, noise=0.5)
-    model = peekcore.cp_als(
-        x.astype(dtype), rank, n_iter_max=15, tol=0, kernel=kernel, progress=False
-    )
+    model = peekcore.cp_als(x.astype(dtype), rank, n_iter_max=15, tol=0, kernel=kernel)
     assert (
         abs(
             model.fit
@@ -149,7 +142,7 @@ def test_half_input_equals_float32_of_same_values(rng, kernel, half):
     x, _ = ref.low_rank(rng, shape, rank, noise=0.1)
     xh = torch.from_numpy(x).to(half)
     x32 = xh.to(torch.float32)
-    kw = dict(n_iter_max=10, tol=0, random_state=3, kernel=kernel, chunk_size=13, progress=False)
+    kw = dict(n_iter_max=10, tol=0, random_state=3, kernel=kernel, chunk_size=13)
     mh = peekcore.cp_als(xh, rank, **kw)
     m32 = peekcore.cp_als(x32, rank, **kw)
     assert mh.metadata["dtype"] == str(half).removeprefix("torch.")
@@ -164,7 +157,7 @@ def test_float16_numpy_and_memmap_and_npy_path(tmp_path, rng, kernel):
     x16 = x.astype(np.float16)
     path = tmp_path / "x.npy"
     np.save(path, x16)
-    kw = dict(n_iter_max=8, tol=0, random_state=1, kernel=kernel, chunk_size=10, progress=False)
+    kw = dict(n_iter_max=8, tol=0, random_state=1, kernel=kernel, chunk_size=10)
     a = peekcore.cp_als(x16, rank, **kw)
     b = peekcore.cp_als(str(path), rank, **kw)
     c = peekcore.cp_als(np.load(path, mmap_mode="r"), rank, **kw)
@@ -175,7 +168,7 @@ def test_float16_numpy_and_memmap_and_npy_path(tmp_path, rng, kernel):
 def test_result_independent_of_chunking(rng, kernel):
     shape, rank = (64, 10, 9), 4
     x, _ = ref.low_rank(rng, shape, rank, noise=0.2)
-    kw = dict(n_iter_max=12, tol=0, random_state=2, kernel=kernel, progress=False)
+    kw = dict(n_iter_max=12, tol=0, random_state=2, kernel=kernel)
     base = peekcore.cp_als(x, rank, chunk_size=64, **kw)
     for cs in (1, 5, 17):
         m = peekcore.cp_als(x, rank, chunk_size=cs, **kw)
@@ -188,7 +181,7 @@ def test_kernels_agree(rng):
     shape, rank = (45, 11, 4, 6), 5
     x, _ = ref.low_rank(rng, shape, rank, noise=0.3)
     for dtype, tol in ((np.float64, 1e-11), (np.float32, 1e-4)):
-        kw = dict(n_iter_max=6, tol=0, random_state=4, chunk_size=9, progress=False)
+        kw = dict(n_iter_max=6, tol=0, random_state=4, chunk_size=9)
         a = peekcore.cp_als(x.astype(dtype), rank, kernel="native", **kw)
         b = peekcore.cp_als(x.astype(dtype), rank, kernel="torch", **kw)
         assert _rel(a.weights, b.weights) < tol
@@ -197,30 +190,30 @@ def test_kernels_agree(rng):
 def test_gram_init_is_good_and_seeded(rng, kernel):
     shape, rank = (80, 10, 8), 3
     x, planted = ref.low_rank(rng, shape, rank, noise=0.05)
-    m = peekcore.cp_als(x, rank, n_iter_max=1, init="gram", kernel=kernel, progress=False)
-    r = peekcore.cp_als(x, rank, n_iter_max=1, init="random", kernel=kernel, progress=False)
+    m = peekcore.cp_als(x, rank, n_iter_max=1, init="gram", kernel=kernel)
+    r = peekcore.cp_als(x, rank, n_iter_max=1, init="random", kernel=kernel)
     assert m.metadata["init"] == "gram"
     assert m.fit > r.fit  # the eigenvector start beats a random one after one pass
     # random init is reproducible from the seed
-    r2 = peekcore.cp_als(x, rank, n_iter_max=1, init="random", kernel=kernel, progress=False)
+    r2 = peekcore.cp_als(x, rank, n_iter_max=1, init="random", kernel=kernel)
     np.testing.assert_array_equal(r.weights, r2.weights)
 
 
 def test_stops_on_tolerance_and_records_history(rng, kernel):
     shape, rank = (30, 6, 5), 2
     x, _ = ref.low_rank(rng, shape, rank)
-    m = peekcore.cp_als(x, rank, n_iter_max=500, tol=1e-6, kernel=kernel, progress=False)
+    m = peekcore.cp_als(x, rank, n_iter_max=500, tol=1e-6, kernel=kernel)
     assert m.history.converged and m.history.stop_reason == "tol"
     assert m.history.n_iter < 500
     assert len(m.history.seconds) == m.history.n_iter
-    m2 = peekcore.cp_als(x, rank, n_iter_max=3, tol=0, kernel=kernel, progress=False)
+    m2 = peekcore.cp_als(x, rank, n_iter_max=3, tol=0, kernel=kernel)
     assert not m2.history.converged and m2.history.stop_reason == "n_iter_max"
 
 
 def test_normalized_output(rng, kernel):
     shape, rank = (30, 6, 5), 4
     x, _ = ref.low_rank(rng, shape, rank, noise=0.3)
-    m = peekcore.cp_als(x, rank, n_iter_max=10, kernel=kernel, progress=False)
+    m = peekcore.cp_als(x, rank, n_iter_max=10, kernel=kernel)
     assert np.all(np.diff(m.weights) <= 0)
     for f in m.factors:
         np.testing.assert_allclose(np.linalg.norm(f, axis=0), 1.0, rtol=1e-12)
@@ -236,7 +229,7 @@ def test_callback_can_stop(rng, kernel):
         seen.append(info.iteration)
         return info.iteration == 3
 
-    m = peekcore.cp_als(x, 2, n_iter_max=50, tol=0, callback=cb, kernel=kernel, progress=False)
+    m = peekcore.cp_als(x, 2, n_iter_max=50, tol=0, callback=cb, kernel=kernel)
     assert seen == [1, 2, 3] and m.history.stop_reason == "callback"
 
 
@@ -251,7 +244,7 @@ def test_custom_chunk_source(rng, kernel):
             for lo, hi in ((0, 3), (3, 20), (20, 26)):
                 yield x[lo:hi]
 
-    kw = dict(n_iter_max=5, tol=0, random_state=0, kernel=kernel, progress=False)
+    kw = dict(n_iter_max=5, tol=0, random_state=0, kernel=kernel)
     a = peekcore.cp_als(Uneven(), 2, **kw)
     b = peekcore.cp_als(x, 2, **kw)
     assert _rel(a.weights, b.weights) < 1e-12
@@ -273,13 +266,13 @@ def err(model, want):
     return max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(model.factors, f))
 
 
-kw = dict(n_iter_max=8, tol=0, init=init, kernel="native", progress=False)
+kw = dict(n_iter_max=8, tol=0, init=init, kernel="native")
 errs = [err(peekcore.cp_als(x, rank, **kw), ref.als(x, init.factors, n_iter=8))]
 xp = np.abs(x)  # HALS, and two models stacked in one pass (a sweep)
 errs.append(err(peekcore.ncp_hals(xp, rank, sweeps=2, **kw), ref.hals(xp, init.factors, 8, 2)))
-sweep = peekcore.rank_sweep(x, [2, 3], n_iter_max=8, tol=0, kernel="native", progress=False)
+sweep = peekcore.rank_sweep(x, [2, 3], n_iter_max=8, tol=0, kernel="native")
 for r in (2, 3):
-    alone = peekcore.cp_als(x, r, n_iter_max=8, tol=0, kernel="native", progress=False)
+    alone = peekcore.cp_als(x, r, n_iter_max=8, tol=0, kernel="native")
     errs.append(err(sweep.model(r), [alone.factors[0] * alone.weights, *alone.factors[1:]]))
 print(max(errs))
 """
@@ -360,7 +353,7 @@ def test_merged_trailing_modes_give_the_same_fit(monkeypatch, rng, shape, min_ro
     assert native.trailing_start(list(shape[1:])) < len(shape) - 2  # something is merged
     x = np.abs(ref.low_rank(rng, shape, 3, noise=0.2)[0])
     fit = getattr(peekcore, method)
-    kw = dict(n_iter_max=8, tol=0, random_state=2, chunk_size=7, progress=False)
+    kw = dict(n_iter_max=8, tol=0, random_state=2, chunk_size=7)
     got = fit(x, 3, kernel="native", **kw)
     want = fit(x, 3, kernel="torch", **kw)
     assert _rel(got.weights, want.weights) < 1e-10
@@ -385,7 +378,7 @@ def test_float32_pass_for_narrow_ranks_matches_dense_als(rng, shape, rank):
     x, _ = ref.low_rank(rng, shape, rank, noise=0.2)
     init = _random_init(rng, shape, rank)
     w_want, f_want = normalize_factors(ref.als(x, init.factors, n_iter=8))
-    kw = dict(n_iter_max=8, tol=0, init=init, kernel="native", chunk_size=11, progress=False)
+    kw = dict(n_iter_max=8, tol=0, init=init, kernel="native", chunk_size=11)
     model = peekcore.cp_als(x.astype(np.float32), rank, **kw)
     assert _rel(model.weights, w_want) < 1e-4
     for got, exp in zip(model.factors, f_want, strict=True):
@@ -425,11 +418,9 @@ def test_overfactored_float32_fit_is_real_and_reported_truly(kernel, seed):
     rng = np.random.default_rng(100 + seed)
     x, _ = ref.low_rank(rng, (200, 16, 25), 2, 1e-3)
     x32, x64 = x.astype(np.float32), x.astype(np.float32).astype(np.float64)
-    model = peekcore.cp_als(
-        x32, 8, n_iter_max=100, tol=0.0, kernel=kernel, random_state=seed, progress=False
-    )
+    model = peekcore.cp_als(x32, 8, n_iter_max=100, tol=0.0, kernel=kernel, random_state=seed)
     actual = np.linalg.norm(x64 - model.reconstruct()) / np.linalg.norm(x64)
-    best = peekcore.cp_als(x64, 8, n_iter_max=100, tol=0.0, random_state=seed, progress=False)
+    best = peekcore.cp_als(x64, 8, n_iter_max=100, tol=0.0, random_state=seed)
     achievable = np.linalg.norm(x64 - best.reconstruct()) / np.linalg.norm(x64)
     assert achievable < 1.1e-3
     assert actual < 1.05 * achievable  # the float32 fit is as good as the float64 one
@@ -454,9 +445,7 @@ def test_flipped_and_byte_swapped_arrays(rng, kernel, view):
     data = view(x)
     plain = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("="))
     init = _random_init(rng, data.shape, 3)
-    model = peekcore.cp_als(
-        data, 3, n_iter_max=10, tol=0, init=init, kernel=kernel, chunk_size=5, progress=False
-    )
+    model = peekcore.cp_als(data, 3, n_iter_max=10, tol=0, init=init, kernel=kernel, chunk_size=5)
     if data.dtype.itemsize == 8:
         w_want, f_want = normalize_factors(ref.als(plain, init.factors, n_iter=10))
         assert _rel(model.weights, w_want) < 1e-10
@@ -464,11 +453,11 @@ def test_flipped_and_byte_swapped_arrays(rng, kernel, view):
             assert _rel(got, exp) < 1e-10
     # every path that reads the data (the Gram pass too) equals the fit of a plain copy
     for kw in (dict(init=init), dict(init="gram")):
-        got = peekcore.cp_als(data, 3, n_iter_max=5, kernel=kernel, progress=False, **kw)
-        want = peekcore.cp_als(plain, 3, n_iter_max=5, kernel=kernel, progress=False, **kw)
+        got = peekcore.cp_als(data, 3, n_iter_max=5, kernel=kernel, **kw)
+        want = peekcore.cp_als(plain, 3, n_iter_max=5, kernel=kernel, **kw)
         for a, b in zip(got.factors, want.factors, strict=True):
             np.testing.assert_array_equal(a, b)
-    hals = peekcore.ncp_hals(np.abs(data), 3, n_iter_max=5, kernel=kernel, progress=False)
+    hals = peekcore.ncp_hals(np.abs(data), 3, n_iter_max=5, kernel=kernel)
     assert np.isfinite(hals.fit)
 
 
@@ -481,14 +470,10 @@ def test_rank_above_the_sample_count_matches_dense_reference(rng, kernel, method
     init = _random_init(rng, shape, rank)
     if method == "als":
         want = ref.als(x, init.factors, n_iter=15)
-        model = peekcore.cp_als(
-            x, rank, n_iter_max=15, tol=0, init=init, kernel=kernel, progress=False
-        )
+        model = peekcore.cp_als(x, rank, n_iter_max=15, tol=0, init=init, kernel=kernel)
     else:
         want = ref.hals(x, init.factors, n_iter=15, sweeps=2)
-        model = peekcore.ncp_hals(
-            x, rank, n_iter_max=15, tol=0, init=init, sweeps=2, kernel=kernel, progress=False
-        )
+        model = peekcore.ncp_hals(x, rank, n_iter_max=15, tol=0, init=init, sweeps=2, kernel=kernel)
     assert _rel(model.reconstruct(), ref.full(want)) < 1e-8
     assert abs(model.fit - ref.dense_fit(x, want)) < 1e-8
 
@@ -501,8 +486,8 @@ def test_cancelling_components_are_warned_about(monkeypatch):
     monkeypatch.setattr(resident, "NOISE_FLOOR_ULPS", 0.0)
     x, _ = ref.low_rank(np.random.default_rng(100), (200, 16, 25), 2, 1e-3)
     with pytest.warns(RuntimeWarning, match=r"rank 8, iteration \d+: the residual came out neg"):
-        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0, progress=False)
+        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0)
     monkeypatch.setattr(resident, "NOISE_FLOOR_ULPS", 10.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and with it on, nothing to warn about
-        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0, progress=False)
+        peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0)

@@ -23,7 +23,7 @@ pytestmark = [
 def test_host_sources_stream_to_the_gpu(rng):
     shape, rank = (150, 11, 9), 3
     x = np.abs(rng.standard_normal(shape)).astype(np.float32)
-    kw = dict(n_iter_max=5, tol=0, random_state=2, chunk_size=40, progress=False, device="cuda")
+    kw = dict(n_iter_max=5, tol=0, random_state=2, chunk_size=40, device="cuda")
     resident = peekcore.cp_als(torch.from_numpy(x).cuda(), rank, **kw)
     pinned = peekcore.cp_als(torch.from_numpy(x).pin_memory(), rank, **kw)
     pageable = peekcore.cp_als(x, rank, **kw)
@@ -35,7 +35,7 @@ def test_cupy_array_is_read_zero_copy(rng):
     import cupy
 
     x = np.abs(rng.standard_normal((60, 7, 6))).astype(np.float32)
-    kw = dict(n_iter_max=4, tol=0, random_state=0, progress=False, device="cuda")
+    kw = dict(n_iter_max=4, tol=0, random_state=0, device="cuda")
     a = peekcore.cp_als(cupy.asarray(x), 3, **kw)
     b = peekcore.cp_als(torch.from_numpy(x).cuda(), 3, **kw)
     np.testing.assert_array_equal(a.weights, b.weights)
@@ -59,7 +59,7 @@ def test_graph_replay_equals_eager_iterations(rng, monkeypatch, stored, method):
     shape, rank = (211, 13, 3, 7), 5
     x = torch.from_numpy(np.abs(rng.standard_normal(shape))).to(stored).cuda()
     fit = getattr(peekcore, method)
-    kw = dict(n_iter_max=9, tol=0, random_state=3, chunk_size=67, progress=False, device="cuda")
+    kw = dict(n_iter_max=9, tol=0, random_state=3, chunk_size=67, device="cuda")
     eager = _graphs_off(monkeypatch, lambda: fit(x, rank, **kw))
     graphed = fit(x, rank, **kw)
     assert eager.metadata["graphed_iterations"] == 0
@@ -74,7 +74,7 @@ def test_graphs_follow_a_sweep_whose_models_stop_at_different_times(rng, monkeyp
     from peekcore.sweep import rank_sweep
 
     x, _ = _planted(rng, (160, 12, 9), 3)
-    kw = dict(n_iter_max=25, tol=1e-5, device="cuda", progress=False)
+    kw = dict(n_iter_max=25, tol=1e-5, device="cuda")
     eager = _graphs_off(monkeypatch, lambda: rank_sweep(x, [1, 2, 3, 4], 2, **kw))
     graphed = rank_sweep(x, [1, 2, 3, 4], 2, **kw)
     stops = {len(m.history.fit) for row in graphed.models for m in row}
@@ -92,7 +92,7 @@ def test_a_graph_that_fails_falls_back_to_eager_with_a_warning(rng, monkeypatch,
     from peekcore.solvers import graphs
 
     x = torch.from_numpy(np.abs(rng.standard_normal((90, 8, 7)))).float().cuda()
-    kw = dict(n_iter_max=6, tol=0, random_state=0, progress=False, device="cuda")
+    kw = dict(n_iter_max=6, tol=0, random_state=0, device="cuda")
     eager = _graphs_off(monkeypatch, lambda: peekcore.cp_als(x, 3, **kw))
     if failure == "capture":
 

@@ -76,7 +76,7 @@ def test_core_consistency_matches_dense(rng, normalization, shape, planted, rank
     tolerance widens to ``1e-15 x cond`` there.
     """
     x, _ = ref.low_rank(rng, shape, planted, noise=0.1)
-    model = peekcore.cp_als(x, rank, n_iter_max=30, tol=0, random_state=1, progress=False)
+    model = peekcore.cp_als(x, rank, n_iter_max=30, tol=0, random_state=1)
     t, ata, resident = model_statistics(x, model)
     got = core_consistency(t, ata, resident, normalization)
     want = ref.core_consistency_dense(x, unit_columns(model), normalization)
@@ -109,7 +109,7 @@ def test_core_consistency_is_100_for_an_exact_cp_model(rng, normalization, shape
 def test_core_consistency_does_not_depend_on_where_the_scale_sits(rng):
     """Scaling resident columns (compensated in mode 0) changes the raw core, not CORCONDIA."""
     x, _ = ref.low_rank(rng, (15, 5, 6), 3, noise=0.2)
-    model = peekcore.cp_als(x, 4, n_iter_max=20, random_state=0, progress=False)
+    model = peekcore.cp_als(x, 4, n_iter_max=20, random_state=0)
     t, ata, resident = model_statistics(x, model)
     ref_value = core_consistency(t, ata, resident)
     d1, d2 = rng.uniform(0.1, 10, 4), rng.uniform(0.1, 10, 4)
@@ -136,7 +136,7 @@ def test_core_consistency_survives_rank_deficient_factors(rng):
 
 def test_core_consistency_is_high_at_the_planted_rank(rng):
     x, _ = ref.low_rank(rng, (30, 8, 7), 3, noise=0.05)
-    model = peekcore.cp_als(x, 3, n_iter_max=200, init="gram", progress=False)
+    model = peekcore.cp_als(x, 3, n_iter_max=200, init="gram")
     assert core_consistency(*model_statistics(x, model)) > 90
 
 
@@ -247,7 +247,7 @@ def test_core_consistency_rejects_bad_statistics(rng):
 @pytest.mark.parametrize("shape", [(20, 6, 5), (10, 4, 3, 5)])
 def test_fit_scores_match_the_dense_residual(rng, shape):
     x, _ = ref.low_rank(rng, shape, 3, noise=0.2)
-    model = peekcore.cp_als(x, 3, n_iter_max=15, random_state=2, progress=False)
+    model = peekcore.cp_als(x, 3, n_iter_max=15, random_state=2)
     t0, ata0 = statistics(x, model.factors[0])
     scores = fit_scores(t0, ata0, model.factors[1:], np.sum(x**2), weights=model.weights)
     resid = x - model.reconstruct()
@@ -365,7 +365,7 @@ def test_stability_of_replicates(rng):
 def test_stability_reads_the_fits_of_fitted_models(rng):
     x, _ = ref.low_rank(rng, (30, 8, 7), 2, noise=0.05)
     models = [
-        peekcore.cp_als(x, 2, n_iter_max=100, init=init, random_state=s, progress=False)
+        peekcore.cp_als(x, 2, n_iter_max=100, init=init, random_state=s)
         for s, init in enumerate(["gram", "random", "random", "random"])
     ]
     assert stability(models, fit_tol=0.01) > 0.99  # the replicates that reach the best fit agree
@@ -520,7 +520,6 @@ def rank_sweep(x: np.ndarray, ranks, rng: np.random.Generator, *, n_iter_max: in
                 tol=1e-7,
                 init="gram" if i == 0 else "random",
                 random_state=int(rng.integers(2**31)),
-                progress=False,
             )
             for i in range(3)
         ]

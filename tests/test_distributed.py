@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
     rank = torch.distributed.get_rank()
     x = np.load(os.environ["DATA"], mmap_mode="r")
     kind, out = os.environ["KIND"], os.environ["OUT"]
-    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False)
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7)
     def die(info):
         if rank == 1 and info.iteration == 2:
             os._exit(17)
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
     elif kind == "ckpt":
         m = peekcore.ncp_hals(x, 3, checkpoint=out + ".ckpt.npz", checkpoint_every=5, **kw)
     elif kind == "sweep":
-        s = rank_sweep(x, [1, 2, 3], 2, n_iter_max=12, tol=0, progress=False)
+        s = rank_sweep(x, [1, 2, 3], 2, n_iter_max=12, tol=0)
         m = s.models[2][1]
     elif kind == "f32":  # float32 data, summed in float32, then in float64
         x32 = np.asarray(x, dtype=np.float32)
@@ -57,8 +57,7 @@ SCRIPT = textwrap.dedent(
         m = peekcore.cp_als(x, 3, callback=die, **kw)
     elif kind == "store":  # its own chunks: whole stored chunks per process
         layer = peekcore.ActivationStore(os.environ["STORE"])["0"]
-        m = peekcore.cp_als(layer, 3, n_iter_max=12, tol=0, random_state=3, dtype="float64",
-                            progress=False)
+        m = peekcore.cp_als(layer, 3, n_iter_max=12, tol=0, random_state=3, dtype="float64")
     if rank == 0:
         m.save(out)
     torch.distributed.destroy_process_group()
@@ -142,7 +141,7 @@ def test_a_shard_keeps_the_stores_chunk_size_only_on_a_boundary(tmp_path):
 
     x = np.random.default_rng(0).standard_normal((40, 3, 4)).astype(np.float32)
     layer = peekcore.capture(
-        nn.Sequential(nn.Identity()), x, "0", tmp_path / "s.zarr", chunk_size=8, progress=False
+        nn.Sequential(nn.Identity()), x, "0", tmp_path / "s.zarr", chunk_size=8
     )["0"]
     assert ShardSource(layer, 16, 40).chunk_size == 8
     assert ShardSource(layer, 12, 40).chunk_size is None
@@ -158,12 +157,11 @@ def test_store_fit_over_three_processes_equals_one(tmp_path, data):
         tmp_path / "s.zarr",
         dtype="float32",
         chunk_size=8,
-        progress=False,
     )
     procs, out = _launch(tmp_path, 3, "store", STORE=str(store.path))
     codes, errs, _ = _wait(procs)
     assert codes == [0, 0, 0], errs
-    fit = dict(n_iter_max=12, tol=0, random_state=3, dtype="float64", progress=False)
+    fit = dict(n_iter_max=12, tol=0, random_state=3, dtype="float64")
     want = peekcore.cp_als(store["0"], 3, **fit)  # float64 sums: equal to rounding
     got = peekcore.CPModel.load(out)
     np.testing.assert_allclose(got.weights, want.weights, rtol=1e-9)
@@ -176,7 +174,7 @@ def test_equals_single_process(tmp_path, data, world, kind):
     codes, errs, _ = _wait(procs)
     assert codes == [0] * world, errs
     got = peekcore.CPModel.load(out)
-    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False)
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7)
     if kind == "cp":
         want = peekcore.cp_als(data, 3, init="gram", **kw)
     else:
@@ -194,7 +192,7 @@ def test_sweep_equals_single_process(tmp_path, data):
     assert codes == [0, 0], errs
     from peekcore.sweep import rank_sweep
 
-    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=12, tol=0, progress=False).models[2][1]
+    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=12, tol=0).models[2][1]
     np.testing.assert_allclose(peekcore.CPModel.load(out).weights, want.weights, rtol=1e-10)
 
 
@@ -202,7 +200,7 @@ def test_checkpoint_from_two_processes_resumes_in_one(tmp_path, data):
     procs, out = _launch(tmp_path, 2, "ckpt")
     codes, errs, _ = _wait(procs)
     assert codes == [0, 0], errs
-    kw = dict(tol=0, random_state=3, chunk_size=7, progress=False)
+    kw = dict(tol=0, random_state=3, chunk_size=7)
     ckpt = str(out) + ".ckpt.npz"
     # another process count sums in another order: allowed, with a warning that says so
     with pytest.warns(RuntimeWarning, match=r"processes 2 -> 1.*not bit-identical"):
@@ -258,7 +256,7 @@ def test_peek_fit_under_torchrun(tmp_path, data):
         str(out),
     )
     got = peekcore.CPModel.load(out)
-    want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7, progress=False)
+    want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7)
     assert got.metadata["processes"] == 2
     np.testing.assert_allclose(got.weights, want.weights, rtol=1e-10)
 
@@ -282,7 +280,7 @@ def test_peek_sweep_under_torchrun(tmp_path, data):
     from peekcore.sweep import RankSweep, rank_sweep
 
     got = RankSweep.load(out)
-    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=8, tol=0, progress=False)
+    want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=8, tol=0)
     np.testing.assert_allclose(got.fit, want.fit, rtol=1e-10)
     assert got.chosen_rank == want.chosen_rank
 
@@ -307,7 +305,6 @@ def test_a_shards_bad_samples_are_named_by_their_index_in_the_whole_data(rng, in
             init=init,
             n_iter_max=2,
             chunk_size=1,
-            progress=False,
         )
 
 
@@ -319,7 +316,7 @@ def test_float32_differences_are_the_rounding_of_another_summation_order(tmp_pat
     procs, out = _launch(tmp_path, 2, "f32")
     codes, errs, _ = _wait(procs)
     assert codes == [0, 0], errs
-    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, progress=False, init="gram")
+    kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, init="gram")
     x32 = data.astype(np.float32)
     diffs = {}
     for name, path, dtype in (

@@ -12,7 +12,6 @@ from peekcore.model import CPModel
 
 
 def fit(x, rank=2, **kw):
-    kw.setdefault("progress", False)
     kw.setdefault("n_iter_max", 3)
     return peekcore.cp_als(x, rank, **kw)
 
@@ -157,7 +156,7 @@ def test_torch_gpu_tensor_needs_a_gpu_only_when_used(x):
 def test_all_zero_data_with_gram_init(solver):
     # the Gram pass measures ||X||^2: it refuses all-zero data as the first fit pass does
     with pytest.raises(ValueError, match="the data is all zeros"):
-        solver(np.zeros((6, 3, 4)), 2, init="gram", n_iter_max=3, progress=False)
+        solver(np.zeros((6, 3, 4)), 2, init="gram", n_iter_max=3)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +167,7 @@ def test_all_zero_data_with_gram_init(solver):
 @pytest.mark.parametrize("solver", [peekcore.cp_als, peekcore.ncp_hals], ids=["als", "hals"])
 def test_random_state_must_be_an_integer_seed(x, solver, seed):
     with pytest.raises(TypeError, match="random_state must be None or a nonnegative integer"):
-        solver(np.abs(x), 2, random_state=seed, init="gram", n_iter_max=2, progress=False)
+        solver(np.abs(x), 2, random_state=seed, init="gram", n_iter_max=2)
 
 
 def test_negative_random_state(x):
@@ -212,7 +211,7 @@ def test_float32_overflow_in_gram_pass_is_not_called_nan(x):
     assert np.all(np.isfinite(big))
     for solver in (peekcore.cp_als, peekcore.ncp_hals):
         with pytest.raises(ValueError, match=r"overflowed float32.*dtype='float64'") as err:
-            solver(big, 2, init="gram", n_iter_max=2, progress=False)
+            solver(big, 2, init="gram", n_iter_max=2)
         assert "NaN" not in str(err.value)
     m = fit(big, init="gram", dtype="float64")  # as the message says
     assert np.isfinite(m.fit)
@@ -227,7 +226,7 @@ def test_float32_overflow_in_gram_pass_is_not_called_nan(x):
 def test_rank_sweep_checks_seed_and_zeros_too(x):
     from peekcore.sweep import rank_sweep
 
-    kw = dict(n_iter_max=2, progress=False)
+    kw = dict(n_iter_max=2)
     with pytest.raises(TypeError, match="random_state must be None or a nonnegative integer"):
         rank_sweep(x, [1, 2], random_state=np.random.default_rng(0), **kw)
     with pytest.raises(TypeError, match="rank_sweep needs an integer random_state"):

@@ -117,17 +117,15 @@ def test_results_record_their_source(tmp_path, npy):
     """Sweep and model files forgot which layer they came from."""
     import peekcore
 
-    model = peekcore.cp_als(str(npy), 2, n_iter_max=3, progress=False)
+    model = peekcore.cp_als(str(npy), 2, n_iter_max=3)
     assert model.metadata["source"] == {"file": str(npy.resolve())}
     images = np.random.default_rng(1).random((24, 1, 6, 6), dtype=np.float32)
     from peekcore.demo import DigitsCNN
 
     net = DigitsCNN()
-    store = peekcore.capture(
-        net, images, ["act1"], tmp_path / "acts.zarr", dtype="float32", progress=False
-    )
+    store = peekcore.capture(net, images, ["act1"], tmp_path / "acts.zarr", dtype="float32")
     layer = store["act1"]
-    sweep = peekcore.rank_sweep(layer, [1, 2], 1, n_iter_max=3, progress=False)
+    sweep = peekcore.rank_sweep(layer, [1, 2], 1, n_iter_max=3)
     want = {
         "store": str((tmp_path / "acts.zarr").resolve()),
         "layer": "act1",
@@ -178,13 +176,18 @@ def test_unconverged_fits_say_so(tmp_path, npy):
     assert code == 0 and res["converged"] and res["notes"] == []
 
 
-def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, npy):
+def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path, npy, monkeypatch):
     """Bars written into log files filled them with carriage-return lines."""
+    monkeypatch.delenv("PEEKCORE_PROGRESS")  # the suite's default (conftest) off: a user's shell
     argv = ["fit", "x.npy", "--rank", "2", "--iters", "3", "--tol", "0"]
     quiet = run_peek(*argv, cwd=tmp_path)  # stderr is a pipe, as in a log file
     assert quiet.returncode == 0 and "\r" not in quiet.stderr and "it/s" not in quiet.stderr
     asked = run_peek(*argv, "--progress", cwd=tmp_path)
     assert asked.returncode == 0 and "it/s" in asked.stderr
+    by_env = run_peek(*argv, cwd=tmp_path, env={"PEEKCORE_PROGRESS": "1"})
+    assert by_env.returncode == 0 and "it/s" in by_env.stderr
+    bad = run_peek(*argv, cwd=tmp_path, env={"PEEKCORE_PROGRESS": "yes"})
+    assert bad.returncode != 0 and "PEEKCORE_PROGRESS=0" in bad.stderr
 
 
 def test_makefile_set_up_says_what_it_does(tmp_path):

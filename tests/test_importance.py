@@ -162,7 +162,7 @@ def test_nonnegative_projection_is_nnls(rng):
 def test_fitted_model_finds_the_planted_components(rng):
     net, z, cp = planted(rng)
     x = layer_values(net, "feat", z).numpy()
-    fitted = peekcore.ncp_hals(x, R, n_iter_max=60, tol=1e-12, random_state=0, progress=False)
+    fitted = peekcore.ncp_hals(x, R, n_iter_max=60, tol=1e-12, random_state=0)
     imp = component_importance(net, "feat", fitted, z, sample_factors="model")
     match = [int(np.argmax(np.abs(fitted.factors[1][:R, r]))) for r in range(R)]
     assert sorted(match) == list(range(R))
@@ -189,7 +189,7 @@ def test_relu_layer_clipping(rng):
     """At a ReLU layer, edits are clipped at zero by default; clip=False passes negatives on."""
     net, z, cp = planted(rng)
     x = layer_values(net, "act", z)
-    low = peekcore.cp_als(x.numpy(), 1, n_iter_max=10, random_state=0, progress=False)
+    low = peekcore.cp_als(x.numpy(), 1, n_iter_max=10, random_state=0)
     pat = np.einsum("cr,sr->rcs", low.factors[1], low.factors[2])[0]
     part = (low.factors[0][:, 0] * low.weights[0])[:, None, None] * pat
     removed = x.double().numpy() - part
@@ -283,7 +283,6 @@ def test_store_settings_and_fitted_rows(rng, tmp_path):
         fold_spatial=True,
         layout="channels_first",
         batch_size=16,
-        progress=False,
     )
     imp = component_importance(net, "act", cp, (z, labels), store=store)
     assert imp.metadata["sample_factors"] == "model"
@@ -372,7 +371,7 @@ def test_skip_connection_around_the_layer(rng):
     z = rng.uniform(0.2, 1.0, (20, R)).astype(np.float32)
     net = Skip([rng.standard_normal((C, R)), rng.standard_normal((S, R))])
     x = layer_values(net, "layer", z).double().numpy()
-    cp = peekcore.cp_als(x, R, n_iter_max=30, random_state=0, progress=False)
+    cp = peekcore.cp_als(x, R, n_iter_max=30, random_state=0)
     imp = component_importance(net, "layer", cp, z, sample_factors="model", batch_size=8)
     assert imp.metadata["stacked_after_layer"] is False
     h = torch.einsum("nr,cr,sr->ncs", torch.as_tensor(z), net.b, net.c).double().numpy()
@@ -434,13 +433,13 @@ def test_store_with_a_callable_select(rng, tmp_path):
     sel = Selected(net, as_dict=False)
     store = peekcore.capture(
         sel, z, "layer", tmp_path / "s.zarr", dtype="float32", layout="channels_first",
-        select=lambda out: out[0], progress=False,
+        select=lambda out: out[0],
     )  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="captured with a callable select"):
         component_importance(sel, "layer", cp, z, store=store)
     plain = peekcore.capture(
         sel, z, "layer", tmp_path / "t.zarr", dtype="float32", layout="channels_first",
-        select=0, progress=False,
+        select=0,
     )  # fmt: skip
     imp = component_importance(sel, "layer", cp, z, store=plain)
     assert imp.metadata["select"] == 0 and imp.metadata["sample_factors"] == "model"

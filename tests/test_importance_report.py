@@ -37,10 +37,8 @@ def fitted(tmp_path, rng):
     from peekcore.loading import load_model
 
     net = load_model(str(tmp_path / "net.py") + ":build")
-    store = peekcore.capture(
-        net, x, "1", tmp_path / "s.zarr", dtype="float32", batch_size=16, progress=False
-    )
-    model = peekcore.ncp_hals(store["1"], 3, n_iter_max=20, random_state=0, progress=False)
+    store = peekcore.capture(net, x, "1", tmp_path / "s.zarr", dtype="float32", batch_size=16)
+    model = peekcore.ncp_hals(store["1"], 3, n_iter_max=20, random_state=0)
     model.save(tmp_path / "m.npz")
     return tmp_path, net, x, y, store
 

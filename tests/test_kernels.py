@@ -332,7 +332,7 @@ def test_fit_through_the_pass_matches_the_cpu_fit(rng, where, stored, method):
     shape, rank = (203, 19, 3, 7), 4
     x = torch.from_numpy(np.abs(rng.standard_normal(shape))).to(stored)
     fit = getattr(peekcore, method)
-    kw = dict(n_iter_max=8, tol=0, random_state=1, chunk_size=61, progress=False)
+    kw = dict(n_iter_max=8, tol=0, random_state=1, chunk_size=61)
     want = fit(x.double(), rank, **kw)
     kern = CudaKernel(*where)
     got = fit(x.to(kern.device), rank, kernel=kern, device=kern.device, **kw)
@@ -350,7 +350,7 @@ def test_sweep_wider_than_one_kernel_row_matches_cpu(rng, where, method):
     from peekcore.sweep import rank_sweep
 
     x = np.abs(ref.low_rank(rng, (230, 11, 9), 3, noise=0.2)[0])
-    kw = dict(n_iter_max=6, tol=0, method=method, progress=False)
+    kw = dict(n_iter_max=6, tol=0, method=method)
     want = rank_sweep(x, range(1, 9), 2, **kw)
     kern = CudaKernel(*where)
     data = torch.from_numpy(x).float().to(kern.device)

@@ -20,7 +20,7 @@ def test_normalize_keeps_the_model(rng):
 
 def test_save_load_roundtrip(tmp_path, rng):
     x, _ = ref.low_rank(rng, (20, 5, 4), 2, noise=0.1)
-    m = peekcore.cp_als(x, 2, n_iter_max=5, progress=False)
+    m = peekcore.cp_als(x, 2, n_iter_max=5)
     m.save(tmp_path / "m.npz")
     back = CPModel.load(tmp_path / "m.npz")
     np.testing.assert_array_equal(back.weights, m.weights)
@@ -50,7 +50,7 @@ def test_load_refuses_other_files(tmp_path, rng):
         with pytest.raises(ValueError, match=why):
             CPModel.load(tmp_path / name)
         with pytest.raises(ValueError, match=why):
-            peekcore.cp_als(rng.random((4, 3, 5)), 2, resume=tmp_path / name, progress=False)
+            peekcore.cp_als(rng.random((4, 3, 5)), 2, resume=tmp_path / name)
 
 
 def test_saved_files_keep_the_users_file_mode_and_numpy_metadata(tmp_path, rng):
@@ -81,7 +81,7 @@ def test_to_tensorly_roundtrip(rng):
     from tensorly.cp_tensor import cp_to_tensor
 
     x, _ = ref.low_rank(rng, (15, 4, 5), 2)
-    m = peekcore.cp_als(x, 2, n_iter_max=50, progress=False)
+    m = peekcore.cp_als(x, 2, n_iter_max=50)
     cp = m.to_tensorly()
     np.testing.assert_allclose(cp_to_tensor(cp), m.reconstruct(), rtol=1e-12, atol=1e-12)
     back = CPModel.from_tensorly(cp)
@@ -90,7 +90,7 @@ def test_to_tensorly_roundtrip(rng):
 
 def test_reconstruct_range_matches_full(rng):
     x, _ = ref.low_rank(rng, (12, 3, 4, 2), 2)
-    m = peekcore.cp_als(x, 2, n_iter_max=30, progress=False)
+    m = peekcore.cp_als(x, 2, n_iter_max=30)
     full = m.reconstruct()
     np.testing.assert_allclose(m.reconstruct(slice(3, 7)), full[3:7], rtol=1e-13)
     assert m.norm() == pytest.approx(np.linalg.norm(full), rel=1e-10)

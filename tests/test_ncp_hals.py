@@ -39,7 +39,6 @@ def test_matches_dense_numpy_hals(rng, kernel, shape, chunk):
         sweeps=sweeps,
         kernel=kernel,
         chunk_size=chunk or shape[0],
-        progress=False,
     )
     assert model.history.inner_sweeps == [sweeps] * 10
     assert _rel(model.weights, w_want) < 1e-10
@@ -51,7 +50,7 @@ def test_matches_dense_numpy_hals(rng, kernel, shape, chunk):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_objective_never_increases(rng, kernel, dtype):
     x = _relu_low_rank(rng, (40, 9, 8), 4, noise=0.3).astype(dtype)
-    m = peekcore.ncp_hals(x, 5, n_iter_max=40, tol=0, random_state=3, kernel=kernel, progress=False)
+    m = peekcore.ncp_hals(x, 5, n_iter_max=40, tol=0, random_state=3, kernel=kernel)
     err = np.asarray(m.history.rel_error)
     slack = 1e-12 if dtype == np.float64 else 1e-5
     assert np.all(np.diff(err) <= slack * err[:-1])
@@ -80,7 +79,6 @@ def test_quality_against_tensorly_hals(rng, kernel):
         n_iter_max=100,
         tol=0,
         kernel=kernel,
-        progress=False,
         init=CPModel(np.ones(rank), factors),
     )
     err_ours = 1 - ref.dense_fit(x, ours.factors, ours.weights)
@@ -97,7 +95,7 @@ def test_zero_channel(rng, kernel):
     x = _relu_low_rank(rng, (30, 6, 5), 2)
     x[:, 2, :] = 0
     for fit in (peekcore.ncp_hals, peekcore.cp_als):
-        m = fit(x, 2, n_iter_max=30, kernel=kernel, progress=False)
+        m = fit(x, 2, n_iter_max=30, kernel=kernel)
         _no_nan(m)
         assert m.fit > 0.8
 
@@ -105,19 +103,19 @@ def test_zero_channel(rng, kernel):
 def test_constant_tensor(kernel):
     x = np.full((20, 4, 3), 2.5)
     for rank in (1, 3):
-        m = peekcore.ncp_hals(x, rank, n_iter_max=50, kernel=kernel, progress=False)
+        m = peekcore.ncp_hals(x, rank, n_iter_max=50, kernel=kernel)
         _no_nan(m)
         assert m.fit > 0.999
-        m = peekcore.cp_als(x, rank, n_iter_max=50, kernel=kernel, progress=False)
+        m = peekcore.cp_als(x, rank, n_iter_max=50, kernel=kernel)
         _no_nan(m)
 
 
 def test_rank_above_true_rank(rng, kernel):
     x = _relu_low_rank(rng, (30, 6, 5), 2, noise=0.0)
-    m = peekcore.ncp_hals(x, 6, n_iter_max=100, kernel=kernel, progress=False)
+    m = peekcore.ncp_hals(x, 6, n_iter_max=100, kernel=kernel)
     _no_nan(m)
     assert m.fit > 0.99
-    m = peekcore.cp_als(x, 6, n_iter_max=100, kernel=kernel, progress=False)
+    m = peekcore.cp_als(x, 6, n_iter_max=100, kernel=kernel)
     _no_nan(m)
 
 
@@ -135,7 +133,6 @@ def test_dead_component_is_reseeded_and_recorded(rng, kernel):
         n_iter_max=20,
         tol=0,
         kernel=kernel,
-        progress=False,
         init=CPModel(np.ones(rank), factors),
     )
     _no_nan(m)
@@ -161,7 +158,6 @@ def test_one_zero_column_recovers_by_itself(rng, kernel, mode):
         tol=0,
         sweeps=sweeps,
         kernel=kernel,
-        progress=False,
         init=CPModel(np.ones(rank), factors),
     )
     assert m.history.reseeds == []
@@ -192,9 +188,7 @@ def test_gram_init_is_not_reseeded_and_matches_dense_hals(rng, kernel):
     assert not np.any(a0.numpy())
     init = [a0.numpy()] + [f.numpy() for f in resident]
     w_want, f_want = normalize_factors(ref.hals(x, init, n_iter=6, sweeps=sweeps))
-    m = peekcore.ncp_hals(
-        x, 3, n_iter_max=6, tol=0, init="gram", sweeps=sweeps, kernel=kernel, progress=False
-    )
+    m = peekcore.ncp_hals(x, 3, n_iter_max=6, tol=0, init="gram", sweeps=sweeps, kernel=kernel)
     assert m.history.reseeds == []
     assert _rel(m.weights, w_want) < 1e-10
     for got, exp in zip(m.factors, f_want, strict=True):
@@ -206,22 +200,22 @@ def test_negative_values_refused_with_range(rng, kernel):
     x[17, 1, 1] = -0.5
     x[19, 0, 0] = -0.1
     with pytest.raises(ValueError, match=r"samples 17\.\.19 of the chunk at 10\.\.19.*cp_als"):
-        peekcore.ncp_hals(x, 2, chunk_size=10, kernel=kernel, progress=False)
+        peekcore.ncp_hals(x, 2, chunk_size=10, kernel=kernel)
     with pytest.raises(ValueError, match=r"samples 17\.\.17"):
         x[19, 0, 0] = 0
-        peekcore.ncp_hals(x, 2, chunk_size=10, init="gram", progress=False)
+        peekcore.ncp_hals(x, 2, chunk_size=10, init="gram")
 
 
 def test_negative_init_refused(rng):
     x = _relu_low_rank(rng, (10, 4, 3), 2)
     bad = CPModel(np.ones(2), [rng.standard_normal((n, 2)) for n in x.shape])
     with pytest.raises(ValueError, match="nonnegative initial model"):
-        peekcore.ncp_hals(x, 2, init=bad, progress=False)
+        peekcore.ncp_hals(x, 2, init=bad)
 
 
 def test_gram_init_nonnegative(rng, kernel):
     x = _relu_low_rank(rng, (40, 8, 6), 3)
-    m = peekcore.ncp_hals(x, 3, n_iter_max=30, init="gram", kernel=kernel, progress=False)
+    m = peekcore.ncp_hals(x, 3, n_iter_max=30, init="gram", kernel=kernel)
     _no_nan(m)
     assert all(np.all(f >= 0) for f in m.factors)
     assert m.fit > 0.8

@@ -31,8 +31,8 @@ def test_npy_chunks_shards_and_fits_equal_the_array(npy):
     for size in (7, 50, 64):
         np.testing.assert_array_equal(np.concatenate(list(src.chunks(size))), x)
     np.testing.assert_array_equal(np.concatenate(list(src.shard(10, 33).chunks(5))), x[10:33])
-    a = peekcore.cp_als(path, 3, n_iter_max=5, init="random", random_state=1, progress=False)
-    b = peekcore.cp_als(x, 3, n_iter_max=5, init="random", random_state=1, progress=False)
+    a = peekcore.cp_als(path, 3, n_iter_max=5, init="random", random_state=1)
+    b = peekcore.cp_als(x, 3, n_iter_max=5, init="random", random_state=1)
     np.testing.assert_allclose(a.fit, b.fit, rtol=1e-6)
 
 
@@ -52,7 +52,7 @@ def test_a_truncated_npy_is_refused_with_a_clear_error(npy, keep):
     with pytest.raises(DataError, match=what):
         as_source(path)
     with pytest.raises(DataError, match=what):
-        peekcore.cp_als(path, 2, progress=False)
+        peekcore.cp_als(path, 2)
 
 
 SHRINK = """
@@ -94,7 +94,7 @@ def test_capture_refuses_a_truncated_npy_of_inputs(rng, tmp_path):
     np.save(path, rng.standard_normal((20, 1, 8, 8)).astype(np.float32))
     os.truncate(path, os.path.getsize(path) - 100)
     with pytest.raises(DataError, match=r"images.npy is truncated: its header declares 20 rows"):
-        peekcore.capture(SmallCNN(), path, "conv1", tmp_path / "s.zarr", progress=False)
+        peekcore.capture(SmallCNN(), path, "conv1", tmp_path / "s.zarr")
 
 
 CAPTURE_SHRINK = """
@@ -120,7 +120,7 @@ class Cutter(torch.nn.Module):
 
 try:
     peekcore.capture(Cutter(), path, "conv", store, batch_size=20, chunk_size=20,
-                     dtype="float32", progress=False)
+                     dtype="float32")
 except Exception as err:
     print(type(err).__name__, err)
 """
@@ -147,7 +147,7 @@ def test_capture_from_an_npy_path_equals_capture_from_the_array(rng, tmp_path):
     x = rng.standard_normal((37, 1, 8, 8)).astype(np.float32)
     path = tmp_path / "images.npy"
     np.save(path, x)
-    kw = dict(batch_size=8, dtype="float32", progress=False)
+    kw = dict(batch_size=8, dtype="float32")
     a = peekcore.capture(SmallCNN(), path, ["conv1", "conv2"], tmp_path / "a.zarr", **kw)
     b = peekcore.capture(SmallCNN(), x, ["conv1", "conv2"], tmp_path / "b.zarr", **kw)
     for layer in ("conv1", "conv2"):
@@ -190,7 +190,7 @@ def test_an_npy_path_that_is_no_regular_file_is_refused(tmp_path, kind):
         as_source(path)
     with pytest.raises(DataError, match="x.npy is not a regular file"):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
-        peekcore.capture(model, path, "0", tmp_path / "s.zarr", progress=False)
+        peekcore.capture(model, path, "0", tmp_path / "s.zarr")
 
 
 def test_grey_npy_inputs_of_the_command_line_are_read_by_rows(rng, tmp_path):

@@ -166,9 +166,7 @@ def _planted_classes(rng, rank, n=60, shape=(12, 10), noise=0.05):
 def planted(request):
     rng = np.random.default_rng(100 + request.param)
     x, labels = _planted_classes(rng, request.param)
-    sweep = rank_sweep(
-        x, range(1, 7), replicates=3, n_iter_max=60, tol=1e-9, random_state=3, progress=False
-    )
+    sweep = rank_sweep(x, range(1, 7), replicates=3, n_iter_max=60, tol=1e-9, random_state=3)
     return request.param, x, labels, sweep
 
 

@@ -54,9 +54,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     model = _random_model(rng, SHAPE, RANK)
     model.save(root / "model.npz")
-    sweep = rank_sweep(
-        rng.random((30, 6, 5)), [1, 2, 3], replicates=2, n_iter_max=20, progress=False
-    )
+    sweep = rank_sweep(rng.random((30, 6, 5)), [1, 2, 3], replicates=2, n_iter_max=20)
     sweep.save(root / "sweep.npz")
     images = rng.random((N, 28, 28))
     labels = np.repeat(np.arange(len(CLASSES)), N // len(CLASSES))

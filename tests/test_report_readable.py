@@ -20,14 +20,12 @@ def results(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("readable")
     images = peekcore.datasets.digits().inputs[:48]
-    store = peekcore.capture(
-        DigitsCNN(), images, ["act1"], root / "acts.zarr", dtype="float32", progress=False
-    )
-    sweep = peekcore.rank_sweep(store["act1"], [1, 2], 1, n_iter_max=5, progress=False)
+    store = peekcore.capture(DigitsCNN(), images, ["act1"], root / "acts.zarr", dtype="float32")
+    sweep = peekcore.rank_sweep(store["act1"], [1, 2], 1, n_iter_max=5)
     sweep.save(root / "sweep.npz")
     sweep.model().save(root / "model.npz")
     np.save(root / "x.npy", np.abs(np.random.default_rng(3).standard_normal((20, 4, 3))))
-    peekcore.cp_als(root / "x.npy", 2, n_iter_max=3, progress=False).save(root / "other.npz")
+    peekcore.cp_als(root / "x.npy", 2, n_iter_max=3).save(root / "other.npz")
     return root, images[:, 0]
 
 

@@ -28,9 +28,7 @@ def test_fit_is_the_same_model_at_any_scale(x, dtype, solver):
     fit = getattr(peekcore, solver)
     # HALS from a random start is not scale-equivariant even in exact arithmetic (the start
     # does not scale with the data); from the Gram start, as ALS, it is
-    kw = dict(
-        n_iter_max=8, tol=0, progress=False, init="gram" if solver == "ncp_hals" else "random"
-    )
+    kw = dict(n_iter_max=8, tol=0, init="gram" if solver == "ncp_hals" else "random")
     ref = fit(x.astype(dtype), 3, **kw)
     for c in SCALES[dtype]:
         m = fit((x * c).astype(dtype), 3, **kw)
@@ -42,7 +40,7 @@ def test_fit_is_the_same_model_at_any_scale(x, dtype, solver):
 
 @pytest.mark.parametrize("dtype", list(SCALES))
 def test_sweep_is_the_same_at_any_scale(x, dtype):
-    kw = dict(n_iter_max=6, tol=0, progress=False)
+    kw = dict(n_iter_max=6, tol=0)
     ref = peekcore.rank_sweep(x.astype(dtype), "1-3", 2, **kw)
     for c in (SCALES[dtype][0], SCALES[dtype][-1]):
         sweep = peekcore.rank_sweep((x * c).astype(dtype), "1-3", 2, **kw)
@@ -69,7 +67,7 @@ def test_scale_is_an_exact_power_of_two_and_only_when_needed(x):
 
 def test_init_model_and_checkpoints_follow_the_scale(x, tmp_path):
     tiny = (x * 1e-30).astype(np.float32)
-    kw = dict(tol=0, random_state=1, progress=False)
+    kw = dict(tol=0, random_state=1)
     first = peekcore.cp_als(tiny, 2, n_iter_max=3, **kw)
     warm = peekcore.cp_als(tiny, 2, n_iter_max=2, init=first, **kw)
     assert warm.fit >= first.fit - 1e-6 and warm.history.fit[0] >= first.history.fit[-1] - 1e-6

@@ -26,7 +26,6 @@ TESTS = Path(__file__).parent
 
 
 def cap(model, data, layers, path, **kw):
-    kw.setdefault("progress", False)
     return capture(model, data, layers, path, **kw)
 
 
@@ -234,7 +233,7 @@ def test_fit_on_store_equals_fit_in_memory(digit_store):
     assert isinstance(layer, peekcore.ChunkSource)
     x = layer[:]
     assert x.dtype == np.float32
-    kw = dict(n_iter_max=6, tol=0.0, random_state=7, chunk_size=300, progress=False)
+    kw = dict(n_iter_max=6, tol=0.0, random_state=7, chunk_size=300)
     on_disk = peekcore.cp_als(layer, 5, **kw)
     in_memory = peekcore.cp_als(x, 5, **kw)
     np.testing.assert_allclose(on_disk.weights, in_memory.weights, rtol=1e-12, atol=0)
@@ -248,7 +247,7 @@ def test_solvers_read_whole_stored_chunks(digit_store, monkeypatch):
     row = layer.nbytes // layer.shape[0]
     # without a chunk size: the largest multiple of the stored chunks in the budget
     for budget, want in ((3 * cs * row + 5, 3 * cs), (cs * row // 2, cs)):
-        fit = peekcore.cp_als(layer, 2, n_iter_max=1, max_chunk_bytes=budget, progress=False)
+        fit = peekcore.cp_als(layer, 2, n_iter_max=1, max_chunk_bytes=budget)
         assert fit.metadata["chunk_size"] == min(want, layer.shape[0])
     # the default budget on the CPU: stored chunks of at least NATURAL_CHUNK_ALONE_BYTES are
     # read alone (mapped, no copy), smaller ones grouped up to the budget
@@ -256,7 +255,7 @@ def test_solvers_read_whole_stored_chunks(digit_store, monkeypatch):
 
     for alone, alone_ok in ((cs * row, True), (cs * row + 1, False)):
         monkeypatch.setattr(problem, "NATURAL_CHUNK_ALONE_BYTES", alone)
-        fit = peekcore.cp_als(layer, 2, n_iter_max=1, progress=False)
+        fit = peekcore.cp_als(layer, 2, n_iter_max=1)
         assert (fit.metadata["chunk_size"] == cs) == alone_ok
     # a chunk size that is not a multiple reads whole chunks too, and cuts them
     got = list(layer.chunks(cs + 3))
@@ -269,7 +268,7 @@ def test_fit_on_half_stores(images, tmp_path):
         store = cap(
             SmallCNN(), images, "conv2", tmp_path / f"{dtype}.zarr", dtype=dtype, chunk_size=20
         )
-        kw = dict(n_iter_max=3, tol=0.0, random_state=1, chunk_size=20, progress=False)
+        kw = dict(n_iter_max=3, tol=0.0, random_state=1, chunk_size=20)
         got = peekcore.cp_als(store["conv2"], 3, **kw)
         ref = peekcore.cp_als(torch.as_tensor(store["conv2"].read()), 3, **kw)
         np.testing.assert_allclose(got.weights, ref.weights, rtol=1e-12)
@@ -867,7 +866,7 @@ def test_open_store_reads_on_while_the_store_is_the_same_capture(images, tmp_pat
     np.testing.assert_array_equal(as_array(opened["conv2"].read()), want)
     np.testing.assert_array_equal(np.concatenate(list(opened["conv2"].chunks())), want)
     opened.verify()
-    fit = dict(n_iter_max=3, tol=0.0, random_state=2, progress=False)
+    fit = dict(n_iter_max=3, tol=0.0, random_state=2)
     np.testing.assert_allclose(
         peekcore.cp_als(opened["conv2"], 2, **fit).weights,
         peekcore.cp_als(again["conv2"], 2, **fit).weights,

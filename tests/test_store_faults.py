@@ -197,7 +197,7 @@ def test_a_store_folder_given_as_data_names_the_fix(labelled):
     import peekcore
 
     with pytest.raises(ValueError, match=r"a store of layers.*ActivationStore\(.*\)\[layer\]"):
-        peekcore.cp_als(str(labelled.path), 2, progress=False)
+        peekcore.cp_als(str(labelled.path), 2)
 
 
 def test_a_folder_of_something_else_is_refused_with_the_fix(images, tmp_path):

@@ -20,7 +20,7 @@ def _planted(rng, shape, rank, noise=0.1):
 @pytest.mark.parametrize("method", ["cp", "ncp"])
 def test_sweep_models_equal_separate_fits(rng, kernel, method):
     x = np.abs(_planted(rng, (40, 7, 6), 3))
-    kw = dict(n_iter_max=25, tol=1e-7, kernel=kernel, progress=False)
+    kw = dict(n_iter_max=25, tol=1e-7, kernel=kernel)
     sweep = rank_sweep(x, [1, 2, 3], replicates=2, method=method, random_state=10, **kw)
     fit = peekcore.cp_als if method == "cp" else peekcore.ncp_hals
     for k, r in enumerate(sweep.ranks):
@@ -40,7 +40,7 @@ def test_sweep_models_match_refits_to_a_tolerance_in_float32(rng, kernel):
     differ (the stop test sits at the tolerance), so not bit for bit; at well-posed ranks
     (at or below the planted rank) the same model to a tolerance."""
     x = _planted(rng, (40, 10, 8), 3).astype(np.float32)
-    kw = dict(n_iter_max=100, tol=1e-8, kernel=kernel, progress=False)
+    kw = dict(n_iter_max=100, tol=1e-8, kernel=kernel)
     sweep = rank_sweep(x, [1, 2, 3], replicates=3, random_state=7, **kw)
     x64 = x.astype(np.float64)
     for k, r in enumerate(sweep.ranks):
@@ -56,7 +56,7 @@ def test_sweep_models_match_refits_to_a_tolerance_in_float32(rng, kernel):
 
 def test_diagnostics_match_the_models(rng):
     x = _planted(rng, (60, 9, 8), 3)
-    sweep = rank_sweep(x, range(1, 6), replicates=3, n_iter_max=150, tol=1e-10, progress=False)
+    sweep = rank_sweep(x, range(1, 6), replicates=3, n_iter_max=150, tol=1e-10)
     for k, row in enumerate(sweep.models):
         for p, m in enumerate(row):
             assert sweep.fit[k, p] == pytest.approx(
@@ -77,7 +77,7 @@ def test_sweep_on_four_way_data_finds_a_rank_above_the_spatial_size(rng):
     view stays near 100 at the planted rank (on the 4-way core it fell to 50 and below
     for the true model, and the sweep chose 4 or 5)."""
     x, _ = ref.low_rank(rng, (200, 16, 4, 4), 6, noise=0.01)
-    sweep = rank_sweep(x, [4, 5, 6, 7], replicates=3, n_iter_max=60, progress=False)
+    sweep = rank_sweep(x, [4, 5, 6, 7], replicates=3, n_iter_max=60)
     k = sweep.ranks.index(6)
     assert sweep.corcondia[k, sweep.best[k]] > 95
     assert sweep.chosen_rank == 6, sweep.choice_reason
@@ -85,7 +85,7 @@ def test_sweep_on_four_way_data_finds_a_rank_above_the_spatial_size(rng):
 
 def test_save_load_roundtrip(tmp_path, rng):
     x = _planted(rng, (30, 6, 5), 2)
-    sweep = rank_sweep(x, [1, 2, 3], replicates=2, n_iter_max=30, progress=False)
+    sweep = rank_sweep(x, [1, 2, 3], replicates=2, n_iter_max=30)
     sweep.save(tmp_path / "s.npz")
     back = RankSweep.load(tmp_path / "s.npz")
     assert back.ranks == sweep.ranks and back.chosen_rank == sweep.chosen_rank
@@ -98,7 +98,7 @@ def test_save_load_roundtrip(tmp_path, rng):
 
 def test_compressed_sweep_refined_fit_close_to_exact(rng):
     x = _planted(rng, (300, 40, 30), 4, noise=0.1)
-    kw = dict(replicates=3, n_iter_max=300, tol=1e-10, progress=False)
+    kw = dict(replicates=3, n_iter_max=300, tol=1e-10)
     exact = rank_sweep(x, range(1, 7), **kw)
     small = rank_sweep(x, range(1, 7), compress=True, **kw)
     r = small.chosen_rank
@@ -122,7 +122,6 @@ def test_compressed_sweep_scores_are_exact_on_the_full_data(rng):
         compress_dims=6,
         refine_iters=0,
         n_iter_max=60,
-        progress=False,
     )
     assert sweep.compression["captured_energy"] < 0.999  # the projection loses something
     for k, row in enumerate(sweep.models):
@@ -155,7 +154,7 @@ def test_compressed_sweep_runs_in_the_requested_dtype(rng, monkeypatch, data_dty
     monkeypatch.setattr(sweep_module, "prepare", spy)
     x = _planted(rng, (120, 12, 10), 3, noise=0.2).astype(data_dtype)
     kw = dict(replicates=2, compress=True, compress_dims=6, refine_iters=0, n_iter_max=40)
-    sweep = rank_sweep(x, [1, 2, 3, 4], dtype="float64", progress=False, **kw)
+    sweep = rank_sweep(x, [1, 2, 3, 4], dtype="float64", **kw)
     assert seen == [torch.float64, torch.float64]  # the full problem, the projected one
     x64 = x.astype(np.float64)
     for k, row in enumerate(sweep.models):
@@ -168,29 +167,29 @@ def test_compressed_sweep_runs_in_the_requested_dtype(rng, monkeypatch, data_dty
             assert sweep.corcondia[k, p] == pytest.approx(dense, rel=1e-7, abs=1e-7)
     # float32 unless asked for (or float64 data): the small problem follows
     seen.clear()
-    rank_sweep(x.astype(np.float32), [1, 2], progress=False, **kw)
+    rank_sweep(x.astype(np.float32), [1, 2], **kw)
     assert seen == [torch.float32, torch.float32]
 
 
 def test_bad_arguments(rng):
     x = _planted(rng, (20, 5, 4), 2)
     with pytest.raises(ValueError, match="ranks is empty"):
-        rank_sweep(x, [], progress=False)
+        rank_sweep(x, [])
     with pytest.raises(ValueError, match="distinct"):
-        rank_sweep(x, [2, 2], progress=False)
+        rank_sweep(x, [2, 2])
     with pytest.raises(ValueError, match="rank must be at least 1"):
-        rank_sweep(x, [0, 1], progress=False)
+        rank_sweep(x, [0, 1])
     with pytest.raises(ValueError, match="replicates would be identical"):
-        rank_sweep(x, [1, 2], replicates=2, init="gram", progress=False)
+        rank_sweep(x, [1, 2], replicates=2, init="gram")
     with pytest.raises(ValueError, match="method='cp' only"):
-        rank_sweep(np.abs(x), [1, 2], method="ncp", compress=True, progress=False)
+        rank_sweep(np.abs(x), [1, 2], method="ncp", compress=True)
     with pytest.raises(ValueError, match="method must be"):
-        rank_sweep(x, [1], method="tucker", progress=False)
+        rank_sweep(x, [1], method="tucker")
 
 
 def test_sweep_scores_no_core_consistency_above_the_samples(rng):
     x, _ = ref.low_rank(rng, (5, 8, 9), 2, 0.01)
     with pytest.warns(RuntimeWarning, match="sample factor has 5 rows"):
-        sweep = peekcore.rank_sweep(x, [2, 6], 1, n_iter_max=20, progress=False)
+        sweep = peekcore.rank_sweep(x, [2, 6], 1, n_iter_max=20)
     assert not np.isnan(sweep.corcondia[0]).any() and np.isnan(sweep.corcondia[1]).all()
     assert sweep.chosen_rank == 2

@@ -70,14 +70,14 @@ def test_rank_lists_of_non_integers_are_refused(bad):
 
 def test_rank_sweep_reads_ranks_through_the_same_parser(rng):
     x = rng.random((12, 5, 4))
-    sweep = peekcore.rank_sweep(x, "1-3:2", 1, n_iter_max=2, progress=False)
+    sweep = peekcore.rank_sweep(x, "1-3:2", 1, n_iter_max=2)
     assert sweep.ranks == [1, 3]
-    assert peekcore.rank_sweep(x, np.array([2]), 1, n_iter_max=2, progress=False).ranks == [2]
+    assert peekcore.rank_sweep(x, np.array([2]), 1, n_iter_max=2).ranks == [2]
     for bad in ([2.5], [1, 2.7], ["3"]):
         with pytest.raises(TypeError, match="rank must be a positive integer"):
-            peekcore.rank_sweep(x, bad, 1, n_iter_max=2, progress=False)
+            peekcore.rank_sweep(x, bad, 1, n_iter_max=2)
     with pytest.raises(ValueError, match="bad rank range '1-3.5'"):
-        peekcore.rank_sweep(x, "1-3.5", 1, n_iter_max=2, progress=False)
+        peekcore.rank_sweep(x, "1-3.5", 1, n_iter_max=2)
 
 
 # ---------------------------------------------------------------- output paths

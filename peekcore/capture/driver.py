@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._progress import resolve_progress
 from .._validate import check_int
 from .._version import __version__
 from ..datasets import Inputs
@@ -77,15 +78,13 @@ def _versions() -> dict[str, str]:
 def _progress_bar(progress: bool | None, total: int, initial: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    if progress is None:
-        progress = sys.stderr.isatty()
     return tqdm(
         total=total,
         initial=initial,
         unit="img",
         unit_scale=True,
         desc=desc,
-        disable=not progress,
+        disable=not resolve_progress(progress),
         dynamic_ncols=True,
     )
 
@@ -175,7 +174,8 @@ def capture(
         it; from then on the new store is at ``store`` (and resumable). An
         empty folder at ``store`` counts as no store.
     progress : bool, optional
-        Show a progress bar (images per second); default: when stderr is a terminal.
+        Show a progress bar (images per second); default (None): as
+        ``PEEKCORE_PROGRESS`` says (``0`` or ``1``) where set, else when stderr is a terminal.
 
     Returns
     -------

@@ -78,7 +78,8 @@ def cp_als(
         Called with an :class:`IterationInfo` after each iteration; a true
         return value stops the fit.
     progress : bool, optional
-        Show a progress bar; default: when stderr is a terminal.
+        Show a progress bar; default (None): as ``PEEKCORE_PROGRESS`` says
+        (``0`` or ``1``) where set, else when stderr is a terminal.
     checkpoint : path, optional
         Write the fit state here (atomically) every ``checkpoint_every`` iterations.
     checkpoint_every : int

@@ -18,7 +18,6 @@ progress, checkpoints, callbacks.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._progress import resolve_progress
 from .._version import __version__
 from ..distributed import Communicator
 from ..kernels import HALS
@@ -208,9 +208,8 @@ def run_models(
         initial=start_iter,
         desc=desc,
         unit="it",
-        # bars only on a terminal unless asked: in a log file they are lines of \r updates
-        disable=(not sys.stderr.isatty() if progress is None else not progress)
-        or problem.comm.rank != 0,
+        # bars only on a terminal unless asked (see peekcore._progress); one bar, rank 0's
+        disable=not resolve_progress(progress) or problem.comm.rank != 0,
         leave=False,
     )
     stack: Stack | None = None
