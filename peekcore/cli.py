@@ -138,11 +138,9 @@ def _profile(args: argparse.Namespace) -> dict:
         store=args.store,
         builder=builder,
         trust=args.trust_model_file,
-        n_iter_max=args.iters,
-        tol=args.tol,
         n_boot=args.n_boot,
-        random_state=args.seed,
         log=log,
+        **_fit_settings(args),
     )
     profile.save(args.out)
     return {
@@ -203,11 +201,15 @@ def _capture(args: argparse.Namespace) -> dict:
     }
 
 
+def _fit_settings(args: argparse.Namespace) -> dict:
+    """``--iters``, ``--tol`` and ``--seed`` under the library's names (fit, sweep, profile)."""
+    return dict(n_iter_max=args.iters, tol=args.tol, random_state=args.seed)
+
+
 def _solver_kwargs(args: argparse.Namespace) -> dict:
+    """The solver keywords of ``peek fit`` and ``peek sweep`` (:func:`_solver_options`)."""
     return dict(
-        n_iter_max=args.iters,
-        tol=args.tol,
-        random_state=args.seed,
+        **_fit_settings(args),
         device=args.device,
         chunk_size=args.chunk_size,
         dtype=args.dtype,

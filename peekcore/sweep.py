@@ -335,6 +335,9 @@ def rank_sweep(
     if method not in _METHODS:
         raise ValueError(f"method must be 'cp' or 'ncp', got {method!r}")
     replicates = check_int(replicates, "replicates", purpose=" (restarts per rank)")
+    refine_iters = check_int(
+        refine_iters, "refine_iters", minimum=0, purpose=" (exact passes after a compressed sweep)"
+    )
     if init == "gram" and replicates > 1:
         raise ValueError(
             "init='gram' is deterministic, so its replicates would be identical: use "
@@ -504,24 +507,15 @@ def _leading_subspaces(
 
 
 def _refine(problem: Problem, chosen: CPModel, iterations: int) -> CPModel:
-    """``iterations`` exact passes over the full data from a compressed sweep's model."""
-    from .solvers.als import cp_als
+    """``iterations`` exact passes over the full data from a compressed sweep's model.
 
-    settings = problem.settings
-    refined = cp_als(
-        problem.source,
-        chosen.rank,
-        init=chosen,
-        n_iter_max=iterations,
-        tol=settings.tol,
-        chunk_size=settings.chunk_size,
-        device=problem.device,
-        kernel=problem.kernel,
-        dtype=settings.compute_dtype,
-        progress=False,
-    )
-    refined.metadata["source"] = problem.origin
-    return refined
+    The sweep's own problem (source, kernel, chunking, scale), with only the
+    iteration limit changed: nothing is checked or planned again.
+    """
+    longer = replace(problem, settings=replace(problem.settings, n_iter_max=iterations))
+    seed = chosen.metadata.get("random_state")  # the replicate's, should a component be reseeded
+    fitted = fit_models(longer, chosen, [(chosen.rank, seed)], progress=False)
+    return finish_model(longer, fitted.states[0], fitted.init_name)
 
 
 def _compressed_sweep(

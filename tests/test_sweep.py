@@ -171,6 +171,36 @@ def test_compressed_sweep_runs_in_the_requested_dtype(rng, monkeypatch, data_dty
     assert seen == [torch.float32, torch.float32]
 
 
+def test_compressed_sweep_refinement_is_cp_als_from_the_compressed_model(rng):
+    """The refinement continues the chosen compressed model with exact passes, as
+    cp_als from that model would, also on data the problem reads rescaled (it must
+    not mix the scaled reading with a model in the data's units)."""
+    x = _planted(rng, (120, 12, 10), 3, noise=0.2)
+    kw = dict(replicates=2, compress=True, compress_dims=6, n_iter_max=15, tol=0, progress=False)
+    unrefined = rank_sweep(x, [2, 3, 4], refine_iters=0, **kw)
+    sweep = rank_sweep(x, [2, 3, 4], refine_iters=3, **kw)
+    r = sweep.chosen_rank
+    k = sweep.ranks.index(r)
+    b = int(sweep.best[k])
+    start, refined = unrefined.models[k][b], sweep.models[k][b]
+    alone = peekcore.cp_als(x, r, init=start, n_iter_max=3, tol=0, random_state=b, progress=False)
+    assert refined.history.n_iter == refined.metadata["n_iter_max"] == 3
+    assert refined.metadata["random_state"] == b  # the replicate's seed (random_state 0 + b)
+    assert refined.metadata["source"] == sweep.metadata["source"]
+    np.testing.assert_allclose(refined.weights, alone.weights, rtol=1e-10)
+    for got, want in zip(refined.factors, alone.factors, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert sweep.fit[k, b] == pytest.approx(ref.dense_fit(x, refined.factors, refined.weights))
+    # 2^-300: outside float64's safe range, so the problem reads it times 2^300 (exact)
+    tiny = rank_sweep(x * 2.0**-300, [2, 3, 4], refine_iters=3, **kw).models[k][b]
+    np.testing.assert_array_equal(tiny.weights * 2.0**300, refined.weights)
+    for got, want in zip(tiny.factors, refined.factors, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for bad, err in ((-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(err, match="refine_iters must be"):
+            rank_sweep(x, [1, 2], refine_iters=bad, **kw)
+
+
 def test_bad_arguments(rng):
     x = _planted(rng, (20, 5, 4), 2)
     with pytest.raises(ValueError, match="ranks is empty"):
