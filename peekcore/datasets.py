@@ -43,7 +43,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int
-from .npyfile import NpyArray, map_npy, read_npy_header
+from .npyfile import NpyArray, open_npy_array
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
@@ -140,13 +140,6 @@ class ArrayDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ArrayDataset({self.description()}, labels={self.labels is not None})"
-
-
-def _npy_inputs(path: Path) -> NpyArray | np.memmap:
-    """A ``.npy`` of inputs, read by rows (a file that shrinks meanwhile gives a DataError,
-    not SIGBUS), or mapped when Fortran-ordered (its rows are not contiguous on disk)."""
-    shape, fortran, _, _ = read_npy_header(path)
-    return NpyArray(path) if shape and not fortran else map_npy(path)
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -341,7 +334,8 @@ class Inputs:
             if path.suffix == ".npy":
                 if not path.exists():
                     raise FileNotFoundError(f"no such input file: {path}")
-                data = ArrayDataset(_npy_inputs(path), name=f"{path.name} (npy)")
+                # read by rows (a file that shrinks meanwhile gives a DataError, not SIGBUS)
+                data = ArrayDataset(open_npy_array(path), name=f"{path.name} (npy)")
             else:
                 data = image_folder(path, transform)
                 transform = None

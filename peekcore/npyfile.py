@@ -26,7 +26,7 @@ import numpy as np
 from ._validate import dtype_name
 from .errors import DataError
 
-__all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "read_npy_header"]
+__all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "open_npy_array", "read_npy_header"]
 
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -41,20 +41,26 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     DataError
         Not a ``.npy`` file, or one that holds Python objects.
     """
-    fmt = np.lib.format
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, then refuse to seek
         raise DataError(
             f"{path} is not a regular file (a pipe, device or folder); peekcore reads .npy "
             "files by position: save the array to a file with numpy.save"
         )
+    with open(path, "rb") as fh:
+        return _header_of(fh, path)
+
+
+def _header_of(fh: Any, path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """:func:`read_npy_header` of the file open as ``fh`` (read from its start)."""
+    fmt = np.lib.format
     try:
-        with open(path, "rb") as fh:
-            version = fmt.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(fh)
-            else:  # 2.0 and 3.0 differ from 2.0 only in how field names are encoded
-                shape, fortran, dtype = fmt.read_array_header_2_0(fh)
-            offset = fh.tell()
+        fh.seek(0)
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        else:  # 2.0 and 3.0 differ from 2.0 only in how field names are encoded
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        offset = fh.tell()
     except (ValueError, EOFError, SyntaxError) as err:
         raise DataError(
             f"{path} is not a readable .npy file ({type(err).__name__}: {err}); save the array "
@@ -76,6 +82,19 @@ def open_npy(path: str | os.PathLike) -> NpyFile | np.memmap:
     """
     shape, fortran, _, _ = read_npy_header(Path(path))
     return NpyFile(path) if not fortran and shape else map_npy(path)
+
+
+def open_npy_array(path: str | os.PathLike) -> NpyArray | np.memmap:
+    """A ``.npy`` file as an array indexed by samples: an :class:`NpyArray` (each index
+    read from the file), or for the rare Fortran-ordered file :func:`map_npy`.
+
+    Raises
+    ------
+    DataError
+        Not a numeric ``.npy`` file, or truncated.
+    """
+    shape, fortran, _, _ = read_npy_header(Path(path))
+    return NpyArray(path) if shape and not fortran else map_npy(path)
 
 
 def map_npy(path: str | os.PathLike) -> np.memmap:
@@ -121,10 +140,11 @@ class _Rows:
         self.row_shape = shape[1:]
         self.row_bytes = math.prod(self.row_shape) * dtype.itemsize
 
-    def check_size(self, n_rows: int, what: str) -> None:
-        """Raise a DataError when the file is too short for ``n_rows`` rows."""
+    def check_size(self, n_rows: int, what: str, fh: Any = None) -> None:
+        """Raise a DataError when the file (the one open as ``fh``, if given) is too short
+        for ``n_rows`` rows."""
         need = self.offset + n_rows * self.row_bytes
-        have = os.stat(self.path).st_size
+        have = (os.fstat(fh.fileno()) if fh is not None else os.stat(self.path)).st_size
         if have < need:
             raise DataError(
                 f"{self.path} {what}: its header declares {n_rows} rows of shape "
@@ -151,7 +171,7 @@ class _Rows:
         while got < len(view):  # one read may return less (2 GiB at most on Linux)
             n = fh.readinto(view[got:])
             if not n:  # the file ends early: it shrank since it was opened
-                self.check_size(n_rows, "shrank while it was read")
+                self.check_size(n_rows, "shrank while it was read", fh)
                 raise DataError(f"{self.path} ended early, in the rows from {start}")
             got += n
         return out
@@ -230,9 +250,17 @@ class NpyArray:
     """A ``.npy`` file as a read-only array whose every index is read from the file.
 
     What :func:`peekcore.capture` uses for a ``.npy`` of model inputs (any
-    numeric dtype, images as ``uint8`` say): ``a[i]`` and ``a[start:stop]``
-    return new arrays read with plain reads, so a file that shrinks during the
-    capture gives a :class:`~peekcore.errors.DataError`, not ``SIGBUS``.
+    numeric dtype, images as ``uint8`` say), and a report for its images:
+    ``a[i]`` and ``a[start:stop]`` return new arrays read with plain reads, so
+    a file that shrinks during the capture gives a
+    :class:`~peekcore.errors.DataError`, not ``SIGBUS``.
+
+    Each read opens the file anew (safe in forked DataLoader workers). Inside
+    ``with a:`` every read goes through one descriptor instead, opened on entry
+    and checked to hold the header read at construction: a file replaced
+    meanwhile (renamed over) is then still read as it was, never half old and
+    half new; one changed in place to other contents cannot be told apart.
+    Not for use by several threads at once while held.
 
     Parameters
     ----------
@@ -251,7 +279,10 @@ class NpyArray:
     def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...] | None = None) -> None:
         self.path = Path(path)
         self._rows, self.shape = _c_ordered_rows(self.path)
+        self._header = (self.shape, False, self._rows.dtype, self._rows.offset)
         self.dtype = self._rows.dtype
+        self._fh: Any = None  # the descriptor held inside ``with``
+        self._held = 0  # nested ``with`` entries
         if row_shape is not None:
             if math.prod(row_shape) != math.prod(self._rows.row_shape):
                 raise ValueError(f"rows of shape {self._rows.row_shape} cannot be {row_shape}")
@@ -285,7 +316,32 @@ class NpyArray:
         whole = self._read(0, self.shape[0])
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
+    def __enter__(self) -> NpyArray:
+        if self._held == 0:
+            fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by __exit__
+            try:
+                if _header_of(fh, self.path) != self._header:
+                    raise DataError(
+                        f"{self.path} was replaced by another array since peekcore opened it "
+                        "(its header differs); use a file that nothing writes to meanwhile"
+                    )
+                self._rows.check_size(self.shape[0], "is truncated", fh)
+            except BaseException:
+                fh.close()
+                raise
+            self._fh = fh
+        self._held += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held -= 1
+        if self._held == 0:
+            fh, self._fh = self._fh, None
+            fh.close()
+
     def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._fh is not None:
+            return self._rows.read(self._fh, start, stop, self.shape[0])
         # a file opened per read: cheap next to a batch, and safe in forked DataLoader workers
         with open(self.path, "rb", buffering=0) as fh:
             return self._rows.read(fh, start, stop, self.shape[0])

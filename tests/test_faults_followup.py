@@ -8,7 +8,11 @@ one store or checkpoint at once.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,10 @@ from peekcli import run_peek
 from torch import nn
 
 import peekcore
-from peekcore.errors import InvalidTypeError
+from peekcore import CPModel
+from peekcore.errors import DataError, InvalidTypeError
+from peekcore.npyfile import NpyArray
+from peekcore.report import build_report
 
 # ---------------------------------------------------------------- 1. input dtypes
 
@@ -126,3 +133,102 @@ def test_peek_capture_of_8_bit_images_says_how_to_convert(tmp_path):
     assert "inputs are uint8" in out.stderr and "x.astype('float32') / 255" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ---------------------------------------------------------------- 2. the report's images
+
+
+def _report_inputs(folder: Path) -> tuple[Path, np.ndarray]:
+    """A saved 3-way model (20 samples, 3 x 3 space) and its 20 images in ``images.npy``."""
+    rng = np.random.default_rng(7)
+    model = CPModel(rng.random(2) + 0.5, [rng.random((n, 2)) for n in (20, 4, 9)])
+    model.save(folder / "model.npz")
+    images = rng.integers(0, 256, (20, 1, 24, 24), dtype=np.uint8)  # 3 pages
+    np.save(folder / "images.npy", images)
+    return folder / "model.npz", images
+
+
+def test_a_truncated_image_file_is_a_data_error(tmp_path):
+    model, _ = _report_inputs(tmp_path)
+    path = tmp_path / "images.npy"
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 200)
+    with pytest.raises(DataError, match="images.npy is truncated"):
+        build_report([model], tmp_path / "r.html", images=path, components=1)
+
+
+SHRINK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import peekcore.report.assemble as assemble
+    from peekcore.errors import DataError
+
+    real = assemble.component_figure
+    def shrinking(model, images, r, **kwargs):  # the file is cut short once figures begin
+        with open("images.npy", "r+b") as fh:
+            fh.truncate(200)
+        return real(model, images, r, **kwargs)
+
+    assemble.component_figure = shrinking
+    try:
+        assemble.build_report(["model.npz"], "r.html", images="images.npy", components=1)
+    except DataError as err:
+        print("DataError:", err)
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_image_file_that_shrinks_while_the_report_is_built_is_a_data_error(tmp_path):
+    # in a process of its own: a memory-mapped file that shrinks kills with SIGBUS
+    _report_inputs(tmp_path)
+    (tmp_path / "shrink.py").write_text(SHRINK)
+    out = subprocess.run(
+        [sys.executable, "shrink.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 3, (out.returncode, out.stderr[-2000:])
+    assert "DataError: " in out.stdout and "images.npy shrank while it was read" in out.stdout
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_an_image_file_replaced_while_the_report_is_built_is_read_as_it_was(tmp_path, monkeypatch):
+    import peekcore.report.assemble as assemble
+
+    model, images = _report_inputs(tmp_path)
+    seen = []
+
+    def replacing(model, images_given, r, **kwargs):
+        if r == 0:  # another array renamed over the file once the figures begin
+            np.save(tmp_path / "other.npy", 255 - images)
+            os.replace(tmp_path / "other.npy", tmp_path / "images.npy")
+        seen.append(np.stack([images_given[i] for i in range(len(images))]))
+        return real(model, images_given, r, **kwargs)
+
+    real = assemble.component_figure
+    monkeypatch.setattr(assemble, "component_figure", replacing)
+    built = build_report([model], tmp_path / "r.html", images=tmp_path / "images.npy")
+    assert built.path.exists() and len(seen) == 2
+    for got in seen:  # every figure of the report drew the images it began with
+        np.testing.assert_array_equal(got, images)
+
+
+def test_an_npy_array_held_open_refuses_a_file_replaced_before_it_was_held(tmp_path):
+    path = tmp_path / "x.npy"
+    x = np.random.default_rng(3).random((6, 5))
+    np.save(path, x)
+    arr = NpyArray(path)
+    with arr:  # held: reads one descriptor, nested entries share it
+        with arr:
+            np.testing.assert_array_equal(arr[2:5], x[2:5])
+        os.replace(_saved(tmp_path / "y.npy", x[:3]), path)
+        np.testing.assert_array_equal(arr[5], x[5])
+    np.save(path, x.astype(np.float32))  # another dtype now: the header differs
+    with pytest.raises(DataError, match="replaced by another array"):
+        arr.__enter__()
+
+
+def _saved(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path

@@ -10,6 +10,7 @@ components over the input images) and writes the HTML page beside its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..model import CPModel
+from ..npyfile import NpyArray, open_npy_array
 from ..sweep import RankSweep
 from ._common import _file_format, load_result
 from .figures import class_component_figure, component_figure
@@ -132,13 +134,15 @@ def _spatial(model: CPModel, spatial_shape: Sequence[int] | None) -> tuple[int, 
     return None
 
 
-def _array(value: Any, what: str) -> np.ndarray | None:
-    if value is None or isinstance(value, np.ndarray):
+def _array(value: Any, what: str) -> Any:
+    """An array given, or an ``.npy`` file's: read by samples as figures index it
+    (:class:`~peekcore.npyfile.NpyArray`), never memory-mapped unless Fortran-ordered."""
+    if value is None or not isinstance(value, str | os.PathLike):
         return value
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"no such {what} file: {path} (give an .npy file)")
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    return open_npy_array(path)
 
 
 def _summary(result: CPModel | RankSweep, model: CPModel, path: Path | None) -> dict[str, Any]:
@@ -252,14 +256,22 @@ def build_report(
     given_names = None if given_names is None else [given_names[i] for i in keep]
     loaded = [load_result(x) for x in items]  # every file checked before anything is written
     names = given_names or _names(loaded, paths)
-    images, labels = _array(images, "images"), _array(labels, "labels")
+    images = _array(images, "images")
+    labels = _array(labels, "labels")
+    if labels is not None and not isinstance(labels, np.ndarray):
+        labels = np.asarray(labels)  # N numbers, read whole
     out = Path(out)
     figs = out.parent / (out.stem + "_figures")
     figs.mkdir(parents=True, exist_ok=True)
-    sections = [
-        _section(name, stem, result, p, figs, images, labels, components, spatial_shape)
-        for name, stem, result, p in zip(names, file_stems(names), loaded, paths, strict=True)
-    ]
+    with contextlib.ExitStack() as held:
+        if isinstance(images, NpyArray):
+            # one descriptor for the whole report: a file renamed over meanwhile is read as
+            # it was, one cut short gives a DataError
+            held.enter_context(images)
+        sections = [
+            _section(name, stem, result, p, figs, images, labels, components, spatial_shape)
+            for name, stem, result, p in zip(names, file_stems(names), loaded, paths, strict=True)
+        ]
     named = [p if p is not None else Path(f"(in memory {i})") for i, p in enumerate(paths)]
     sections += importance_sections(importances, sections, named, figs)
     if settings is None:
