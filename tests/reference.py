@@ -110,3 +110,12 @@ def rel_error(got, want) -> float:
 
     got, want = as64(got), as64(want)
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def assert_model_close(model, weights, factors, tol: float) -> None:
+    """A fitted model's weights and every factor within ``tol`` relative error (float64)
+    of the given ones: a dense reference's, normalized first with
+    :func:`peekcore.model.normalize_factors`, or another model's."""
+    assert rel_error(model.weights, weights) < tol
+    for got, want in zip(model.factors, factors, strict=True):
+        assert rel_error(got, want) < tol

@@ -31,25 +31,9 @@ def npy(tmp_path, rng):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "digits.zarr"
-    code = main(
-        [
-            "--json",
-            "capture",
-            "--model",
-            "peekcore.demo:DigitsCNN",
-            "--data",
-            "digits",
-            "--layers",
-            "act1,act3",
-            "--store",
-            str(path),
-            "--dtype",
-            "float32",
-            "--fold-spatial",
-            "--batch-size",
-            "512",
-        ]
-    )
+    argv = "--json capture --model peekcore.demo:DigitsCNN --data digits --layers act1,act3"
+    options = "--dtype float32 --fold-spatial --batch-size 512".split()
+    code = main([*argv.split(), "--store", str(path), *options])
     assert code == 0
     return path
 
@@ -75,19 +59,8 @@ def test_fit_and_info(tmp_path, npy, capsys):
 
 def test_ncp_fit_with_checkpoint(tmp_path, npy, capsys):
     ck = tmp_path / "c.npz"
-    code, res, _ = run(
-        capsys,
-        "fit",
-        str(npy),
-        "--rank",
-        "2",
-        "--method",
-        "ncp",
-        "--iters",
-        "4",
-        "--checkpoint",
-        str(ck),
-    )
+    options = "--rank 2 --method ncp --iters 4".split()
+    code, res, _ = run(capsys, "fit", str(npy), *options, "--checkpoint", str(ck))
     assert code == 0 and ck.exists()
     code, info, _ = run(capsys, "info", str(ck))
     assert info["kind"] == "checkpoint" and info["iteration"] == 4
@@ -95,19 +68,8 @@ def test_ncp_fit_with_checkpoint(tmp_path, npy, capsys):
 
 def test_sweep_and_report(tmp_path, npy, capsys):
     out = tmp_path / "s.npz"
-    code, res, _ = run(
-        capsys,
-        "sweep",
-        str(npy),
-        "--ranks",
-        "1-3",
-        "--replicates",
-        "2",
-        "--iters",
-        "15",
-        "--out",
-        str(out),
-    )
+    options = "--ranks 1-3 --replicates 2 --iters 15".split()
+    code, res, _ = run(capsys, "sweep", str(npy), *options, "--out", str(out))
     assert code == 0 and res["chosen_rank"] in (1, 2, 3) and len(res["table"]) == 3
     html = tmp_path / "r.html"
     labels = tmp_path / "labels.npy"
@@ -199,19 +161,8 @@ def test_info_and_report_refuse_plain_arrays(tmp_path, npy, capsys):
 def test_capture_store_fit_sweep(store, capsys):
     code, info, _ = run(capsys, "info", str(store))
     assert code == 0 and info["layers"]["act1"]["shape"] == [1797, 16, 64]
-    code, res, _ = run(
-        capsys,
-        "fit",
-        str(store),
-        "--layer",
-        "act3",
-        "--rank",
-        "2",
-        "--method",
-        "ncp",
-        "--iters",
-        "5",
-    )
+    options = "--layer act3 --rank 2 --method ncp --iters 5".split()
+    code, res, _ = run(capsys, "fit", str(store), *options)
     assert code == 0 and res["shape"] == [1797, 32, 16]
 
 
@@ -226,38 +177,16 @@ def test_errors_are_one_clear_line(tmp_path, npy, store, capsys):
     assert code == 1 and "bad rank range" in err
     code, _, err = run(capsys, "fit", str(npy), "--rank", "0")
     assert code == 1 and "rank must be at least 1" in err
-    code, _, err = run(
-        capsys,
-        "capture",
-        "--model",
-        "nope:Model",
-        "--data",
-        "digits",
-        "--layers",
-        "x",
-        "--store",
-        str(tmp_path / "s"),
-    )
+    options = "--model nope:Model --data digits --layers x".split()
+    code, _, err = run(capsys, "capture", *options, "--store", str(tmp_path / "s"))
     assert code == 1 and "cannot import 'nope:Model'" in err and "current folder" in err
     assert main(["--debug", "fit", str(npy), "--rank", "0"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
 
 def test_bench_runs(capsys):
-    code, res, _ = run(
-        capsys,
-        "bench",
-        "--samples",
-        "60",
-        "--channels",
-        "16",
-        "--space",
-        "20",
-        "--rank",
-        "3",
-        "--iters",
-        "3",
-    )
+    options = "--samples 60 --channels 16 --space 20 --rank 3 --iters 3".split()
+    code, res, _ = run(capsys, "bench", *options)
     assert code == 0 and res["peekcore_cp_als_s_per_iter"] > 0
 
 

@@ -241,20 +241,8 @@ def _peek_under_torchrun(*argv: str) -> None:
 
 def test_peek_fit_under_torchrun(tmp_path, data):
     out = tmp_path / "m.npz"
-    _peek_under_torchrun(
-        "fit",
-        str(tmp_path / "x.npy"),
-        "--rank",
-        "3",
-        "--iters",
-        "6",
-        "--tol",
-        "0",
-        "--chunk-size",
-        "7",
-        "--out",
-        str(out),
-    )
+    options = "--rank 3 --iters 6 --tol 0 --chunk-size 7".split()
+    _peek_under_torchrun("fit", str(tmp_path / "x.npy"), *options, "--out", str(out))
     got = peekcore.CPModel.load(out)
     want = peekcore.cp_als(data, 3, n_iter_max=6, tol=0, chunk_size=7)
     assert got.metadata["processes"] == 2
@@ -263,20 +251,8 @@ def test_peek_fit_under_torchrun(tmp_path, data):
 
 def test_peek_sweep_under_torchrun(tmp_path, data):
     out = tmp_path / "s.npz"
-    _peek_under_torchrun(
-        "sweep",
-        str(tmp_path / "x.npy"),
-        "--ranks",
-        "1-3",
-        "--replicates",
-        "2",
-        "--iters",
-        "8",
-        "--tol",
-        "0",
-        "--out",
-        str(out),
-    )
+    options = "--ranks 1-3 --replicates 2 --iters 8 --tol 0".split()
+    _peek_under_torchrun("sweep", str(tmp_path / "x.npy"), *options, "--out", str(out))
     from peekcore.sweep import RankSweep, rank_sweep
 
     got = RankSweep.load(out)

@@ -69,29 +69,24 @@ def test_all_zero_data():
         fit(np.zeros((6, 3, 4)))
 
 
-def test_custom_source_whose_chunks_change_shape(x):
+@pytest.mark.parametrize(
+    ("pieces", "why"),
+    [
+        (lambda x: [x[:10], x[10:, :, :3]], r"chunk at samples 10\.\.20 has shape \(10, 5, 3\)"),
+        (lambda x: [x[:15]], "yielded 15 samples.*declares 20"),
+    ],
+    ids=["chunks-change-shape", "wrong-count"],
+)
+def test_custom_source_that_breaks_its_own_shape(x, pieces, why):
     class Bad:
         shape = x.shape
         dtype = "float64"
 
         def chunks(self, chunk_size):
-            yield x[:10]
-            yield x[10:, :, :3]
+            yield from pieces(x)
 
-    with pytest.raises(ValueError, match=r"chunk at samples 10\.\.20 has shape \(10, 5, 3\)"):
+    with pytest.raises(ValueError, match=why):
         fit(Bad())
-
-
-def test_custom_source_with_wrong_count(x):
-    class Short:
-        shape = x.shape
-        dtype = "float64"
-
-        def chunks(self, chunk_size):
-            yield x[:15]
-
-    with pytest.raises(ValueError, match="yielded 15 samples.*declares 20"):
-        fit(Short())
 
 
 def test_unknown_input_type():

@@ -78,25 +78,27 @@ def test_whole_model_needs_trust_and_state_dict_needs_builder(tmp_path, monkeypa
     assert torch.equal(load_model("mymodels:SmallCNN", weights=str(weights))(x), net(x))
 
 
-def test_spec_errors_say_what_to_give(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("load", "spec", "error", "why"),
+    [
+        (load_model, "x.npy", InvalidArgumentError, "numpy array, not a model.*--data"),
+        (load_model, "notes.txt", InvalidArgumentError, "not a file written by torch.save"),
+        (import_object, "nomodule:Net", InvalidArgumentError,
+         "no module named 'nomodule'.*current folder"),
+        (import_object, "mymodels:Nope", InvalidArgumentError, "has no attribute 'Nope'.*SmallCNN"),
+        (import_object, "sub/missing.py:Net", InvalidArgumentError, "no such file"),
+        (import_object, "mymodels", InvalidArgumentError, "not an import spec"),
+        (load_model, "mymodels:torch", TypeError, "not a torch.nn.Module"),
+    ],
+    ids=["array", "text-file", "no-module", "no-attribute", "no-file", "no-colon", "not-a-module"],
+)  # fmt: skip
+def test_spec_errors_say_what_to_give(tmp_path, monkeypatch, load, spec, error, why):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mymodels.py").write_text(MODEL_SOURCE)
     np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(InvalidArgumentError, match="numpy array, not a model.*--data"):
-        load_model("x.npy")
-    with pytest.raises(InvalidArgumentError, match="not a file written by torch.save"):
-        load_model("notes.txt")
-    with pytest.raises(InvalidArgumentError, match="no module named 'nomodule'.*current folder"):
-        import_object("nomodule:Net")
-    with pytest.raises(InvalidArgumentError, match="has no attribute 'Nope'.*SmallCNN"):
-        import_object("mymodels:Nope")
-    with pytest.raises(InvalidArgumentError, match="no such file"):
-        import_object("sub/missing.py:Net")
-    with pytest.raises(InvalidArgumentError, match="not an import spec"):
-        import_object("mymodels")
-    with pytest.raises(TypeError, match="not a torch.nn.Module"):
-        load_model("mymodels:torch")
+    with pytest.raises(error, match=why):
+        load(spec)
 
 
 def test_require_names_the_pip_line():
@@ -113,20 +115,8 @@ def test_both_spec_forms_work_from_the_current_folder(tmp_path, spec):
     folder.mkdir(exist_ok=True)
     (folder / "mymodels.py").write_text(MODEL_SOURCE)
     np.save(tmp_path / "images.npy", np.random.default_rng(0).random((10, 1, 6, 6), np.float32))
-    code, res, err = run_peek_json(
-        "capture",
-        "--model",
-        spec,
-        "--data",
-        "images.npy",
-        "--layers",
-        "act",
-        "--store",
-        "acts.zarr",
-        "--dtype",
-        "float32",
-        cwd=tmp_path,
-    )
+    options = "--data images.npy --layers act --store acts.zarr --dtype float32".split()
+    code, res, err = run_peek_json("capture", "--model", spec, *options, cwd=tmp_path)
     assert code == 0, err
     assert res["layers"] == {"act": [10, 3, 6, 6]}
 
@@ -135,17 +125,7 @@ def test_both_spec_forms_work_from_the_current_folder(tmp_path, spec):
 def test_capture_refuses_an_array_as_model(tmp_path):
     """It said `unpickling stack underflow`."""
     np.save(tmp_path / "x.npy", np.zeros((4, 1, 6, 6), np.float32))
-    code, res, err = run_peek_json(
-        "capture",
-        "--model",
-        "x.npy",
-        "--data",
-        "x.npy",
-        "--layers",
-        "a",
-        "--store",
-        "s",
-        cwd=tmp_path,
-    )
+    argv = "capture --model x.npy --data x.npy --layers a --store s".split()
+    code, res, err = run_peek_json(*argv, cwd=tmp_path)
     assert code == 1 and "numpy array, not a model" in res["error"]
     assert res["kind"] == "InvalidArgumentError" and "unpickling" not in err

@@ -19,32 +19,18 @@ def _relu_low_rank(rng, shape, rank, noise=0.1):
     return np.maximum(x, 0)
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=["3way", "4way"])
 @pytest.mark.parametrize("chunk", [1, 7, None], ids=["chunk1", "chunk7", "chunkall"])
 def test_matches_dense_numpy_hals(rng, kernel, shape, chunk):
     rank, sweeps = 3, 2
     x = _relu_low_rank(rng, shape, rank)
     init = CPModel(np.ones(rank), [rng.random((n, rank)) + 0.05 for n in shape])
-    w_want, f_want = normalize_factors(ref.hals(x, init.factors, n_iter=10, sweeps=sweeps))
-    model = peekcore.ncp_hals(
-        x,
-        rank,
-        n_iter_max=10,
-        tol=0,
-        init=init,
-        sweeps=sweeps,
-        kernel=kernel,
-        chunk_size=chunk or shape[0],
-    )
+    want = normalize_factors(ref.hals(x, init.factors, n_iter=10, sweeps=sweeps))
+    kw = dict(n_iter_max=10, tol=0, init=init, sweeps=sweeps, kernel=kernel)
+    model = peekcore.ncp_hals(x, rank, chunk_size=chunk or shape[0], **kw)
     assert model.history.inner_sweeps == [sweeps] * 10
-    assert _rel(model.weights, w_want) < 1e-10
-    for got, exp in zip(model.factors, f_want, strict=True):
-        assert _rel(got, exp) < 1e-10
-        assert np.all(got >= 0)
+    ref.assert_model_close(model, *want, 1e-10)
+    assert all(np.all(f >= 0) for f in model.factors)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -127,14 +113,8 @@ def test_dead_component_is_reseeded_and_recorded(rng, kernel):
     factors = [rng.random((n, rank)) + 0.1 for n in shape]
     factors[1][:, 2] = 0
     factors[2][:, 2] = 0
-    m = peekcore.ncp_hals(
-        x,
-        rank,
-        n_iter_max=20,
-        tol=0,
-        kernel=kernel,
-        init=CPModel(np.ones(rank), factors),
-    )
+    init = CPModel(np.ones(rank), factors)
+    m = peekcore.ncp_hals(x, rank, n_iter_max=20, tol=0, kernel=kernel, init=init)
     _no_nan(m)
     events = m.history.reseeds
     assert {"iteration": 1, "mode": 1, "component": 2} in events
@@ -150,20 +130,11 @@ def test_one_zero_column_recovers_by_itself(rng, kernel, mode):
     x = _relu_low_rank(rng, shape, rank)
     factors = [rng.random((n, rank)) + 0.1 for n in shape]
     factors[mode][:, 1] = 0
-    w_want, f_want = normalize_factors(ref.hals(x, factors, n_iter=8, sweeps=sweeps))
-    m = peekcore.ncp_hals(
-        x,
-        rank,
-        n_iter_max=8,
-        tol=0,
-        sweeps=sweeps,
-        kernel=kernel,
-        init=CPModel(np.ones(rank), factors),
-    )
+    want = normalize_factors(ref.hals(x, factors, n_iter=8, sweeps=sweeps))
+    init = CPModel(np.ones(rank), factors)
+    m = peekcore.ncp_hals(x, rank, n_iter_max=8, tol=0, sweeps=sweeps, kernel=kernel, init=init)
     assert m.history.reseeds == []
-    assert _rel(m.weights, w_want) < 1e-10
-    for got, exp in zip(m.factors, f_want, strict=True):
-        assert _rel(got, exp) < 1e-10
+    ref.assert_model_close(m, *want, 1e-10)
     assert np.all(m.weights > 0)
 
 
@@ -187,12 +158,10 @@ def test_gram_init_is_not_reseeded_and_matches_dense_hals(rng, kernel):
     a0, resident = start.factors(3, 0)
     assert not np.any(a0.numpy())
     init = [a0.numpy()] + [f.numpy() for f in resident]
-    w_want, f_want = normalize_factors(ref.hals(x, init, n_iter=6, sweeps=sweeps))
+    want = normalize_factors(ref.hals(x, init, n_iter=6, sweeps=sweeps))
     m = peekcore.ncp_hals(x, 3, n_iter_max=6, tol=0, init="gram", sweeps=sweeps, kernel=kernel)
     assert m.history.reseeds == []
-    assert _rel(m.weights, w_want) < 1e-10
-    for got, exp in zip(m.factors, f_want, strict=True):
-        assert _rel(got, exp) < 1e-10
+    ref.assert_model_close(m, *want, 1e-10)
 
 
 def test_negative_values_refused_with_range(rng, kernel):

@@ -80,37 +80,39 @@ PARAFAC_CASES = list(
 NN_CASES = list(itertools.product([(1, 1), (3, 3)], ["svd", "random"], [False, True], [1, 2]))
 
 
+# TensorLy's test, the arguments fixed to what the drop-in provides (the excluded
+# options above), and the cases it runs with: (true rank, rank), init, normalize, seed
+UPSTREAM = [
+    ("test_parafac", dict(linesearch=False, orthogonalise=False, complex=False), PARAFAC_CASES),
+    ("test_non_negative_parafac", dict(hals=True), NN_CASES),
+]
+
+
+def _upstream_cases():
+    for test, fixed, cases in UPSTREAM:
+        for ranks, init, normalize, seed in cases:
+            name = f"{test.removeprefix('test_')}-true{ranks[0]}-rank{ranks[1]}-{init}"
+            norm = "normalized" if normalize else "raw"
+            yield pytest.param(
+                test, fixed, ranks, init, normalize, seed, id=f"{name}-{norm}-{seed}"
+            )
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks,init,normalize_factors,random_state", PARAFAC_CASES)
-def test_tensorly_parafac(
-    tensorly_tests, monkeypatch, ranks, init, normalize_factors, random_state
+@pytest.mark.parametrize(
+    ("test", "fixed", "ranks", "init", "normalize_factors", "random_state"), list(_upstream_cases())
+)
+def test_tensorlys_own_cp_test(
+    tensorly_tests, monkeypatch, test, fixed, ranks, init, normalize_factors, random_state
 ):
-    tensorly_tests.test_parafac(
-        linesearch=False,
-        orthogonalise=False,
+    getattr(tensorly_tests, test)(
         true_rank=ranks[0],
         rank=ranks[1],
         init=init,
         normalize_factors=normalize_factors,
         random_state=random_state,
-        complex=False,
         monkeypatch=monkeypatch,
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("ranks,init,normalize_factors,random_state", NN_CASES)
-def test_tensorly_non_negative_parafac_hals(
-    tensorly_tests, monkeypatch, ranks, init, normalize_factors, random_state
-):
-    tensorly_tests.test_non_negative_parafac(
-        monkeypatch=monkeypatch,
-        true_rank=ranks[0],
-        rank=ranks[1],
-        init=init,
-        normalize_factors=normalize_factors,
-        random_state=random_state,
-        hals=True,
+        **fixed,
     )
 
 
