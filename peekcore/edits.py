@@ -31,7 +31,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validate import check_device
+from ._options import SharedOptions
+from ._validate import check_device, check_int
 from .capture.layouts import _apply_select, _arrange, _resolve_layout, resolve_layers
 from .capture.options import _model_device
 from .datasets import as_inputs
 from .errors import InvalidArgumentError, InvalidTypeError
 from .model import CPModel, solve_sample_rows
 
-__all__ = ["edited_outputs", "project", "DEFAULT_PASS_BYTES"]
+__all__ = ["EditOptions", "edited_outputs", "project", "DEFAULT_PASS_BYTES"]
 
 #: Bytes of edited activations sent through one forward pass by default.
 DEFAULT_PASS_BYTES = 128 << 20
@@ -227,13 +228,11 @@ def _put_back(output: Any, edited: torch.Tensor, select: Any, name: str) -> Any:
 # ---------------------------------------------------------------------- settings
 
 
-def _settings(
-    layer: str, module: nn.Module, cp: CPModel, store: Any, options: dict
-) -> dict[str, Any]:
+def _settings(layer: str, module: nn.Module, cp: CPModel, options: EditOptions) -> dict[str, Any]:
     """Layout, select, fold_spatial (the store's, if given), clipping and nonnegativity."""
     recorded = {}
-    if store is not None:
-        attrs = _stored_layer(store, layer).attrs
+    if options.store is not None:
+        attrs = _stored_layer(options.store, layer).attrs
         recorded = {k: attrs.get(k) for k in ("layout", "select", "fold_spatial")}
         chosen = recorded["select"]
         if isinstance(chosen, str) and (" [" in chosen or chosen.startswith("<")):
@@ -243,21 +242,21 @@ def _settings(
                 "cannot be put back through it: capture the module that returns the tensor"
             )
         for key, value in recorded.items():
-            given = options[key]
+            given = getattr(options, key)
             if given is not None and given != value and not (key == "layout" and given == "auto"):
                 raise InvalidArgumentError(
                     f"{key}={given!r} but the store captured layer {layer!r} with "
                     f"{key}={value!r}: leave {key} out to use the store's"
                 )
-    clip = options["clip"]
+    clip = options.clip
     if clip is None:
         clip = isinstance(module, _RELU_MODULES)
     method = cp.metadata.get("method")
     nonnegative = method == "ncp" if method in ("cp", "ncp") else _all_nonnegative(cp)
     return {
-        "layout": recorded.get("layout") or options["layout"] or "auto",
-        "select": recorded.get("select", options["select"]),
-        "fold_spatial": bool(recorded.get("fold_spatial") or options["fold_spatial"]),
+        "layout": recorded.get("layout") or options.layout or "auto",
+        "select": recorded.get("select", options.select),
+        "fold_spatial": bool(recorded.get("fold_spatial") or options.fold_spatial),
         "clip": bool(clip),
         "nonnegative": nonnegative,
     }
@@ -443,57 +442,56 @@ class EditSetup:
     runner: _Runner
 
 
-def edit_options(
-    layout: str | None,
-    select: Any,
-    fold_spatial: bool | None,
-    clip: bool | None,
-    sample_factors: str,
-    pass_bytes: int,
-) -> dict[str, Any]:
-    """The ``options`` that :func:`prepare_edits` reads, from the public functions' keywords."""
-    return {
-        "layout": layout,
-        "select": select,
-        "fold_spatial": fold_spatial,
-        "clip": clip,
-        "sample_factors": sample_factors,
-        "pass_bytes": pass_bytes,
-    }
+@dataclass(frozen=True)
+class EditOptions(SharedOptions):
+    """How the edited network is run and its layer read: the keywords that
+    :func:`~peekcore.importance.component_importance` and :func:`edited_outputs`
+    share (shown in their signatures by ``EditOptions.shown_in``).
+
+    Each field means what the argument of the same name of
+    :func:`~peekcore.importance.component_importance` means; nothing is checked
+    until :func:`prepare_edits`.
+    """
+
+    batch_size: int = 64
+    device: Any = None
+    store: Any = None
+    layout: str | None = None
+    select: Any = None
+    fold_spatial: bool | None = None
+    sample_factors: str = "auto"
+    clip: bool | None = None
+    pass_bytes: int = DEFAULT_PASS_BYTES
 
 
 def prepare_edits(
-    model: nn.Module,
-    layer: str,
-    cp: Any,
-    data: Any,
-    *,
-    batch_size: int,
-    device: Any,
-    store: Any,
-    options: dict[str, Any],
+    model: nn.Module, layer: str, cp: Any, data: Any, options: EditOptions
 ) -> EditSetup:
     """Checks and set-up shared by :func:`component_importance` and :func:`edited_outputs`."""
+    pass_bytes = check_int(
+        options.pass_bytes, "pass_bytes", purpose=" (bytes of edits per forward pass)"
+    )
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(layer, str):
         raise InvalidTypeError(f"layer must be one layer name (a str), got {layer!r}")
     module = resolve_layers(model, [layer])[layer]
-    if isinstance(options["select"], dict) and layer in options["select"]:
+    if isinstance(options.select, dict) and layer in options.select:
         # {layer: selector}, as capture takes it (and its message for a tuple output suggests)
-        options = {**options, "select": options["select"][layer]}
+        options = replace(options, select=options.select[layer])
     cp = _load_cp(cp)
     if len(cp.shape) < 2:
         raise InvalidArgumentError(
             f"the CP model has {len(cp.shape)} mode(s); it needs samples + 1"
         )
-    dev = _model_device(model, None if device is None else check_device(device))
-    inputs = as_inputs(data, batch_size=batch_size, pin_memory=dev.type == "cuda")
-    settings = _settings(layer, module, cp, store, options)
+    device = None if options.device is None else check_device(options.device)
+    dev = _model_device(model, device)
+    inputs = as_inputs(data, batch_size=options.batch_size, pin_memory=dev.type == "cuda")
+    settings = _settings(layer, module, cp, options)
     edits = _Edits(layer, module, cp, settings)
-    same = _same_data(store, layer, inputs)
-    rows = _use_model_rows(options["sample_factors"], cp, inputs.n_samples, same)
-    runner = _Runner(model, edits, dev, int(options["pass_bytes"]))
+    same = _same_data(options.store, layer, inputs)
+    rows = _use_model_rows(options.sample_factors, cp, inputs.n_samples, same)
+    runner = _Runner(model, edits, dev, pass_bytes)
     return EditSetup(module, cp, inputs, settings, edits, rows, runner)
 
 
@@ -512,6 +510,7 @@ def hooked(module: nn.Module, model: nn.Module, edits: _Edits) -> Iterator[None]
             m.training = training
 
 
+@EditOptions.shown_in()
 def edited_outputs(
     model: nn.Module,
     layer: str,
@@ -520,22 +519,15 @@ def edited_outputs(
     *,
     remove: Sequence[int] | None = None,
     keep: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: Any = None,
-    store: Any = None,
-    layout: str | None = None,
-    select: Any = None,
-    fold_spatial: bool | None = None,
-    sample_factors: str = "auto",
-    clip: bool | None = None,
+    **options: Any,
 ) -> np.ndarray:
     """The network's outputs with a set of components removed from ``layer``, or only a set kept.
 
     Parameters
     ----------
     model, layer, cp, data, batch_size, device, store, layout, select, fold_spatial,
-    sample_factors, clip
-        As for :func:`component_importance`.
+    sample_factors, clip, pass_bytes
+        As for :func:`component_importance` (the keywords are :class:`EditOptions`).
     remove : sequence of int, optional
         Components to subtract from the activation (``[]``: the unedited network).
     keep : sequence of int, optional
@@ -549,10 +541,7 @@ def edited_outputs(
     """
     if (remove is None) == (keep is None):
         raise InvalidArgumentError("give exactly one of remove= and keep= (component indices)")
-    options = edit_options(layout, select, fold_spatial, clip, sample_factors, DEFAULT_PASS_BYTES)
-    setup = prepare_edits(
-        model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
-    )
+    setup = prepare_edits(model, layer, cp, data, EditOptions.given_to(edited_outputs, options))
     cp, runner = setup.cp, setup.runner
     chosen = list(remove if remove is not None else keep)
     bad = [c for c in chosen if not isinstance(c, int | np.integer) or not 0 <= c < cp.rank]

@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from ._io import load_npz, save_npz
-from ._validate import check_int
-from .edits import DEFAULT_PASS_BYTES, edit_options, hooked, prepare_edits
+from .edits import EditOptions, hooked, prepare_edits
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["ComponentImportance", "component_importance", "MODES"]
@@ -272,6 +271,7 @@ def _edit_plan(rank: int, modes: tuple[str, ...]) -> tuple[list[int], np.ndarray
     return keep_x, np.stack(coef), first
 
 
+@EditOptions.shown_in()
 def component_importance(
     model: nn.Module,
     layer: str,
@@ -279,16 +279,8 @@ def component_importance(
     data: Any,
     *,
     labels: Any = None,
-    batch_size: int = 64,
-    device: Any = None,
     modes: Sequence[str] = MODES,
-    store: Any = None,
-    layout: str | None = None,
-    select: Any = None,
-    fold_spatial: bool | None = None,
-    sample_factors: str = "auto",
-    clip: bool | None = None,
-    pass_bytes: int = DEFAULT_PASS_BYTES,
+    **options: Any,
 ) -> ComponentImportance:
     """Causal importance of each CP component of ``layer`` for the network's class logits.
 
@@ -348,14 +340,11 @@ def component_importance(
         output is not ``(batch, classes)`` logits, or bad options.
     """
     modes = _check_modes(modes)
-    pass_bytes = check_int(pass_bytes, "pass_bytes", purpose=" (bytes of edits per forward pass)")
-    options = edit_options(layout, select, fold_spatial, clip, sample_factors, pass_bytes)
+    opts = EditOptions.given_to(component_importance, options)
     t0 = time.perf_counter()
     # absolute: the report matches it to its model files from whatever folder it runs in
     source = os.path.abspath(os.fspath(cp)) if isinstance(cp, (str, os.PathLike)) else None
-    setup = prepare_edits(
-        model, layer, cp, data, batch_size=batch_size, device=device, store=store, options=options
-    )
+    setup = prepare_edits(model, layer, cp, data, opts)
     cp, inputs, use_rows = setup.cp, setup.inputs, setup.use_rows
     given = _check_labels(labels, inputs.n_samples)
     rank = cp.rank
@@ -371,7 +360,7 @@ def component_importance(
     meta = {
         **{k: v for k, v in setup.settings.items() if k != "select" or not callable(v)},
         "sample_factors": "model" if use_rows else "project",
-        "batch_size": int(batch_size),
+        "batch_size": int(opts.batch_size),
         "forward_passes": setup.runner.passes,
         "stacked_after_layer": bool(setup.runner.expand),
         "seconds": time.perf_counter() - t0,

@@ -502,3 +502,34 @@ def test_result_path_is_recorded_absolute(rng, tmp_path, monkeypatch):
     imp = component_importance(net, "feat", "model.npz", z, modes=("remove",))
     monkeypatch.chdir(tmp_path)
     assert imp.metadata["result"] == str(tmp_path / "run" / "model.npz")
+
+
+def test_edit_options_show_in_both_signatures_and_wrong_ones_are_refused(rng):
+    """component_importance and edited_outputs take the same keywords (EditOptions),
+    shown in their signatures; a misspelt one is refused before any forward pass."""
+    import dataclasses
+    import inspect
+
+    from peekcore.edits import EditOptions
+
+    options = [f.name for f in dataclasses.fields(EditOptions)]
+    imp_sig = inspect.signature(component_importance).parameters
+    out_sig = inspect.signature(edited_outputs).parameters
+    for name in options:
+        assert imp_sig[name].kind == out_sig[name].kind == inspect.Parameter.KEYWORD_ONLY
+        assert imp_sig[name].default == out_sig[name].default
+    assert {"labels", "modes"} <= set(imp_sig) and {"remove", "keep"} <= set(out_sig)
+    assert not any(p.kind == p.VAR_KEYWORD for p in [*imp_sig.values(), *out_sig.values()])
+    net, z, cp = planted(rng)
+    calls = {"weights": 0}
+    net.head.register_forward_hook(lambda *a: calls.update(weights=calls["weights"] + 1))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        component_importance(net, "feat", cp, z, batchsize=8)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        edited_outputs(net, "feat", cp, z, remove=[0], labels=np.zeros(N))
+    assert calls["weights"] == 0
+    # pass_bytes, once component_importance's alone, is checked and taken by edited_outputs
+    with pytest.raises(ValueError, match="pass_bytes"):
+        edited_outputs(net, "feat", cp, z, remove=[0], pass_bytes=0)
+    small = edited_outputs(net, "feat", cp, z, remove=[1], pass_bytes=1)
+    np.testing.assert_array_equal(small, edited_outputs(net, "feat", cp, z, remove=[1]))

@@ -176,14 +176,14 @@ def test_compressed_sweep_refinement_is_cp_als_from_the_compressed_model(rng):
     cp_als from that model would, also on data the problem reads rescaled (it must
     not mix the scaled reading with a model in the data's units)."""
     x = _planted(rng, (120, 12, 10), 3, noise=0.2)
-    kw = dict(replicates=2, compress=True, compress_dims=6, n_iter_max=15, tol=0, progress=False)
+    kw = dict(replicates=2, compress=True, compress_dims=6, n_iter_max=15, tol=0)
     unrefined = rank_sweep(x, [2, 3, 4], refine_iters=0, **kw)
     sweep = rank_sweep(x, [2, 3, 4], refine_iters=3, **kw)
     r = sweep.chosen_rank
     k = sweep.ranks.index(r)
     b = int(sweep.best[k])
     start, refined = unrefined.models[k][b], sweep.models[k][b]
-    alone = peekcore.cp_als(x, r, init=start, n_iter_max=3, tol=0, random_state=b, progress=False)
+    alone = peekcore.cp_als(x, r, init=start, n_iter_max=3, tol=0, random_state=b)
     assert refined.history.n_iter == refined.metadata["n_iter_max"] == 3
     assert refined.metadata["random_state"] == b  # the replicate's seed (random_state 0 + b)
     assert refined.metadata["source"] == sweep.metadata["source"]

@@ -32,7 +32,7 @@ from ..store import (
 )
 from .hooks import LayerHooks, _batch_rng
 from .layouts import _describe_select
-from .options import CaptureOptions, Hooked, takes_capture_options
+from .options import CaptureOptions, Hooked
 from .pipeline import _ChunkPipeline
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -92,7 +92,7 @@ def _progress_bar(progress: bool | None, total: int, initial: int, desc: str) ->
 # ---------------------------------------------------------------- capture
 
 
-@takes_capture_options()
+@CaptureOptions.shown_in()
 def capture(
     model: nn.Module,
     data: Any,

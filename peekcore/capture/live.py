@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import _batch_rng, _bit_view
-from .options import CaptureOptions, takes_capture_options
+from .options import CaptureOptions
 
 
 class ModelSource:
@@ -49,7 +49,7 @@ class ModelSource:
         Passes started so far.
     """
 
-    @takes_capture_options(dtype="float32")
+    @CaptureOptions.shown_in(dtype="float32")
     def __init__(self, model: nn.Module, data: Any, layer: str, **options: Any) -> None:
         if not isinstance(layer, str):
             raise TypeError(

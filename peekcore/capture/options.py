@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from .._options import SharedOptions
 from .._validate import check_seed
 from ..datasets import Inputs, as_inputs
 from ..store import check_store_dtype
 from .hooks import LayerHooks
 from .layouts import _per_layer, resolve_layers
-
-_F = TypeVar("_F", bound=Callable)
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -45,12 +43,14 @@ def _autocast_dtype(autocast: Any, device: torch.device) -> torch.dtype | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptureOptions:
+class CaptureOptions(SharedOptions):
     """How a model is run and its layer outputs read: what :func:`~peekcore.capture`
     and :class:`~peekcore.capture.ModelSource` share.
 
     Each field means what the argument of the same name of
-    :func:`peekcore.capture` means; nothing is checked until :meth:`hook`.
+    :func:`peekcore.capture` means; nothing is checked until :meth:`hook`. Both
+    take them as ``**options``, shown in their signatures by
+    ``CaptureOptions.shown_in`` (:class:`peekcore._options.SharedOptions`).
     """
 
     dtype: str = "float16"
@@ -64,26 +64,6 @@ class CaptureOptions:
     transform: Callable | None = None
     seed: int | None = 0
     num_workers: int = 0
-
-    @classmethod
-    def given_to(cls, func: Callable, options: Mapping[str, Any]) -> CaptureOptions:
-        """The options a call of ``func`` (made with :func:`takes_capture_options`) got as
-        ``**options``; the others at the defaults its signature shows.
-
-        Raises
-        ------
-        TypeError
-            For a name that is no option, as Python says it of a wrong keyword.
-        """
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise TypeError(
-                f"{func.__qualname__}() got an unexpected keyword argument {unknown[0]!r}; "
-                f"these are its capture options: {', '.join(names)}"
-            )
-        shown = inspect.signature(func).parameters
-        return cls(**{n: options[n] if n in options else shown[n].default for n in names})
 
     def hook(self, model: nn.Module, data: Any, layers: Any) -> Hooked:
         """Check the options, find the layers, device and inputs, and build the hooks.
@@ -129,42 +109,6 @@ class CaptureOptions:
             autocast=autocast,
         )
         return Hooked(names, dtype, seed, device, inputs, layouts, selects, autocast, hooks)
-
-
-def takes_capture_options(**defaults: Any) -> Callable[[_F], _F]:
-    """Show a function's ``**options`` as the keywords of :class:`CaptureOptions`.
-
-    The decorated function takes the options as ``**options`` (and passes them
-    to :meth:`CaptureOptions.from_keywords`); its ``__signature__`` lists each
-    option as a keyword-only parameter with its default (``defaults`` override
-    the class's), so ``help()`` and ``inspect.signature`` show them all, and the
-    one list of options lives in :class:`CaptureOptions` alone.
-    :meth:`CaptureOptions.given_to` reads the defaults back from there.
-
-    Parameters
-    ----------
-    **defaults
-        Defaults that differ from :class:`CaptureOptions`'s (ModelSource
-        yields float32, say).
-    """
-    fields = dataclasses.fields(CaptureOptions)
-    unknown = set(defaults) - {f.name for f in fields}
-    if unknown:  # pragma: no cover - a programming error in peekcore
-        raise TypeError(f"no capture options {sorted(unknown)}")
-    kw = inspect.Parameter.KEYWORD_ONLY
-    shown = [
-        inspect.Parameter(f.name, kw, default=defaults.get(f.name, f.default), annotation=f.type)
-        for f in fields
-    ]
-
-    def decorate(func: _F) -> _F:
-        sig = inspect.signature(func)
-        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
-        at = next((i for i, p in enumerate(params) if p.kind == kw), len(params))
-        func.__signature__ = sig.replace(parameters=[*params[:at], *shown, *params[at:]])
-        return func
-
-    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
