@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointMismatchError",
     "StoreError",
     "StoreDamageError",
+    "ConcurrentWriteError",
     "NumericalError",
 ]
 
@@ -78,6 +79,29 @@ class StoreError(PeekcoreError, ValueError):
 class StoreDamageError(StoreError):
     """A store's files disagree with what it recorded: a chunk file corrupt, truncated,
     moved or swapped, or metadata missing or edited. Capturing it again is the fix."""
+
+
+class ConcurrentWriteError(PeekcoreError, OSError):
+    """Another process is writing the store or checkpoint this call would write.
+
+    Refused at once, before any work: two writers of one store or checkpoint
+    would overwrite each other's chunks or states.
+
+    Attributes
+    ----------
+    path : str
+        The store or checkpoint.
+    pid : int or None
+        The process that writes it, as it recorded itself (None when it had not yet).
+    host : str or None
+        The machine that process runs on.
+    """
+
+    def __init__(
+        self, message: str, path: str, pid: int | None = None, host: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path, self.pid, self.host = path, pid, host
 
 
 class NumericalError(PeekcoreError, FloatingPointError):

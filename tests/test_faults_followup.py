@@ -8,10 +8,15 @@ one store or checkpoint at once.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ from torch import nn
 
 import peekcore
 from peekcore import CPModel
-from peekcore.errors import DataError, InvalidTypeError
+from peekcore.errors import ConcurrentWriteError, DataError, InvalidTypeError, StoreError
 from peekcore.npyfile import NpyArray
 from peekcore.report import build_report
 
@@ -232,3 +237,154 @@ def test_an_npy_array_held_open_refuses_a_file_replaced_before_it_was_held(tmp_p
 def _saved(path: Path, array: np.ndarray) -> Path:
     np.save(path, array)
     return path
+
+
+# ---------------------------------------------------------------- 3. one writer at a time
+
+LOCKED_NET = textwrap.dedent(
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    import peekcore
+
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+
+
+    class Images(Dataset):
+        # HOLD_AT=i: item i writes the file "ready", then waits for the file "go";
+        # FAIL_AT=i: item i fails (the capture stops with a partial store)
+        def __init__(self):
+            x = np.random.default_rng(0).random((64, 1, 8, 8))
+            self.x = torch.as_tensor(x, dtype=torch.float32)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            if str(i) == os.environ.get("HOLD_AT"):
+                Path("ready").write_text(str(os.getpid()))
+                while not Path("go").exists():
+                    time.sleep(0.01)
+            if str(i) == os.environ.get("FAIL_AT"):
+                raise RuntimeError("stopped on purpose")
+            return self.x[i]
+
+
+    def capture(store):
+        return peekcore.capture(
+            make(), Images(), ["0"], store, batch_size=8, chunk_size=8, dtype="float32"
+        )
+    """
+)
+
+
+@contextlib.contextmanager
+def _started(argv: list[str], env: dict) -> Iterator[subprocess.Popen]:
+    """A process running ``argv``; killed if it still runs when the block ends."""
+    with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _wait_for(ready: Path, proc: subprocess.Popen) -> None:
+    """Until the other process writes ``ready`` (a handshake: no guessed delay)."""
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the other process never got ready"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_two_processes_resuming_one_store_are_locked_out_until_the_first_dies(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "lockednet.py").write_text(LOCKED_NET)
+    monkeypatch.chdir(tmp_path)
+    # the module as the other process imports it (the data's fingerprint names it), but
+    # not left in sys.modules
+    spec = importlib.util.spec_from_file_location("lockednet", tmp_path / "lockednet.py")
+    net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(net)
+    monkeypatch.setenv("FAIL_AT", "20")
+    with pytest.raises(RuntimeError, match="stopped on purpose"):
+        net.capture("s.zarr")  # a partial store: 2 of 8 chunks
+    monkeypatch.delenv("FAIL_AT")
+    env = {**os.environ, "HOLD_AT": "40"}
+    argv = [sys.executable, "-c", "import lockednet; lockednet.capture('s.zarr')"]
+    with _started(argv, env) as proc:
+        _wait_for(tmp_path / "ready", proc)  # it resumed the store and holds mid-capture
+        with pytest.raises(ConcurrentWriteError) as info:
+            net.capture("s.zarr")
+        assert info.value.pid == proc.pid
+        assert f"process {proc.pid} is writing the store s.zarr" in str(info.value)
+        assert "Wait until it has finished" in str(info.value)
+        with pytest.raises(StoreError, match="incomplete"):  # readers take no lock
+            peekcore.ActivationStore("s.zarr")
+        proc.send_signal(signal.SIGKILL)  # the kernel lets go of a dead process's lock
+        assert proc.wait(timeout=240) == -signal.SIGKILL
+    assert (tmp_path / ".s.zarr.lock").exists()  # left by the killed holder: harmless
+    got = np.asarray(net.capture("s.zarr")["0"].read())  # resumed to the end
+    want = np.asarray(net.capture("ref.zarr")["0"].read())
+    np.testing.assert_array_equal(got, want)
+    assert not (tmp_path / ".s.zarr.lock").exists()  # its last holder removed it
+
+
+HELD_FIT = textwrap.dedent(
+    """
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    import peekcore
+
+
+    def hold(info):  # after iteration 3 (its checkpoint written): "ready", then wait for "go"
+        if info.iteration == 3:
+            Path("ready").touch()
+            while not Path("go").exists():
+                time.sleep(0.01)
+
+
+    peekcore.cp_als(np.load("x.npy"), 3, n_iter_max=6, tol=0, random_state=1,
+                    checkpoint="ck.npz", callback=hold)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_fits_writing_one_checkpoint_are_locked_out_of_each_other(tmp_path, monkeypatch):
+    x = np.random.default_rng(9).random((60, 5, 4))
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "fit.py").write_text(HELD_FIT)
+    monkeypatch.chdir(tmp_path)
+    kw = {"n_iter_max": 6, "tol": 0, "random_state": 1}
+    with _started([sys.executable, "fit.py"], dict(os.environ)) as proc:
+        _wait_for(tmp_path / "ready", proc)
+        with pytest.raises(ConcurrentWriteError) as info:
+            peekcore.cp_als(x, 3, checkpoint="ck.npz", resume="ck.npz", **kw)
+        assert info.value.pid == proc.pid and "the checkpoint ck.npz" in str(info.value)
+        # a fit that only reads the checkpoint takes no lock
+        peekcore.cp_als(x, 3, resume="ck.npz", **kw)
+        (tmp_path / "go").touch()
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()[-3000:]
+    assert not (tmp_path / ".ck.npz.lock").exists()
+    resumed = peekcore.cp_als(x, 3, checkpoint="ck.npz", resume="ck.npz", **kw)
+    whole = peekcore.cp_als(x, 3, **kw)
+    np.testing.assert_array_equal(resumed.weights, whole.weights)
+    for a, b in zip(resumed.factors, whole.factors, strict=True):
+        np.testing.assert_array_equal(a, b)

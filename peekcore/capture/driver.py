@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._lock import writer_lock
 from .._progress import resolve_progress
 from .._validate import check_int
 from .._version import __version__
@@ -188,6 +190,11 @@ def capture(
     StoreError
         An existing store at ``store`` was made with other settings (the message
         lists them), or is damaged.
+    ConcurrentWriteError
+        Another process is capturing into ``store`` (it holds the lock
+        ``.NAME.lock`` beside it, :mod:`peekcore._lock`); refused before any
+        work. Reading a store takes no lock: one still being written reads as
+        incomplete (a ``StoreError``) until its capture ends.
 
     Examples
     --------
@@ -197,8 +204,15 @@ def capture(
     """
     opts = CaptureOptions.given_to(capture, options)
     plan = _plan(model, data, layers, Path(store), opts, chunk_size, overwrite)
-    if plan.writer is not None and plan.writer.complete:
-        return ActivationStore(plan.path)
+    with plan.lock:  # held until the capture ends, however it ends
+        if plan.writer is not None and plan.writer.complete:
+            return ActivationStore(plan.path)
+        _run(plan, check_finite, progress)
+    return ActivationStore(plan.path)
+
+
+def _run(plan: _Plan, check_finite: bool, progress: bool | None) -> None:
+    """Run the model over the batches not stored yet and write them (the capture's body)."""
     run, start = plan.run, plan.start
     run.hooks.check_finite = check_finite
     sink = _Sink(plan)
@@ -222,7 +236,6 @@ def capture(
     finally:
         bar.close()
     sink.close()
-    return ActivationStore(plan.path)
 
 
 @dataclasses.dataclass
@@ -236,6 +249,7 @@ class _Plan:
     chunk_size: int | None
     replace: bool  # an existing store at path is replaced once the new one is ready
     writer: StoreWriter | None  # the store being resumed; None: a new one is created
+    lock: contextlib.ExitStack  # holds the store's writer lock until closed
 
     @property
     def start(self) -> int:
@@ -273,13 +287,21 @@ def _plan(
         "autocast": None if run.autocast is None else str(run.autocast).removeprefix("torch."),
     }
     writer: StoreWriter | None = None
-    # an empty folder is no store (made ahead by the caller); a store to overwrite is
-    # replaced only once the first batch ran and the new store is ready (StoreWriter.create)
-    replace = os.path.lexists(path) and not is_empty_dir(path) and overwrite
-    if replace:
-        check_replaceable(path)  # before any work: refuse a folder that is not a store
-    elif os.path.lexists(path) and not is_empty_dir(path):
-        writer = _resume(path, settings, chunk_size)
+    lock = contextlib.ExitStack()
+    path.parent.mkdir(parents=True, exist_ok=True)  # the lock file goes beside the store
+    lock.enter_context(writer_lock(path, "the store", _WAIT))
+    try:
+        # an empty folder is no store (made ahead by the caller); a store to overwrite is
+        # replaced only once the first batch ran and the new store is ready
+        # (StoreWriter.create)
+        replace = os.path.lexists(path) and not is_empty_dir(path) and overwrite
+        if replace:
+            check_replaceable(path)  # before any work: refuse a folder that is not a store
+        elif os.path.lexists(path) and not is_empty_dir(path):
+            writer = _resume(path, settings, chunk_size)
+    except BaseException:
+        lock.close()
+        raise
     provenance = {
         "model_class": settings["model_class"],
         "weights_sha256": settings["weights_sha256"],
@@ -289,7 +311,13 @@ def _plan(
         "device": str(run.device),
         "versions": _versions(),
     }
-    return _Plan(path, run, settings, provenance, chunk_size, replace, writer)
+    return _Plan(path, run, settings, provenance, chunk_size, replace, writer, lock)
+
+
+_WAIT = (
+    "Wait until it has finished (the same call then returns the complete store), or "
+    "capture into another store path"
+)
 
 
 class _Sink:

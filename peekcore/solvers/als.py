@@ -82,6 +82,8 @@ def cp_als(
         (``0`` or ``1``) where set, else when stderr is a terminal.
     checkpoint : path, optional
         Write the fit state here (atomically) every ``checkpoint_every`` iterations.
+        One fit at a time writes a checkpoint file: another process's fit with
+        the same ``checkpoint`` is refused at its start (``ConcurrentWriteError``).
     checkpoint_every : int
         Iterations between checkpoints.
     resume : path, optional

@@ -17,6 +17,7 @@ progress, checkpoints, callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._lock import writer_lock
 from .._progress import resolve_progress
 from .._version import __version__
 from ..distributed import Communicator
@@ -372,46 +374,64 @@ def fit_models(
     Fitted
     """
     settings = problem.settings
-    initializer = problem.initializer(init)
-    check_norm2 = None
-    if resume is not None:
-        empty = len(problem.shape) - 1
-        states = [
-            ModelState(rank, seed, torch.empty(0), [torch.empty(0)] * empty) for rank, seed in specs
-        ]
-        key = checkpoint_key(problem, states, initializer.name)
-        recorded, start = load_checkpoint(Path(resume), key, states, problem.device, problem.comm)
-        for s in states:
-            s.a = s.a.to(settings.compute_dtype).contiguous()
-        # the first resumed pass measures ||X||^2 again: the rest of the data is checked too
-        norm2 = None
-        check_norm2 = partial(
-            check_resumed_norm2, Path(resume), recorded, dtype=settings.compute_dtype
+    # one writer per checkpoint file, for the whole fit (rank 0 alone writes it)
+    with _checkpoint_lock(problem):
+        initializer = problem.initializer(init)
+        check_norm2 = None
+        if resume is not None:
+            empty = len(problem.shape) - 1
+            states = [
+                ModelState(rank, seed, torch.empty(0), [torch.empty(0)] * empty)
+                for rank, seed in specs
+            ]
+            key = checkpoint_key(problem, states, initializer.name)
+            recorded, start = load_checkpoint(
+                Path(resume), key, states, problem.device, problem.comm
+            )
+            for s in states:
+                s.a = s.a.to(settings.compute_dtype).contiguous()
+            # the first resumed pass measures ||X||^2 again: the rest of the data is checked too
+            norm2 = None
+            check_norm2 = partial(
+                check_resumed_norm2, Path(resume), recorded, dtype=settings.compute_dtype
+            )
+            if not any(s.active for s in states) or start >= settings.n_iter_max:
+                check_norm2(measure_norm2(problem))  # no pass left to measure it
+        else:
+            states = []
+            for rank, seed in specs:
+                t_init = time.perf_counter()
+                s = new_state(initializer, rank, seed, settings.compute_dtype, problem.comm)
+                s.history.init_seconds = time.perf_counter() - t_init
+                states.append(s)
+            key = checkpoint_key(problem, states, initializer.name) if settings.checkpoint else None
+            norm2, start = (initializer.norm2 if norm2 is None else norm2), 0
+        norm2 = run_models(
+            problem,
+            states,
+            norm2=norm2,
+            start_iter=start,
+            callback=callback,
+            progress=progress,
+            desc=desc,
+            key=key,
+            keep_statistics=keep_statistics,
+            check_norm2=check_norm2,
         )
-        if not any(s.active for s in states) or start >= settings.n_iter_max:
-            check_norm2(measure_norm2(problem))  # no pass left to measure it
-    else:
-        states = []
-        for rank, seed in specs:
-            t_init = time.perf_counter()
-            s = new_state(initializer, rank, seed, settings.compute_dtype, problem.comm)
-            s.history.init_seconds = time.perf_counter() - t_init
-            states.append(s)
-        key = checkpoint_key(problem, states, initializer.name) if settings.checkpoint else None
-        norm2, start = (initializer.norm2 if norm2 is None else norm2), 0
-    norm2 = run_models(
-        problem,
-        states,
-        norm2=norm2,
-        start_iter=start,
-        callback=callback,
-        progress=progress,
-        desc=desc,
-        key=key,
-        keep_statistics=keep_statistics,
-        check_norm2=check_norm2,
-    )
     return Fitted(states, norm2, initializer.name)
+
+
+def _checkpoint_lock(problem: Problem) -> Any:
+    """The writer lock of the fit's checkpoint file (:mod:`peekcore._lock`), if it writes one."""
+    checkpoint = problem.settings.checkpoint
+    if checkpoint is None or problem.comm.rank != 0:
+        return contextlib.nullcontext()
+    return writer_lock(
+        checkpoint,
+        "the checkpoint",
+        "Wait until that fit has finished (then resume from its checkpoint), or give this "
+        "fit another checkpoint path",
+    )
 
 
 def fit_streaming(
