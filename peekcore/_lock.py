@@ -17,8 +17,9 @@ removes the file before it lets go; whoever locks a file that was removed
 meanwhile sees that (its inode is no longer the one at the path) and tries
 again, so two processes never hold "the" lock on two different files. A file
 left by a killed process is harmless: the next writer takes it over. Where
-the file system has no ``flock`` (some network file systems) the write goes on
-unlocked, as it would without this module.
+the file system has no ``flock`` (some network file systems), or the folder
+takes no new file (a store resumed in a folder the user may not write to), the
+write goes on unlocked, as it did before this module.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .errors import ConcurrentWriteError
 __all__ = ["lock_path", "writer_lock"]
 
 _BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}  # what flock(LOCK_NB) says when held
+_NO_FILE = {errno.EACCES, errno.EPERM, errno.EROFS}  # no lock file can be made there
 _ATTEMPTS = 100  # retries when the holder removed the file under us (each one a fresh holder)
 
 
@@ -82,7 +84,12 @@ def writer_lock(target: str | os.PathLike, what: str, wait: str) -> Iterator[Pat
 def _acquire(path: Path, target: Path, what: str, wait: str) -> int | None:
     """A descriptor of ``path`` locked by this process (None where locks are not supported)."""
     for _ in range(_ATTEMPTS):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError as err:
+            if err.errno in _NO_FILE:  # a folder this user cannot add to: write unlocked
+                return None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -43,7 +43,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int
-from .npyfile import NpyArray, open_npy_array
+from .npyfile import NpyArray, open_npy
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
 
@@ -335,7 +335,7 @@ class Inputs:
                 if not path.exists():
                     raise FileNotFoundError(f"no such input file: {path}")
                 # read by rows (a file that shrinks meanwhile gives a DataError, not SIGBUS)
-                data = ArrayDataset(open_npy_array(path), name=f"{path.name} (npy)")
+                data = ArrayDataset(open_npy(path, by_sample=True), name=f"{path.name} (npy)")
             else:
                 data = image_folder(path, transform)
                 transform = None

@@ -26,7 +26,7 @@ import numpy as np
 from ._validate import dtype_name
 from .errors import DataError
 
-__all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "open_npy_array", "read_npy_header"]
+__all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "read_npy_header"]
 
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -71,9 +71,11 @@ def _header_of(fh: Any, path: Path) -> tuple[tuple[int, ...], bool, np.dtype, in
     return tuple(int(n) for n in shape), bool(fortran), dtype, offset
 
 
-def open_npy(path: str | os.PathLike) -> NpyFile | np.memmap:
-    """A ``.npy`` file for reading by chunks: an :class:`NpyFile`, or for the rare
-    Fortran-ordered file (whose rows are not contiguous on disk) :func:`map_npy`.
+def open_npy(path: str | os.PathLike, *, by_sample: bool = False) -> NpyFile | NpyArray | np.memmap:
+    """A ``.npy`` file read from the file rather than mapped: an :class:`NpyFile` (by
+    chunks, a fit's source) or with ``by_sample`` an :class:`NpyArray` (indexed by
+    sample: capture inputs, report images); for the rare Fortran-ordered file (whose rows
+    are not contiguous on disk) :func:`map_npy`.
 
     Raises
     ------
@@ -81,20 +83,9 @@ def open_npy(path: str | os.PathLike) -> NpyFile | np.memmap:
         Not a numeric ``.npy`` file, or truncated.
     """
     shape, fortran, _, _ = read_npy_header(Path(path))
-    return NpyFile(path) if not fortran and shape else map_npy(path)
-
-
-def open_npy_array(path: str | os.PathLike) -> NpyArray | np.memmap:
-    """A ``.npy`` file as an array indexed by samples: an :class:`NpyArray` (each index
-    read from the file), or for the rare Fortran-ordered file :func:`map_npy`.
-
-    Raises
-    ------
-    DataError
-        Not a numeric ``.npy`` file, or truncated.
-    """
-    shape, fortran, _, _ = read_npy_header(Path(path))
-    return NpyArray(path) if shape and not fortran else map_npy(path)
+    if fortran or not shape:
+        return map_npy(path)
+    return NpyArray(path) if by_sample else NpyFile(path)
 
 
 def map_npy(path: str | os.PathLike) -> np.memmap:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..model import CPModel
-from ..npyfile import NpyArray, open_npy_array
+from ..npyfile import NpyArray, open_npy
 from ..sweep import RankSweep
 from ._common import _file_format, load_result
 from .figures import class_component_figure, component_figure
@@ -142,7 +142,7 @@ def _array(value: Any, what: str) -> Any:
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"no such {what} file: {path} (give an .npy file)")
-    return open_npy_array(path)
+    return open_npy(path, by_sample=True)
 
 
 def _summary(result: CPModel | RankSweep, model: CPModel, path: Path | None) -> dict[str, Any]:
