@@ -28,6 +28,9 @@ What differs from TensorLy (see README, "TensorLy drop-in"):
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,8 +38,8 @@ import torch
 
 try:
     import tensorly as tl
+    import tensorly.decomposition as tl_decomposition
     from tensorly.cp_tensor import CPTensor, validate_cp_rank
-    from tensorly.decomposition._base_decomposition import DecompositionMixin
     from tensorly.decomposition._cp import initialize_cp
     from tensorly.tenalg.svd import SVD_FUNS
 except ImportError as err:  # pragma: no cover - tensorly is a test dependency
@@ -86,15 +89,6 @@ def _as_numpy(tensor: Any) -> np.ndarray:
     return arr
 
 
-def _check_common(tol: Any, cvg_criterion: Any, svd: Any) -> None:
-    if cvg_criterion not in _CRITERIA:
-        raise TypeError(f"Unknown convergence criterion {cvg_criterion!r}: one of {_CRITERIA}")
-    if not (svd in SVD_FUNS or callable(svd)):
-        raise ValueError(f"Got svd={svd}. However, the possible choices are {SVD_FUNS}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a nonnegative number or None, got {tol!r}")
-
-
 def _fixed_list(fixed_modes: Any, ndim: int, drop_last: bool) -> list[int]:
     fixed = [] if fixed_modes is None else [int(m) for m in fixed_modes]
     if drop_last and ndim - 1 in fixed:
@@ -109,42 +103,94 @@ def _fixed_list(fixed_modes: Any, ndim: int, drop_last: bool) -> list[int]:
     return fixed
 
 
-def _start(
-    tensor: Any,
-    arr: np.ndarray,
-    rank: int,
-    init: Any,
-    svd: Any,
-    rng: np.random.RandomState,
-    non_negative: bool,
-    normalize_factors: bool,
-) -> tuple[Any, int | None, CPTensor | None]:
-    """The engine's ``init``, a seed, and the initial CPTensor when there is one.
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """TensorLy's initialization arguments (``normalize_factors`` too: its
+    ``initialize_cp`` reads it), ``svd`` checked as TensorLy checks it."""
 
-    ``"random"`` and CPTensor inits are TensorLy's own ``initialize_cp`` (it
-    reads only the tensor's shape and context), so the iterations start where
-    TensorLy's would; ``"svd"`` is the engine's streamed Gram init.
-    """
-    if isinstance(init, str) and init == "svd":
-        return "gram", int(rng.randint(0, 2**31 - 1)), None
-    kt = initialize_cp(
-        tensor,
-        rank,
-        init=init,
-        svd=svd,
-        non_negative=non_negative,
-        random_state=rng,
-        normalize_factors=normalize_factors,
-    )
-    weights, factors = kt
-    mats = [np.asarray(tl.to_numpy(f), dtype=np.float64) for f in factors]
-    if weights is not None:
-        w = np.asarray(tl.to_numpy(weights), dtype=np.float64)
-        if not np.all(w == 1):  # into the last factor, which is never fixed (TensorLy's rule)
-            mats[-1] = mats[-1] * w
-    if np.iscomplexobj(mats[0]):
-        _refuse("complex data", "the streaming engine fits real tensors")
-    return CPModel(np.ones(rank), mats), None, CPTensor((weights, factors))
+    init: Any
+    svd: Any
+    random_state: Any
+    normalize_factors: bool
+
+    def __post_init__(self) -> None:
+        if not (self.svd in SVD_FUNS or callable(self.svd)):
+            raise ValueError(f"Got svd={self.svd}. However, the possible choices are {SVD_FUNS}")
+
+    def model(
+        self, tensor: Any, rank: int, non_negative: bool
+    ) -> tuple[Any, int | None, CPTensor | None]:
+        """The engine's ``init``, a seed, and the initial CPTensor when there is one.
+
+        ``"random"`` and CPTensor inits are TensorLy's own ``initialize_cp`` (it
+        reads only the tensor's shape and context), so the iterations start where
+        TensorLy's would; ``"svd"`` is the engine's streamed Gram init.
+        """
+        rng = tl.check_random_state(self.random_state)
+        if isinstance(self.init, str) and self.init == "svd":
+            return "gram", int(rng.randint(0, 2**31 - 1)), None
+        kt = initialize_cp(
+            tensor,
+            rank,
+            init=self.init,
+            svd=self.svd,
+            non_negative=non_negative,
+            random_state=rng,
+            normalize_factors=self.normalize_factors,
+        )
+        weights, factors = kt
+        mats = [np.asarray(tl.to_numpy(f), dtype=np.float64) for f in factors]
+        if weights is not None:
+            w = np.asarray(tl.to_numpy(weights), dtype=np.float64)
+            if not np.all(w == 1):  # into the last factor, which is never fixed (TensorLy's rule)
+                mats[-1] = mats[-1] * w
+        if np.iscomplexobj(mats[0]):
+            _refuse("complex data", "the streaming engine fits real tensors")
+        return CPModel(np.ones(rank), mats), None, CPTensor((weights, factors))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stopping:
+    """TensorLy's stopping rule on the reconstruction errors, its ``verbose``
+    prints, and the user's ``callback``; the values checked as TensorLy checks them."""
+
+    n_iter_max: int
+    tol: Any
+    cvg_criterion: str
+    verbose: Any
+    callback: Callable[[CPTensor, float], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cvg_criterion not in _CRITERIA:
+            raise TypeError(
+                f"Unknown convergence criterion {self.cvg_criterion!r}: one of {_CRITERIA}"
+            )
+        tol = self.tol
+        if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol must be a nonnegative number or None, got {tol!r}")
+
+    def __call__(self, errors: list[float], current: Callable[[], CPTensor]) -> bool:
+        """Whether to stop after the iteration whose relative error is ``errors[-1]``;
+        ``current()`` builds the model for the callback."""
+        if self.callback is not None and self.callback(current(), errors[-1]) is True:
+            if self.verbose:
+                print("Received True from callback function. Exiting.")
+            return True
+        if self.tol and len(errors) >= 2:
+            decrease = errors[-2] - errors[-1]
+            if self.verbose:
+                print(
+                    f"iteration {len(errors) - 1}, reconstruction error: {errors[-1]}, "
+                    f"decrease = {decrease}"
+                )
+            absolute = self.cvg_criterion == "abs_rec_error"
+            stop = abs(decrease) < self.tol if absolute else decrease < self.tol
+            if stop and self.verbose:
+                print(f"PARAFAC converged after {len(errors) - 1} iterations")
+            return bool(stop)
+        if self.verbose:
+            print(f"reconstruction error={errors[-1]}")
+        return False
 
 
 def _to_cp(
@@ -158,41 +204,31 @@ def _to_cp(
 
 
 def _fit(
-    tensor: Any,
-    rank: Any,
-    *,
-    method: str,
-    n_iter_max: int,
-    init: Any,
-    svd: Any,
-    normalize_factors: bool,
-    tol: Any,
-    random_state: Any,
-    verbose: Any,
-    cvg_criterion: str,
-    fixed_modes: Any,
-    callback: Any,
+    tensor: Any, rank: Any, method: str, start: _Start, stopping: _Stopping, fixed_modes: Any
 ) -> tuple[CPTensor, list[float]]:
-    """The common body of both drop-ins: a streamed fit with TensorLy's stopping rule."""
+    """The common body of both drop-ins: a streamed fit with TensorLy's stopping rule.
+
+    Returns the CPTensor (in ``tensor``'s backend and dtype) and the relative
+    reconstruction errors, one per iteration.
+    """
     arr = _as_numpy(tensor)
     rank = validate_cp_rank(arr.shape, rank=rank)
-    rng = tl.check_random_state(random_state)
     nonneg = method == HALS
-    engine_init, seed, given = _start(tensor, arr, rank, init, svd, rng, nonneg, normalize_factors)
+    engine_init, seed, given = start.model(tensor, rank, nonneg)
     fixed = _fixed_list(fixed_modes, arr.ndim, drop_last=method == ALS)
     if given is None and 0 in fixed:
         _refuse(
             "fixed_modes holding 0 with init='svd'", "the sample mode's SVD factor is not formed"
         )
-    if len(fixed) == arr.ndim or n_iter_max < 1:  # nothing to fit: the initial model
+    if len(fixed) == arr.ndim or stopping.n_iter_max < 1:  # nothing to fit: the initial model
         if given is None:
             _refuse("init='svd' without iterations", "the sample mode's SVD factor is not formed")
-        return (tl.cp_normalize(given) if normalize_factors else given), []
+        return (tl.cp_normalize(given) if start.normalize_factors else given), []
     problem = prepare(
         arr,
         method=method,
-        n_iter_max=int(n_iter_max),
-        tol=0.0,  # TensorLy's own rule on the errors, below
+        n_iter_max=int(stopping.n_iter_max),
+        tol=0.0,  # TensorLy's own rule on the errors: ``stopping``
         chunk_size=None,
         max_chunk_bytes=None,
         dtype=None,
@@ -204,7 +240,6 @@ def _fit(
         fixed_modes=fixed,
     )
     rank = check_rank(rank, problem.shape)
-    settings = problem.settings
 
     if engine_init == "gram" and nonneg:
         # TensorLy makes its SVD start feasible by absolute values; so does this one (the
@@ -213,45 +248,26 @@ def _fit(
         mats = [a0.cpu().numpy()] + [torch.abs(f).cpu().numpy() for f in resident]
         engine_init = CPModel(np.ones(rank), mats)
     initializer = problem.initializer(engine_init, nonneg=nonneg)
-    state = new_state(initializer, rank, seed, settings.compute_dtype, problem.comm)
+    state = new_state(initializer, rank, seed, problem.settings.compute_dtype, problem.comm)
     norm2 = initializer.norm2  # None: the first pass measures it and vets the data
 
-    def current() -> CPTensor:
+    def current(a: torch.Tensor) -> CPTensor:
         # the engine reads data far from 1 rescaled (peekcore.solvers.scaling): undone here
-        mats = [state.a.to(torch.float64).cpu().numpy() / problem.scale]
+        mats = [a.to(torch.float64).cpu().numpy() / problem.scale]
         mats += [f.cpu().numpy() for f in state.resident]
-        return _to_cp(mats, tensor, arr.dtype, normalize_factors, rank)
+        return _to_cp(mats, tensor, arr.dtype, start.normalize_factors, rank)
 
-    if callback is not None:  # TensorLy calls it on the initial model too
+    if stopping.callback is not None:  # TensorLy calls it on the initial model too
         resid2, norm2 = residual(problem, state.a, state.resident, norm2)
-        callback(current(), float(np.sqrt(abs(resid2) / norm2)))
+        stopping.callback(current(state.a), float(np.sqrt(abs(resid2) / norm2)))
     errors: list[float] = []
 
     def on_iteration(info: Any) -> bool:
         errors.append(info.rel_error)
-        if callback is not None and callback(current(), info.rel_error) is True:
-            if verbose:
-                print("Received True from callback function. Exiting.")
-            return True
-        if tol and len(errors) >= 2:
-            decrease = errors[-2] - errors[-1]
-            if verbose:
-                print(
-                    f"iteration {len(errors) - 1}, reconstruction error: {errors[-1]}, "
-                    f"decrease = {decrease}"
-                )
-            stop = abs(decrease) < tol if cvg_criterion == "abs_rec_error" else decrease < tol
-            if stop and verbose:
-                print(f"PARAFAC converged after {len(errors) - 1} iterations")
-            return bool(stop)
-        if verbose:
-            print(f"reconstruction error={errors[-1]}")
-        return False
+        return stopping(errors, lambda: current(state.a))
 
     run_models(problem, [state], norm2=norm2, callback=on_iteration, progress=False)
-    mats = [problem.comm.gather_rows(state.a).to(torch.float64).cpu().numpy() / problem.scale]
-    mats += [f.cpu().numpy() for f in state.resident]
-    return _to_cp(mats, tensor, arr.dtype, normalize_factors, rank), errors
+    return current(problem.comm.gather_rows(state.a)), errors
 
 
 def parafac(
@@ -328,22 +344,9 @@ def parafac(
         _refuse("l2_reg", "the ALS solves are not regularised")
     if mask is not None:
         _refuse("mask", "missing values would need the masked tensor rewritten each iteration")
-    _check_common(tol, cvg_criterion, svd)
-    cp, errors = _fit(
-        tensor,
-        rank,
-        method=ALS,
-        n_iter_max=n_iter_max,
-        init=init,
-        svd=svd,
-        normalize_factors=normalize_factors,
-        tol=tol,
-        random_state=random_state,
-        verbose=verbose,
-        cvg_criterion=cvg_criterion,
-        fixed_modes=fixed_modes,
-        callback=callback,
-    )
+    start = _Start(init, svd, random_state, normalize_factors)
+    stopping = _Stopping(n_iter_max, tol, cvg_criterion, verbose, callback)
+    cp, errors = _fit(tensor, rank, ALS, start, stopping, fixed_modes)
     return (cp, errors) if return_errors else cp
 
 
@@ -401,152 +404,45 @@ def non_negative_parafac_hals(
         _refuse(f"nn_modes={nn_modes!r}", "every mode of a nonnegative fit is nonnegative")
     if exact:
         _refuse("exact=True", "each factor update runs a fixed 5 HALS sweeps")
-    _check_common(tol, cvg_criterion, svd)
-    cp, errors = _fit(
-        tensor,
-        rank,
-        method=HALS,
-        n_iter_max=n_iter_max,
-        init=init,
-        svd=svd,
-        normalize_factors=normalize_factors,
-        tol=tol,
-        random_state=random_state,
-        verbose=verbose,
-        cvg_criterion=cvg_criterion,
-        fixed_modes=fixed_modes,
-        callback=None,
-    )
+    start = _Start(init, svd, random_state, normalize_factors)
+    stopping = _Stopping(n_iter_max, tol, cvg_criterion, verbose)
+    cp, errors = _fit(tensor, rank, HALS, start, stopping, fixed_modes)
     return (cp, errors) if return_errors else cp
 
 
-class CP(DecompositionMixin):
+class _RunsOnPeekcore:
+    """What peekcore changes in TensorLy's estimator classes: ``fit_transform``.
+
+    The classes below subclass TensorLy's own ``CP`` / ``CP_NN_HALS``, so their
+    constructors (signature, defaults, attributes) and ``repr`` are TensorLy's
+    by construction. TensorLy's constructors keep each argument as an attribute
+    of the same name; :meth:`_decompose` passes them all to the drop-in function.
+    """
+
+    def _decompose(self, function: Callable[..., Any], tensor: Any) -> CPTensor:
+        """Fit by ``function`` with the kept arguments; keep and return the CPTensor."""
+        # TensorLy's constructor parameters, less self: the names its attributes have
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
+        kept = {name: getattr(self, name) for name in names}
+        self.decomposition_, self.errors_ = function(tensor, return_errors=True, **kept)
+        return self.decomposition_
+
+
+class CP(_RunsOnPeekcore, tl_decomposition.CP):
     """TensorLy's ``CP`` class on :func:`parafac` (same parameters).
 
     ``fit_transform(tensor)`` returns the CPTensor; ``decomposition_`` and
     ``errors_`` hold the result after a fit.
     """
 
-    def __init__(
-        self,
-        rank,
-        n_iter_max=100,
-        init="svd",
-        svd="truncated_svd",
-        normalize_factors=False,
-        orthogonalise=False,
-        tol=1e-8,
-        random_state=None,
-        verbose=0,
-        sparsity=None,
-        l2_reg=0,
-        mask=None,
-        cvg_criterion="abs_rec_error",
-        fixed_modes=None,
-        svd_mask_repeats=5,
-        linesearch=False,
-        callback=None,
-    ):
-        self.rank = rank
-        self.n_iter_max = n_iter_max
-        self.init = init
-        self.svd = svd
-        self.normalize_factors = normalize_factors
-        self.orthogonalise = orthogonalise
-        self.tol = tol
-        self.random_state = random_state
-        self.verbose = verbose
-        self.sparsity = sparsity
-        self.l2_reg = l2_reg
-        self.mask = mask
-        self.cvg_criterion = cvg_criterion
-        self.fixed_modes = fixed_modes
-        self.svd_mask_repeats = svd_mask_repeats
-        self.linesearch = linesearch
-        self.callback = callback
-
     def fit_transform(self, tensor):
         """Decompose ``tensor``; returns the CPTensor."""
-        self.decomposition_, self.errors_ = parafac(
-            tensor,
-            rank=self.rank,
-            n_iter_max=self.n_iter_max,
-            init=self.init,
-            svd=self.svd,
-            normalize_factors=self.normalize_factors,
-            orthogonalise=self.orthogonalise,
-            tol=self.tol,
-            random_state=self.random_state,
-            verbose=self.verbose,
-            sparsity=self.sparsity,
-            l2_reg=self.l2_reg,
-            mask=self.mask,
-            cvg_criterion=self.cvg_criterion,
-            fixed_modes=self.fixed_modes,
-            svd_mask_repeats=self.svd_mask_repeats,
-            linesearch=self.linesearch,
-            return_errors=True,
-            callback=self.callback,
-        )
-        return self.decomposition_
-
-    def __repr__(self):
-        return f"Rank-{self.rank} CP decomposition."
+        return self._decompose(parafac, tensor)
 
 
-class CP_NN_HALS(DecompositionMixin):
+class CP_NN_HALS(_RunsOnPeekcore, tl_decomposition.CP_NN_HALS):
     """TensorLy's ``CP_NN_HALS`` class on :func:`non_negative_parafac_hals` (same parameters)."""
-
-    def __init__(
-        self,
-        rank,
-        n_iter_max=100,
-        init="svd",
-        svd="truncated_svd",
-        tol=10e-8,
-        sparsity_coefficients=None,
-        fixed_modes=None,
-        nn_modes="all",
-        exact=False,
-        verbose=False,
-        normalize_factors=False,
-        cvg_criterion="abs_rec_error",
-        random_state=None,
-    ):
-        self.rank = rank
-        self.n_iter_max = n_iter_max
-        self.init = init
-        self.svd = svd
-        self.tol = tol
-        self.sparsity_coefficients = sparsity_coefficients
-        self.fixed_modes = fixed_modes
-        self.nn_modes = nn_modes
-        self.exact = exact
-        self.verbose = verbose
-        self.normalize_factors = normalize_factors
-        self.cvg_criterion = cvg_criterion
-        self.random_state = random_state
 
     def fit_transform(self, tensor):
         """Decompose ``tensor``; returns the nonnegative CPTensor."""
-        self.decomposition_, self.errors_ = non_negative_parafac_hals(
-            tensor,
-            rank=self.rank,
-            n_iter_max=self.n_iter_max,
-            init=self.init,
-            svd=self.svd,
-            tol=self.tol,
-            random_state=self.random_state,
-            sparsity_coefficients=self.sparsity_coefficients,
-            fixed_modes=self.fixed_modes,
-            nn_modes=self.nn_modes,
-            exact=self.exact,
-            verbose=self.verbose,
-            normalize_factors=self.normalize_factors,
-            return_errors=True,
-            cvg_criterion=self.cvg_criterion,
-        )
-        return self.decomposition_
-
-    def __repr__(self):
-        return f"Rank-{self.rank} Non-Negative CP decomposition."
+        return self._decompose(non_negative_parafac_hals, tensor)
