@@ -41,6 +41,7 @@ from torch import nn
 
 from ._options import SharedOptions
 from ._validate import check_device, check_int
+from .capture.hooks import refuse_input_dtype
 from .capture.layouts import _apply_select, _arrange, _resolve_layout, resolve_layers
 from .capture.options import _model_device
 from .datasets import as_inputs
@@ -376,6 +377,10 @@ class _Runner:
                 self.edits.keep_x, self.edits.coef = keep[lo : lo + group], c[lo : lo + group]
                 out.append(self._stacked(x, int(self.edits.coef.shape[0]), b))
                 self.passes += 1
+        except (RuntimeError, TypeError) as err:
+            self.edits.keep_x = self.edits.coef = None  # the edit hook idle for the check
+            refuse_input_dtype(self.model, x, self.input_dtype, err)
+            raise
         finally:
             self.edits.keep_x = self.edits.coef = None
         return torch.cat(out)

@@ -388,3 +388,20 @@ def test_two_fits_writing_one_checkpoint_are_locked_out_of_each_other(tmp_path, 
     np.testing.assert_array_equal(resumed.weights, whole.weights)
     for a, b in zip(resumed.factors, whole.factors, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_component_edits_of_8_bit_images_say_how_to_convert():
+    from peekcore.edits import edited_outputs
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    rng = np.random.default_rng(4)
+    cp = CPModel(np.ones(2), [rng.random((10, 2)), rng.random((4, 2))] + [rng.random((6, 2))] * 2)
+    images = _images(np.uint8)
+    with pytest.raises(InvalidTypeError, match=r"inputs are uint8.*astype\('float32'\) / 255"):
+        edited_outputs(net, "0", cp, images, remove=[0])
+    # converted as the error says, they run: no edit gives the model's own outputs
+    x = images.astype(np.float32) / 255
+    out = edited_outputs(net, "0", cp, x, remove=[])
+    want = net.double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

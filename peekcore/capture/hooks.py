@@ -229,7 +229,7 @@ class LayerHooks:
                     pass
         except (RuntimeError, TypeError) as err:
             self._running = False
-            _refuse_input_dtype(self, x, err)
+            refuse_input_dtype(self.model, x, self._input_dtype, err, _autocast(self))
             raise
         finally:
             self._running = False
@@ -259,7 +259,13 @@ class LayerHooks:
         return outputs
 
 
-def _refuse_input_dtype(hooks: LayerHooks, x: torch.Tensor, err: BaseException) -> None:
+def refuse_input_dtype(
+    model: nn.Module,
+    x: torch.Tensor,
+    want: torch.dtype | None,
+    err: BaseException,
+    autocast: Any = None,
+) -> None:
     """Raise an InvalidTypeError for integer or boolean inputs that a float model refused.
 
     Integer inputs are passed to the model as they are, since they may be what
@@ -269,13 +275,25 @@ def _refuse_input_dtype(hooks: LayerHooks, x: torch.Tensor, err: BaseException) 
     result dropped: if that runs, the dtype was the cause and the error says
     how to convert; otherwise ``err`` stands. Inputs are never rescaled here:
     the right scale depends on how the model was trained.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Its hooks must do nothing during this call.
+    x : torch.Tensor
+        The batch it refused, on its device.
+    want : torch.dtype or None
+        The dtype of its first floating-point parameter (None: it has none).
+    err : BaseException
+        What its forward raised.
+    autocast : context manager, optional
+        The autocast the forward ran under.
     """
-    want = hooks._input_dtype
     if want is None or x.is_floating_point() or x.is_complex():
         return
     try:
-        with torch.inference_mode(), _autocast(hooks):
-            hooks.model(x.to(want))
+        with torch.inference_mode(), autocast or contextlib.nullcontext():
+            model(x.to(want))
     except Exception:  # the dtype was not (the only) trouble: torch's error stands
         return
     name = str(x.dtype).removeprefix("torch.")
