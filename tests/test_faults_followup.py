@@ -153,13 +153,18 @@ def _report_inputs(folder: Path) -> tuple[Path, np.ndarray]:
     return folder / "model.npz", images
 
 
-def test_a_truncated_image_file_is_a_data_error(tmp_path):
+def test_truncated_image_and_label_files_are_data_errors(tmp_path):
     model, _ = _report_inputs(tmp_path)
     path = tmp_path / "images.npy"
     with open(path, "r+b") as fh:
         fh.truncate(path.stat().st_size - 200)
     with pytest.raises(DataError, match="images.npy is truncated"):
         build_report([model], tmp_path / "r.html", images=path, components=1)
+    np.save(tmp_path / "labels.npy", np.arange(20) % 3)
+    with open(tmp_path / "labels.npy", "r+b") as fh:
+        fh.truncate(150)
+    with pytest.raises(DataError, match="labels.npy is truncated"):
+        build_report([model], tmp_path / "r.html", labels=tmp_path / "labels.npy")
 
 
 SHRINK = textwrap.dedent(
@@ -213,8 +218,12 @@ def test_an_image_file_replaced_while_the_report_is_built_is_read_as_it_was(tmp_
 
     real = assemble.component_figure
     monkeypatch.setattr(assemble, "component_figure", replacing)
-    built = build_report([model], tmp_path / "r.html", images=tmp_path / "images.npy")
+    np.save(tmp_path / "labels.npy", np.arange(20) % 3)  # read whole, as before
+    built = build_report(
+        [model], tmp_path / "r.html", images=tmp_path / "images.npy", labels=tmp_path / "labels.npy"
+    )
     assert built.path.exists() and len(seen) == 2
+    assert [p.name for p in built.figures_dir.glob("*classes.png")] == ["model_classes.png"]
     for got in seen:  # every figure of the report drew the images it began with
         np.testing.assert_array_equal(got, images)
 
