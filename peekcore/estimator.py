@@ -11,7 +11,7 @@ asks for the estimator's tags (it is then already loaded).
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from typing import Any
 
@@ -23,6 +23,7 @@ from .solvers import cp_als, ncp_hals
 __all__ = ["CP"]
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class CP:
     """CP decomposition of a batch of sample tensors, as a transformer.
 
@@ -61,39 +62,28 @@ class CP:
         Values per sample.
     """
 
-    def __init__(
-        self,
-        rank: int = 2,
-        *,
-        nonnegative: bool = False,
-        sample_shape: tuple[int, ...] | None = None,
-        n_iter_max: int = 100,
-        tol: float = 1e-8,
-        init: Any = "random",
-        random_state: int | None = 0,
-        sweeps: int = 5,
-        chunk_size: int | None = None,
-        dtype: Any = None,
-        device: str = "cpu",
-    ) -> None:
-        self.rank = rank
-        self.nonnegative = nonnegative
-        self.sample_shape = sample_shape
-        self.n_iter_max = n_iter_max
-        self.tol = tol
-        self.init = init
-        self.random_state = random_state
-        self.sweeps = sweeps
-        self.chunk_size = chunk_size
-        self.dtype = dtype
-        self.device = device
+    # The constructor's parameters. scikit-learn's rule is that ``__init__`` only
+    # stores them, as given; the dataclass writes that ``__init__`` (``rank``
+    # positional or keyword, the rest keyword-only), and get_params, set_params,
+    # clone and repr read the names and defaults back from these fields.
+    rank: int = 2
+    _: dataclasses.KW_ONLY
+    nonnegative: bool = False
+    sample_shape: tuple[int, ...] | None = None
+    n_iter_max: int = 100
+    tol: float = 1e-8
+    init: Any = "random"
+    random_state: int | None = 0
+    sweeps: int = 5
+    chunk_size: int | None = None
+    dtype: Any = None
+    device: str = "cpu"
 
     # ------------------------------------------------------------ parameters
 
     @classmethod
     def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
+        return [f.name for f in dataclasses.fields(cls)]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor's parameters (scikit-learn's convention; nothing nested)."""
@@ -111,9 +101,7 @@ class CP:
         return self
 
     def __repr__(self) -> str:
-        defaults = {
-            n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()
-        }
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         shown = [
             f"{n}={v!r}" for n, v in self.get_params().items() if n == "rank" or v != defaults[n]
         ]
