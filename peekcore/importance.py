@@ -284,6 +284,9 @@ def component_importance(
 ) -> ComponentImportance:
     """Causal importance of each CP component of ``layer`` for the network's class logits.
 
+    The keywords but ``labels`` and ``modes`` are :class:`peekcore.edits.EditOptions`,
+    which :func:`peekcore.edited_outputs` takes too.
+
     Parameters
     ----------
     model : torch.nn.Module
