@@ -203,6 +203,7 @@ def test_an_image_file_that_shrinks_while_the_report_is_built_is_a_data_error(tm
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.slow
 def test_an_image_file_replaced_while_the_report_is_built_is_read_as_it_was(tmp_path, monkeypatch):
     import peekcore.report.assemble as assemble
 
