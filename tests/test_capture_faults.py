@@ -97,6 +97,7 @@ def _files(path):
     return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
 
 
+@pytest.mark.slow  # a child process that fills the disk, then two captures: 5-6 s
 @pytest.mark.parametrize("limit", [300, 13000])  # while creating the store; in a chunk write
 def test_a_full_disk_is_said_plainly_and_the_capture_resumes_to_the_same_bytes(tmp_path, limit):
     # before: raw "[Errno 27] File too large", or "RuntimeError: writing the store failed:

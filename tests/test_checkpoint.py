@@ -24,6 +24,7 @@ def _data(path: Path) -> np.ndarray:
     return x
 
 
+@pytest.mark.slow  # a child process fitted at 0.3 s an iteration, then killed: 4-5 s
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_resume_after_kill_is_bit_identical(tmp_path, kernel, solver):
     data = tmp_path / "x.npy"

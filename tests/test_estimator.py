@@ -104,6 +104,7 @@ def test_pipeline_on_digits(nonnegative):
     assert accuracy > 0.85, accuracy
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 6 s under load
 def test_import_leaves_sklearn_out():
     import subprocess
     import sys

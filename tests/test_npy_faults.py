@@ -71,6 +71,7 @@ except Exception as err:
 """
 
 
+@pytest.mark.slow  # child processes reading a file cut short: 11 s
 def test_an_npy_that_shrinks_while_it_is_read_gives_an_error_not_sigbus(npy, tmp_path):
     path, _ = npy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -126,6 +127,7 @@ except Exception as err:
 """
 
 
+@pytest.mark.slow  # a capture in a child process: 6 s
 def test_capture_from_an_npy_that_shrinks_gives_an_error_not_sigbus(rng, tmp_path):
     # before: the inputs were memory-mapped, and the next batch's read killed the process
     path = tmp_path / "images.npy"

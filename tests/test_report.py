@@ -470,6 +470,7 @@ def test_summary_json(run, tmp_path):
     assert 0 < layer["components"][0]["purity"] <= 1
 
 
+@pytest.mark.slow  # a fresh interpreter: 5-6 s
 def test_report_is_an_attribute_of_peekcore_loaded_on_first_use():
     import subprocess
     import sys

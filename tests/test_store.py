@@ -308,6 +308,7 @@ def progress_of(path: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow  # a capture killed in a child process, resumed here: 6 s
 def test_resume_after_kill_gives_the_same_store(tmp_path):
     killed = tmp_path / "killed.zarr"
     code = (
