@@ -103,6 +103,15 @@ def _wait(procs, limit: float = 120.0):
     return [p.returncode for p in procs], errs, time.time() - t0
 
 
+def _run(tmp_path, world: int, kind: str, **extra: str):
+    """Launch ``world`` workers of ``kind``, wait, and fail with their stderr unless every
+    one exits 0; returns the path rank 0 saved its result to."""
+    procs, out = _launch(tmp_path, world, kind, **extra)
+    codes, errs, _ = _wait(procs)
+    assert codes == [0] * world, errs
+    return out
+
+
 @pytest.fixture
 def data(tmp_path):
     rng = np.random.default_rng(2)
@@ -158,9 +167,7 @@ def test_store_fit_over_three_processes_equals_one(tmp_path, data):
         dtype="float32",
         chunk_size=8,
     )
-    procs, out = _launch(tmp_path, 3, "store", STORE=str(store.path))
-    codes, errs, _ = _wait(procs)
-    assert codes == [0, 0, 0], errs
+    out = _run(tmp_path, 3, "store", STORE=str(store.path))
     fit = dict(n_iter_max=12, tol=0, random_state=3, dtype="float64")
     want = peekcore.cp_als(store["0"], 3, **fit)  # float64 sums: equal to rounding
     got = peekcore.CPModel.load(out)
@@ -170,9 +177,7 @@ def test_store_fit_over_three_processes_equals_one(tmp_path, data):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("kind", ["cp", "ncp"])
 def test_equals_single_process(tmp_path, data, world, kind):
-    procs, out = _launch(tmp_path, world, kind)
-    codes, errs, _ = _wait(procs)
-    assert codes == [0] * world, errs
+    out = _run(tmp_path, world, kind)
     got = peekcore.CPModel.load(out)
     kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7)
     if kind == "cp":
@@ -187,9 +192,7 @@ def test_equals_single_process(tmp_path, data, world, kind):
 
 
 def test_sweep_equals_single_process(tmp_path, data):
-    procs, out = _launch(tmp_path, 2, "sweep")
-    codes, errs, _ = _wait(procs)
-    assert codes == [0, 0], errs
+    out = _run(tmp_path, 2, "sweep")
     from peekcore.sweep import rank_sweep
 
     want = rank_sweep(data, [1, 2, 3], 2, n_iter_max=12, tol=0).models[2][1]
@@ -197,9 +200,7 @@ def test_sweep_equals_single_process(tmp_path, data):
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(tmp_path, data):
-    procs, out = _launch(tmp_path, 2, "ckpt")
-    codes, errs, _ = _wait(procs)
-    assert codes == [0, 0], errs
+    out = _run(tmp_path, 2, "ckpt")
     kw = dict(tol=0, random_state=3, chunk_size=7)
     ckpt = str(out) + ".ckpt.npz"
     # another process count sums in another order: allowed, with a warning that says so
@@ -289,9 +290,7 @@ def test_float32_differences_are_the_rounding_of_another_summation_order(tmp_pat
     # then an all-reduce). In float32 that changes the rounding, ~1e-7 a sum, and twelve
     # ALS iterations carry it to ~1e-6 relative; the same fit accumulated in float64
     # agrees to ~1e-15, so the float32 difference is rounding and nothing else.
-    procs, out = _launch(tmp_path, 2, "f32")
-    codes, errs, _ = _wait(procs)
-    assert codes == [0, 0], errs
+    out = _run(tmp_path, 2, "f32")
     kw = dict(n_iter_max=12, tol=0, random_state=3, chunk_size=7, init="gram")
     x32 = data.astype(np.float32)
     diffs = {}
