@@ -2,16 +2,21 @@
 
 The README's fenced ``bash``/``sh`` and ``python`` blocks run in order in one
 temporary folder (Python blocks share one namespace, like a notebook), with the
-installed ``peek`` script and this Python first on ``PATH``. A block is left out
-only when the HTML comment on the line before it says why:
-``<!-- readme-test: skip (reason) -->``, or ``<!-- readme-test: gpu -->`` for a
-block that needs a CUDA device (run when there is one).
+installed ``peek`` script and this Python first on ``PATH``. The HTML comment
+on the line before a block can say otherwise: ``<!-- readme-test: gpu -->``
+for a block that needs a CUDA device (run when there is one);
+``<!-- readme-test: source-tree (reason) -->`` for one that runs in the
+checkout (the C++ build): it runs on its own in a temporary copy of the
+checkout (links to its files), so its ``build/`` goes there;
+``<!-- readme-test: skip (reason) -->`` leaves a block out, which only the set-up
+commands at the top (what ``make test`` itself runs or installs) may do.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from peekcore.importance import ComponentImportance
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(
@@ -43,7 +50,14 @@ def test_every_left_out_block_says_why():
     assert len(blocks) >= 8
     for b in blocks:
         mark = b["mark"]
-        assert mark is None or mark == "gpu" or re.fullmatch(r"skip \(.{10,}\)", mark), b
+        assert (
+            mark is None or mark == "gpu" or re.fullmatch(r"(skip|source-tree) \(.{10,}\)", mark)
+        ), b
+    # every snippet runs: only the set-up commands (the make targets, pip install) are left out
+    skipped = [b for b in blocks if (b["mark"] or "").startswith("skip")]
+    assert len(skipped) <= 2 and all(b["lang"] == "bash" for b in skipped), skipped
+    assert all("make test" in b["code"] or "pip install" in b["code"] for b in skipped), skipped
+    assert len([b for b in blocks if (b["mark"] or "").startswith("source-tree")]) == 1
     # the GPU snippet imports what it uses
     (gpu,) = [b for b in blocks if b["mark"] == "gpu"]
     assert "import torch" in gpu["code"]
@@ -71,7 +85,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__readme__"}
     ran = 0
     for b in readme_blocks():
-        if b["lang"] not in RUNNABLE or (b["mark"] or "").startswith("skip"):
+        if b["lang"] not in RUNNABLE or (b["mark"] or "").startswith(("skip", "source-tree")):
             continue
         if b["mark"] == "gpu" and not torch.cuda.is_available():
             continue
@@ -95,3 +109,47 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     # what the commands promised is there
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert (tmp_path / "layer3_r16.npz").exists() and (tmp_path / "m.npz").exists()
+    assert ComponentImportance.load(tmp_path / "importance.npz").rank == 8
+    assert (tmp_path / "importance.html").stat().st_size > 10_000
+
+
+def _checkout_copy(dest: Path) -> Path:
+    """``dest`` holding a link to each top-level file and folder of this checkout but ``build/``.
+
+    A block that runs "in the checkout" writes only new paths (``build/...``), so
+    links give it the sources without copying them or writing into the checkout.
+    """
+    root = README.parent
+    dest.mkdir()
+    for entry in root.iterdir():
+        if entry.name != "build" and not entry.name.startswith("."):
+            (dest / entry.name).symlink_to(entry)
+    return dest
+
+
+@pytest.mark.slow
+def test_readme_source_tree_blocks_run_as_written(tmp_path):
+    """The C++ library's build, install, example and ctest, as the README writes them."""
+    blocks = [b for b in readme_blocks() if (b["mark"] or "").startswith("source-tree")]
+    bindir = str(Path(sys.executable).parent)
+    # cmake and the Python with scipy-openblas32 come first on PATH, as after activating .venv
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    if shutil.which("cmake", path=env["PATH"]) is None:
+        pytest.skip("cmake is not installed")
+    checkout = _checkout_copy(tmp_path / "checkout")
+    for b in blocks:
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", b["code"]],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        where = f"README.md line {b['line']}"
+        assert out.returncode == 0, f"{where}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        print(f"{where}: {time.perf_counter() - t0:.1f} s")
+    # the installed package, the example's fit of its demo tensor and its passed tests
+    assert list((checkout / "build" / "pk").glob("lib*/cmake/peekcore/peekcoreConfig.cmake"))
+    assert re.search(r"fit 0\.9[89]", out.stdout) and "100% tests passed" in out.stdout
