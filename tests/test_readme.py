@@ -76,12 +76,32 @@ def _digits_layer3(path: Path, n: int = 120) -> None:
     np.save(path, acts.numpy())
 
 
+def _run_shell(block: dict, cwd: Path, timeout: float) -> str:
+    """Run a shell block under ``bash -euo pipefail`` in ``cwd``; its stdout.
+
+    This Python's folder comes first on ``PATH`` (as after activating ``.venv``):
+    the ``peek`` script, ``torchrun``, ``cmake`` and the Python with
+    scipy-openblas32 that the C++ build looks for.
+    """
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block["code"]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    where = f"README.md line {block['line']}"
+    assert out.returncode == 0, f"{where}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
 @pytest.mark.slow
 def test_readme_runs_as_written(tmp_path, monkeypatch):
     _digits_layer3(tmp_path / "layer3.npy")
     monkeypatch.chdir(tmp_path)
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     namespace: dict = {"__name__": "__readme__"}
     ran = 0
     for b in readme_blocks():
@@ -94,15 +114,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
         if b["lang"] == "python":
             exec(compile(b["code"], where, "exec"), namespace)  # noqa: S102 - our own README
         else:
-            out = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", b["code"]],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert out.returncode == 0, f"{where}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+            _run_shell(b, tmp_path, timeout=900)
         ran += 1
         print(f"{where}: {time.perf_counter() - t0:.1f} s")  # shown with -rP or on failure
     assert ran >= 5
@@ -131,25 +143,14 @@ def _checkout_copy(dest: Path) -> Path:
 def test_readme_source_tree_blocks_run_as_written(tmp_path):
     """The C++ library's build, install, example and ctest, as the README writes them."""
     blocks = [b for b in readme_blocks() if (b["mark"] or "").startswith("source-tree")]
-    bindir = str(Path(sys.executable).parent)
-    # cmake and the Python with scipy-openblas32 come first on PATH, as after activating .venv
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    if shutil.which("cmake", path=env["PATH"]) is None:
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    if shutil.which("cmake", path=path) is None:
         pytest.skip("cmake is not installed")
     checkout = _checkout_copy(tmp_path / "checkout")
     for b in blocks:
         t0 = time.perf_counter()
-        out = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", b["code"]],
-            cwd=checkout,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        where = f"README.md line {b['line']}"
-        assert out.returncode == 0, f"{where}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        print(f"{where}: {time.perf_counter() - t0:.1f} s")
+        out = _run_shell(b, checkout, timeout=1800)
+        print(f"README.md line {b['line']}: {time.perf_counter() - t0:.1f} s")
     # the installed package, the example's fit of its demo tensor and its passed tests
     assert list((checkout / "build" / "pk").glob("lib*/cmake/peekcore/peekcoreConfig.cmake"))
-    assert re.search(r"fit 0\.9[89]", out.stdout) and "100% tests passed" in out.stdout
+    assert re.search(r"fit 0\.9[89]", out) and "100% tests passed" in out
