@@ -445,3 +445,26 @@ def test_cancelling_components_are_warned_about(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and with it on, nothing to warn about
         peekcore.cp_als(x.astype(np.float32), 8, n_iter_max=100, tol=0.0)
+
+
+@pytest.mark.parametrize("fit", [peekcore.cp_als, peekcore.ncp_hals], ids=["als", "hals"])
+def test_fit_options_show_in_the_signature_and_reach_the_fit(rng, fit):
+    """cp_als and ncp_hals take FitOptions as **options: each shows in the signature
+    with its default, a wrong name is refused as Python refuses a keyword, and
+    a given option (not only a default) reaches the fit."""
+    import dataclasses
+    import inspect
+
+    from peekcore.solvers.engine import FitOptions
+
+    shown = inspect.signature(fit).parameters
+    for field in dataclasses.fields(FitOptions):
+        assert shown[field.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert shown[field.name].default == field.default
+    assert ("sweeps" in shown) == (fit is peekcore.ncp_hals)
+    x = rng.random((20, 5, 4))
+    with pytest.raises(TypeError, match=rf"{fit.__name__}\(\) got an unexpected .* 'n_iter'"):
+        fit(x, 2, n_iter=3)
+    m = fit(x, 2, n_iter_max=3, tol=0, random_state=7)
+    assert m.history.n_iter == 3 and m.history.stop_reason == "n_iter_max"
+    assert m.metadata["random_state"] == 7

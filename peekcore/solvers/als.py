@@ -2,46 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..kernels import ALS, PassKernel
+from ..kernels import ALS
 from ..model import CPModel
-from .engine import IterationInfo, fit_streaming
+from .engine import FitOptions, fit_streaming
 
 __all__ = ["cp_als"]
 
 
-def cp_als(
-    data: Any,
-    rank: int,
-    *,
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    init: Any = "random",
-    random_state: int | None = 0,
-    chunk_size: int | None = None,
-    max_chunk_bytes: int | None = None,
-    dtype: Any = None,
-    device: str | torch.device = "cpu",
-    kernel: str | PassKernel | None = None,
-    callback: Callable[[IterationInfo], Any] | None = None,
-    progress: bool | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 1,
-    resume: str | Path | None = None,
-    distributed: bool | None = None,
-    fixed_modes: Any = None,
-) -> CPModel:
+@FitOptions.shown_in()
+def cp_als(data: Any, rank: int, **options: Any) -> CPModel:
     """CP decomposition by alternating least squares, streamed over the sample mode.
 
     Each iteration reads the data once: every chunk's rows of the sample factor
     are solved and ``T = X x_0 A^T`` is accumulated, from which the resident
     factors are updated (shared/DESIGN.md). Results equal a dense ALS with the
     same initialization and update order, to rounding, for any chunking.
+    The keyword options are :class:`~peekcore.solvers.engine.FitOptions`, which
+    :func:`peekcore.ncp_hals` shares.
 
     Parameters
     ----------
@@ -106,24 +85,4 @@ def cp_als(
     CPModel
         Normalized: weights nonincreasing, unit-norm columns, deterministic signs.
     """
-    return fit_streaming(
-        data,
-        rank,
-        method=ALS,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        init=init,
-        random_state=random_state,
-        chunk_size=chunk_size,
-        max_chunk_bytes=max_chunk_bytes,
-        dtype=dtype,
-        device=device,
-        kernel=kernel,
-        callback=callback,
-        progress=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        distributed=distributed,
-        fixed_modes=fixed_modes,
-    )
+    return fit_streaming(data, rank, ALS, FitOptions.given_to(cp_als, options))

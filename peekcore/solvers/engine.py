@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from .._lock import writer_lock
+from .._options import SharedOptions
 from .._progress import resolve_progress
 from .._version import __version__
 from ..distributed import Communicator
-from ..kernels import HALS
+from ..kernels import HALS, PassKernel
 from ..model import CPModel, normalize_factors
 from .checkpoint import (
     check_resumed_norm2,
@@ -51,6 +52,7 @@ from .iteration import Stack, step
 from .problem import ModelState, Problem, RunSettings, new_state, prepare
 
 __all__ = [
+    "FitOptions",
     "Fitted",
     "IterationInfo",
     "ModelState",
@@ -434,33 +436,73 @@ def _checkpoint_lock(problem: Problem) -> Any:
     )
 
 
+# FitOptions fields that fit_models takes; prepare takes the others
+_FIT_FIELDS = ("init", "random_state", "callback", "progress", "resume")
+
+
+@dataclass(frozen=True)
+class FitOptions(SharedOptions):
+    """The keyword options that :func:`peekcore.cp_als` and :func:`peekcore.ncp_hals`
+    share, listed once (shown in both signatures by ``FitOptions.shown_in``).
+
+    Each field means what the argument of the same name of :func:`peekcore.cp_als`
+    means (its docstring describes them); nothing is checked until :func:`prepare`
+    and :func:`fit_models` read them. ``ncp_hals`` adds ``sweeps``.
+    """
+
+    n_iter_max: int = 100
+    tol: float = 1e-8
+    init: Any = "random"
+    random_state: int | None = 0
+    chunk_size: int | None = None
+    max_chunk_bytes: int | None = None
+    dtype: Any = None
+    device: str | torch.device = "cpu"
+    kernel: str | PassKernel | None = None
+    callback: Callable[[IterationInfo], Any] | None = None
+    progress: bool | None = None
+    checkpoint: str | Path | None = None
+    checkpoint_every: int = 1
+    resume: str | Path | None = None
+    distributed: bool | None = None
+    fixed_modes: Any = None
+
+    def for_prepare(self) -> dict[str, Any]:
+        """The options :func:`prepare` takes, by name (all but fit_models' five)."""
+        names = [f.name for f in fields(self) if f.name not in _FIT_FIELDS]
+        return {name: getattr(self, name) for name in names}
+
+
 def fit_streaming(
-    data: Any,
-    rank: Any,
-    *,
-    method: str,
-    init: Any,
-    random_state: int | None,
-    callback: Callable[[IterationInfo], Any] | None,
-    progress: bool | None,
-    resume: str | Path | None = None,
-    **options: Any,
+    data: Any, rank: Any, method: str, options: FitOptions, sweeps: int = 1
 ) -> CPModel:
     """Fit one CP model by streaming passes (the body of ``cp_als`` / ``ncp_hals``).
 
-    ``options`` are :func:`prepare`'s keyword arguments (iterations, chunking,
-    dtype, device, kernel, sweeps, checkpoints, distributed, fixed modes).
+    Parameters
+    ----------
+    data, rank
+        As for :func:`peekcore.cp_als`.
+    method : {ALS, HALS}
+    options : FitOptions
+        The call's keyword options.
+    sweeps : int
+        HALS sweeps per factor update (``ncp_hals``'s own option).
+
+    Returns
+    -------
+    CPModel
+        Normalized (:func:`finish_model`).
     """
-    random_state = check_random_state(random_state)  # a seed: stored with the model
-    problem = prepare(data, method=method, **options)
+    random_state = check_random_state(options.random_state)  # a seed: stored with the model
+    problem = prepare(data, method=method, sweeps=sweeps, **options.for_prepare())
     rank = check_rank(rank, problem.shape)
     fitted = fit_models(
         problem,
-        init,
+        options.init,
         [(rank, random_state)],
-        resume=resume,
-        callback=callback,
-        progress=progress,
+        resume=options.resume,
+        callback=options.callback,
+        progress=options.progress,
         desc="ncp_hals" if method == HALS else "cp_als",
     )
     return finish_model(problem, fitted.states[0], fitted.init_name)

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..kernels import HALS, PassKernel
+from ..kernels import HALS
 from ..model import CPModel
-from .engine import IterationInfo, fit_streaming
+from .engine import FitOptions, fit_streaming
 
 __all__ = ["ncp_hals"]
 
 
-def ncp_hals(
-    data: Any,
-    rank: int,
-    *,
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    init: Any = "random",
-    sweeps: int = 5,
-    random_state: int | None = 0,
-    chunk_size: int | None = None,
-    max_chunk_bytes: int | None = None,
-    dtype: Any = None,
-    device: str | torch.device = "cpu",
-    kernel: str | PassKernel | None = None,
-    callback: Callable[[IterationInfo], Any] | None = None,
-    progress: bool | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 1,
-    resume: str | Path | None = None,
-    distributed: bool | None = None,
-    fixed_modes: Any = None,
-) -> CPModel:
+@FitOptions.shown_in()
+def ncp_hals(data: Any, rank: int, *, sweeps: int = 5, **options: Any) -> CPModel:
     """Nonnegative CP decomposition by HALS, streamed over the sample mode.
 
     Each iteration reads the data once. Inside the pass every chunk's rows of
@@ -46,6 +22,8 @@ def ncp_hals(
     Grams. Column update: ``f_r <- max(0, f_r + (m_r - F g_r) / g_rr)``.
     A component that HALS can no longer move (two or more of its factor columns
     zero) is re-seeded (``history.reseeds``); one zero column refills by itself.
+    The keyword options but ``sweeps`` are
+    :class:`~peekcore.solvers.engine.FitOptions`, as for :func:`peekcore.cp_als`.
 
     Parameters
     ----------
@@ -78,25 +56,5 @@ def ncp_hals(
     CPModel
         Nonnegative factors, normalized (weights nonincreasing, unit columns).
     """
-    return fit_streaming(
-        data,
-        rank,
-        method=HALS,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        init=init,
-        random_state=random_state,
-        chunk_size=chunk_size,
-        max_chunk_bytes=max_chunk_bytes,
-        dtype=dtype,
-        device=device,
-        kernel=kernel,
-        callback=callback,
-        progress=progress,
-        sweeps=sweeps,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        distributed=distributed,
-        fixed_modes=fixed_modes,
-    )
+    given = FitOptions.given_to(ncp_hals, options)
+    return fit_streaming(data, rank, HALS, given, sweeps=sweeps)
