@@ -1,5 +1,7 @@
 """Type stub of the compiled extension peekcore._core (csrc/bindings.cpp)."""
 
+from typing import Protocol
+
 import numpy as np
 
 def pass_chunk(
@@ -27,77 +29,22 @@ def hals_rows(
 def build_info() -> dict[str, object]:
     """What was compiled in: OpenMP, BLAS, CUDA, compiler, C++ standard, pybind11."""
 
-# Present only in builds with PEEKCORE_CUDA=ON: device pointers and the stream as
-# ints, `storage` a peekcore::Storage code, then the launch's shape.
-def cuda_sum_squares(
-    storage: int,
-    x: int,
-    n: int,
-    out: int,
-    grid_x: int,
-    grid_y: int,
-    block: int,
-    shared: int,
-    stream: int,
-) -> None: ...
-def cuda_khatri_rao(
-    storage: int,
-    ptrs: int,
-    dims: int,
-    d: int,
-    R: int,
-    J: int,
-    scale: int,
-    terms: int,
-    out: int,
-    grid_x: int,
-    grid_y: int,
-    block: int,
-    shared: int,
-    stream: int,
-) -> None: ...
-def cuda_update_rows(
-    storage: int,
-    m: int,
-    m_cols: int,
-    inv_scale: int,
-    g: int,
-    offsets: int,
-    R: int,
-    rows: int,
-    hals: int,
-    sweeps: int,
-    a: int,
-    grid_x: int,
-    grid_y: int,
-    block: int,
-    shared: int,
-    stream: int,
-) -> None: ...
-def cuda_split_rows(
-    storage: int,
-    a: int,
-    scale: int,
-    R: int,
-    rows: int,
-    terms: int,
-    out: int,
-    grid_x: int,
-    grid_y: int,
-    block: int,
-    shared: int,
-    stream: int,
-) -> None: ...
-def cuda_add_split(
-    p: int,
-    inv_scale: int,
-    R: int,
-    J: int,
-    terms: int,
-    t: int,
-    grid_x: int,
-    grid_y: int,
-    block: int,
-    shared: int,
-    stream: int,
-) -> None: ...
+class _CudaLaunch(Protocol):
+    """The launcher of one kernel of csrc/cuda/cp_pass.cu, ``cuda_<kernel>``.
+
+    Present only in builds with PEEKCORE_CUDA=ON. Every argument is an int,
+    passed by position: the peekcore::Storage code of the template type (templates
+    only), then the kernel's arguments in the order of the host launcher of the
+    same name in csrc/cuda/launch.h (device pointers as addresses), then the
+    launch's shape: grid_x, grid_y, block, shared bytes, and the cudaStream_t.
+    The lambdas in csrc/bindings.cpp are the exact lists (tests/test_kernels.py
+    checks each launch against them). A failed launch raises RuntimeError.
+    """
+
+    def __call__(self, *args: int) -> None: ...
+
+cuda_sum_squares: _CudaLaunch
+cuda_khatri_rao: _CudaLaunch
+cuda_update_rows: _CudaLaunch
+cuda_split_rows: _CudaLaunch
+cuda_add_split: _CudaLaunch

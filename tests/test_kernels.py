@@ -227,7 +227,8 @@ class _Recorder(_KernelLauncher):
 
 def test_every_launch_fits_its_kernel_and_the_extension_entry():
     """Each launch names a compiled instance, and the extension launcher passes
-    exactly the parameters its entry in ``_core.pyi`` declares."""
+    exactly the parameters its entry in ``csrc/bindings.cpp`` takes (the stub
+    ``_core.pyi`` declares one such entry per kernel)."""
     rec = _Recorder()
     rows, rank, width = 300, 7, 1000
     f16 = torch.float16
@@ -250,18 +251,26 @@ def test_every_launch_fits_its_kernel_and_the_extension_entry():
     rec.add_split(torch.zeros(2 * rank, width), torch.ones(rank), torch.zeros(rank, width))
     assert [x.kernel for x in rec.launches] == list(TEMPLATES)
 
-    stub = ast.parse((ROOT / "peekcore/_core.pyi").read_text())
+    # the lambdas' parameter names, e.g. {"sum_squares": ["storage", "x", ..., "stream"]}
+    bindings = (ROOT / "csrc/bindings.cpp").read_text()
     params = {
-        fn.name: [a.arg for a in fn.args.args]
-        for fn in stub.body
-        if isinstance(fn, ast.FunctionDef) and fn.name.startswith("cuda_")
+        kernel: [p.split()[-1] for p in args.split(",")]
+        for kernel, args in re.findall(r'm\.def\(\s*"cuda_(\w+)",\s*\[=\]\(([^)]*)\)', bindings)
     }
+    stub = ast.parse((ROOT / "peekcore/_core.pyi").read_text())
+    declared = {
+        node.target.id.removeprefix("cuda_")
+        for node in stub.body
+        if isinstance(node, ast.AnnAssign) and node.target.id.startswith("cuda_")
+    }
+    assert set(params) == declared == set(TEMPLATES)
     for launch in rec.launches:
         assert launch.name in KERNEL_NAMES
-        declared = params[f"cuda_{launch.kernel}"]
+        takes = params[launch.kernel]
         code = [] if launch.dtype is None else ["storage"]
-        assert len(declared) == len(code) + len(launch.args) + 5, launch.kernel
-        assert declared[-5:] == ["grid_x", "grid_y", "block", "shared", "stream"]
+        assert len(takes) == len(code) + len(launch.args) + 5, launch.kernel
+        assert takes[: len(code)] == code
+        assert takes[-5:] == ["gx", "gy", "block", "shared", "stream"]
     rows_launch = rec.launches[2]
     assert rows_launch.grid == (3, 2)  # 300 rows / 128 threads, one y per model
     assert rows_launch.shared == 8 * 4 * 4  # the widest model's block of G
