@@ -29,10 +29,12 @@ import errno
 import fcntl
 import os
 import socket
+import stat
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConcurrentWriteError
+from .errors import ConcurrentWriteError, OutputPathError
 
 __all__ = ["lock_path", "writer_lock"]
 
@@ -84,18 +86,16 @@ def writer_lock(target: str | os.PathLike, what: str, wait: str) -> Iterator[Pat
 def _acquire(path: Path, target: Path, what: str, wait: str) -> int | None:
     """A descriptor of ``path`` locked by this process (None where locks are not supported)."""
     for _ in range(_ATTEMPTS):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-        except OSError as err:
-            if err.errno in _NO_FILE:  # a folder this user cannot add to: write unlocked
-                return None
-            raise
+        fd = _open(path, target, what)
+        if fd is None:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = _holder(fd)
             os.close(fd)
             if err.errno not in _BUSY:  # no flock on this file system: write unlocked
+                _warn_unlocked(path, target, what, err)
                 return None
             pid, host = holder
             who = "another process" if pid is None else f"process {pid}"
@@ -118,6 +118,44 @@ def _acquire(path: Path, target: Path, what: str, wait: str) -> int | None:
             return fd
         os.close(fd)  # a file no longer at the path: lock the one there now
     raise RuntimeError(f"could not take the lock {path}: it kept being replaced")
+
+
+def _open(path: Path, target: Path, what: str) -> int | None:
+    """A descriptor of the lock file ``path``, made if missing; None where none can be made.
+
+    O_NOFOLLOW and O_NONBLOCK: a symlink is not followed (it could point at any
+    file, which would then be truncated) and a FIFO does not block the open.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno in _NO_FILE:  # a folder this user cannot add to: write unlocked
+            _warn_unlocked(path, target, what, err)
+            return None
+        if err.errno not in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise OutputPathError(
+        f"the lock file {path} of {what} {target} is not a regular file (a folder, symlink, "
+        "FIFO or device is there): peekcore keeps a small lock file at that path while it "
+        f"writes. Remove or rename {path}, then try again"
+    )
+
+
+def _warn_unlocked(path: Path, target: Path, what: str, err: OSError) -> None:
+    """Say that ``target`` is written without the lock (another writer is not kept out)."""
+    warnings.warn(
+        f"writing {what} {target} without its writer lock: the lock file {path} cannot be "
+        f"used ({os.strerror(err.errno) if err.errno else err}). Make sure no other process "
+        "writes it at the same time",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _holder(fd: int) -> tuple[int | None, str | None]:
