@@ -76,10 +76,13 @@ class SharedOptions:
         """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(names))
+        shown = inspect.signature(func).parameters
         if unknown:
+            # every keyword the function takes, its own too (a typo of ``sweeps`` or
+            # ``overwrite`` must find the right name in the list)
+            keywords = [n for n, p in shown.items() if p.kind == p.KEYWORD_ONLY]
             raise TypeError(
                 f"{func.__qualname__}() got an unexpected keyword argument {unknown[0]!r}; "
-                f"these are its options ({cls.__name__}): {', '.join(names)}"
+                f"its keyword arguments are: {', '.join(keywords)}"
             )
-        shown = inspect.signature(func).parameters
         return cls(**{n: options[n] if n in options else shown[n].default for n in names})

@@ -544,9 +544,10 @@ def edited_outputs(
     ndarray
         ``N x K`` float64 outputs.
     """
+    settings = EditOptions.given_to(edited_outputs, options)  # first: a typo of keep= or remove=
     if (remove is None) == (keep is None):
         raise InvalidArgumentError("give exactly one of remove= and keep= (component indices)")
-    setup = prepare_edits(model, layer, cp, data, EditOptions.given_to(edited_outputs, options))
+    setup = prepare_edits(model, layer, cp, data, settings)
     cp, runner = setup.cp, setup.runner
     chosen = list(remove if remove is not None else keep)
     bad = [c for c in chosen if not isinstance(c, int | np.integer) or not 0 <= c < cp.rank]

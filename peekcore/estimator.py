@@ -103,7 +103,9 @@ class CP:
     def __repr__(self) -> str:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         shown = [
-            f"{n}={v!r}" for n, v in self.get_params().items() if n == "rank" or v != defaults[n]
+            f"{n}={v!r}"
+            for n, v in self.get_params().items()
+            if n == "rank" or not _is_default(v, defaults[n])
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
 
@@ -236,3 +238,14 @@ class CP:
         model = CPModel(np.ones(self.rank), [a, *self.components_])
         out = model.reconstruct()
         return out.reshape(len(a), -1) if self.sample_shape is not None else out
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a parameter holds its default; an array (``sample_shape=np.array(...)``),
+    whose ``==`` is elementwise, never does."""
+    if value is default:
+        return True
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError):  # an array's truth value is ambiguous
+        return False

@@ -14,8 +14,13 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import peekcore
+from peekcore import CP
 from peekcore._lock import lock_path, writer_lock
 from peekcore.errors import OutputPathError
 
@@ -72,3 +77,52 @@ def test_the_unlocked_fallback_warns(tmp_path, monkeypatch, where, err):
         warnings.simplefilter("error")
         assert _lock_once(target)  # locked as usual: no warning
     assert not lock_path(target).exists()
+
+
+# ---------------------------------------------------------------- shared keyword options
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+
+
+@pytest.mark.parametrize(
+    ("call", "typo", "own"),
+    [
+        (lambda x, **kw: peekcore.ncp_hals(x, 2, **kw), "sweepz", "sweeps"),
+        (
+            lambda x, **kw: peekcore.capture(_tiny_net(), x, "0", "/nonexistent/s", **kw),
+            "overwrit",
+            "overwrite",
+        ),
+        (
+            lambda x, **kw: peekcore.component_importance(_tiny_net(), "0", None, x, **kw),
+            "label",
+            "labels",
+        ),
+    ],
+)
+def test_a_wrong_keyword_lists_the_functions_own_keywords_too(rng, call, typo, own):
+    x = rng.random((5, 4, 3)) if typo == "sweepz" else rng.random((5, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}'") as info:
+        call(x, **{typo: 1})
+    listed = str(info.value).split("keyword arguments are: ")[1].split(", ")
+    assert own in listed  # its own keyword
+    assert {"batch_size", "n_iter_max"} & set(listed)  # and the shared ones
+
+
+def test_edited_outputs_names_a_typo_of_remove_before_asking_for_remove_or_keep(rng):
+    x = rng.random((5, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'remov'.*\bremove\b"):
+        peekcore.edited_outputs(_tiny_net(), "0", None, x, remov=[0])
+
+
+# ---------------------------------------------------------------- the CP estimator
+
+
+def test_repr_of_an_estimator_with_array_parameters(rng):
+    est = CP(2, sample_shape=np.array([4, 4]), n_iter_max=np.int64(100), tol=1e-6)
+    assert repr(est) == "CP(rank=2, sample_shape=array([4, 4]), tol=1e-06)"
+    est.fit(rng.random((6, 16)))  # the array shape is usable as given
+    assert est.transform(rng.random((3, 16))).shape == (3, 2)
