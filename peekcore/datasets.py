@@ -109,7 +109,7 @@ class ArrayDataset(Dataset):
             x = self.transform(x)
         if self.labels is None:
             return x
-        return x, torch.as_tensor(self.labels[index])
+        return x, _to_tensor(self.labels[index])
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray | None]:
         """Inputs ``start:stop`` as one tensor ``(stop-start, ...)`` and their labels."""
@@ -146,7 +146,9 @@ def _to_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     arr = np.asarray(x)
-    if not arr.flags.writeable or not arr.flags.c_contiguous:
+    if not arr.dtype.isnative:  # a big-endian .npy, say: torch takes native byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="), order="C")
+    elif not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr)  # memmaps and read-only views: torch wants writable memory
     return torch.from_numpy(arr)
 

@@ -126,3 +126,56 @@ def test_repr_of_an_estimator_with_array_parameters(rng):
     assert repr(est) == "CP(rank=2, sample_shape=array([4, 4]), tol=1e-06)"
     est.fit(rng.random((6, 16)))  # the array shape is usable as given
     assert est.transform(rng.random((3, 16))).shape == (3, 2)
+
+
+# ---------------------------------------------------------------- inputs and images
+
+
+def _linear_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh()).eval()
+
+
+@pytest.mark.parametrize(("dtype", "from_file"), [(">f4", True), (">f8", False), (">i4", True)])
+def test_big_endian_inputs_are_captured_as_their_values(tmp_path, rng, dtype, from_file):
+    x = (rng.random((9, 4)) * 20).astype(dtype)
+    np.save(tmp_path / "x.npy", x)
+    model = _linear_net() if dtype != ">i4" else nn.Sequential(nn.Embedding(20, 3)).eval()
+    data = tmp_path / "x.npy" if from_file else x
+    store = peekcore.capture(model, data, ["0"], tmp_path / "s.zarr", dtype="float32")
+    native = x.astype(x.dtype.newbyteorder("="))
+    with torch.no_grad():  # float64 reference
+        want = model.double()[0](
+            torch.as_tensor(native if dtype == ">i4" else native.astype(float))
+        )
+    got = np.asarray(store["0"].read())
+    want = want.numpy().transpose(0, 2, 1) if dtype == ">i4" else want.numpy()  # tokens: N x C x T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_uint8_from_a_dataloader_gets_advice_it_can_follow(tmp_path, rng):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = torch.as_tensor(rng.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8))
+    loader = DataLoader(TensorDataset(images), batch_size=3)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    with pytest.raises(peekcore.errors.InvalidTypeError, match=r"DataLoader.*its Dataset"):
+        peekcore.capture(net, loader, ["0"], tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="put the transform in its Dataset"):  # transform= is not
+        peekcore.capture(net, loader, ["0"], tmp_path / "s.zarr", transform=lambda t: t / 255)
+
+
+@pytest.mark.parametrize("kind", ["complex", "torch complex", "structured"])
+def test_report_images_that_are_no_real_numbers_are_refused(tmp_path, rng, kind):
+    from peekcore.report import build_report
+
+    model = peekcore.cp_als(rng.random((5, 2, 16)), 2, n_iter_max=3)
+    images = rng.random((5, 4, 4)).astype(complex)
+    if kind == "torch complex":
+        images = torch.as_tensor(images)
+    elif kind == "structured":
+        images = np.zeros((5, 4, 4), dtype=[("v", "f4")])
+        np.save(tmp_path / "s.npy", images)
+        images = tmp_path / "s.npy"
+    with pytest.raises(ValueError, match=r"images have dtype .*expected real numbers"):
+        build_report({"L": model}, tmp_path / "r.html", images=images, components=1)

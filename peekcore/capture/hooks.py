@@ -305,8 +305,9 @@ def refuse_input_dtype(
         f"{str(want).removeprefix('torch.')} (its first floating-point parameter's dtype) "
         f"and refuses them ({type(err).__name__}: {err}). Convert them to floats as the "
         f"model was trained, e.g. {array_fix} (then normalize as in training), before "
-        f"saving the .npy or passing the array, or pass transform=lambda t: {tensor_fix}; "
-        "peekcore does not rescale inputs itself"
+        f"saving the .npy or passing the array, or pass transform=lambda t: {tensor_fix} "
+        "(a DataLoader's inputs: convert them in its Dataset); peekcore does not rescale "
+        "inputs itself"
     ) from err
 
 

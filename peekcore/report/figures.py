@@ -147,6 +147,13 @@ def _image_layout(images: Any, n: int) -> tuple[Any, str, tuple[int, int]]:
     if not hasattr(images, "shape"):
         images = np.asarray(images)
     shape = tuple(int(s) for s in images.shape)
+    dtype = images.dtype  # numpy's, or torch's (no .kind; is_complex instead)
+    kind = dtype.kind if isinstance(dtype, np.dtype) else "c" if dtype.is_complex else "f"
+    if kind not in "biuf":
+        raise ValueError(
+            f"images have dtype {dtype}: expected real numbers (uint8 0-255, or floats); "
+            "pass the real images, e.g. np.abs(images) or images.real"
+        )
     if len(shape) == 3:
         layout, hw = "gray", shape[1:3]
     elif len(shape) == 4 and shape[1] in (1, 3, 4):
