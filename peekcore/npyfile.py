@@ -297,6 +297,8 @@ class NpyArray:
             start, stop, step = index.indices(n)
             lo, hi = (start, max(start, stop)) if step > 0 else (0, n)
             return self._read(lo, hi)[slice(start - lo, stop - lo, step) if step > 0 else index]
+        if isinstance(index, bool):  # numpy reads a[True] as a[None], not as row 1
+            raise TypeError(f"index rows by an integer or a slice, got {index!r}")
         i = operator.index(index)  # a TypeError for anything but an integer or a slice
         if not -n <= i < n:
             raise IndexError(f"row {i} is out of range for {n} rows")

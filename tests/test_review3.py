@@ -179,3 +179,24 @@ def test_report_images_that_are_no_real_numbers_are_refused(tmp_path, rng, kind)
         images = tmp_path / "s.npy"
     with pytest.raises(ValueError, match=r"images have dtype .*expected real numbers"):
         build_report({"L": model}, tmp_path / "r.html", images=images, components=1)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_report_images_path_that_is_no_regular_file_is_named_so(tmp_path, rng, kind):
+    from peekcore.report import build_report
+
+    model = peekcore.cp_als(rng.random((5, 2, 16)), 2, n_iter_max=3)
+    path = tmp_path / "images.npy"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(peekcore.errors.DataError, match="is not a regular file"):
+        build_report({"L": model}, tmp_path / "r.html", images=path, components=1)
+
+
+def test_npy_array_refuses_a_boolean_row_index(tmp_path):
+    from peekcore.npyfile import NpyArray
+
+    np.save(tmp_path / "a.npy", np.arange(12.0).reshape(4, 3))
+    rows = NpyArray(tmp_path / "a.npy")
+    np.testing.assert_array_equal(rows[1], [3.0, 4.0, 5.0])
+    with pytest.raises(TypeError, match="integer or a slice"):
+        rows[True]

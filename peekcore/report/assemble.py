@@ -140,9 +140,9 @@ def _array(value: Any, what: str) -> Any:
     if value is None or not isinstance(value, str | os.PathLike):
         return value
     path = Path(value)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no such {what} file: {path} (give an .npy file)")
-    return open_npy(path, by_sample=True)
+    return open_npy(path, by_sample=True)  # a folder or FIFO: a DataError that says so
 
 
 def _summary(result: CPModel | RankSweep, model: CPModel, path: Path | None) -> dict[str, Any]:
