@@ -732,6 +732,14 @@ _FLAG_NAMES = (
     (re.compile(r"\bn_iter_max=(?=[\s,;:.)]|$)"), "--iters"),
     (re.compile(r"\brandom_state=(?=[\s,;:.)]|$)"), "--seed"),
     (re.compile(r"\bfold_spatial=True\b"), "--fold-spatial"),
+    # a check's own words: "n_iter_max must be a positive integer ..."
+    (re.compile(r"\bn_iter_max(?= must\b)"), "--iters"),
+    (re.compile(r"\brandom_state(?= must\b)"), "--seed"),
+    (re.compile(r"\bchunk_size(?= must\b)"), "--chunk-size"),
+    # and its example: "e.g. random_state=0"
+    (re.compile(r"\bn_iter_max=(?=\d)"), "--iters "),
+    (re.compile(r"\brandom_state=(?=\d)"), "--seed "),
+    (re.compile(r"\bchunk_size=(?=\d)"), "--chunk-size "),
 )
 
 

@@ -200,3 +200,23 @@ def test_npy_array_refuses_a_boolean_row_index(tmp_path):
     np.testing.assert_array_equal(rows[1], [3.0, 4.0, 5.0])
     with pytest.raises(TypeError, match="integer or a slice"):
         rows[True]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    ("option", "flag"),
+    [("--iters 0", "--iters"), ("--seed -1", "--seed"), ("--chunk-size 0", "--chunk-size")],
+)
+def test_peek_fit_names_the_flag_a_bad_setting_came_from(tmp_path, rng, capsys, option, flag):
+    import json
+
+    from peekcore.cli import main
+
+    np.save(tmp_path / "x.npy", rng.random((6, 4, 3)))
+    code = main(["--json", "fit", str(tmp_path / "x.npy"), "--rank", "2", *option.split()])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert doc["error"].startswith(f"{flag} must be")
+    assert not any(name in doc["error"] for name in ("n_iter_max", "random_state", "chunk_size"))
