@@ -26,6 +26,7 @@ import os
 import re
 import types
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
     Subset,
+    default_collate,
 )
 
 from ._extras import require
@@ -257,7 +259,11 @@ class Inputs:
     description : str
         What the data is (recorded as the store's ``data_source``).
     fingerprint : str
-        Identifies the data for resume checks.
+        Identifies the data (inputs and labels, or how a torch data set is
+        described) for resume checks.
+    inputs_fingerprint : str
+        Identifies the model inputs alone, in order (computed on first use):
+        see :meth:`Inputs.inputs_fingerprint`.
     transform : str or None
         Description of the per-sample transform, if any (:func:`describe_callable`).
     """
@@ -374,6 +380,34 @@ class Inputs:
         self.transform = _transform_repr(getattr(data, "transform", None))
         self.fingerprint = _dataset_fingerprint(data)
 
+    @cached_property
+    def inputs_fingerprint(self) -> str:
+        """A hash of what the model is given: the first ``n_samples`` inputs, in order.
+
+        Labels play no part, nor does the form the inputs come in: an array, the
+        same values as a tensor, a ``.npy`` file, an ``(inputs, labels)`` tuple,
+        a map-style ``Dataset`` whose items are those inputs (alone or first in
+        a tuple) or an in-order ``DataLoader`` over one all give the same hash.
+        Inputs of up to 16 MiB are hashed whole, larger ones by 64 rows spread
+        over them, with the count, row shape and dtype. A transform is named
+        (an array's ``transform=``) or already in the items (a ``Dataset``'s),
+        and a DataLoader's own ``collate_fn`` is named. Data that cannot be
+        read by index (an ``IterableDataset``, a DataLoader with
+        ``batch_size=None``) get a hash of their description, as
+        :attr:`fingerprint`, so they match only themselves.
+        """
+        n = self.n_samples
+        if self.loader is None:
+            return _content_fingerprint(self.dataset, n)
+        loader = self.loader
+        ds = loader.dataset
+        if isinstance(ds, IterableDataset) or loader.batch_sampler is None:
+            return f"described:{self.fingerprint}|n={n}"
+        digest = _content_fingerprint(ds, n)
+        if loader.collate_fn is not default_collate:
+            digest += f"|collate_fn={describe_callable(loader.collate_fn)}"
+        return digest
+
     # -- iteration
 
     def batches(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor, np.ndarray | None]]:
@@ -477,6 +511,57 @@ def _dataset_fingerprint(ds: Any) -> str:
             h.update(repr(item).encode())
         parts.append(h.hexdigest())
     return "|".join(parts)
+
+
+def _content_fingerprint(ds: Dataset, n: int) -> str:
+    """The inputs part of :meth:`Inputs.inputs_fingerprint` for a map-style data set."""
+    arrays = ds.inputs if isinstance(ds, ArrayDataset) else None
+
+    def row(i: int) -> tuple[np.ndarray, str]:
+        return _input_row(ds[i] if arrays is None else arrays[i])
+
+    first, dtype = row(0)
+    whole = n * first.nbytes <= _HASH_FULL_BYTES
+    h = hashlib.sha256()
+    h.update(repr(("model inputs", n, first.shape, dtype)).encode())
+    if arrays is not None and whole:  # one read: the same bytes as the rows in order
+        h.update(_input_row(arrays[:n])[0].tobytes())
+    else:
+        picked = range(n) if whole else np.unique(np.linspace(0, n - 1, 64).astype(np.int64))
+        for i in picked:
+            values, kind = row(int(i))
+            if values.shape != first.shape or kind != dtype:  # ragged items: say so
+                h.update(repr((int(i), values.shape, kind)).encode())
+            h.update(values.tobytes())
+    digest = h.hexdigest()
+    if isinstance(ds, ArrayDataset) and ds.transform is not None:
+        digest += f"|transform={describe_callable(ds.transform)}"
+    return digest
+
+
+def _input_row(item: Any) -> tuple[np.ndarray, str]:
+    """The model input of a data set item (alone, or first in a tuple), and its dtype's name.
+
+    The values come back C-ordered in native byte order; the name is the same
+    for numpy and torch (``"float32"``), and a tensor's ``bfloat16`` (no numpy
+    dtype) is read as its 16-bit pattern under the name ``"bfloat16"``.
+    """
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    name = None
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        if item.dtype == torch.bfloat16:
+            item, name = item.view(torch.int16), "bfloat16"
+        item = item.numpy()
+    arr = np.asarray(item)
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(
+            f"a data item is a {type(item).__name__}; peekcore expects an input tensor or array, "
+            "alone or first in a tuple (input, label, ...): make the Dataset return that"
+        )
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    return arr, name or arr.dtype.name
 
 
 def _check_sample_order(loader: DataLoader) -> None:

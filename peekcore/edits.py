@@ -308,16 +308,22 @@ def _load_cp(cp: Any) -> CPModel:
     )
 
 
-def _same_data(store: Any, layer: str, inputs: Any) -> bool:
-    """Whether ``inputs`` are the data the store captured (the same fingerprint and size)."""
+def _same_data(store: Any, layer: str, inputs: Any) -> tuple[bool, str | None]:
+    """Whether ``inputs`` are the data the store captured, and the rule that said so.
+
+    A store records ``inputs_fingerprint`` (the model inputs alone, in order,
+    whatever form they came in and with or without labels): compared when
+    present. Stores from before it are compared on ``data_fingerprint`` (inputs
+    and labels, so an ``(inputs, labels)`` capture differs from the inputs
+    alone). The rule is ``None`` without a store.
+    """
     if store is None:
-        return False
+        return False, None
     stored = _stored_layer(store, layer)
     settings = stored.store.attrs.get("settings", {})
-    return (
-        settings.get("data_fingerprint") == inputs.fingerprint
-        and stored.shape[0] == inputs.n_samples
-    )
+    rule = "inputs_fingerprint" if settings.get("inputs_fingerprint") else "data_fingerprint"
+    now = inputs.inputs_fingerprint if rule == "inputs_fingerprint" else inputs.fingerprint
+    return settings.get(rule) == now and stored.shape[0] == inputs.n_samples, rule
 
 
 def _use_model_rows(sample_factors: str, cp: CPModel, n: int, same_data: bool) -> bool:
@@ -445,6 +451,8 @@ class EditSetup:
     edits: _Edits
     use_rows: bool  # sample-factor rows from the model, else projected
     runner: _Runner
+    same_data: bool  # the store shows the data are what it captured
+    data_check: str | None  # the store's fingerprint compared (_same_data); None: no store
 
 
 @dataclass(frozen=True)
@@ -494,10 +502,10 @@ def prepare_edits(
     inputs = as_inputs(data, batch_size=options.batch_size, pin_memory=dev.type == "cuda")
     settings = _settings(layer, module, cp, options)
     edits = _Edits(layer, module, cp, settings)
-    same = _same_data(options.store, layer, inputs)
+    same, rule = _same_data(options.store, layer, inputs)
     rows = _use_model_rows(options.sample_factors, cp, inputs.n_samples, same)
     runner = _Runner(model, edits, dev, pass_bytes)
-    return EditSetup(module, cp, inputs, settings, edits, rows, runner)
+    return EditSetup(module, cp, inputs, settings, edits, rows, runner, same, rule)
 
 
 @contextlib.contextmanager

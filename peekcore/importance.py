@@ -309,7 +309,12 @@ def component_importance(
     store : ActivationStore, stored layer or path, optional
         The store the model was fitted from: its capture settings (layout,
         select, fold_spatial) are used, and with ``sample_factors="auto"`` its
-        rows are taken from the model when ``data`` is the captured data.
+        rows are taken from the model when ``data`` is the captured data: the
+        same model inputs in the same order, in any form and with or without
+        labels (the store's ``inputs_fingerprint``; a store captured before
+        peekcore recorded it is compared on its ``data_fingerprint``, inputs
+        and labels together, so there the labels must ride along as they did
+        in the capture).
     layout, select, fold_spatial : optional
         How the layer was captured, when no store is given (defaults ``"auto"``,
         ``None``, ``False``); ``select`` may also be ``{layer: selector}``, as
@@ -333,6 +338,11 @@ def component_importance(
     Returns
     -------
     ComponentImportance
+        Its ``metadata`` says where the rows came from (``"sample_factors"``:
+        ``"model"`` or ``"project"``) and what decided it: ``"data_check"`` is
+        the store fingerprint compared (``"inputs_fingerprint"``, or
+        ``"data_fingerprint"`` for an older store; ``None`` without a store)
+        and ``"same_data"`` its answer.
 
     Raises
     ------
@@ -363,6 +373,8 @@ def component_importance(
     meta = {
         **{k: v for k, v in setup.settings.items() if k != "select" or not callable(v)},
         "sample_factors": "model" if use_rows else "project",
+        "data_check": setup.data_check,
+        "same_data": setup.same_data if setup.data_check else None,
         "batch_size": int(opts.batch_size),
         "forward_passes": setup.runner.passes,
         "stacked_after_layer": bool(setup.runner.expand),

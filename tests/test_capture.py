@@ -425,6 +425,9 @@ def test_every_input_kind_gives_the_same_store(images, tmp_path, rng):
     for kind, (data, want_labels) in kinds.items():
         store = cap(model, data, "conv2", tmp_path / f"{kind}.zarr", dtype="float32", batch_size=12)
         np.testing.assert_allclose(store["conv2"][:], ref["conv2"][:], atol=1e-6, err_msg=kind)
+        # one identity for the model inputs, labels or not (component importance reads it)
+        want = ref.attrs["settings"]["inputs_fingerprint"]
+        assert store.attrs["settings"]["inputs_fingerprint"] == want, kind
         if want_labels is None:
             assert store.labels is None
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -297,6 +299,54 @@ def test_store_settings_and_fitted_rows(rng, tmp_path):
     )
     with pytest.raises(InvalidArgumentError, match="captured layer 'act' with fold_spatial=True"):
         component_importance(net, "act", cp, z, store=store, fold_spatial=False)
+
+
+def test_the_captured_inputs_match_with_or_without_labels(rng, tmp_path):
+    """The store's inputs fingerprint decides; a store without one falls back and says so."""
+    net, z, cp = planted(rng)
+    labels = rng.integers(0, R, N)
+    opts = {"dtype": "float32", "layout": "channels_first", "batch_size": 16}
+    paired = peekcore.capture(net, (z, labels), "act", tmp_path / "p.zarr", **opts)
+    alone = peekcore.capture(net, z, "act", tmp_path / "a.zarr", **opts)
+    cp = CPModel(cp.weights, [cp.factors[0] + 0.05, *cp.factors[1:]])  # rows no projection gives
+    ref = component_importance(net, "act", cp, (z, labels), store=paired)
+    np.save(tmp_path / "z.npy", z)
+    for store in (paired, alone):
+        for data in ((z, labels), z, torch.from_numpy(z), tmp_path / "z.npy"):
+            imp = component_importance(net, "act", cp, data, labels=labels, store=store)
+            meta = imp.metadata
+            assert (meta["sample_factors"], meta["data_check"], meta["same_data"]) == (
+                "model",
+                "inputs_fingerprint",
+                True,
+            )
+            for mode in imp.modes:
+                np.testing.assert_array_equal(imp.logit_change[mode], ref.logit_change[mode])
+    other = component_importance(net, "act", cp, z[::-1].copy(), store=alone).metadata
+    assert (other["sample_factors"], other["same_data"]) == ("project", False)
+    projected = component_importance(
+        net, "act", cp, z, labels=labels, sample_factors="project", layout="channels_first"
+    )
+    assert not np.allclose(projected.logit_change["keep"], ref.logit_change["keep"], atol=1e-3)
+    assert projected.metadata["data_check"] is None
+    # a store captured before inputs fingerprints: its data_fingerprint (inputs and labels)
+    meta_file = tmp_path / "p.zarr" / "zarr.json"
+    doc = json.loads(meta_file.read_text())
+    del doc["attributes"]["settings"]["inputs_fingerprint"]
+    meta_file.write_text(json.dumps(doc))
+    old = peekcore.ActivationStore(tmp_path / "p.zarr")
+    meta = component_importance(net, "act", cp, (z, labels), store=old).metadata
+    assert (meta["sample_factors"], meta["data_check"], meta["same_data"]) == (
+        "model",
+        "data_fingerprint",
+        True,
+    )
+    meta = component_importance(net, "act", cp, z, labels=labels, store=old).metadata
+    assert (meta["sample_factors"], meta["data_check"], meta["same_data"]) == (
+        "project",
+        "data_fingerprint",
+        False,
+    )
 
 
 def test_save_load_and_table(rng, tmp_path):

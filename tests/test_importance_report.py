@@ -110,6 +110,31 @@ def test_cli_importance_and_report(fitted, capsys):
     assert alone["sections"] == ["1 (imp.npz)"]
 
 
+def test_cli_on_a_store_captured_with_labels_uses_the_models_rows(fitted, capsys):
+    """A store of ``(x, y)``, and ``--data x.npy --labels y.npy``: the same data."""
+    tmp, net, x, y, _ = fitted
+    paired = peekcore.capture(net, (x, y), "1", tmp / "xy.zarr", dtype="float32", batch_size=16)
+    peekcore.ncp_hals(paired["1"], 3, n_iter_max=20, random_state=0).save(tmp / "xy.npz")
+    argv = ["--model", f"{tmp / 'net.py'}:build", "--store", str(tmp / "xy.zarr"), "--layer", "1"]
+    argv += ["--result", str(tmp / "xy.npz"), "--data", str(tmp / "x.npy")]
+    run(capsys, "importance", *argv, "--labels", str(tmp / "y.npy"), "--out", str(tmp / "i.npz"))
+    cli = ComponentImportance.load(tmp / "i.npz")
+    assert cli.metadata["sample_factors"] == "model"
+    assert (cli.metadata["data_check"], cli.metadata["same_data"]) == ("inputs_fingerprint", True)
+    direct = component_importance(net, "1", tmp / "xy.npz", (x, y), store=paired)
+    projected = component_importance(
+        net, "1", tmp / "xy.npz", (x, y), store=paired, sample_factors="project"
+    )
+    for name in ("logit_change", "probability_change", "accuracy_change"):
+        for mode in direct.modes:
+            got, want = getattr(cli, name)[mode], getattr(direct, name)[mode]
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert cli.baseline_accuracy == direct.baseline_accuracy
+    assert cli.reconstruction_accuracy == direct.reconstruction_accuracy
+    # what the CLI gave before: the rows projected, measurably other numbers
+    assert np.abs(projected.logit_change["keep"] - direct.logit_change["keep"]).max() > 1e-4
+
+
 def test_cli_importance_errors(fitted, capsys, rng):
     tmp, *_ = fitted
     spec = f"{tmp / 'net.py'}:build"

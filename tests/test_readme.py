@@ -121,7 +121,10 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     # what the commands promised is there
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert (tmp_path / "layer3_r16.npz").exists() and (tmp_path / "m.npz").exists()
-    assert ComponentImportance.load(tmp_path / "importance.npz").rank == 8
+    cli_importance = ComponentImportance.load(tmp_path / "importance.npz")
+    assert cli_importance.rank == 8
+    # the .npy and labels given apart are the (images, labels) the store captured: fitted rows
+    assert cli_importance.metadata["sample_factors"] == "model"
     assert (tmp_path / "importance.html").stat().st_size > 10_000
 
 

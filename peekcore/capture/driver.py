@@ -282,6 +282,7 @@ def _plan(
         "batch_size": None if run.inputs.loader is not None else int(opts.batch_size),
         "n_samples": run.inputs.n_samples,
         "data_fingerprint": run.inputs.fingerprint,
+        "inputs_fingerprint": run.inputs.inputs_fingerprint,
         "transform": run.inputs.transform,
         "seed": run.seed,
         "autocast": None if run.autocast is None else str(run.autocast).removeprefix("torch."),
@@ -407,6 +408,11 @@ def _check_finite(finite: dict[str, bool], offset: int, dtype: str) -> None:
         )
 
 
+# for later readers only: data_fingerprint already holds resumes to the same inputs (and labels),
+# and stores from before this key lack it
+_NOT_FOR_RESUME = frozenset({"inputs_fingerprint"})
+
+
 def _resume(path: Path, settings: dict, chunk_size: int | None) -> StoreWriter:
     writer = StoreWriter.open(path)
     stored = writer.attrs.get("settings", {})
@@ -414,7 +420,7 @@ def _resume(path: Path, settings: dict, chunk_size: int | None) -> StoreWriter:
     diffs = [
         f"{key}: store has {stored.get(key)!r}, this call {now[key]!r}"
         for key in now
-        if stored.get(key) != now[key]
+        if stored.get(key) != now[key] and key not in _NOT_FOR_RESUME
     ]
     if chunk_size is not None and int(chunk_size) != writer.chunk_size:
         diffs.append(f"chunk_size: store has {writer.chunk_size}, this call {chunk_size}")
