@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
 from .model import CPModel, solve_sample_rows
 from .solvers import cp_als, ncp_hals
 
@@ -126,6 +127,10 @@ class CP:
 
     def _samples(self, x: Any, fitted: bool) -> np.ndarray:
         """``X`` as ``n x I_1 x ... x I_d`` (a view where possible), checked."""
+        if hasattr(x, "toarray") and hasattr(x, "nnz"):  # scipy.sparse: asarray gives an object
+            raise TypeError(
+                f"X is a sparse {type(x).__name__}; CP needs dense samples: pass X.toarray()"
+            )
         arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"X must hold numbers, got dtype {arr.dtype}")
@@ -149,6 +154,13 @@ class CP:
             if arr.shape[1:] != want:
                 raise ValueError(
                     f"X's samples have shape {arr.shape[1:]}, the model was fitted on {want}"
+                )
+            # fit checks in its first pass; here a NaN would make every row NaN (one lstsq)
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+            if len(bad):
+                raise DataError(
+                    f"X holds NaN or Inf in {len(bad)} sample(s), the first at sample {bad[0]}: "
+                    "clean or drop those samples (e.g. np.nan_to_num) before transform"
                 )
         return arr
 

@@ -220,3 +220,25 @@ def test_peek_fit_names_the_flag_a_bad_setting_came_from(tmp_path, rng, capsys, 
     assert code == 1
     assert doc["error"].startswith(f"{flag} must be")
     assert not any(name in doc["error"] for name in ("n_iter_max", "random_state", "chunk_size"))
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_cp_transform_refuses_nan_and_inf_samples(rng, nonnegative, bad):
+    est = CP(2, sample_shape=(4, 4), nonnegative=nonnegative, n_iter_max=20).fit(
+        rng.random((12, 16))
+    )
+    x = rng.random((4, 16))
+    clean = est.transform(np.delete(x, 2, axis=0))
+    x[2, 5] = bad
+    with pytest.raises(peekcore.errors.DataError, match=r"NaN or Inf in 1 sample\(s\).*sample 2"):
+        est.transform(x)
+    # the other samples were never at risk: dropping the bad one gives their rows
+    np.testing.assert_allclose(est.transform(np.delete(x, 2, axis=0)), clean, rtol=1e-12)
+
+
+def test_cp_names_sparse_input(rng):
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match=r"sparse csr_matrix.*X.toarray\(\)"):
+        CP(2, sample_shape=(4, 4)).fit(scipy.sparse.csr_matrix(rng.random((6, 16))))
