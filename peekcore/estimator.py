@@ -12,6 +12,7 @@ asks for the estimator's tags (it is then already loaded).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -22,6 +23,8 @@ from .model import CPModel, solve_sample_rows
 from .solvers import cp_als, ncp_hals
 
 __all__ = ["CP"]
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -66,7 +69,8 @@ class CP:
     # The constructor's parameters. scikit-learn's rule is that ``__init__`` only
     # stores them, as given; the dataclass writes that ``__init__`` (``rank``
     # positional or keyword, the rest keyword-only), and get_params, set_params,
-    # clone and repr read the names and defaults back from these fields.
+    # clone and repr read the names and defaults back from its signature (a
+    # subclass's ``__init__`` may add parameters).
     rank: int = 2
     _: dataclasses.KW_ONLY
     nonnegative: bool = False
@@ -83,8 +87,23 @@ class CP:
     # ------------------------------------------------------------ parameters
 
     @classmethod
+    def _param_defaults(cls) -> dict[str, Any]:
+        """Each constructor parameter and its default, in order.
+
+        Read from ``__init__``'s signature (the dataclass's, or a subclass's own
+        ``__init__`` with parameters of its own, as scikit-learn reads them),
+        plus the fields a subclass's ``**kwargs`` passes on.
+        """
+        params = inspect.signature(cls.__init__).parameters.values()
+        named = {p.name: p.default for p in params if p.name != "self" and p.kind in _NAMED}
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            for f in dataclasses.fields(cls):
+                named.setdefault(f.name, f.default)
+        return named
+
+    @classmethod
     def _param_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return list(cls._param_defaults())
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor's parameters (scikit-learn's convention; nothing nested)."""
@@ -102,7 +121,7 @@ class CP:
         return self
 
     def __repr__(self) -> str:
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = self._param_defaults()
         shown = [
             f"{n}={v!r}"
             for n, v in self.get_params().items()

@@ -242,3 +242,25 @@ def test_cp_names_sparse_input(rng):
 
     with pytest.raises(TypeError, match=r"sparse csr_matrix.*X.toarray\(\)"):
         CP(2, sample_shape=(4, 4)).fit(scipy.sparse.csr_matrix(rng.random((6, 16))))
+
+
+def test_cp_subclass_parameters_survive_clone_and_set_params():
+    from sklearn.base import clone
+
+    class Listed(CP):  # scikit-learn's convention: every parameter named
+        def __init__(self, rank=2, *, alpha=1.0, tol=1e-8):
+            super().__init__(rank, tol=tol)
+            self.alpha = alpha
+
+    class Passing(CP):  # the parent's parameters passed on as **kwargs
+        def __init__(self, rank=2, *, alpha=1.0, **kwargs):
+            super().__init__(rank, **kwargs)
+            self.alpha = alpha
+
+    for cls in (Listed, Passing):
+        est = cls(3, alpha=5.0, tol=1e-3)
+        twin = clone(est)
+        assert (type(twin), twin.rank, twin.alpha, twin.tol) == (cls, 3, 5.0, 1e-3)
+        assert est.set_params(alpha=2.0).alpha == 2.0
+        assert repr(est) == f"{cls.__name__}(rank=3, alpha=2.0, tol=0.001)"
+    assert "nonnegative" in Passing().get_params() and "nonnegative" not in Listed().get_params()
