@@ -113,8 +113,9 @@ def _acquire(path: Path, target: Path, what: str, wait: str) -> int | None:
         except FileNotFoundError:  # the holder before us removed it as it let go
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
             return fd
         os.close(fd)  # a file no longer at the path: lock the one there now
     raise RuntimeError(f"could not take the lock {path}: it kept being replaced")
@@ -126,16 +127,22 @@ def _open(path: Path, target: Path, what: str) -> int | None:
     O_NOFOLLOW and O_NONBLOCK: a symlink is not followed (it could point at any
     file, which would then be truncated) and a FIFO does not block the open.
     """
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o666)
+        fd = os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        if err.errno in _NO_FILE:  # a folder this user cannot add to: write unlocked
-            _warn_unlocked(path, target, what, err)
-            return None
-        if err.errno not in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
-            raise
         fd = None
+        if err.errno in _NO_FILE:
+            # another user's lock file (0644 under the usual umask), or a read-only file
+            # system: flock needs no write access, so lock it read-only (its holder line
+            # is not rewritten then)
+            try:
+                fd = os.open(path, flags | os.O_RDONLY)
+            except OSError:  # no lock file there, and none can be made: write unlocked
+                _warn_unlocked(path, target, what, err)
+                return None
+        elif err.errno not in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+            raise
     if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
         return fd
     if fd is not None:

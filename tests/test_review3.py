@@ -22,7 +22,7 @@ from torch import nn
 import peekcore
 from peekcore import CP
 from peekcore._lock import lock_path, writer_lock
-from peekcore.errors import OutputPathError
+from peekcore.errors import ConcurrentWriteError, OutputPathError
 
 # ---------------------------------------------------------------- the writer lock
 
@@ -264,3 +264,25 @@ def test_cp_subclass_parameters_survive_clone_and_set_params():
         assert est.set_params(alpha=2.0).alpha == 2.0
         assert repr(est) == f"{cls.__name__}(rank=3, alpha=2.0, tol=0.001)"
     assert "nonnegative" in Passing().get_params() and "nonnegative" not in Listed().get_params()
+
+
+def test_a_lock_file_this_user_may_only_read_still_locks(tmp_path, monkeypatch):
+    # another user's lock file, mode 0644: this one may open it read-only, which flock needs
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    target = tmp_path / "s.zarr"
+    with writer_lock(target, "the store", "wait"):  # the other user, writing
+        monkeypatch.setattr(os, "open", read_only)
+        with pytest.raises(ConcurrentWriteError, match=f"process {os.getpid()} is writing"):
+            _lock_once(target)
+        monkeypatch.undo()
+    lock_path(target).write_text("")  # left by the other user, who is done
+    monkeypatch.setattr(os, "open", read_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # locked, so no warning
+        assert _lock_once(target)
