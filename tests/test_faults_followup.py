@@ -265,28 +265,37 @@ LOCKED_NET = textwrap.dedent(
     import peekcore
 
 
+    class Net(nn.Sequential):
+        # HOLD_AT=i: the forward of the batch with sample i writes the file "ready", then
+        # waits for the file "go"; FAIL_AT=i: it fails (the capture stops with a partial
+        # store). In the forward, not the data set: capture reads the data set once more,
+        # for its fingerprint, before the capture passes
+        def forward(self, x):
+            ids = {int(v) for v in x[:, 0, 0, 0].tolist()}  # each image's pixel 0 is its index
+            if os.environ.get("HOLD_AT") and int(os.environ["HOLD_AT"]) in ids:
+                Path("ready").write_text(str(os.getpid()))
+                while not Path("go").exists():
+                    time.sleep(0.01)
+            if os.environ.get("FAIL_AT") and int(os.environ["FAIL_AT"]) in ids:
+                raise RuntimeError("stopped on purpose")
+            return super().forward(x)
+
+
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+        return Net(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
 
 
     class Images(Dataset):
-        # HOLD_AT=i: item i writes the file "ready", then waits for the file "go";
-        # FAIL_AT=i: item i fails (the capture stops with a partial store)
         def __init__(self):
             x = np.random.default_rng(0).random((64, 1, 8, 8))
+            x[:, 0, 0, 0] = np.arange(64)
             self.x = torch.as_tensor(x, dtype=torch.float32)
 
         def __len__(self):
             return len(self.x)
 
         def __getitem__(self, i):
-            if str(i) == os.environ.get("HOLD_AT"):
-                Path("ready").write_text(str(os.getpid()))
-                while not Path("go").exists():
-                    time.sleep(0.01)
-            if str(i) == os.environ.get("FAIL_AT"):
-                raise RuntimeError("stopped on purpose")
             return self.x[i]
 
 

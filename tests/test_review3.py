@@ -286,3 +286,27 @@ def test_a_lock_file_this_user_may_only_read_still_locks(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # locked, so no warning
         assert _lock_once(target)
+
+
+def test_a_second_capture_is_refused_before_it_reads_the_data(tmp_path):
+    from torch.utils.data import Dataset
+
+    class Counted(Dataset):
+        def __init__(self) -> None:
+            self.x, self.reads = torch.ones(40, 4), 0
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            self.reads += 1
+            return self.x[i]
+
+    data = Counted()
+    with writer_lock(tmp_path / "s.zarr", "the store", "wait"):  # the first writer
+        with pytest.raises(ConcurrentWriteError):
+            peekcore.capture(_linear_net(), data, ["0"], tmp_path / "s.zarr")
+    # refused at once: not after reading the data set for its fingerprint
+    assert data.reads <= 1
+    peekcore.capture(_linear_net(), data, ["0"], tmp_path / "s.zarr")
+    assert data.reads > 40  # the capture itself reads them all (and the fingerprint too)

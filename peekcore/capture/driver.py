@@ -271,27 +271,14 @@ def _plan(
         chunk_size = check_int(chunk_size, "chunk_size", purpose=" (samples per stored chunk)")
     check_store_path(path)  # before any work: a path under a file can hold no store
     run = opts.hook(model, data, layers)
-    settings = {
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "weights_sha256": weights_hash(model),
-        "layers": run.names,
-        "layout": run.layouts,
-        "select": {n: _describe_select(s) for n, s in run.selects.items()},
-        "fold_spatial": bool(opts.fold_spatial),
-        "dtype": run.dtype,
-        "batch_size": None if run.inputs.loader is not None else int(opts.batch_size),
-        "n_samples": run.inputs.n_samples,
-        "data_fingerprint": run.inputs.fingerprint,
-        "inputs_fingerprint": run.inputs.inputs_fingerprint,
-        "transform": run.inputs.transform,
-        "seed": run.seed,
-        "autocast": None if run.autocast is None else str(run.autocast).removeprefix("torch."),
-    }
     writer: StoreWriter | None = None
     lock = contextlib.ExitStack()
     path.parent.mkdir(parents=True, exist_ok=True)  # the lock file goes beside the store
+    # the lock before the settings: their inputs_fingerprint reads the data (all of a small
+    # data set), and a second writer is refused at once, before that
     lock.enter_context(writer_lock(path, "the store", _WAIT))
     try:
+        settings = _settings(model, run, opts)
         # an empty folder is no store (made ahead by the caller); a store to overwrite is
         # replaced only once the first batch ran and the new store is ready
         # (StoreWriter.create)
@@ -313,6 +300,26 @@ def _plan(
         "versions": _versions(),
     }
     return _Plan(path, run, settings, provenance, chunk_size, replace, writer, lock)
+
+
+def _settings(model: nn.Module, run: Hooked, opts: CaptureOptions) -> dict:
+    """What a store records of how it was captured (a resume must match it)."""
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "weights_sha256": weights_hash(model),
+        "layers": run.names,
+        "layout": run.layouts,
+        "select": {n: _describe_select(s) for n, s in run.selects.items()},
+        "fold_spatial": bool(opts.fold_spatial),
+        "dtype": run.dtype,
+        "batch_size": None if run.inputs.loader is not None else int(opts.batch_size),
+        "n_samples": run.inputs.n_samples,
+        "data_fingerprint": run.inputs.fingerprint,
+        "inputs_fingerprint": run.inputs.inputs_fingerprint,
+        "transform": run.inputs.transform,
+        "seed": run.seed,
+        "autocast": None if run.autocast is None else str(run.autocast).removeprefix("torch."),
+    }
 
 
 _WAIT = (
