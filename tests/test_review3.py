@@ -310,3 +310,20 @@ def test_a_second_capture_is_refused_before_it_reads_the_data(tmp_path):
     assert data.reads <= 1
     peekcore.capture(_linear_net(), data, ["0"], tmp_path / "s.zarr")
     assert data.reads > 40  # the capture itself reads them all (and the fingerprint too)
+
+
+def test_report_images_with_nan_or_inf_pixels_are_drawn_on_the_finite_scale(rng):
+    from peekcore.report.figures import _image
+
+    img = rng.random((4, 4)) * 10 + 5  # outside [0, 1]: rescaled to its range
+    img[0, 0], img[1, 1] = np.nan, np.inf
+    got = _image(img[None], 0, "gray")
+    finite = np.isfinite(img)
+    lo, hi = img[finite].min(), img[finite].max()
+    np.testing.assert_allclose(got[finite], (img[finite] - lo) / (hi - lo))
+    assert np.isnan(got[~finite]).all()
+    assert np.isnan(_image(np.full((1, 3, 3), np.nan), 0, "gray")).all()
+    flat = np.full((1, 3, 3), 7.0)
+    flat[0, 0, 0] = -np.inf
+    got = _image(flat, 0, "gray")
+    assert np.isnan(got[0, 0]) and (got.ravel()[1:] == 0).all()

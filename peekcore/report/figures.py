@@ -186,10 +186,14 @@ def _image(images: Any, i: int, layout: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float64) / 255.0
     x = x.astype(np.float64)
-    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    finite = x[np.isfinite(x)]  # NaN and Inf pixels (drawn blank) leave the scale alone
+    if not finite.size:
+        return np.full_like(x, np.nan)
+    lo, hi = float(finite.min()), float(finite.max())
+    x = np.where(np.isfinite(x), x, np.nan)
     if lo >= 0.0 and hi <= 1.0:
         return x
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return (x - lo) / (hi - lo) if hi > lo else np.where(np.isnan(x), np.nan, 0.0)
 
 
 def _upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
