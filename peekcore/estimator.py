@@ -150,7 +150,11 @@ class CP:
             raise TypeError(
                 f"X is a sparse {type(x).__name__}; CP needs dense samples: pass X.toarray()"
             )
-        arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        if hasattr(x, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
+            x = x.detach().cpu()
+            arr = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+        else:
+            arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"X must hold numbers, got dtype {arr.dtype}")
         if arr.dtype.kind != "f":
@@ -175,7 +179,8 @@ class CP:
                     f"X's samples have shape {arr.shape[1:]}, the model was fitted on {want}"
                 )
             # fit checks in its first pass; here a NaN would make every row NaN (one lstsq)
-            bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+            rows = arr.reshape(len(arr), math.prod(arr.shape[1:]))  # -1 fails for 0 samples
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
             if len(bad):
                 raise DataError(
                     f"X holds NaN or Inf in {len(bad)} sample(s), the first at sample {bad[0]}: "
@@ -230,7 +235,7 @@ class CP:
 
     def _normal_equations(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``M = X_(0) K`` (``n x R``) and ``G = K^T K`` (``R x R``), ``K`` the components' KR."""
-        x = arr.reshape(arr.shape[0], -1).astype(np.float64, copy=False)
+        x = arr.reshape(arr.shape[0], math.prod(arr.shape[1:])).astype(np.float64, copy=False)
         kr = self.components_[0]
         for f in self.components_[1:]:  # row-major Khatri-Rao: the last mode fastest
             kr = (kr[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])

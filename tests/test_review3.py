@@ -327,3 +327,12 @@ def test_report_images_with_nan_or_inf_pixels_are_drawn_on_the_finite_scale(rng)
     flat[0, 0, 0] = -np.inf
     got = _image(flat, 0, "gray")
     assert np.isnan(got[0, 0]) and (got.ravel()[1:] == 0).all()
+
+
+def test_cp_takes_bfloat16_tensors_and_transforms_zero_samples(rng):
+    x = rng.random((10, 16))
+    as_bf16 = torch.as_tensor(x, dtype=torch.bfloat16)
+    est = CP(2, sample_shape=(4, 4), n_iter_max=20).fit(as_bf16)
+    want = CP(2, sample_shape=(4, 4), n_iter_max=20).fit(as_bf16.float().numpy())
+    np.testing.assert_allclose(est.transform(x), want.transform(x), rtol=1e-6, atol=1e-9)
+    assert est.transform(np.empty((0, 16))).shape == (0, 2)
