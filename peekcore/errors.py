@@ -71,6 +71,9 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__(message)
         self.differences = dict(differences or {})
 
+    def __reduce__(self) -> tuple:  # pickled whole (across processes), not just the message
+        return type(self), (str(self), self.differences)
+
 
 class StoreError(PeekcoreError, ValueError):
     """An activation store is incomplete, corrupt or inconsistent (the message says how)."""
@@ -102,6 +105,9 @@ class ConcurrentWriteError(PeekcoreError, OSError):
     ) -> None:
         super().__init__(message)
         self.path, self.pid, self.host = path, pid, host
+
+    def __reduce__(self) -> tuple:  # as BaseException pickles only the message
+        return type(self), (str(self), self.path, self.pid, self.host)
 
 
 class NumericalError(PeekcoreError, FloatingPointError):

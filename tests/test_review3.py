@@ -336,3 +336,18 @@ def test_cp_takes_bfloat16_tensors_and_transforms_zero_samples(rng):
     want = CP(2, sample_shape=(4, 4), n_iter_max=20).fit(as_bf16.float().numpy())
     np.testing.assert_allclose(est.transform(x), want.transform(x), rtol=1e-6, atol=1e-9)
     assert est.transform(np.empty((0, 16))).shape == (0, 2)
+
+
+def test_errors_with_attributes_survive_pickling():
+    # what a worker process (concurrent.futures, joblib) sends its caller
+    import pickle
+
+    from peekcore.errors import CheckpointMismatchError
+
+    for err in (
+        ConcurrentWriteError("held by 12", "/data/s.zarr", 12, "node7"),
+        CheckpointMismatchError("other data", {"shape": ((3, 4), (3, 5))}),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert vars(back) == vars(err)
