@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -264,6 +264,9 @@ class Inputs:
     inputs_fingerprint : str
         Identifies the model inputs alone, in order (computed on first use):
         see :meth:`Inputs.inputs_fingerprint`.
+    labels_fingerprint : str or None
+        Identifies the labels of the same items, or None (computed with
+        ``inputs_fingerprint``): see :meth:`Inputs.labels_fingerprint`.
     transform : str or None
         Description of the per-sample transform, if any (:func:`describe_callable`).
     """
@@ -381,6 +384,19 @@ class Inputs:
         self.fingerprint = _dataset_fingerprint(data)
 
     @cached_property
+    def _content(self) -> _Content:
+        """Both content fingerprints, from one read of the items (computed on first use)."""
+        n = self.n_samples
+        ds = self._indexed()
+        if ds is None:  # read only in order: described, as :attr:`fingerprint`
+            return _Content(f"described:{self.fingerprint}|n={n}", None)
+        content = _content_fingerprint(ds, n)
+        if self.loader is not None and self.loader.collate_fn is not default_collate:
+            inputs = content.inputs + f"|collate_fn={describe_callable(self.loader.collate_fn)}"
+            content = content._replace(inputs=inputs)
+        return content
+
+    @property
     def inputs_fingerprint(self) -> str:
         """A hash of what the model is given: the first ``n_samples`` inputs, in order.
 
@@ -394,19 +410,60 @@ class Inputs:
         and a DataLoader's own ``collate_fn`` is named. Data that cannot be
         read by index (an ``IterableDataset``, a DataLoader with
         ``batch_size=None``) get a hash of their description, as
-        :attr:`fingerprint`, so they match only themselves.
+        :attr:`fingerprint`, so they match only themselves. Computed once, on
+        first use, with :attr:`labels_fingerprint` (the same item reads).
         """
-        n = self.n_samples
+        return self._content.inputs
+
+    @property
+    def labels_fingerprint(self) -> str | None:
+        """A hash of the labels of the items :attr:`inputs_fingerprint` reads, or None.
+
+        As a capture stores them (int64 or float64); ``None`` for data without
+        labels or read only in order. It tells a generic ``Dataset``'s label
+        sets apart, which its :attr:`fingerprint` only describes.
+        """
+        return self._content.labels
+
+    @property
+    def needs_item_prints(self) -> bool:
+        """Whether only the content fingerprints (inputs, labels) check this data's content.
+
+        True for a map-style data set read by index other than arrays, tensors
+        and ``.npy`` files: its :attr:`fingerprint` is a description.
+        """
+        ds = self._indexed()
+        return ds is not None and not isinstance(ds, ArrayDataset)
+
+    def changing_item(self, probes: int = 8) -> int | None:
+        """The first of ``probes`` items spread over the data that reads differently twice.
+
+        Each is read twice (``dataset[i]``) and compared bit for bit, input and
+        label: a random augmentation shows here. Arrays without a transform and
+        data read only in order are not read (``None``).
+
+        Returns
+        -------
+        int or None
+            The index of the first item whose two reads differ; ``None`` when all agree.
+        """
+        ds = self._indexed()
+        if ds is None or (isinstance(ds, ArrayDataset) and ds.transform is None):
+            return None
+        for i in np.unique(np.linspace(0, self.n_samples - 1, probes).astype(np.int64)):
+            first, again = _read_item(ds, int(i)), _read_item(ds, int(i))
+            if _item_bytes(first) != _item_bytes(again):
+                return int(i)
+        return None
+
+    def _indexed(self) -> Dataset | None:
+        """The map-style data set read by index in order, or None (read only in order)."""
         if self.loader is None:
-            return _content_fingerprint(self.dataset, n)
-        loader = self.loader
-        ds = loader.dataset
-        if isinstance(ds, IterableDataset) or loader.batch_sampler is None:
-            return f"described:{self.fingerprint}|n={n}"
-        digest = _content_fingerprint(ds, n)
-        if loader.collate_fn is not default_collate:
-            digest += f"|collate_fn={describe_callable(loader.collate_fn)}"
-        return digest
+            return self.dataset
+        ds = self.loader.dataset
+        if isinstance(ds, IterableDataset) or self.loader.batch_sampler is None:
+            return None
+        return ds
 
     # -- iteration
 
@@ -513,30 +570,76 @@ def _dataset_fingerprint(ds: Any) -> str:
     return "|".join(parts)
 
 
-def _content_fingerprint(ds: Dataset, n: int) -> str:
-    """The inputs part of :meth:`Inputs.inputs_fingerprint` for a map-style data set."""
+class _Content(NamedTuple):
+    """:attr:`Inputs.inputs_fingerprint` and :attr:`Inputs.labels_fingerprint`."""
+
+    inputs: str
+    labels: str | None
+
+
+def _content_fingerprint(ds: Dataset, n: int) -> _Content:
+    """The content fingerprints of the first ``n`` items of a map-style data set.
+
+    One read of each item hashed (all, or 64 spread ones above 16 MiB) feeds
+    both; an array's rows are read without its transform, which is named.
+    """
     arrays = ds.inputs if isinstance(ds, ArrayDataset) else None
+    labels = ds.labels if isinstance(ds, ArrayDataset) else None
 
-    def row(i: int) -> tuple[np.ndarray, str]:
-        return _input_row(ds[i] if arrays is None else arrays[i])
+    def read(i: int) -> tuple[np.ndarray, str, Any]:
+        if arrays is None:
+            return _read_item(ds, i)
+        return (*_input_row(arrays[i]), None if labels is None else labels[i])
 
-    first, dtype = row(0)
-    whole = n * first.nbytes <= _HASH_FULL_BYTES
-    h = hashlib.sha256()
-    h.update(repr(("model inputs", n, first.shape, dtype)).encode())
+    first = read(0)
+    shape, dtype = first[0].shape, first[1]
+    whole = n * first[0].nbytes <= _HASH_FULL_BYTES
+    h, hl = hashlib.sha256(), hashlib.sha256()
+    h.update(repr(("model inputs", n, shape, dtype)).encode())
+    has_labels = first[2] is not None
     if arrays is not None and whole:  # one read: the same bytes as the rows in order
         h.update(_input_row(arrays[:n])[0].tobytes())
+        if has_labels:
+            hl.update(np.ascontiguousarray(labels[:n]).tobytes())
     else:
         picked = range(n) if whole else np.unique(np.linspace(0, n - 1, 64).astype(np.int64))
         for i in picked:
-            values, kind = row(int(i))
-            if values.shape != first.shape or kind != dtype:  # ragged items: say so
+            values, kind, label = first if i == 0 else read(int(i))
+            if values.shape != shape or kind != dtype:  # ragged items: say so
                 h.update(repr((int(i), values.shape, kind)).encode())
             h.update(values.tobytes())
+            if label is not None:
+                has_labels = True
+                hl.update(_label_bytes(label))
     digest = h.hexdigest()
     if isinstance(ds, ArrayDataset) and ds.transform is not None:
         digest += f"|transform={describe_callable(ds.transform)}"
-    return digest
+    return _Content(digest, hl.hexdigest() if has_labels else None)
+
+
+def _read_item(ds: Dataset, i: int) -> tuple[np.ndarray, str, Any]:
+    """Item ``i`` of a data set: its input's values and dtype name, and its label (or None)."""
+    item = ds[i]
+    label = None
+    if isinstance(item, (tuple, list)) and len(item) > 1:
+        label = item[1]
+    return (*_input_row(item), label)
+
+
+def _label_bytes(label: Any) -> bytes:
+    """A label's bytes as a capture stores it (int64 or float64); others by their repr."""
+    if isinstance(label, torch.Tensor):
+        label = label.detach().cpu().numpy()
+    arr = np.asarray(label)
+    if arr.dtype.kind in "biuf":
+        return np.ascontiguousarray(_numeric_labels(arr)).tobytes()
+    return strip_addresses(repr(label)).encode()
+
+
+def _item_bytes(read: tuple[np.ndarray, str, Any]) -> tuple:
+    """What two reads of an item must agree on: input shape, dtype and bits, label bits."""
+    values, kind, label = read
+    return values.shape, kind, values.tobytes(), None if label is None else _label_bytes(label)
 
 
 def _input_row(item: Any) -> tuple[np.ndarray, str]:

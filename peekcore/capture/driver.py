@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -286,7 +287,7 @@ def _plan(
         if replace:
             check_replaceable(path)  # before any work: refuse a folder that is not a store
         elif os.path.lexists(path) and not is_empty_dir(path):
-            writer = _resume(path, settings, chunk_size)
+            writer = _resume(path, settings, chunk_size, run.inputs)
     except BaseException:
         lock.close()
         raise
@@ -316,6 +317,7 @@ def _settings(model: nn.Module, run: Hooked, opts: CaptureOptions) -> dict:
         "n_samples": run.inputs.n_samples,
         "data_fingerprint": run.inputs.fingerprint,
         "inputs_fingerprint": run.inputs.inputs_fingerprint,
+        "labels_fingerprint": run.inputs.labels_fingerprint,
         "transform": run.inputs.transform,
         "seed": run.seed,
         "autocast": None if run.autocast is None else str(run.autocast).removeprefix("torch."),
@@ -415,20 +417,25 @@ def _check_finite(finite: dict[str, bool], offset: int, dtype: str) -> None:
         )
 
 
-# for later readers only: data_fingerprint already holds resumes to the same inputs (and labels),
-# and stores from before this key lack it
-_NOT_FOR_RESUME = frozenset({"inputs_fingerprint"})
+# content checks compared only when the store records them (what differs, for the message):
+# a store from before them resumes on data_fingerprint alone, as it did
+_IF_RECORDED = {
+    "inputs_fingerprint": "the model inputs differ",
+    "labels_fingerprint": "the labels differ",
+}
 
 
-def _resume(path: Path, settings: dict, chunk_size: int | None) -> StoreWriter:
+def _resume(path: Path, settings: dict, chunk_size: int | None, inputs: Inputs) -> StoreWriter:
     writer = StoreWriter.open(path)
     stored = writer.attrs.get("settings", {})
+    _check_items(path, stored, inputs, writer.complete)
     now = _json_round(settings)
-    diffs = [
-        f"{key}: store has {stored.get(key)!r}, this call {now[key]!r}"
-        for key in now
-        if stored.get(key) != now[key] and key not in _NOT_FOR_RESUME
-    ]
+    diffs = []
+    for key, value in now.items():
+        if (key in _IF_RECORDED and key not in stored) or stored.get(key) == value:
+            continue
+        what = f" ({_IF_RECORDED[key]})" if key in _IF_RECORDED else ""
+        diffs.append(f"{key}{what}: store has {stored.get(key)!r}, this call {value!r}")
     if chunk_size is not None and int(chunk_size) != writer.chunk_size:
         diffs.append(f"chunk_size: store has {writer.chunk_size}, this call {chunk_size}")
     if diffs:
@@ -438,6 +445,40 @@ def _resume(path: Path, settings: dict, chunk_size: int | None) -> StoreWriter:
             "overwrite=True to replace it, or another store path"
         )
     return writer
+
+
+def _check_items(path: Path, stored: dict, inputs: Inputs, complete: bool) -> None:
+    """Refuse data whose items change between reads; say when a store predates content checks.
+
+    A random augmentation gives other inputs on every read, so the samples a
+    resumed capture adds would not be those of the data the stored ones came
+    from: only a capture in one run is meaningful. A store from before
+    ``inputs_fingerprint`` resumes as it did, checked on ``data_fingerprint``,
+    which for a generic ``Dataset`` is its class and length alone: said when
+    the store is partial (other data would be mixed into it).
+    """
+    if "inputs_fingerprint" not in stored:
+        if inputs.needs_item_prints and not complete:
+            warnings.warn(
+                f"the store {path} was captured before peekcore recorded the content of the "
+                f"inputs, so this resume checks the data by their description only "
+                f"({inputs.description}): another data set of that class and length would be "
+                "mixed into it. If the data may have changed, pass overwrite=True to capture "
+                "again",
+                UserWarning,
+                stacklevel=5,  # the caller of capture()
+            )
+        return
+    item = inputs.changing_item()
+    if item is not None:
+        raise StoreError(
+            f"the data set gives other values on two reads of item {item} (random "
+            "augmentation?): its items change between reads, so the samples a resumed capture "
+            f"added would not come from the data that the store {path} holds, and it cannot be "
+            "resumed or reused. Pass overwrite=True to capture it again in one run (one pass "
+            "over augmented data is fine), or make the transform deterministic (no random "
+            "crops, flips or noise, or randomness seeded by the item index)"
+        )
 
 
 def _json_round(obj: Any) -> Any:
