@@ -127,7 +127,7 @@ def _drop_inputs_fingerprint(path) -> None:
     meta.write_text(json.dumps(doc))
 
 
-def test_capture_records_it_and_resume_ignores_it(rng, tmp_path):
+def test_capture_records_it_and_a_store_without_it_resumes(rng, tmp_path):
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     x = rng.standard_normal((30, 4)).astype(np.float32)
     y = rng.integers(0, 2, 30)
