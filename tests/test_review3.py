@@ -351,3 +351,22 @@ def test_errors_with_attributes_survive_pickling():
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
         assert vars(back) == vars(err)
+
+
+def test_capture_through_a_symlink_resumes_or_replaces_the_store_it_names(tmp_path, rng):
+    x, y = rng.random((10, 4)).astype(np.float32), rng.random((10, 4)).astype(np.float32)
+    (tmp_path / "real").mkdir()
+    peekcore.capture(_linear_net(), x, ["0"], tmp_path / "real" / "s.zarr", dtype="float32")
+    link = tmp_path / "link.zarr"
+    link.symlink_to(tmp_path / "real" / "s.zarr")
+    with writer_lock(link, "the store", "wait"):  # one lock for every name of the store
+        with pytest.raises(ConcurrentWriteError):
+            peekcore.capture(_linear_net(), x, ["0"], tmp_path / "real" / "s.zarr")
+    store = peekcore.capture(_linear_net(), y, ["0"], link, dtype="float32", overwrite=True)
+    assert link.is_symlink()  # still names the store, which now holds y's activations
+    with torch.no_grad():
+        want = _linear_net().double()[0](torch.as_tensor(y, dtype=torch.float64)).numpy()
+    for opened in (store, peekcore.ActivationStore(link)):
+        np.testing.assert_allclose(np.asarray(opened["0"].read()), want, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zarr", "real"]  # nothing left
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["s.zarr"]

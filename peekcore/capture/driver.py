@@ -175,7 +175,9 @@ def capture(
         store stays until the first batch has run and the new store's metadata
         is ready, so a capture that fails at once (a wrong layout, say) leaves
         it; from then on the new store is at ``store`` (and resumable). An
-        empty folder at ``store`` counts as no store.
+        empty folder at ``store`` counts as no store. Where ``store`` is a
+        symbolic link, the store it points to is resumed or replaced; the link
+        stays.
     progress : bool, optional
         Show a progress bar (images per second); default (None): as
         ``PEEKCORE_PROGRESS`` says (``0`` or ``1``) where set, else when stderr is a terminal.
@@ -270,6 +272,10 @@ def _plan(
     """Check a :func:`capture` call and decide: a new store, a resumed one, or a replaced one."""
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", purpose=" (samples per stored chunk)")
+    if path.is_symlink():
+        # the store it names is resumed or replaced (the link stays), as the writer lock
+        # beside that store covers every name of it
+        path = Path(os.path.realpath(path))
     check_store_path(path)  # before any work: a path under a file can hold no store
     run = opts.hook(model, data, layers)
     writer: StoreWriter | None = None

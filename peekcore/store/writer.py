@@ -390,7 +390,10 @@ def _move_in(tmp: Path, path: Path, replace: bool) -> None:
     except BaseException:
         old.rename(path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # rmtree refuses links: the link itself goes, not what it names
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_store_path(path: Path) -> None:
