@@ -45,6 +45,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int
+from .errors import InvalidTypeError
 from .npyfile import NpyArray, open_npy
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
@@ -87,6 +88,12 @@ class ArrayDataset(Dataset):
             raise ValueError(
                 f"inputs must be an array of shape (N, ...) with N >= 1, got shape "
                 f"{tuple(inputs.shape)}"
+            )
+        if isinstance(inputs.dtype, np.dtype) and inputs.dtype.kind not in "biufc":
+            raise InvalidTypeError(
+                f"inputs have dtype {inputs.dtype}, which no model takes: give numbers "
+                "(bool, integer or float), e.g. a record array's field as x['name'], or "
+                "strings converted to token ids first"
             )
         self.inputs = inputs
         if labels is not None:

@@ -370,3 +370,14 @@ def test_capture_through_a_symlink_resumes_or_replaces_the_store_it_names(tmp_pa
         np.testing.assert_allclose(np.asarray(opened["0"].read()), want, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zarr", "real"]  # nothing left
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["s.zarr"]
+
+
+@pytest.mark.parametrize("dtype", [[("a", "f4")], "datetime64[s]", "U3"])
+@pytest.mark.parametrize("from_file", [False, True])
+def test_capture_names_inputs_of_a_dtype_no_model_takes(tmp_path, dtype, from_file):
+    x = np.zeros((6, 4), dtype=dtype)
+    np.save(tmp_path / "x.npy", x)
+    data = tmp_path / "x.npy" if from_file else x
+    with pytest.raises(peekcore.errors.InvalidTypeError, match=r"inputs have dtype .*give numbers"):
+        peekcore.capture(_linear_net(), data, ["0"], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
