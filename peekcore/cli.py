@@ -723,23 +723,24 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: Settings that are numbers, by their Python name, and the flags that set them.
+_SETTING_FLAGS = {"chunk_size": "--chunk-size", "n_iter_max": "--iters", "random_state": "--seed"}
+
 #: Python argument names in library messages, and the flags a command-line user types.
 _FLAG_NAMES = (
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\bresume=(?=[\s,;:.)]|$)"), "--resume"),
     (re.compile(r"\bcheckpoint=(?=[\s,;:.)]|$)"), "--checkpoint"),
-    (re.compile(r"\bchunk_size=(?=[\s,;:.)]|$)"), "--chunk-size"),
-    (re.compile(r"\bn_iter_max=(?=[\s,;:.)]|$)"), "--iters"),
-    (re.compile(r"\brandom_state=(?=[\s,;:.)]|$)"), "--seed"),
     (re.compile(r"\bfold_spatial=True\b"), "--fold-spatial"),
-    # a check's own words: "n_iter_max must be a positive integer ..."
-    (re.compile(r"\bn_iter_max(?= must\b)"), "--iters"),
-    (re.compile(r"\brandom_state(?= must\b)"), "--seed"),
-    (re.compile(r"\bchunk_size(?= must\b)"), "--chunk-size"),
-    # and its example: "e.g. random_state=0"
-    (re.compile(r"\bn_iter_max=(?=\d)"), "--iters "),
-    (re.compile(r"\brandom_state=(?=\d)"), "--seed "),
-    (re.compile(r"\bchunk_size=(?=\d)"), "--chunk-size "),
+    *(
+        (re.compile(pattern.format(name)), flag + space)
+        for name, flag in _SETTING_FLAGS.items()
+        for pattern, space in (
+            (r"\b{}=(?=[\s,;:.)]|$)", ""),  # "pass n_iter_max="
+            (r"\b{}(?= must\b)", ""),  # a check's own words: "n_iter_max must be ..."
+            (r"\b{}=(?=\d)", " "),  # and its example: "e.g. random_state=0"
+        )
+    ),
 )
 
 
