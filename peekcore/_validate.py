@@ -15,6 +15,8 @@ instead):
   models and checkpoints, so a generator object is refused.
 * **dtypes**: data is float16, bfloat16, float32 or float64 (names, NumPy or
   torch dtypes).
+* **labels** (of capture inputs): integers (stored as int64) or floats
+  (float64); other dtypes are refused.
 * **output paths**: a regular file or nothing at the path (a symlink counts as
   its target: outputs are written through it), and an existing, writable folder.
   Checked before any work, so that a long fit is not lost to a typo in ``--out``.
@@ -44,6 +46,7 @@ __all__ = [
     "parse_ranks",
     "dtype_label",
     "dtype_name",
+    "numeric_labels",
     "output_target",
     "check_output_file",
 ]
@@ -188,6 +191,24 @@ def dtype_name(dtype: Any) -> str:
     raise InvalidTypeError(
         f"peekcore factors floating-point data (float16, bfloat16, float32 or float64); "
         f"got dtype {name}. Convert first, e.g. data.astype(np.float32)."
+    )
+
+
+def numeric_labels(y: np.ndarray) -> np.ndarray:
+    """Labels as a capture stores them: integers as int64, floats as float64.
+
+    Raises
+    ------
+    TypeError
+        For any other dtype (strings, objects, complex), with the fix.
+    """
+    if y.dtype.kind in "biu":
+        return y.astype(np.int64, copy=False)
+    if y.dtype.kind == "f":
+        return y.astype(np.float64, copy=False)
+    raise TypeError(
+        f"labels must be numeric (integers or floats), got dtype {y.dtype}; map them to "
+        "numbers first, or pass data without labels"
     )
 
 

@@ -21,14 +21,11 @@ numbers are the store's ``sample_id``.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import types
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +41,20 @@ from torch.utils.data import (
 )
 
 from ._extras import require
-from ._validate import check_int
+from ._validate import check_int, numeric_labels
 from .errors import InvalidTypeError
+from .fingerprints import (
+    Content,
+    array_fingerprint,
+    changing_item,
+    content_fingerprint,
+    describe_callable,
+    described_fingerprint,
+    transform_repr,
+)
 from .npyfile import NpyArray, open_npy
 
 __all__ = ["ArrayDataset", "digits", "image_folder", "as_inputs", "Inputs"]
-
-_HASH_FULL_BYTES = 16 << 20  # arrays up to this size are hashed whole; larger: 64 rows
 
 
 class ArrayDataset(Dataset):
@@ -99,7 +103,7 @@ class ArrayDataset(Dataset):
         if labels is not None:
             if isinstance(labels, torch.Tensor):
                 labels = labels.detach().cpu().numpy()
-            labels = _numeric_labels(np.asarray(labels))
+            labels = numeric_labels(np.asarray(labels))
             if labels.shape[0] != inputs.shape[0]:
                 raise ValueError(
                     f"got {inputs.shape[0]} inputs but {labels.shape[0]} labels; pass one label "
@@ -140,12 +144,7 @@ class ArrayDataset(Dataset):
 
     def fingerprint(self) -> str:
         """A hash of the inputs and labels (whole, or sampled rows for large arrays)."""
-        h = hashlib.sha256()
-        h.update(repr((tuple(self.inputs.shape), str(self.inputs.dtype))).encode())
-        _hash_rows(h, self.inputs)
-        if self.labels is not None:
-            _hash_rows(h, self.labels)
-        return h.hexdigest()
+        return array_fingerprint(self.inputs, self.labels)
 
     def __repr__(self) -> str:
         return f"ArrayDataset({self.description()}, labels={self.labels is not None})"
@@ -160,31 +159,6 @@ def _to_tensor(x: Any) -> torch.Tensor:
     elif not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr)  # memmaps and read-only views: torch wants writable memory
     return torch.from_numpy(arr)
-
-
-def _hash_rows(h: Any, arr: Any) -> None:
-    if isinstance(arr, torch.Tensor):
-        arr = arr.detach().cpu()
-        if arr.dtype == torch.bfloat16:
-            arr = arr.view(torch.int16)
-        arr = arr.numpy()
-    n = int(arr.shape[0])
-    if arr.nbytes <= _HASH_FULL_BYTES:
-        h.update(np.ascontiguousarray(arr).tobytes())
-        return
-    for i in np.unique(np.linspace(0, n - 1, 64).astype(np.int64)):
-        h.update(np.ascontiguousarray(arr[int(i)]).tobytes())
-
-
-def _numeric_labels(y: np.ndarray) -> np.ndarray:
-    if y.dtype.kind in "biu":
-        return y.astype(np.int64, copy=False)
-    if y.dtype.kind == "f":
-        return y.astype(np.float64, copy=False)
-    raise TypeError(
-        f"labels must be numeric (integers or floats), got dtype {y.dtype}; map them to "
-        "numbers first, or pass data without labels"
-    )
 
 
 def digits(*, dtype: str = "float32") -> ArrayDataset:
@@ -343,7 +317,7 @@ class Inputs:
         self.loader = loader
         self.n_samples = int(n)
         self.description = f"DataLoader({_describe_dataset(ds)}, batch_size={batch_size})"
-        self.transform = _transform_repr(getattr(ds, "transform", None))
+        self.transform = transform_repr(getattr(ds, "transform", None))
         self.fingerprint = _dataset_fingerprint(ds) + f"|loader batch_size={batch_size}"
 
     def _init_dataset(self, data: Any, transform: Callable | None) -> None:
@@ -387,17 +361,20 @@ class Inputs:
             raise ValueError("the data set is empty: there is nothing to capture")
         self.dataset = data
         self.description = _describe_dataset(data)
-        self.transform = _transform_repr(getattr(data, "transform", None))
+        self.transform = transform_repr(getattr(data, "transform", None))
         self.fingerprint = _dataset_fingerprint(data)
 
     @cached_property
-    def _content(self) -> _Content:
+    def _content(self) -> Content:
         """Both content fingerprints, from one read of the items (computed on first use)."""
         n = self.n_samples
         ds = self._indexed()
         if ds is None:  # read only in order: described, as :attr:`fingerprint`
-            return _Content(f"described:{self.fingerprint}|n={n}", None)
-        content = _content_fingerprint(ds, n)
+            return Content(f"described:{self.fingerprint}|n={n}", None)
+        if isinstance(ds, ArrayDataset):  # rows read without the transform, which is named
+            content = content_fingerprint(ds, n, (ds.inputs, ds.labels), ds.transform)
+        else:
+            content = content_fingerprint(ds, n)
         if self.loader is not None and self.loader.collate_fn is not default_collate:
             inputs = content.inputs + f"|collate_fn={describe_callable(self.loader.collate_fn)}"
             content = content._replace(inputs=inputs)
@@ -457,11 +434,7 @@ class Inputs:
         ds = self._indexed()
         if ds is None or (isinstance(ds, ArrayDataset) and ds.transform is None):
             return None
-        for i in np.unique(np.linspace(0, self.n_samples - 1, probes).astype(np.int64)):
-            first, again = _read_item(ds, int(i)), _read_item(ds, int(i))
-            if _item_bytes(first) != _item_bytes(again):
-                return int(i)
-        return None
+        return changing_item(ds, self.n_samples, probes)
 
     def _indexed(self) -> Dataset | None:
         """The map-style data set read by index in order, or None (read only in order)."""
@@ -544,7 +517,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, np.ndarray | None]:
         if len(batch) > 1 and batch[1] is not None:
             label = batch[1]
             y = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label
-            y = _numeric_labels(np.asarray(y))
+            y = numeric_labels(np.asarray(y))
         return batch[0], y
     raise TypeError(
         f"a data batch is a {type(batch).__name__}; peekcore expects a tensor of inputs or a "
@@ -567,111 +540,7 @@ def _describe_dataset(ds: Any) -> str:
 def _dataset_fingerprint(ds: Any) -> str:
     if isinstance(ds, ArrayDataset):
         return ds.fingerprint()
-    parts = [_describe_dataset(ds), _transform_repr(getattr(ds, "transform", None)) or ""]
-    samples = getattr(ds, "samples", None)  # ImageFolder: (path, class) pairs
-    if isinstance(samples, list):
-        h = hashlib.sha256()
-        for item in samples:
-            h.update(repr(item).encode())
-        parts.append(h.hexdigest())
-    return "|".join(parts)
-
-
-class _Content(NamedTuple):
-    """:attr:`Inputs.inputs_fingerprint` and :attr:`Inputs.labels_fingerprint`."""
-
-    inputs: str
-    labels: str | None
-
-
-def _content_fingerprint(ds: Dataset, n: int) -> _Content:
-    """The content fingerprints of the first ``n`` items of a map-style data set.
-
-    One read of each item hashed (all, or 64 spread ones above 16 MiB) feeds
-    both; an array's rows are read without its transform, which is named.
-    """
-    arrays = ds.inputs if isinstance(ds, ArrayDataset) else None
-    labels = ds.labels if isinstance(ds, ArrayDataset) else None
-
-    def read(i: int) -> tuple[np.ndarray, str, Any]:
-        if arrays is None:
-            return _read_item(ds, i)
-        return (*_input_row(arrays[i]), None if labels is None else labels[i])
-
-    first = read(0)
-    shape, dtype = first[0].shape, first[1]
-    whole = n * first[0].nbytes <= _HASH_FULL_BYTES
-    h, hl = hashlib.sha256(), hashlib.sha256()
-    h.update(repr(("model inputs", n, shape, dtype)).encode())
-    has_labels = first[2] is not None
-    if arrays is not None and whole:  # one read: the same bytes as the rows in order
-        h.update(_input_row(arrays[:n])[0].tobytes())
-        if has_labels:
-            hl.update(np.ascontiguousarray(labels[:n]).tobytes())
-    else:
-        picked = range(n) if whole else np.unique(np.linspace(0, n - 1, 64).astype(np.int64))
-        for i in picked:
-            values, kind, label = first if i == 0 else read(int(i))
-            if values.shape != shape or kind != dtype:  # ragged items: say so
-                h.update(repr((int(i), values.shape, kind)).encode())
-            h.update(values.tobytes())
-            if label is not None:
-                has_labels = True
-                hl.update(_label_bytes(label))
-    digest = h.hexdigest()
-    if isinstance(ds, ArrayDataset) and ds.transform is not None:
-        digest += f"|transform={describe_callable(ds.transform)}"
-    return _Content(digest, hl.hexdigest() if has_labels else None)
-
-
-def _read_item(ds: Dataset, i: int) -> tuple[np.ndarray, str, Any]:
-    """Item ``i`` of a data set: its input's values and dtype name, and its label (or None)."""
-    item = ds[i]
-    label = None
-    if isinstance(item, (tuple, list)) and len(item) > 1:
-        label = item[1]
-    return (*_input_row(item), label)
-
-
-def _label_bytes(label: Any) -> bytes:
-    """A label's bytes as a capture stores it (int64 or float64); others by their repr."""
-    if isinstance(label, torch.Tensor):
-        label = label.detach().cpu().numpy()
-    arr = np.asarray(label)
-    if arr.dtype.kind in "biuf":
-        return np.ascontiguousarray(_numeric_labels(arr)).tobytes()
-    return strip_addresses(repr(label)).encode()
-
-
-def _item_bytes(read: tuple[np.ndarray, str, Any]) -> tuple:
-    """What two reads of an item must agree on: input shape, dtype and bits, label bits."""
-    values, kind, label = read
-    return values.shape, kind, values.tobytes(), None if label is None else _label_bytes(label)
-
-
-def _input_row(item: Any) -> tuple[np.ndarray, str]:
-    """The model input of a data set item (alone, or first in a tuple), and its dtype's name.
-
-    The values come back C-ordered in native byte order; the name is the same
-    for numpy and torch (``"float32"``), and a tensor's ``bfloat16`` (no numpy
-    dtype) is read as its 16-bit pattern under the name ``"bfloat16"``.
-    """
-    if isinstance(item, (tuple, list)) and item:
-        item = item[0]
-    name = None
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu()
-        if item.dtype == torch.bfloat16:
-            item, name = item.view(torch.int16), "bfloat16"
-        item = item.numpy()
-    arr = np.asarray(item)
-    if arr.dtype.kind not in "biufc":
-        raise TypeError(
-            f"a data item is a {type(item).__name__}; peekcore expects an input tensor or array, "
-            "alone or first in a tuple (input, label, ...): make the Dataset return that"
-        )
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
-    return arr, name or arr.dtype.name
+    return described_fingerprint(_describe_dataset(ds), ds)
 
 
 def _check_sample_order(loader: DataLoader) -> None:
@@ -703,64 +572,6 @@ def _check_sample_order(loader: DataLoader) -> None:
         "shuffle=False and no sampler or batch_sampler (its default SequentialSampler); to "
         "capture some items only, pass torch.utils.data.Subset(dataset, indices) instead"
     )
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def strip_addresses(text: str) -> str:
-    """``text`` (a ``repr``) without the memory addresses (`` at 0x7f...``) in it."""
-    return _ADDRESS.sub("", text)
-
-
-def describe_callable(fn: Any) -> str:
-    """A description of a function or callable that is the same in every process.
-
-    Functions (and builtins) are named by module and qualified name, bound
-    methods by that and their object; other callables by their ``repr``
-    without memory addresses (``<function f at 0x7f...>`` -> ``<function f>``),
-    which a plain ``repr`` would change from run to run. A Python function's
-    name is followed by a digest of what it computes (its code, constants,
-    defaults and the values it closes over), since two lambdas of one module,
-    or two closures of one factory, share a name.
-    """
-    if isinstance(fn, types.MethodType):
-        return f"{describe_callable(fn.__func__)} of {strip_addresses(repr(fn.__self__))}"
-    if isinstance(fn, types.FunctionType):
-        return f"{_callable_name(fn)} [{_code_digest(fn)}]"
-    if isinstance(fn, types.BuiltinFunctionType):
-        return _callable_name(fn)
-    return strip_addresses(repr(fn))
-
-
-def _code_digest(fn: types.FunctionType) -> str:
-    """12 hex digits of a function's code, constants, defaults and closure values."""
-
-    def code_parts(code: types.CodeType) -> list[Any]:
-        consts = [code_parts(c) if isinstance(c, types.CodeType) else c for c in code.co_consts]
-        return [code.co_code, consts, code.co_names]
-
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            cells.append(None)
-    parts = [code_parts(fn.__code__), fn.__defaults__, fn.__kwdefaults__, cells]
-    return hashlib.sha256(strip_addresses(repr(parts)).encode()).hexdigest()[:12]
-
-
-def _callable_name(fn: Any) -> str:
-    """Module and qualified name of a function or builtin."""
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    module = getattr(fn, "__module__", None)
-    if module is None and isinstance(getattr(fn, "__self__", None), types.ModuleType):
-        module = fn.__self__.__name__
-    return f"{module}.{name}" if module else strip_addresses(name)
-
-
-def _transform_repr(transform: Any) -> str | None:
-    return None if transform is None else describe_callable(transform)
 
 
 def as_inputs(

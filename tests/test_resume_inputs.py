@@ -189,9 +189,9 @@ def test_a_store_from_before_content_fingerprints_resumes_as_before(data, tmp_pa
 def test_the_fingerprint_is_computed_once_per_capture(data, tmp_path, monkeypatch):
     x, y = data
     calls = []
-    real = datasets_module._content_fingerprint
+    real = datasets_module.content_fingerprint
     monkeypatch.setattr(
-        datasets_module, "_content_fingerprint", lambda *a: calls.append(1) or real(*a)
+        datasets_module, "content_fingerprint", lambda *a: calls.append(1) or real(*a)
     )
     items = Items(x, y)
     capture(Dies(), items, "fc", tmp_path / "s.zarr", **KW)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datasets import describe_callable
 from ..errors import InvalidTypeError
+from ..fingerprints import describe_callable
 
 LAYOUTS = ("auto", "channels_first", "channels_last", "tokens", "sequence_first")
 
