@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+DEVICES = "'cpu', 'cuda' or 'cuda:N' (N a GPU index)"  # all that peekcore computes on
 
 # one part of a rank string: "4", "1-8" or "1-16:2"
 _RANK_PART = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?")
@@ -294,18 +295,39 @@ def check_output_file(
     return dest
 
 
-def check_device(device: Any) -> torch.device:
+def check_device(device: Any, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device``, refused with a clear message when it is not there.
 
-    Torch's own error for a CUDA device in a CPU build ("Torch not compiled with
-    CUDA enabled") does not say what to do; this one does.
+    peekcore computes on the CPU and on CUDA GPUs only: other devices torch
+    knows (``meta``, which holds no values, ``mps``, ...) are refused here,
+    rather than failing later inside torch. Torch's own error for a CUDA
+    device in a CPU build ("Torch not compiled with CUDA enabled") does not
+    say what to do; this one does.
+
+    Parameters
+    ----------
+    device : str, int or torch.device
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (as torch spells them).
+    name : str
+        What the device is, for the message (e.g. "the model's device").
+
+    Raises
+    ------
+    InvalidArgumentError
+        For a device torch does not know, one peekcore cannot compute on, or a
+        CUDA device that is not there.
     """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise InvalidArgumentError(
-            f"device {device!r} is not a device torch knows: use 'cpu', 'cuda' or 'cuda:<index>'"
+            f"{name} {device!r} is not a device torch knows: use {DEVICES}"
         ) from err
+    if dev.type not in ("cpu", "cuda"):
+        why = " (meta tensors hold no values)" if dev.type == "meta" else ""
+        raise InvalidArgumentError(
+            f"{name} {str(dev)!r} is not one peekcore can compute on{why}: use {DEVICES}"
+        )
     if dev.type == "cuda":
         if torch.version.cuda is None:
             raise InvalidArgumentError(

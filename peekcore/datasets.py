@@ -263,7 +263,9 @@ class Inputs:
         pin_memory: bool = False,
     ) -> None:
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = check_int(
+            num_workers, "num_workers", minimum=0, purpose=" (DataLoader worker processes)"
+        )
         self.pin_memory = pin_memory
         self.loader: DataLoader | None = None
         self.dataset: Dataset | None = None

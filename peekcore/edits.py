@@ -369,6 +369,7 @@ class _Runner:
         self, x: torch.Tensor, rows: np.ndarray | None, keep_x: Sequence[int], coef: np.ndarray
     ) -> torch.Tensor:
         """``V x b x K`` logits, for edits ``keep_x[v] X + (A * coef[v]) P``."""
+        given = x.dtype  # before the conversion below: the dtype an error names
         x = x.to(self.device)
         if self.input_dtype is not None and x.is_floating_point():
             x = x.to(self.input_dtype)
@@ -385,7 +386,7 @@ class _Runner:
                 self.passes += 1
         except (RuntimeError, TypeError) as err:
             self.edits.keep_x = self.edits.coef = None  # the edit hook idle for the check
-            refuse_input_dtype(self.model, x, self.input_dtype, err)
+            refuse_input_dtype(self.model, x, self.input_dtype, err, given=given)
             raise
         finally:
             self.edits.keep_x = self.edits.coef = None

@@ -129,7 +129,9 @@ def capture(
         float32 rounded, as ``x.float()`` would). Integer and boolean inputs
         are passed as they are (token ids, or a forward that scales images
         itself); a model that refuses them gets an ``InvalidTypeError`` saying
-        how to convert them, before a store is created. Nothing is rescaled.
+        how to convert them, before a store is created; so does one that takes
+        integer indices (an ``nn.Embedding`` first) given floats. Nothing is
+        rescaled.
     layers : str or sequence of str
         Module names as ``model.get_submodule`` takes them. A wrong name gets a
         ``KeyError`` listing the closest names.

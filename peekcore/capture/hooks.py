@@ -213,6 +213,7 @@ class LayerHooks:
             are written there directly and returned. Without it, new tensors on
             the model's device are returned.
         """
+        given = x.dtype  # before prepare() converts floats: the dtype an error names
         x = self.prepare(x)
         self._outputs = {}
         self.finite = {}
@@ -229,7 +230,7 @@ class LayerHooks:
                     pass
         except (RuntimeError, TypeError) as err:
             self._running = False
-            refuse_input_dtype(self.model, x, self._input_dtype, err, _autocast(self))
+            refuse_input_dtype(self.model, x, self._input_dtype, err, _autocast(self), given)
             raise
         finally:
             self._running = False
@@ -265,16 +266,19 @@ def refuse_input_dtype(
     want: torch.dtype | None,
     err: BaseException,
     autocast: Any = None,
+    given: torch.dtype | None = None,
 ) -> None:
-    """Raise an InvalidTypeError for integer or boolean inputs that a float model refused.
+    """Raise an InvalidTypeError for inputs of a dtype the model refused.
 
     Integer inputs are passed to the model as they are, since they may be what
     it takes (token ids for an embedding, or a forward that converts images
     itself). When its forward failed on them (``err``), the same batch is run
     once more as the model's float dtype, with the hooks inactive and the
     result dropped: if that runs, the dtype was the cause and the error says
-    how to convert; otherwise ``err`` stands. Inputs are never rescaled here:
-    the right scale depends on how the model was trained.
+    how to convert; otherwise ``err`` stands. Float inputs that the model
+    refused are tried as int64 the same way (token ids stored as floats, for
+    a model whose first layer is an ``nn.Embedding``). Inputs are never
+    rescaled here: the right scale depends on how the model was trained.
 
     Parameters
     ----------
@@ -288,8 +292,14 @@ def refuse_input_dtype(
         What its forward raised.
     autocast : context manager, optional
         The autocast the forward ran under.
+    given : torch.dtype, optional
+        The dtype of the inputs as given, before a conversion to ``want``
+        (default: ``x.dtype``).
     """
-    if want is None or x.is_floating_point() or x.is_complex():
+    if x.is_floating_point():
+        _refuse_float_indices(model, x, err, autocast, given or x.dtype)
+        return
+    if want is None or x.is_complex():
         return
     try:
         with torch.inference_mode(), autocast or contextlib.nullcontext():
@@ -308,6 +318,30 @@ def refuse_input_dtype(
         f"saving the .npy or passing the array, or pass transform=lambda t: {tensor_fix} "
         "(a DataLoader's inputs: convert them in its Dataset); peekcore does not rescale "
         "inputs itself"
+    ) from err
+
+
+def _refuse_float_indices(
+    model: nn.Module, x: torch.Tensor, err: BaseException, autocast: Any, given: torch.dtype
+) -> None:
+    """Raise an InvalidTypeError when the model refused floats and runs on them as int64.
+
+    An ``nn.Embedding`` takes integer indices only, and torch's error for
+    floats ("Expected tensor for argument #1 'indices' ...") says nothing of
+    where the inputs came from or how to convert them.
+    """
+    try:
+        with torch.inference_mode(), autocast or contextlib.nullcontext():
+            model(x.to(torch.int64))
+    except Exception:  # the dtype was not (the only) trouble: torch's error stands
+        return
+    name = str(given).removeprefix("torch.")
+    raise InvalidTypeError(
+        f"the inputs are {name} but the model takes integer indices (token ids for an "
+        f"nn.Embedding, say) and refuses floats ({type(err).__name__}: {err}). Give them "
+        "as integers, e.g. x.astype('int64') before saving the .npy or passing the array, "
+        "or pass transform=lambda t: t.long() (a DataLoader's inputs: convert them in its "
+        "Dataset)"
     ) from err
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._options import SharedOptions
-from .._validate import check_seed
+from .._validate import check_device, check_seed
 from ..datasets import Inputs, as_inputs
 from ..store import check_store_dtype
 from .hooks import LayerHooks
@@ -20,14 +20,14 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 def _model_device(model: nn.Module, device: Any) -> torch.device:
+    """Where the model runs: ``device`` (the model moved there) or where its tensors are."""
     if device is not None:
-        dev = torch.device(device)
+        dev = check_device(device)
         model.to(dev)
         return dev
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for t in (*model.parameters(), *model.buffers()):
+        # a model built on "meta" fails here rather than on its first batch
+        return check_device(t.device, "the model's device")
     return torch.device("cpu")
 
 
