@@ -57,8 +57,8 @@ def test_sample_shape_folds_rows_and_errors_name_the_fix(rng):
     np.testing.assert_allclose(a, same.fit_transform(x), rtol=1e-12, atol=1e-12)
     want = same.inverse_transform(a).reshape(30, 20)
     np.testing.assert_allclose(est.inverse_transform(a), want, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="sample_shape"):
-        peekcore.CP(2).fit(flat)
+    with pytest.raises(ValueError, match="sample_shape"):  # a matrix's rank <= min(n, f)
+        peekcore.CP(3).fit(flat[:, :2])
     with pytest.raises(ValueError, match="prod"):
         peekcore.CP(2, sample_shape=(3, 5)).fit(flat)
     with pytest.raises(AttributeError, match="not fitted"):
@@ -109,5 +109,8 @@ def test_import_leaves_sklearn_out():
     import subprocess
     import sys
 
-    code = "import sys, peekcore; peekcore.CP(2); assert 'sklearn' not in sys.modules"
+    code = (
+        "import sys, numpy, peekcore; x = numpy.eye(5)[:, :3];"
+        " peekcore.CP(2).fit(x).transform(x); assert 'sklearn' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
