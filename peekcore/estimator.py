@@ -332,8 +332,8 @@ class CP:
 
     def _fit(self, x: Any) -> np.ndarray:
         """Fit; the training samples' features, ``n x rank``."""
-        arr = self._samples(x, fitted=False)
         self._check_feature_names(x, reset=True)
+        arr = self._samples(x, fitted=False)
         self._check_fit_data(arr)
         kwargs = {
             "n_iter_max": self.n_iter_max,
@@ -386,8 +386,8 @@ class CP:
             ``n_samples x rank`` (a DataFrame where :meth:`set_output` asks).
         """
         self._check_fitted()
+        self._check_feature_names(X, reset=False)  # first: other columns may be other counts
         arr = self._samples(X, fitted=True)
-        self._check_feature_names(X, reset=False)
         m, g = self._normal_equations(arr)
         return self._container(solve_sample_rows(m, g, nonnegative=self.nonnegative), X)
 

@@ -87,8 +87,9 @@ def test_feature_names_and_set_output(rng):
     out = est.set_output(transform="pandas").transform(frame)
     assert list(out.columns) == ["cp0", "cp1"] and list(out.index) == list(frame.index)
     np.testing.assert_array_equal(out.to_numpy(), plain)
-    with pytest.raises(ValueError, match="feature names should match"):
-        est.transform(frame.rename(columns={"a": "z"}))
+    for other in (frame.rename(columns={"a": "z"}), frame[["a", "b", "c"]]):
+        with pytest.raises(ValueError, match="feature names should match"):
+            est.transform(other)
     with pytest.warns(UserWarning, match="does not have valid feature names"):
         est.transform(x)
     # a refit on an array forgets the names
@@ -126,6 +127,34 @@ def test_grid_search_over_rank(rng):
     assert search.best_params_ == {"cp__rank": 3}
     scores = search.cv_results_["mean_test_score"]
     assert scores[1] > 0.9 and scores[0] < 0.75, scores
+
+
+# scikit-learn's checks of DataFrames and set_output, which check_estimator leaves out
+# (scikit-learn runs them on its own transformers); polars' are left out with polars
+_FRAME_CHECKS = [
+    "check_get_feature_names_out_error",
+    "check_dataframe_column_names_consistency",
+    "check_transformer_get_feature_names_out",
+    "check_transformer_get_feature_names_out_pandas",
+    "check_set_output_transform",
+    "check_set_output_transform_pandas",
+    "check_global_output_transform_pandas",
+]
+
+
+@pytest.mark.slow  # 6 s each
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_sklearn_dataframe_and_set_output_checks(nonnegative):
+    pytest.importorskip("pandas")
+    from sklearn.utils import estimator_checks
+
+    for name in _FRAME_CHECKS:
+        with warnings.catch_warnings():
+            # the set_output checks fit on a DataFrame and transform an array, and the
+            # reverse, on purpose: scikit-learn's warnings of that are expected there
+            warnings.filterwarnings("ignore", "X does not have valid feature names", UserWarning)
+            warnings.filterwarnings("ignore", "X has feature names, but CP", UserWarning)
+            getattr(estimator_checks, name)("CP", peekcore.CP(nonnegative=nonnegative))
 
 
 def _checked():
