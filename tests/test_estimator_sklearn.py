@@ -74,6 +74,7 @@ def test_matrix_input_errors_say_what_to_do(rng):
 
 def test_feature_names_and_set_output(rng):
     pd = pytest.importorskip("pandas")
+    from sklearn.base import clone
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -87,6 +88,8 @@ def test_feature_names_and_set_output(rng):
     out = est.set_output(transform="pandas").transform(frame)
     assert list(out.columns) == ["cp0", "cp1"] and list(out.index) == list(frame.index)
     np.testing.assert_array_equal(out.to_numpy(), plain)
+    twin = clone(est).fit(frame)  # the output setting travels with clone, as scikit-learn's does
+    assert list(twin.fit_transform(frame).columns) == ["cp0", "cp1"]
     for other in (frame.rename(columns={"a": "z"}), frame[["a", "b", "c"]]):
         with pytest.raises(ValueError, match="feature names should match"):
             est.transform(other)
