@@ -22,6 +22,17 @@ __all__ = [
     "StoreDamageError",
     "ConcurrentWriteError",
     "NumericalError",
+    "FileFormatError",
+    "MissingInputError",
+    "OutputExistsError",
+    "UnknownNameError",
+    "OutOfRangeError",
+    "NotFittedError",
+    "CaptureError",
+    "RuntimeEnvironmentError",
+    "InternalError",
+    "MissingDependencyError",
+    "UnsupportedOptionError",
 ]
 
 
@@ -112,3 +123,54 @@ class ConcurrentWriteError(PeekcoreError, OSError):
 
 class NumericalError(PeekcoreError, FloatingPointError):
     """A fit's numbers left what the compute dtype holds (overflow, a failed solve)."""
+
+
+class FileFormatError(PeekcoreError, ValueError):
+    """A file is not the peekcore file asked for: another format, another kind of
+    peekcore file, or one that is damaged or cut short (the message says which)."""
+
+
+class MissingInputError(PeekcoreError, FileNotFoundError):
+    """A file, folder, store or checkpoint given as input does not exist."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output path is taken by something peekcore will not replace."""
+
+
+class UnknownNameError(PeekcoreError, KeyError):
+    """A name (a layer, a rank of a sweep, a measure) is not among those available."""
+
+
+class OutOfRangeError(PeekcoreError, IndexError):
+    """An index (rows, samples) lies outside what the object holds."""
+
+
+class NotFittedError(PeekcoreError, ValueError, AttributeError):
+    """An estimator is used before ``fit``; like scikit-learn's ``NotFittedError``
+    it is both a ``ValueError`` and an ``AttributeError``."""
+
+
+class CaptureError(PeekcoreError, RuntimeError):
+    """Capturing activations failed while the model ran: a layer not called or
+    called twice, outputs that change between passes, a data loader that yields
+    more or fewer samples than it declares, or a failed store write."""
+
+
+class RuntimeEnvironmentError(PeekcoreError, RuntimeError):
+    """The running environment lacks what a call needs (a process group for
+    ``distributed=True``, a lock file that stays put)."""
+
+
+class InternalError(PeekcoreError, RuntimeError):
+    """An internal invariant broke (e.g. chunks handed to a store writer out of
+    order): a bug in peekcore or in code driving its low-level writers."""
+
+
+class MissingDependencyError(PeekcoreError, ImportError):
+    """An optional package (or peekcore's compiled extension) that a call needs is
+    not installed or was built without the feature; the message says what to install."""
+
+
+class UnsupportedOptionError(PeekcoreError, NotImplementedError):
+    """An option of a drop-in API (``peekcore.tensorly``) that peekcore does not implement."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ..errors import InvalidArgumentError
 from .base import ALS, HALS, PassKernel, PassStatistics
 from .cuda_launch import compiled_backends
 from .reference import TorchKernel
@@ -78,4 +79,4 @@ def get_kernel(kernel: str | PassKernel | None, device: str | torch.device) -> P
         from .cuda import CudaKernel
 
         return CudaKernel(dev)
-    raise ValueError(f"unknown kernel {kernel!r}; choose from {names()}")
+    raise InvalidArgumentError(f"unknown kernel {kernel!r}; choose from {names()}")

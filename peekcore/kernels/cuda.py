@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .base import ALS, PassKernel, PassOptions
 from .cuda_launch import (
     KERNEL_NAMES,
@@ -87,7 +88,7 @@ class CudaKernel(PassKernel):
         super().__init__(device)
         backend = backend or launch_backend()
         if self.device.type != "cuda" and backend in ("cupy", "extension"):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the cuda kernel needs a CUDA device, got {self.device} (backend='torch' runs "
                 "its steps as torch operations on any device)"
             )

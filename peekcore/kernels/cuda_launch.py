@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import _native
+from ..errors import InvalidArgumentError, MissingDependencyError
 from .cuda_loader import cupy_or_error, load_module
 from .ops import hals_rows, khatri_rao
 from .storage import cuda_type, storage_code
@@ -113,7 +114,7 @@ def launch_backend() -> str:
     if wanted == "torch":
         return "torch"
     if wanted == "extension" and "extension" not in have:
-        raise ImportError(
+        raise MissingDependencyError(
             "PEEKCORE_CUDA_BACKEND=extension, but peekcore._core was built without CUDA: "
             "reinstall with PEEKCORE_CUDA=1 pip install . (needs the CUDA toolkit)"
         )
@@ -447,5 +448,7 @@ def make_launcher(backend: str, device: torch.device) -> Launcher:
     """The launcher of ``backend`` (one of ``BACKENDS``) on ``device``."""
     kinds = {"torch": TorchLauncher, "cupy": CupyLauncher, "extension": ExtensionLauncher}
     if backend not in kinds:
-        raise ValueError(f"backend must be 'cupy', 'extension' or 'torch', got {backend!r}")
+        raise InvalidArgumentError(
+            f"backend must be 'cupy', 'extension' or 'torch', got {backend!r}"
+        )
     return kinds[backend](device)

@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingDependencyError, MissingInputError
+
 __all__ = ["cupy_or_error", "source_root", "load_module"]
 
 _PKG = Path(__file__).resolve().parent.parent
@@ -24,7 +26,7 @@ def cupy_or_error():
     try:
         import cupy
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "peekcore's CUDA kernels need CuPy: pip install cupy-cuda12x (CUDA 12) or "
             "cupy-cuda13x (CUDA 13), matching your driver; or pass kernel='torch'"
         ) from err
@@ -36,7 +38,7 @@ def source_root() -> Path:
     for root in (_PKG.parent / "csrc", _PKG / "_csrc"):
         if (root / "cuda").is_dir():
             return root
-    raise FileNotFoundError(
+    raise MissingInputError(
         "peekcore's CUDA sources were not found (looked in csrc/ beside the package and in "
         "peekcore/_csrc); reinstall peekcore"
     )

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .._native import core
+from ..errors import InvalidArgumentError
 from .base import ALS, PassKernel, PassOptions
 from .ops import khatri_rao
 from .storage import storage_code
@@ -57,7 +58,9 @@ class NativeKernel(PassKernel):
     def __init__(self, device: str | torch.device = "cpu", block_bytes: int = DEFAULT_BLOCK_BYTES):
         super().__init__(device)
         if self.device.type != "cpu":
-            raise ValueError("the native kernel runs on the CPU; use kernel='cuda' on a GPU")
+            raise InvalidArgumentError(
+                "the native kernel runs on the CPU; use kernel='cuda' on a GPU"
+            )
         self._core = core()
         self.block_bytes = int(block_bytes)
         self.threads = int(self._core.build_info()["max_threads"])  # the pass's OpenMP team

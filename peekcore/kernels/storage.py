@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidTypeError
+
 __all__ = ["STORAGE_TYPES", "StorageType", "cuda_type", "storage_code", "storage_enum_source"]
 
 
@@ -53,7 +55,7 @@ def _lookup(dtype: torch.dtype) -> StorageType:
         return _BY_DTYPE[dtype]
     except KeyError:
         names = ", ".join(str(s.dtype).removeprefix("torch.") for s in STORAGE_TYPES)
-        raise TypeError(
+        raise InvalidTypeError(
             f"chunks stored as {dtype} cannot be passed to the compiled kernels; "
             f"convert them to one of {names}"
         ) from None

@@ -17,7 +17,7 @@ import torch
 from .._io import open_npz, read_header, save_npz
 from .._version import __version__
 from ..distributed import ShardSource
-from ..errors import CheckpointError, CheckpointMismatchError
+from ..errors import CheckpointError, CheckpointMismatchError, MissingInputError
 from ..model import FitHistory
 from ..sources import dtype_name, sample_rows
 from .passes import iterate_chunks
@@ -218,7 +218,7 @@ def load_checkpoint(
     rows = slice(comm.lo, comm.hi) if comm is not None and comm.active else slice(None)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path}")
     accepted = "a checkpoint written by checkpoint="
     try:
         with open_npz(path, accepted) as data:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_seed, dtype_label, dtype_name
+from ..errors import DataError, InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "TORCH_DTYPES",
@@ -57,7 +58,7 @@ def check_rank(rank: Any, shape: tuple[int, ...]) -> int:
     limit = math.prod(others)
     if rank > limit:
         what = "the samples, " if mode == 0 else ""
-        raise ValueError(
+        raise InvalidArgumentError(
             f"rank {rank} is too high for shape {shape}: the update of mode {mode} ({what}"
             f"size {shape[mode]}) solves an R x R system, the Hadamard product of the other "
             f"modes' Grams ({' x '.join(map(str, others))} = {limit} rows of their Khatri-Rao "
@@ -78,19 +79,19 @@ def check_fixed_modes(fixed_modes: Any, ndim: int) -> tuple[int, ...]:
     try:
         modes = list(fixed_modes)
     except TypeError:
-        raise TypeError(
+        raise InvalidTypeError(
             f"fixed_modes must be None or a list of mode numbers, got {fixed_modes!r}"
         ) from None
     for m in modes:
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < ndim:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"fixed_modes holds {m!r}, which is not a mode of this {ndim}-way data "
                 f"(modes 0 .. {ndim - 1}, 0 the samples)"
             )
     if len(set(modes)) != len(modes):
-        raise ValueError(f"fixed_modes lists a mode twice: {modes}")
+        raise InvalidArgumentError(f"fixed_modes lists a mode twice: {modes}")
     if len(modes) == ndim:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"fixed_modes={modes} fixes every mode: there is nothing to fit (use the initial "
             "model as it is)"
         )
@@ -116,16 +117,16 @@ def check_checkpoint_every(checkpoint_every: Any) -> int:
 def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The data's shape, refused when it has no sample mode and two other modes."""
     if len(shape) < 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"peekcore factors tensors with a sample mode and at least two other modes "
             f"(order >= 3); got shape {shape} (order {len(shape)}). A matrix has no unique "
             "CP decomposition (that is PCA / NMF): keep channels and space (or tokens) as "
             "separate modes, e.g. N x C x (H*W)."
         )
     if shape[0] == 0:
-        raise ValueError(f"the sample mode is empty (shape {shape}): there is nothing to fit")
+        raise DataError(f"the sample mode is empty (shape {shape}): there is nothing to fit")
     if any(n == 0 for n in shape[1:]):
-        raise ValueError(f"shape {shape} has an empty mode: there is nothing to fit")
+        raise DataError(f"shape {shape} has an empty mode: there is nothing to fit")
     return shape
 
 
@@ -133,7 +134,7 @@ def check_iterations(n_iter_max: Any, tol: Any, sweeps: Any) -> tuple[int, float
     """Validated ``n_iter_max``, ``tol`` and HALS ``sweeps``."""
     n_iter_max = check_int(n_iter_max, "n_iter_max", purpose=" (passes over the data)")
     if not (isinstance(tol, numbers.Real) and tol >= 0):
-        raise ValueError(f"tol must be a nonnegative number, got {tol!r}")
+        raise InvalidArgumentError(f"tol must be a nonnegative number, got {tol!r}")
     sweeps = check_int(sweeps, "sweeps", purpose=" (HALS inner sweeps per pass)")
     return n_iter_max, float(tol), sweeps
 
@@ -145,14 +146,14 @@ def compute_dtype_for(stored: str, dtype: Any) -> torch.dtype:
     try:
         compute = TORCH_DTYPES[dtype_name(dtype)]
     except TypeError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"dtype= sets the accumulation precision, not the data's type: 'float32' or "
             f"'float64', or None (float64 for float64 data, else float32); got "
             f"{dtype_label(dtype)!r}. To fit integer data, convert the data itself, e.g. "
             "data.astype(np.float32)"
         ) from None
     if compute not in (torch.float32, torch.float64):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"dtype= sets the accumulation precision and must be 'float32' or 'float64' (or "
             f"None), got {dtype}; half-precision storage is fine, accumulation in half is not"
         )

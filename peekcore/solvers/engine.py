@@ -35,6 +35,7 @@ from .._options import SharedOptions
 from .._progress import resolve_progress
 from .._version import __version__
 from ..distributed import Communicator
+from ..errors import NumericalError
 from ..kernels import HALS, PassKernel
 from ..model import CPModel, normalize_factors
 from .checkpoint import (
@@ -150,7 +151,7 @@ def _record(
     (times ``||X||^2``) is warned about once per model.
     """
     if not math.isfinite(resid2):
-        raise FloatingPointError(
+        raise NumericalError(
             f"the fit became non-finite at iteration {it + 1}: the data changed "
             "between passes or holds NaN/Inf (checked in the first pass only), or "
             "the model overflowed the compute dtype (try dtype='float64')"

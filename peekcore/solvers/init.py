@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError
 from ..model import CPModel
 from ..sources import ChunkSource
 from .passes import check_not_all_zeros, gram_pass
@@ -54,7 +55,7 @@ class Initializer:
     ) -> None:
         is_model = isinstance(init, CPModel) or _is_cp_tensor(init)
         if not (isinstance(init, str) and init in ("random", "gram")) and not is_model:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"init must be 'random', 'gram', a CPModel or a TensorLy CPTensor; got {init!r}"
             )
         self.init = init
@@ -115,7 +116,7 @@ class Initializer:
             return a, resident
         model = self.init if isinstance(self.init, CPModel) else CPModel.from_tensorly(self.init)
         if model.shape != shape or model.rank != rank:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the initial model has shape {model.shape} and rank {model.rank}; the data has "
                 f"shape {shape} and rank {rank} was asked"
             )
@@ -123,7 +124,7 @@ class Initializer:
         scale = self.source.scale if isinstance(self.source, ScaledSource) else 1.0
         mats = [f * (model.weights * scale) if i == 0 else f for i, f in enumerate(model.factors)]
         if self.nonneg and any(np.any(m < 0) for m in mats):
-            raise ValueError("a nonnegative fit needs a nonnegative initial model")
+            raise InvalidArgumentError("a nonnegative fit needs a nonnegative initial model")
         return self._to_device(mats)
 
     def _to_device(self, mats: list[np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor]]:

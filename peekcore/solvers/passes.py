@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, InvalidTypeError
 from ..kernels import PassKernel
 from ..kernels.base import PassStatistics
 from ..sources import ChunkSource
@@ -55,25 +55,25 @@ def iterate_chunks(source: ChunkSource, chunk_size: int) -> Iterator[tuple[int, 
     for chunk in source.chunks(chunk_size):
         x = _as_tensor(chunk)
         if tuple(x.shape[1:]) != shape[1:] or x.ndim != len(shape):
-            raise ValueError(
+            raise DataError(
                 f"the chunk at samples {offset}..{offset + (x.shape[0] if x.ndim else 0)} has "
                 f"shape {tuple(x.shape)}, but the source's shape {shape} says each chunk is "
                 f"(b, {', '.join(map(str, shape[1:]))}); a chunk source must keep every "
                 "non-sample dimension fixed"
             )
         if x.dtype.is_floating_point is False:
-            raise TypeError(f"the chunk at sample {offset} has non-float dtype {x.dtype}")
+            raise InvalidTypeError(f"the chunk at sample {offset} has non-float dtype {x.dtype}")
         b = x.shape[0]
         if b == 0:
             continue
         if offset + b > shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"the source yielded more than the {shape[0]} samples its shape declares"
             )
         yield offset, x
         offset += b
     if offset != shape[0]:
-        raise ValueError(
+        raise DataError(
             f"the source yielded {offset} samples in a pass but its shape declares {shape[0]}"
         )
 
@@ -139,7 +139,7 @@ def check_nonnegative(x: torch.Tensor, offset: int) -> None:
     if bad.numel():
         first = offset + int(bad[0, 0])
         last = offset + int(bad[-1, 0])
-        raise ValueError(
+        raise DataError(
             f"ncp_hals needs nonnegative data, but samples {first}..{last} of the chunk at "
             f"{offset}..{offset + x.shape[0] - 1} hold negative values (smallest "
             f"{float(mins.min()):.4g}); use cp_als for signed data, or factor nonnegative "
@@ -182,7 +182,7 @@ def check_finite(
 def check_not_all_zeros(norm2: float) -> None:
     """Refuse data whose ``||X||^2`` (of all of it, every process summed) is zero."""
     if norm2 == 0.0:
-        raise ValueError("the data is all zeros: there is nothing to factor")
+        raise DataError("the data is all zeros: there is nothing to factor")
 
 
 def check_overflow(offset: int, rows: int, compute_dtype: torch.dtype) -> None:
