@@ -42,7 +42,7 @@ from torch.utils.data import (
 
 from ._extras import require
 from ._validate import check_int, numeric_labels
-from .errors import InvalidTypeError
+from .errors import DataError, InvalidArgumentError, InvalidTypeError, MissingInputError
 from .fingerprints import (
     Content,
     array_fingerprint,
@@ -89,7 +89,7 @@ class ArrayDataset(Dataset):
         if not isinstance(inputs, (np.ndarray, torch.Tensor, NpyArray)):
             inputs = np.asarray(inputs)
         if inputs.ndim < 1 or inputs.shape[0] == 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"inputs must be an array of shape (N, ...) with N >= 1, got shape "
                 f"{tuple(inputs.shape)}"
             )
@@ -105,7 +105,7 @@ class ArrayDataset(Dataset):
                 labels = labels.detach().cpu().numpy()
             labels = numeric_labels(np.asarray(labels))
             if labels.shape[0] != inputs.shape[0]:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"got {inputs.shape[0]} inputs but {labels.shape[0]} labels; pass one label "
                     "per input row"
                 )
@@ -216,7 +216,7 @@ def image_folder(path: str | os.PathLike, transform: Callable | None = None) -> 
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no such image folder: {folder}")
+        raise MissingInputError(f"no such image folder: {folder}")
     # the torchvision build must match torch's (pytorch.org); the extra pins neither
     require("torchvision", "vision", f"reading the image folder {folder}")
     from torchvision import datasets as tv_datasets
@@ -273,7 +273,7 @@ class Inputs:
             n_samples = check_int(n_samples, "n_samples", purpose=" (inputs to read)")
         if isinstance(data, DataLoader):
             if transform is not None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "transform= applies to arrays and image folders; with a DataLoader put the "
                     "transform in its Dataset"
                 )
@@ -282,7 +282,7 @@ class Inputs:
             self._init_dataset(data, transform)
         if n_samples is not None:
             if n_samples > self.n_samples:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"n_samples={n_samples} but the data has only {self.n_samples} samples"
                 )
             self.n_samples = int(n_samples)
@@ -311,7 +311,7 @@ class Inputs:
                     n -= n % int(batch_size)
         if n is None:
             if n_samples is None:
-                raise TypeError(
+                raise InvalidTypeError(
                     "the DataLoader has no length (an IterableDataset without __len__): pass "
                     "n_samples= to say how many samples to capture"
                 )
@@ -327,7 +327,7 @@ class Inputs:
             path = Path(data)
             if path.suffix == ".npy":
                 if not path.exists():
-                    raise FileNotFoundError(f"no such input file: {path}")
+                    raise MissingInputError(f"no such input file: {path}")
                 # read by rows (a file that shrinks meanwhile gives a DataError, not SIGBUS)
                 data = ArrayDataset(open_npy(path, by_sample=True), name=f"{path.name} (npy)")
             else:
@@ -340,7 +340,7 @@ class Inputs:
             data = ArrayDataset(data, transform=transform)
             transform = None
         if not isinstance(data, Dataset):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"cannot read inputs of type {type(data).__name__}: pass a numpy array or tensor "
                 "(N, ...), a tuple (inputs, labels), a .npy path, a torch Dataset or DataLoader, "
                 "a folder of images, or peekcore.datasets.digits()"
@@ -349,18 +349,18 @@ class Inputs:
             data = ArrayDataset(data.inputs, data.labels, transform=transform, name=data.name)
             transform = None
         if transform is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "transform= applies to arrays and image folders; with a torch Dataset put the "
                 "transform in the Dataset"
             )
         try:
             self.n_samples = len(data)
         except TypeError as err:
-            raise TypeError(
+            raise InvalidTypeError(
                 "the Dataset has no length: wrap it in a DataLoader and pass n_samples="
             ) from err
         if self.n_samples == 0:
-            raise ValueError("the data set is empty: there is nothing to capture")
+            raise DataError("the data set is empty: there is nothing to capture")
         self.dataset = data
         self.description = _describe_dataset(data)
         self.transform = transform_repr(getattr(data, "transform", None))
@@ -521,7 +521,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, np.ndarray | None]:
             y = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label
             y = numeric_labels(np.asarray(y))
         return batch[0], y
-    raise TypeError(
+    raise InvalidTypeError(
         f"a data batch is a {type(batch).__name__}; peekcore expects a tensor of inputs or a "
         "tuple (inputs, labels, ...): make the Dataset return (input, label) or wrap it"
     )
@@ -567,7 +567,7 @@ def _check_sample_order(loader: DataLoader) -> None:
             how = "shuffles (shuffle=True, or sampler=RandomSampler)"
         else:
             how = f"draws its samples with a {name} (sampler=)"
-    raise ValueError(
+    raise InvalidArgumentError(
         f"the DataLoader {how}: capture needs the data in a fixed order, item i of the data "
         "set as sample i, so that the store's sample ids mean something and an interrupted "
         "capture resumes with the samples it has not stored yet. Use a DataLoader with "

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._validate import numeric_labels
+from .errors import InvalidTypeError
 
 __all__ = [
     "Content",
@@ -226,7 +227,7 @@ def _input_row(item: Any) -> tuple[np.ndarray, str]:
         item = item.numpy()
     arr = np.asarray(item)
     if arr.dtype.kind not in "biufc":
-        raise TypeError(
+        raise InvalidTypeError(
             f"a data item is a {type(item).__name__}; peekcore expects an input tensor or array, "
             "alone or first in a tuple (input, label, ...): make the Dataset return that"
         )

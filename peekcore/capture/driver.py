@@ -23,6 +23,7 @@ from .._progress import resolve_progress
 from .._validate import check_int
 from .._version import __version__
 from ..datasets import Inputs
+from ..errors import CaptureError, DataError
 from ..store import (
     ActivationStore,
     StoreError,
@@ -403,7 +404,7 @@ class _Sink:
         if self.pipeline is not None:
             self.pipeline.close(raise_error=raise_error)
         if raise_error and (self.writer is None or not self.writer.complete):
-            raise RuntimeError(
+            raise CaptureError(
                 f"the data yielded fewer samples than the {self.plan.run.inputs.n_samples} it "
                 f"declares; the store {self.plan.path} is incomplete (pass n_samples= to "
                 "capture fewer)"
@@ -419,7 +420,7 @@ def _check_finite(finite: dict[str, bool], offset: int, dtype: str) -> None:
             if dtype == "float16"
             else ""
         )
-        raise ValueError(
+        raise DataError(
             f"layer {name!r} gave NaN or Inf for the batch starting at sample {offset}"
             f"{hint}; pass check_finite=False to store them anyway"
         )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidTypeError
+from ..errors import CaptureError, DataError, InvalidTypeError
 from .layouts import _apply_select, _arrange, _resolve_layout
 
 BLOCK_BYTES = 2 << 20  # CPU outputs are copied and checked in blocks that stay in cache
@@ -129,7 +129,7 @@ class LayerHooks:
             if not self._running:  # a forward of the model's owner, not one of run()'s
                 return
             if name in self._outputs:
-                raise RuntimeError(
+                raise CaptureError(
                     f"layer {name!r} ran twice in one forward pass (a shared module?): its "
                     "output is ambiguous; hook a module that runs once per forward"
                 )
@@ -237,7 +237,7 @@ class LayerHooks:
             self._dest = {}
         missing = [n for n in self.layers if n not in self._outputs]
         if missing:
-            raise RuntimeError(
+            raise CaptureError(
                 f"layers {missing} produced no output in the forward pass: their modules were "
                 "not called (a fused fast path such as nn.TransformerEncoderLayer's in eval "
                 "mode skips its submodules, and torch.compile may too); hook a module that "
@@ -250,7 +250,7 @@ class LayerHooks:
                 target = dest.get(name)
                 if target is not None and target is not out:
                     if target.shape != out.shape:
-                        raise ValueError(
+                        raise DataError(
                             f"layer {name!r} gave a batch of shape {tuple(out.shape)}, but "
                             f"earlier batches had {tuple(target.shape)}: every sample must give "
                             "the same shape (resize inputs to one size)"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError, UnknownNameError
 from ..fingerprints import describe_callable
 
 LAYOUTS = ("auto", "channels_first", "channels_last", "tokens", "sequence_first")
@@ -72,26 +72,30 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, n
                 f"{layers!r} (the names are those of model.named_modules())"
             ) from None
     if not names:
-        raise ValueError("layers is empty: name at least one layer, e.g. layers=['layer3']")
+        raise InvalidArgumentError(
+            "layers is empty: name at least one layer, e.g. layers=['layer3']"
+        )
     if len(set(names)) != len(names):
-        raise ValueError(f"layers lists a layer twice: {names}")
+        raise InvalidArgumentError(f"layers lists a layer twice: {names}")
     found: dict[str, nn.Module] = {}
     all_names = [n for n, _ in model.named_modules() if n]
     for name in names:
         if not isinstance(name, str) or not name:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer names are non-empty strings such as 'layer3'; got {name!r} (the whole "
                 "model's output cannot be captured by name: wrap the model or name its last layer)"
             )
         if name.startswith("__"):
-            raise ValueError(f"layer name {name!r}: names starting with '__' cannot be stored")
+            raise InvalidArgumentError(
+                f"layer name {name!r}: names starting with '__' cannot be stored"
+            )
         try:
             found[name] = model.get_submodule(name)
         except AttributeError:
             close = difflib.get_close_matches(name, all_names, n=5, cutoff=0.5)
             hint = f" Closest names: {', '.join(close)}." if close else ""
             shown = ", ".join(all_names[:12]) + (", ..." if len(all_names) > 12 else "")
-            raise KeyError(
+            raise UnknownNameError(
                 f"{type(model).__name__} has no layer {name!r}.{hint} Its layers: {shown} "
                 "(see model.named_modules())"
             ) from None
@@ -102,7 +106,7 @@ def _per_layer(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(names))
         if unknown:
-            raise ValueError(f"{what} names layers that are not captured: {unknown}")
+            raise InvalidArgumentError(f"{what} names layers that are not captured: {unknown}")
         return {n: value.get(n, None if what == "select" else "auto") for n in names}
     return dict.fromkeys(names, value)
 
@@ -120,14 +124,14 @@ def _apply_select(name: str, output: Any, select: Any) -> torch.Tensor:
         out = select(output)
     elif isinstance(select, int) and isinstance(output, (tuple, list)):
         if not -len(output) <= select < len(output):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer {name!r} returns a {type(output).__name__} of {len(output)} items; "
                 f"select={select} is out of range"
             )
         out = output[select]
     elif isinstance(select, str) and isinstance(output, Mapping):
         if select not in output:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer {name!r} returns a mapping with keys {list(output)}; select={select!r} "
                 "is not one of them"
             )
@@ -135,14 +139,14 @@ def _apply_select(name: str, output: Any, select: Any) -> torch.Tensor:
     elif isinstance(select, str) and hasattr(output, select):
         out = getattr(output, select)
     else:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"select={select!r} cannot pick from the {type(output).__name__} that layer "
             f"{name!r} returns: use an int for tuples/lists, a key or attribute name, or a "
             "callable"
         )
     if isinstance(out, torch.Tensor):
         return out
-    raise TypeError(
+    raise InvalidTypeError(
         f"layer {name!r} returns {_describe_output(out)}, not a tensor: pass select= to pick "
         "one (an int index for tuples, a key or attribute name, or a callable), e.g. "
         f"select={{{name!r}: 0}}"
@@ -164,7 +168,7 @@ def _describe_output(out: Any) -> str:
 
 def _resolve_layout(layout: str, module: nn.Module, ndim: int) -> str:
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout != "auto":
         return layout
     if ndim == 3 and not isinstance(module, _CHANNEL_FIRST):
@@ -178,7 +182,7 @@ def _arrange(
     """Put a layer output samples first, channels second; return it with dim names."""
     if layout in ("tokens", "sequence_first"):
         if t.ndim != 3:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer {name!r} gives a {t.ndim}-way output {tuple(t.shape)}; layout={layout!r} "
                 "needs a 3-way token output"
             )
@@ -186,7 +190,7 @@ def _arrange(
         dims: tuple[str, ...] = ("sample", "channel", "token")
     else:
         if t.ndim < 2 or t.ndim > 5:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer {name!r} gives a {t.ndim}-way output {tuple(t.shape)}; peekcore stores "
                 "2- to 5-way outputs (samples first): pick another layer or use select="
             )
@@ -198,7 +202,7 @@ def _arrange(
             t = t.reshape(t.shape[0], t.shape[1], -1)
             dims = ("sample", "channel", "space")
     if t.shape[0] != batch:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"layer {name!r} output has shape {tuple(t.shape)} after layout={layout!r}, but the "
             f"batch has {batch} samples: if its batch dimension is not first, pass "
             f"layout={{{name!r}: 'sequence_first'}} (T x N x D) or the layout that fits"

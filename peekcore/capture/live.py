@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CaptureError, DataError, InvalidTypeError
 from .hooks import _batch_rng, _bit_view
 from .options import CaptureOptions
 
@@ -52,7 +53,7 @@ class ModelSource:
     @CaptureOptions.shown_in(dtype="float32")
     def __init__(self, model: nn.Module, data: Any, layer: str, **options: Any) -> None:
         if not isinstance(layer, str):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"ModelSource streams one layer; got layer={layer!r}. For several layers use "
                 "one ModelSource each, or peekcore.capture"
             )
@@ -72,7 +73,7 @@ class ModelSource:
                     first = self._hooks.run(x)[layer].cpu()
                 break
         if first is None:  # pragma: no cover - Inputs refuses empty data
-            raise ValueError("the data is empty")
+            raise DataError("the data is empty")
         self._reference = first
         # digest of each batch as a pass first computed it (batch 0: the reference itself)
         self._digests: list[tuple] = [_digest(first)]
@@ -136,7 +137,7 @@ class ModelSource:
             return
         if k < len(self._digests) and digest == self._digests[k]:
             return
-        raise RuntimeError(
+        raise CaptureError(
             f"layer {self.layer!r} gave different activations on pass {self.passes} for the "
             f"batch starting at sample {offset} than it gave on the first pass (their CRC32C "
             "digests differ): the model is not deterministic, so each pass of the fit would "
@@ -171,7 +172,7 @@ class ModelSource:
                 "patterns count as differences too."
             )
         shape = "" if same_shape else f"; shape {tuple(t.shape)}, was {tuple(ref.shape)}"
-        raise RuntimeError(
+        raise CaptureError(
             f"layer {self.layer!r} gave different activations for the same first batch on pass "
             f"{self.passes} (max |difference| {diff:.3g}{where}{shape}): the model is not "
             "deterministic, so each pass of the fit would see different data and the factors "

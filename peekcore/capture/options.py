@@ -12,6 +12,7 @@ from torch import nn
 from .._options import SharedOptions
 from .._validate import check_device, check_seed
 from ..datasets import Inputs, as_inputs
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..store import check_store_dtype
 from .hooks import LayerHooks
 from .layouts import _per_layer, resolve_layers
@@ -39,7 +40,9 @@ def _autocast_dtype(autocast: Any, device: torch.device) -> torch.dtype | None:
     name = str(autocast).removeprefix("torch.")
     if name in ("float16", "bfloat16"):
         return _TORCH_DTYPES[name]
-    raise ValueError(f"autocast must be False, True, 'float16' or 'bfloat16'; got {autocast!r}")
+    raise InvalidArgumentError(
+        f"autocast must be False, True, 'float16' or 'bfloat16'; got {autocast!r}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ class CaptureOptions(SharedOptions):
         Hooked
         """
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         modules = resolve_layers(model, layers)
         names = list(modules)
         dtype = check_store_dtype(self.dtype)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..errors import PeekcoreError
+from ..errors import CaptureError, PeekcoreError
 from ..store import StoreWriter, storage_dtype, to_storage
 
 
@@ -115,7 +115,7 @@ class _ChunkPipeline:
         pos = 0
         while pos < b:
             if self._set is None:
-                raise RuntimeError("the data yielded more samples than it declares")
+                raise CaptureError("the data yielded more samples than it declares")
             rows = self._rows()
             take = min(rows - self.filled, b - pos)
             for name, dst in self._set["acts"].items():
@@ -164,7 +164,7 @@ class _ChunkPipeline:
         if isinstance(self._error, PeekcoreError):  # says what failed and what to do
             raise self._error
         if self._error is not None:
-            raise RuntimeError(f"writing the store failed: {self._error}") from self._error
+            raise CaptureError(f"writing the store failed: {self._error}") from self._error
 
     def close(self, raise_error: bool = True) -> None:
         """Finish pending writes (also after an error in the caller) and record them."""
