@@ -18,6 +18,7 @@ import numpy as np
 from .. import _io
 from .._io import atomic_write
 from .._validate import check_output_file
+from ..errors import DataError, FileFormatError, InvalidArgumentError, InvalidTypeError
 from ..model import CPModel
 from ..sweep import RankSweep
 from ..textout import json_safe
@@ -88,8 +89,8 @@ def load_result(obj: Any) -> CPModel | RankSweep:
             return CPModel.load(obj)
         if fmt == "peekcore.RankSweep":
             return RankSweep.load(obj)
-        raise ValueError(f"{obj} holds {fmt!r}, not a peekcore CPModel or RankSweep")
-    raise TypeError(
+        raise FileFormatError(f"{obj} holds {fmt!r}, not a peekcore CPModel or RankSweep")
+    raise InvalidTypeError(
         f"expected a CPModel, a RankSweep or the path of a file they were saved to, "
         f"got {type(obj).__name__}"
     )
@@ -105,7 +106,7 @@ def load_sweep(obj: Any) -> RankSweep:
     """A ``RankSweep`` from itself or from a file written by :meth:`RankSweep.save`."""
     res = load_result(obj)
     if not isinstance(res, RankSweep):
-        raise TypeError(
+        raise InvalidTypeError(
             "expected a rank sweep (RankSweep or its .npz file), got a single CPModel: "
             "run peekcore.sweep.rank_sweep to get one"
         )
@@ -115,9 +116,9 @@ def load_sweep(obj: Any) -> RankSweep:
 def check_component(model: CPModel, component: Any) -> int:
     """``component`` as an int in ``0 .. R-1``, or an error naming the valid range."""
     if isinstance(component, bool) or not isinstance(component, int | np.integer):
-        raise TypeError(f"component must be an integer, got {component!r}")
+        raise InvalidTypeError(f"component must be an integer, got {component!r}")
     if not 0 <= int(component) < model.rank:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"component {component} is out of range for a rank-{model.rank} model: "
             f"use 0..{model.rank - 1}"
         )
@@ -180,13 +181,13 @@ def spatial_maps(model: CPModel, spatial_shape: Sequence[int] | None = None) -> 
         c, d = model.factors[2], model.factors[3]
         shape = (c.shape[0], d.shape[0])
         if spatial_shape is not None and tuple(int(s) for s in spatial_shape) != shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"spatial_shape {tuple(spatial_shape)} does not match the 4-way model's "
                 f"spatial modes {shape}: leave spatial_shape out for a 4-way model"
             )
         return np.einsum("hr,wr->rhw", c, d)
     if order != 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"spatial maps need a model of order 2, 3 or 4 (samples x channels [x space]), "
             f"got order {order} (shape {model.shape})"
         )
@@ -197,14 +198,14 @@ def spatial_maps(model: CPModel, spatial_shape: Sequence[int] | None = None) -> 
     if spatial_shape is None:
         side = math.isqrt(s)
         if side * side != s:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the spatial mode has {s} entries, which is not a square: pass "
                 f"spatial_shape=(H, W) with H * W = {s}"
             )
         spatial_shape = (side, side)
     h, w = (int(v) for v in spatial_shape)
     if h * w != s:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"spatial_shape {(h, w)} has {h * w} entries but the spatial mode has {s}: "
             f"pass (H, W) with H * W = {s}, in the order the activations were flattened"
         )
@@ -214,13 +215,13 @@ def spatial_maps(model: CPModel, spatial_shape: Sequence[int] | None = None) -> 
 def check_labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
     """Labels as a 1-D array of length ``n`` with no missing entries."""
     if labels is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} are required: pass one class label per sample (length {n}), in the "
             "order the activations were captured"
         )
     arr = np.asarray(labels)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} has shape {arr.shape} but the model has {n} samples: pass one label "
             f"per sample, shape ({n},)"
         )
@@ -234,7 +235,7 @@ def check_labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
         missing = arr == ""
     if missing.any():
         where = np.flatnonzero(missing)
-        raise ValueError(
+        raise DataError(
             f"{what} has {where.size} missing entries (None, NaN or empty), e.g. at samples "
             f"{where[:5].tolist()}: give every sample a class, or drop those samples from "
             "the data before fitting"
@@ -253,10 +254,10 @@ def label_names(classes: np.ndarray, class_names: Any = None) -> list[str]:
         if isinstance(class_names, Mapping):
             name = class_names.get(c, class_names.get(str(c)))
             if name is None:
-                raise ValueError(f"class {c!r} has no entry in class_names: add it")
+                raise InvalidArgumentError(f"class {c!r} has no entry in class_names: add it")
         else:
             if not isinstance(c, int) or not 0 <= c < len(class_names):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"class {c!r} has no name in class_names ({len(class_names)} names, "
                     "indexed by integer label): give a mapping for other labels"
                 )

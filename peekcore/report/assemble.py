@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MissingInputError
 from ..model import CPModel
 from ..npyfile import NpyArray, open_npy
 from ..sweep import RankSweep
@@ -141,7 +142,7 @@ def _array(value: Any, what: str) -> Any:
         return value
     path = Path(value)
     if not path.exists():
-        raise FileNotFoundError(f"no such {what} file: {path} (give an .npy file)")
+        raise MissingInputError(f"no such {what} file: {path} (give an .npy file)")
     return open_npy(path, by_sample=True)  # a folder or FIFO: a DataError that says so
 
 
@@ -248,7 +249,7 @@ def build_report(
     paths = [Path(x) if isinstance(x, str | os.PathLike) else None for x in items]
     for p in paths:
         if p is not None and not p.exists():
-            raise FileNotFoundError(f"no such result file: {p}")
+            raise MissingInputError(f"no such result file: {p}")
     # component-importance files join the section of the model they were computed from
     importances = [p for p in paths if p is not None and _is_importance(p)]
     keep = [i for i, p in enumerate(paths) if p is None or p not in importances]

@@ -20,6 +20,12 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..errors import (
+    FileFormatError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    OutputExistsError,
+)
 from ..model import CPModel, FitHistory
 from ..sweep import RankSweep
 from ._common import (
@@ -61,16 +67,16 @@ def _dims(model: CPModel, dims: Sequence[str] | None) -> tuple[str, ...]:
     order = len(model.factors)
     if dims is None:
         if order not in DEFAULT_DIMS:
-            raise ValueError(f"give dims: one name per mode of the order-{order} model")
+            raise InvalidArgumentError(f"give dims: one name per mode of the order-{order} model")
         return DEFAULT_DIMS[order]
     dims = tuple(str(d) for d in dims)
     if len(dims) != order:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"dims {dims} name {len(dims)} modes but the model has {order} "
             f"(shape {model.shape}): give one name per mode, e.g. {DEFAULT_DIMS.get(order)}"
         )
     if len(set(dims)) != order or "component" in dims:
-        raise ValueError(f"dims {dims} must be distinct and must not include 'component'")
+        raise InvalidArgumentError(f"dims {dims} must be distinct and must not include 'component'")
     return dims
 
 
@@ -79,7 +85,7 @@ def _sample_ids(sample_ids: Any, n: int) -> np.ndarray | None:
         return None
     ids = np.asarray(sample_ids)
     if ids.ndim != 1 or ids.shape[0] != n:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"sample_ids has shape {ids.shape} but the model has {n} samples: give one id "
             f"per sample, shape ({n},)"
         )
@@ -162,7 +168,7 @@ def from_npz(path: str | os.PathLike) -> tuple[CPModel, dict[str, Any]]:
     """
     with open_npz(path, "a file written by peekcore.report.to_npz") as data:
         if "dims" not in data or "weights" not in data or "header" not in data:
-            raise ValueError(f"{path} was not written by peekcore.report.to_npz")
+            raise FileFormatError(f"{path} was not written by peekcore.report.to_npz")
         dims = tuple(str(d) for d in data["dims"])
         factors = [data[letter] for letter in _LETTERS[: len(dims)]]
         header = json.loads(str(data["header"]))
@@ -184,7 +190,7 @@ def _xr():
     try:
         import xarray
     except ImportError as err:  # pragma: no cover - xarray is a dependency
-        raise ImportError("to_xarray() needs xarray: pip install xarray") from err
+        raise MissingDependencyError("to_xarray() needs xarray: pip install xarray") from err
     return xarray
 
 
@@ -254,13 +260,15 @@ def to_xarray(
     variables["fit_history"] = (("iteration",), np.asarray(model.history.fit, dtype=np.float64))
     if spatial_shape is not None:
         if len(model.factors) != 3:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "spatial_shape applies to a 3-way model (N x C x S); a 4-way model already "
                 "has y and x modes"
             )
         maps = spatial_maps(model, spatial_shape)
         if "y" in dims or "x" in dims:
-            raise ValueError("spatial_map needs dimensions y and x; rename the modes of dims")
+            raise InvalidArgumentError(
+                "spatial_map needs dimensions y and x; rename the modes of dims"
+            )
         variables["spatial_map"] = (("y", "x", "component"), np.moveaxis(maps, 0, -1))
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs = {
@@ -303,7 +311,7 @@ def save_xarray(ds: Any, path: str | os.PathLike, *, engine: str | None = None) 
     dest = Path(path)
     suffix = dest.suffix.lower()
     if suffix != ".zarr" and suffix not in _NETCDF_SUFFIXES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cannot tell the format of {dest}: end the path in .zarr (zarr store) or .nc (netCDF)"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +326,7 @@ def save_xarray(ds: Any, path: str | os.PathLike, *, engine: str | None = None) 
             ds.to_zarr(tmp, mode="w", consolidated=False)
             if dest.exists():
                 if not (dest / "zarr.json").exists() and not (dest / ".zgroup").exists():
-                    raise FileExistsError(
+                    raise OutputExistsError(
                         f"{dest} exists and is not a zarr store; not replacing it"
                     )
                 shutil.rmtree(dest)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .._extras import require
 from .._validate import check_int
+from ..errors import InvalidArgumentError
 from ._common import (
     check_component,
     check_labels,
@@ -101,7 +102,9 @@ def _stem(out_stem: str | os.PathLike) -> Path:
     if stem.suffix.lower() in (".png", ".svg"):
         stem = stem.with_suffix("")
     if not stem.name:
-        raise ValueError(f"out_stem {out_stem!r} has no file name: give e.g. 'figures/sweep'")
+        raise InvalidArgumentError(
+            f"out_stem {out_stem!r} has no file name: give e.g. 'figures/sweep'"
+        )
     stem.parent.mkdir(parents=True, exist_ok=True)
     return stem
 
@@ -150,7 +153,7 @@ def _image_layout(images: Any, n: int) -> tuple[Any, str, tuple[int, int]]:
     dtype = images.dtype  # numpy's, or torch's (no .kind; is_complex instead)
     kind = dtype.kind if isinstance(dtype, np.dtype) else "c" if dtype.is_complex else "f"
     if kind not in "biuf":
-        raise ValueError(
+        raise InvalidArgumentError(
             f"images have dtype {dtype}: expected real numbers (uint8 0-255, or floats); "
             "pass the real images, e.g. np.abs(images) or images.real"
         )
@@ -161,12 +164,12 @@ def _image_layout(images: Any, n: int) -> tuple[Any, str, tuple[int, int]]:
     elif len(shape) == 4 and shape[3] in (1, 3, 4):
         layout, hw = "last", shape[1:3]
     else:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"images have shape {shape}: expected N x H x W (grayscale), N x C x H x W or "
             "N x H x W x C with C in 1, 3 or 4"
         )
     if shape[0] != n:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"images has {shape[0]} samples but the model's sample mode has {n}: pass the "
             "input images of exactly the samples the activations came from, in the same order"
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingInputError
 from ._common import json_safe, write_file
 from .figures import FigureOutput
 
@@ -158,11 +159,13 @@ def _as_fig(obj: Any) -> _Fig:
         p = Path(obj)
         suffix = p.suffix.lower()
         if suffix not in (".png", ".svg"):
-            raise ValueError(f"figure file {p} is not a .png or .svg")
+            raise InvalidArgumentError(f"figure file {p} is not a .png or .svg")
         return _Fig(p.stem, p if suffix == ".png" else None, p if suffix == ".svg" else None, {})
     if isinstance(obj, Mapping):
         if "png" not in obj and "svg" not in obj:
-            raise ValueError(f"figure {dict(obj)!r} gives neither 'png' nor 'svg': give a file")
+            raise InvalidArgumentError(
+                f"figure {dict(obj)!r} gives neither 'png' nor 'svg': give a file"
+            )
         png, svg = obj.get("png"), obj.get("svg")
         return _Fig(
             str(obj.get("title", Path(png or svg).stem)),
@@ -173,7 +176,7 @@ def _as_fig(obj: Any) -> _Fig:
             obj.get("component"),
             dict(obj.get("stats", {})),
         )
-    raise TypeError(
+    raise InvalidTypeError(
         f"a figure must be a FigureOutput, a dict with 'png'/'svg', or a file path; got "
         f"{type(obj).__name__}"
     )
@@ -185,12 +188,12 @@ def _as_layer(obj: Any) -> LayerSection:
     if isinstance(obj, Mapping):
         unknown = set(obj) - {"name", "summary", "figures", "components", "tables", "notes"}
         if "name" not in obj or unknown:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "a layer section needs 'name' and may have 'summary', 'figures', 'components', "
                 f"'tables', 'notes'; got keys {sorted(obj)}"
             )
         return LayerSection(**obj)
-    raise TypeError(f"a layer must be a LayerSection or a dict, got {type(obj).__name__}")
+    raise InvalidTypeError(f"a layer must be a LayerSection or a dict, got {type(obj).__name__}")
 
 
 # ---------------------------------------------------------------------- rendering
@@ -313,7 +316,7 @@ def _inline_svg(path: Path, prefix: str) -> str:
     text = path.read_text(encoding="utf-8")
     start = text.find("<svg")
     if start < 0:
-        raise ValueError(f"{path} holds no <svg> element")
+        raise FileFormatError(f"{path} holds no <svg> element")
     text = text[start:]
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
     text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', text)
@@ -328,7 +331,7 @@ def _figure(fig: _Fig, fmt: str, fig_id: str, links: Mapping | None) -> str:
     png = fig.png if fig.png is not None and fig.png.exists() else None
     svg = fig.svg if fig.svg is not None and fig.svg.exists() else None
     if png is None and svg is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"figure {fig.title!r}: neither {fig.png} nor {fig.svg} exists; write the figures "
             "before the report"
         )
@@ -501,9 +504,9 @@ def write_report(
         The file written.
     """
     if figure_format not in ("png", "svg"):
-        raise ValueError(f"figure_format must be 'png' or 'svg', got {figure_format!r}")
+        raise InvalidArgumentError(f"figure_format must be 'png' or 'svg', got {figure_format!r}")
     if not isinstance(settings, Mapping):
-        raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
+        raise InvalidTypeError(f"settings must be a dict, got {type(settings).__name__}")
     sections = [_as_layer(x) for x in layers]
     overview = [_as_fig(f) for f in figures]
     taken: set[str] = {"top", "settings", "definitions", "overview", "layers"}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidTypeError
 from ..importance import ComponentImportance
 from ._common import label_names
 from .figures import FigureOutput, _finish, _new_figure
@@ -37,7 +38,9 @@ def load_importance(obj: Any) -> ComponentImportance:
         return obj
     if isinstance(obj, (str, os.PathLike)):
         return ComponentImportance.load(obj)
-    raise TypeError(f"give a ComponentImportance or the path of its .npz, got {type(obj).__name__}")
+    raise InvalidTypeError(
+        f"give a ComponentImportance or the path of its .npz, got {type(obj).__name__}"
+    )
 
 
 def importance_figure(

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidTypeError
 from .figures import FigureOutput, _new_figure, _write
 
 __all__ = ["profile_report", "rank_profile_figure"]
@@ -31,7 +32,7 @@ def _load(profile_or_path: Any):
         return profile_or_path
     if isinstance(profile_or_path, (str, os.PathLike)):
         return RankProfile.load(profile_or_path)
-    raise TypeError(
+    raise InvalidTypeError(
         f"give a RankProfile or the path of its .npz, got {type(profile_or_path).__name__}"
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, InvalidTypeError
 from .figures import _DPI, FigureOutput, _finish, _new_figure
 
 __all__ = ["RECORD_KEYS", "training_quality_figure", "training_quality_tables"]
@@ -40,29 +41,35 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def _check_records(records: Any) -> list[dict]:
     if isinstance(records, dict) or not isinstance(records, Sequence) or not records:
-        raise ValueError(
+        raise InvalidArgumentError(
             "records must be a non-empty list of dicts with keys layer, checkpoint, accuracy "
             "and rank (one per layer and checkpoint)"
         )
     out, seen = [], set()
     for i, rec in enumerate(records):
         if not hasattr(rec, "keys"):
-            raise TypeError(f"record {i} is a {type(rec).__name__}, not a dict")
+            raise InvalidTypeError(f"record {i} is a {type(rec).__name__}, not a dict")
         missing = [k for k in RECORD_KEYS if k not in rec]
         if missing:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"record {i} lacks {missing}: each record needs {list(RECORD_KEYS)}, e.g. "
                 "{'layer': 'layer3', 'checkpoint': 10, 'accuracy': 0.71, 'rank': 12}"
             )
         try:
             acc, rank = float(rec["accuracy"]), float(rec["rank"])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"record {i}: accuracy and rank must be numbers ({err})") from err
+            raise InvalidArgumentError(
+                f"record {i}: accuracy and rank must be numbers ({err})"
+            ) from err
         if not (math.isfinite(acc) and math.isfinite(rank)):
-            raise ValueError(f"record {i}: accuracy and rank must be finite, got {acc}, {rank}")
+            raise InvalidArgumentError(
+                f"record {i}: accuracy and rank must be finite, got {acc}, {rank}"
+            )
         key = (str(rec["layer"]), rec["checkpoint"])
         if key in seen:
-            raise ValueError(f"record {i} repeats layer {key[0]!r} at checkpoint {key[1]!r}")
+            raise InvalidArgumentError(
+                f"record {i} repeats layer {key[0]!r} at checkpoint {key[1]!r}"
+            )
         seen.add(key)
         out.append(
             {
