@@ -17,6 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from ._validate import check_output_file
+from .errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingInputError
 
 __all__ = [
     "atomic_write",
@@ -191,7 +192,7 @@ def _json_value(obj: Any) -> Any:
         return float(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    raise TypeError(
+    raise InvalidTypeError(
         f"cannot store {obj!r} ({type(obj).__name__}) in a peekcore file's header: metadata "
         "values must be numbers, strings, booleans, None, lists or dicts of them"
     )
@@ -205,15 +206,20 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], header: dic
 
 
 def file_head(
-    path: Path, size: int, *, missing: str, folder: str, error: type[Exception] = ValueError
+    path: Path,
+    size: int,
+    *,
+    missing: str,
+    folder: str,
+    error: type[Exception] = InvalidArgumentError,
 ) -> bytes:
     """The first ``size`` bytes of ``path``, after refusing a missing path or a folder.
 
-    ``missing`` is the message of the ``FileNotFoundError`` for a path that does
+    ``missing`` is the message of the ``MissingInputError`` for a path that does
     not exist; ``folder`` that of the ``error`` raised for a folder.
     """
     if not path.exists():
-        raise FileNotFoundError(missing)
+        raise MissingInputError(missing)
     if path.is_dir():
         raise error(folder)
     with open(path, "rb") as fh:
@@ -232,10 +238,12 @@ def open_npz(path: str | os.PathLike, accepted: str) -> Any:
 
     Raises
     ------
-    FileNotFoundError
-        No such file.
-    ValueError
-        A folder, a plain ``.npy`` array, a file NumPy cannot read as an ``.npz``
+    peekcore.errors.MissingInputError
+        No such file (a ``FileNotFoundError``).
+    peekcore.errors.InvalidArgumentError
+        A folder (a ``ValueError``).
+    peekcore.errors.FileFormatError
+        A plain ``.npy`` array, a file NumPy cannot read as an ``.npz``
         archive (empty, truncated, not NumPy's), or an archive without a
         peekcore header.
     """
@@ -249,25 +257,25 @@ def open_npz(path: str | os.PathLike, accepted: str) -> Any:
             del arr  # the memory map, closed before the error goes up
         except (OSError, ValueError, EOFError):
             what = ""
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is a plain NumPy array{what}, not a peekcore file: give {accepted}. "
             "To factor an array, pass it to peek fit or peek sweep (cp_als, rank_sweep)"
         )
     # checked before np.load, which leaves the file open when the archive is damaged
     if not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is not a readable peekcore file (not an .npz archive: empty, cut short "
             f"or another format; an interrupted copy?): give {accepted}"
         )
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is not a readable peekcore file ({type(err).__name__}: {err}): give {accepted}"
         ) from err
     if "header" not in data.files:
         data.close()
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is an .npz without a peekcore header, not a peekcore file: give {accepted}"
         )
     return data
@@ -278,11 +286,11 @@ def read_header(data: Any, path: str | os.PathLike, accepted: str) -> dict:
     try:
         header = json.loads(bytes(data["header"]).decode())
     except (ValueError, UnicodeDecodeError, OSError, zipfile.BadZipFile) as err:
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: unreadable peekcore header ({type(err).__name__}: {err}): give {accepted}"
         ) from err
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: its header is not a peekcore header: give {accepted}")
+        raise FileFormatError(f"{path}: its header is not a peekcore header: give {accepted}")
     return header
 
 
@@ -295,11 +303,11 @@ def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[s
     with open_npz(path, accepted) as data:
         header = read_header(data, path, accepted)
         if header.get("format") != fmt:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path} is not a peekcore {what} file (it holds {header.get('format')!r})"
             )
         try:
             arrays = {k: data[k] for k in data.files if k != "header"}
         except (ValueError, OSError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: a damaged {accepted} ({err})") from err
+            raise FileFormatError(f"{path}: a damaged {accepted} ({err})") from err
     return header, arrays

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConcurrentWriteError, OutputPathError
+from .errors import ConcurrentWriteError, OutputPathError, RuntimeEnvironmentError
 
 __all__ = ["lock_path", "writer_lock"]
 
@@ -118,7 +118,7 @@ def _acquire(path: Path, target: Path, what: str, wait: str) -> int | None:
                 os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
             return fd
         os.close(fd)  # a file no longer at the path: lock the one there now
-    raise RuntimeError(f"could not take the lock {path}: it kept being replaced")
+    raise RuntimeEnvironmentError(f"could not take the lock {path}: it kept being replaced")
 
 
 def _open(path: Path, target: Path, what: str) -> int | None:

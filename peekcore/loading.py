@@ -28,7 +28,7 @@ from typing import Any
 
 from ._extras import require
 from ._io import file_head
-from .errors import InvalidArgumentError, InvalidTypeError, UnsafeFileError
+from .errors import InvalidArgumentError, InvalidTypeError, MissingInputError, UnsafeFileError
 
 __all__ = [
     "MODEL_FILE_SUFFIXES",
@@ -323,7 +323,7 @@ def load_inputs(spec: str, model: Any = None) -> tuple[Any, list[str]]:
         return datasets.digits(), []
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"no such data: {path} (use 'digits', an .npy file or a folder)")
+        raise MissingInputError(f"no such data: {path} (use 'digits', an .npy file or a folder)")
     if path.is_dir():
         return datasets.image_folder(path), []
     if path.suffix != ".npy":

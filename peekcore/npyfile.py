@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import dtype_name
-from .errors import DataError
+from .errors import DataError, InvalidArgumentError, InvalidTypeError, OutOfRangeError
 
 __all__ = ["NpyArray", "NpyFile", "map_npy", "open_npy", "read_npy_header"]
 
@@ -171,7 +171,7 @@ class _Rows:
 def _c_ordered_rows(path: Path) -> tuple[_Rows, tuple[int, ...]]:
     shape, fortran, dtype, offset = read_npy_header(path)
     if fortran or not shape:
-        raise ValueError(f"{path}: only C-ordered arrays of at least 1 mode are read by rows")
+        raise DataError(f"{path}: only C-ordered arrays of at least 1 mode are read by rows")
     rows = _Rows(path, shape, dtype, offset)
     rows.check_size(shape[0], "is truncated")
     return rows, shape
@@ -276,7 +276,9 @@ class NpyArray:
         self._held = 0  # nested ``with`` entries
         if row_shape is not None:
             if math.prod(row_shape) != math.prod(self._rows.row_shape):
-                raise ValueError(f"rows of shape {self._rows.row_shape} cannot be {row_shape}")
+                raise InvalidArgumentError(
+                    f"rows of shape {self._rows.row_shape} cannot be {row_shape}"
+                )
             self._rows.row_shape = tuple(row_shape)
             self.shape = (self.shape[0], *self._rows.row_shape)
 
@@ -298,10 +300,10 @@ class NpyArray:
             lo, hi = (start, max(start, stop)) if step > 0 else (0, n)
             return self._read(lo, hi)[slice(start - lo, stop - lo, step) if step > 0 else index]
         if isinstance(index, bool):  # numpy reads a[True] as a[None], not as row 1
-            raise TypeError(f"index rows by an integer or a slice, got {index!r}")
+            raise InvalidTypeError(f"index rows by an integer or a slice, got {index!r}")
         i = operator.index(index)  # a TypeError for anything but an integer or a slice
         if not -n <= i < n:
-            raise IndexError(f"row {i} is out of range for {n} rows")
+            raise OutOfRangeError(f"row {i} is out of range for {n} rows")
         i %= n
         return self._read(i, i + 1)[0]
 

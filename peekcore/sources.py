@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ._validate import SUPPORTED_DTYPES, dtype_label, dtype_name
+from .errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingInputError
 from .npyfile import NpyFile, open_npy
 
 __all__ = [
@@ -137,14 +138,14 @@ def as_source(data: Any) -> ChunkSource:
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
-            raise FileNotFoundError(f"no such data file: {path}")
+            raise MissingInputError(f"no such data file: {path}")
         if (path / "zarr.json").is_file():  # a folder of a capture, given whole
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{path} is a store of layers, not one array: pass one layer, "
                 f"peekcore.ActivationStore({str(path)!r})[layer]"
             )
         if path.suffix != ".npy":
-            raise ValueError(
+            raise FileFormatError(
                 f"{path}: peekcore reads .npy files directly; for other formats load the "
                 "array yourself or pass a chunk source"
             )
@@ -158,8 +159,10 @@ def as_source(data: Any) -> ChunkSource:
         try:
             return ArraySource(torch.from_dlpack(data))
         except Exception as err:  # pragma: no cover - depends on the producer
-            raise TypeError(f"could not import {type(data).__name__} through DLPack") from err
-    raise TypeError(
+            raise InvalidTypeError(
+                f"could not import {type(data).__name__} through DLPack"
+            ) from err
+    raise InvalidTypeError(
         f"cannot read data of type {type(data).__name__}: pass a numpy array, a torch tensor, "
         "a .npy path, or an object with shape, dtype and chunks(chunk_size) "
         "(see peekcore.sources)"

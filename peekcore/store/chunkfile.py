@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import FileFormatError, InvalidArgumentError
 from .format import _chunk_path
 
 READ_MODES = ("auto", "direct", "buffered")
@@ -74,7 +75,7 @@ def _write_chunk_file(
 
     data = np.ascontiguousarray(data, dtype=dtype)
     if data.ndim == 0:
-        raise ValueError("a chunk has at least one dimension")
+        raise InvalidArgumentError("a chunk has at least one dimension")
     raw = data.reshape(-1).view(np.uint8)
     path = _chunk_path(array_dir, index, data.ndim)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,12 +370,12 @@ def _check_chunk_bytes(
     import google_crc32c
 
     if got != raw.size + 4:
-        raise ValueError(f"chunk file {path} does not hold {raw.size + 4} bytes")
+        raise FileFormatError(f"chunk file {path} does not hold {raw.size + 4} bytes")
     crc = int(np.frombuffer(tail, "<u4")[0])
     if crc != google_crc32c.value(raw):
-        raise ValueError(f"chunk file {path} fails its CRC32C checksum")
+        raise FileFormatError(f"chunk file {path} fails its CRC32C checksum")
     if expect is not None and crc != expect:
-        raise ValueError(
+        raise FileFormatError(
             f"chunk file {path} is intact but is not the chunk written there: its CRC32C "
             f"{crc:08x} is not the {expect:08x} the store recorded for this chunk (a chunk "
             "file moved, swapped or copied in from elsewhere)"

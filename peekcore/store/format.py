@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import StoreDamageError, StoreError
+from ..errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    MissingInputError,
+    StoreDamageError,
+    StoreError,
+)
 from ..sources import dtype_label
 
 FORMAT = 1
@@ -29,11 +35,11 @@ def _zarr() -> Any:
     try:
         import zarr
     except ImportError as err:  # pragma: no cover - zarr is a dependency
-        raise ImportError(
+        raise MissingDependencyError(
             "activation stores need zarr 3 (which needs Python >= 3.11): `pip install 'zarr>=3'`"
         ) from err
     if int(zarr.__version__.split(".")[0]) < 3:  # pragma: no cover
-        raise ImportError(
+        raise MissingDependencyError(
             f"activation stores need zarr >= 3, found {zarr.__version__}: "
             "`pip install -U 'zarr>=3'` (Python >= 3.11)"
         )
@@ -73,7 +79,7 @@ def check_store_dtype(dtype: Any) -> str:
     """
     name = dtype_label(dtype)
     if name not in STORE_DTYPES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"activations are stored as float16, bfloat16 or float32; got dtype={dtype!r}"
         )
     return name
@@ -153,9 +159,9 @@ def is_empty_dir(path: Path) -> bool:
 def _open_root(path: Path, mode: str) -> tuple[Any, dict]:
     zarr = _zarr()
     if not path.exists():
-        raise FileNotFoundError(f"no activation store at {path}")
+        raise MissingInputError(f"no activation store at {path}")
     if is_empty_dir(path):
-        raise FileNotFoundError(f"no activation store at {path} (an empty folder)")
+        raise MissingInputError(f"no activation store at {path} (an empty folder)")
     if not (path / "zarr.json").is_file():
         raise StoreError(
             f"{path} is not a zarr store, so not an activation store (no zarr.json; stores are "

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError, OutOfRangeError, UnknownNameError
 from . import chunkfile
 from .chunkfile import _NOT_THE_FILES_FAULT, READ_MODES, _file_identity
 from .format import (
@@ -137,7 +138,7 @@ class StoredLayer:
         (:meth:`ActivationStore._check_unchanged`).
         """
         if not 0 <= start <= stop <= self.shape[0]:
-            raise IndexError(
+            raise OutOfRangeError(
                 f"rows {start}..{stop} are not within the {self.shape[0]} samples of {self!r}"
             )
         if start == stop:
@@ -289,7 +290,9 @@ class StoredLayer:
         """
         lo, hi = int(lo), int(hi)
         if not 0 <= lo < hi <= self.shape[0]:
-            raise ValueError(f"shard rows [{lo}, {hi}) are not within [0, {self.shape[0]})")
+            raise InvalidArgumentError(
+                f"shard rows [{lo}, {hi}) are not within [0, {self.shape[0]})"
+            )
         rows = (self._lo + lo, self._lo + hi)
         return StoredLayer(self.store, self.name, self._array, rows, self._verified)
 
@@ -435,7 +438,7 @@ class ActivationStore:
 
     def __init__(self, path: Any, *, read_mode: str = "auto") -> None:
         if read_mode not in READ_MODES:
-            raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
+            raise InvalidArgumentError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
         self.path = Path(path)
         self.read_mode = read_mode
         self._meta = self.path / "zarr.json"
@@ -490,7 +493,7 @@ class ActivationStore:
         try:
             return self._layers[layer]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"no layer {layer!r} in the store {self.path}; it has {list(self.layers)}"
             ) from None
 

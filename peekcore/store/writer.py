@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputPathError
+from ..errors import InternalError, OutputExistsError, OutputPathError
 from .chunkfile import _file_crc, _write_chunk_file, _writes_directly
 from .format import (
     _BF16_NAN_BITS,
@@ -227,7 +227,7 @@ class StoreWriter:
             CRC32C of each layer's chunk bytes, when the caller computed them.
         """
         if index != self.chunks_written:
-            raise RuntimeError(
+            raise InternalError(
                 f"chunk {index} written out of order (next is {self.chunks_written})"
             )
         lo = index * self.chunk_size
@@ -378,7 +378,7 @@ def _move_in(tmp: Path, path: Path, replace: bool) -> None:
         tmp.rename(path)
         return
     if not replace:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path} exists: cannot create a store there (another capture created it "
             "meanwhile?); call capture again to resume that store, or pass overwrite=True"
         )
@@ -442,7 +442,7 @@ def check_replaceable(path: Path) -> None:
     except (OSError, ValueError, AttributeError):
         tag = {}
     if not path.is_dir() or not isinstance(tag, dict) or tag.get("kind") != "activation store":
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path} exists and is not a peekcore activation store; overwrite=True only "
             "replaces stores: choose another path or remove it yourself"
         )

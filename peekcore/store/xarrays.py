@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MissingDependencyError
+
 __all__ = ["layer_data_array"]
 
 
@@ -21,7 +23,7 @@ def _xarray() -> Any:
     try:
         import xarray
     except ImportError as err:
-        raise ImportError("to_xarray needs xarray: `pip install xarray`") from err
+        raise MissingDependencyError("to_xarray needs xarray: `pip install xarray`") from err
     return xarray
 
 
