@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .errors import DataError, InvalidArgumentError
 from .kernels.base import khatri_rao
 from .model import CPModel
 from .rank_choice import RANK_RULES, RankChoice, choose_rank
@@ -138,13 +139,13 @@ def factor_match_score(
     wa, fa = _unpack(model_a, weights_a)
     wb, fb = _unpack(model_b, weights_b)
     if len(fa) != len(fb):
-        raise ValueError(f"models have different orders ({len(fa)} and {len(fb)})")
+        raise InvalidArgumentError(f"models have different orders ({len(fa)} and {len(fb)})")
     sizes_a, sizes_b = [f.shape[0] for f in fa], [f.shape[0] for f in fb]
     if sizes_a != sizes_b:
-        raise ValueError(f"models have different shapes ({sizes_a} and {sizes_b})")
+        raise InvalidArgumentError(f"models have different shapes ({sizes_a} and {sizes_b})")
     rank_a, rank_b = fa[0].shape[1], fb[0].shape[1]
     if rank_a > rank_b:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model_a has more components ({rank_a}) than model_b ({rank_b}): every component "
             "of model_a needs a match in model_b (extra components of model_b are ignored), so "
             "pass the model with more components as model_b"
@@ -239,15 +240,15 @@ def stability(
     models = list(models)
     if fits is None:
         if not all(isinstance(m, CPModel) for m in models):
-            raise ValueError("fits are required unless every replicate is a CPModel")
+            raise InvalidArgumentError("fits are required unless every replicate is a CPModel")
         fits = [m.fit for m in models]
     fits = np.asarray(fits, dtype=np.float64)
     if fits.shape != (len(models),):
-        raise ValueError(f"got {fits.size} fits for {len(models)} replicates")
+        raise InvalidArgumentError(f"got {fits.size} fits for {len(models)} replicates")
     unpacked = [_unpack(m, None) for m in models]
     shapes = {tuple(f.shape for f in fs) for _, fs in unpacked}
     if len(shapes) > 1:
-        raise ValueError(f"replicates differ in shape or rank: {sorted(shapes)}")
+        raise InvalidArgumentError(f"replicates differ in shape or rank: {sorted(shapes)}")
     if len(models) == 0 or np.all(np.isnan(fits)):
         return math.nan
     best = int(np.nanargmax(fits))
@@ -273,25 +274,27 @@ def _check_statistics(
     ata = np.asarray(ata, dtype=np.float64)
     factors = [np.asarray(f, dtype=np.float64) for f in resident_factors]
     if t.ndim < 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"t must be R x I_1 x ... x I_d with d >= 2 (a tensor of order >= 3), got shape "
             f"{t.shape}"
         )
     rank = t.shape[0]
     if ata.shape != (rank, rank):
-        raise ValueError(f"ata must be R x R = {rank} x {rank} to match t, got shape {ata.shape}")
+        raise InvalidArgumentError(
+            f"ata must be R x R = {rank} x {rank} to match t, got shape {ata.shape}"
+        )
     if len(factors) != t.ndim - 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"t of shape {t.shape} needs {t.ndim - 1} resident factors, got {len(factors)}"
         )
     for k, f in enumerate(factors, start=1):
         if f.ndim != 2 or f.shape[1] != rank:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"resident factor {k} must have R = {rank} columns (shape I_{k} x R), got shape "
                 f"{f.shape}"
             )
         if f.shape[0] != t.shape[k]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"resident factor {k} has {f.shape[0]} rows but t has {t.shape[k]} entries "
                 f"along mode {k}"
             )
@@ -300,10 +303,10 @@ def _check_statistics(
     else:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (rank,):
-            raise ValueError(f"weights must have shape ({rank},), got {w.shape}")
+            raise InvalidArgumentError(f"weights must have shape ({rank},), got {w.shape}")
     for name, arr in (("t", t), ("ata", ata), ("weights", w), *(("a factor", f) for f in factors)):
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} holds NaN or Inf")
+            raise DataError(f"{name} holds NaN or Inf")
     return t, 0.5 * (ata + ata.T), factors, w
 
 
@@ -364,7 +367,7 @@ def fit_scores(
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)
     norm_x_sq = float(norm_x_sq)
     if not norm_x_sq > 0 or not math.isfinite(norm_x_sq):
-        raise ValueError(f"norm_x_sq must be positive and finite, got {norm_x_sq}")
+        raise InvalidArgumentError(f"norm_x_sq must be positive and finite, got {norm_x_sq}")
     v = t
     for f in factors:  # contract mode 1 with the matching column, keeping r
         v = np.einsum("ri...,ir->r...", v, f)
@@ -515,7 +518,7 @@ def core_consistency(
         modes even merged (see above).
     """
     if normalization not in CORE_NORMALIZATIONS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"normalization must be one of {CORE_NORMALIZATIONS}, got {normalization!r}"
         )
     t, ata, factors, w = _check_statistics(t, ata, resident_factors, weights)

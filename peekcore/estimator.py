@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._extras import require
-from .errors import DataError
+from .errors import DataError, InvalidArgumentError, InvalidTypeError, NotFittedError
 from .model import CPModel, solve_sample_rows
 from .solvers import cp_als, ncp_hals
 
@@ -128,7 +128,7 @@ class CP:
         valid = self._param_names()
         for name, value in params.items():
             if name not in valid:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"invalid parameter {name!r} for {type(self).__name__}; valid: {valid}"
                 )
             setattr(self, name, value)
@@ -239,18 +239,18 @@ class CP:
         """``X`` as ``n x I_1 x ... x I_d`` or ``n x f`` (a view where possible), checked."""
         arr = _real_array(x)
         if arr.ndim < 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"X has shape {arr.shape}, but CP needs samples along a first axis. Reshape "
                 "your data: X.reshape(-1, 1) for one feature, X.reshape(1, -1) for one sample"
             )
         n_values = math.prod(arr.shape[1:])
         if n_values == 0:
-            raise ValueError(
+            raise DataError(
                 f"X has 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required: "
                 "each sample needs at least one value"
             )
         if fitted and n_values != self.n_features_in_:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"X has {n_values} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input (X's samples have shape "
                 f"{arr.shape[1:]}; the model was fitted on samples of shape {self._sample_shape})"
@@ -258,14 +258,14 @@ class CP:
         if self.sample_shape is not None:
             shape = tuple(int(n) for n in self.sample_shape)
             if math.prod(shape) != n_values:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"X has shape {arr.shape}: each sample must hold prod(sample_shape="
                     f"{shape}) = {math.prod(shape)} values; fix sample_shape or X"
                 )
             arr = arr.reshape((arr.shape[0], *shape))
         if fitted:
             if arr.shape[1:] != self._sample_shape:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"X's samples have shape {arr.shape[1:]}, the model was fitted on "
                     f"{self._sample_shape}"
                 )
@@ -287,11 +287,11 @@ class CP:
     def _check_fit_data(self, arr: np.ndarray) -> None:
         """What the estimator can say more plainly than the solver: matrix rank, signs."""
         if len(arr) == 0:
-            raise ValueError(f"X has 0 samples (shape={arr.shape}); fit needs at least one")
+            raise DataError(f"X has 0 samples (shape={arr.shape}); fit needs at least one")
         if arr.ndim == 2 and isinstance(self.rank, int | np.integer):
             n, f = arr.shape
             if self.rank > min(n, f):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"rank {self.rank} is too high for X of shape {arr.shape}, {n} sample(s) x "
                     f"{f} feature(s): a matrix without sample_shape gets a 2-way CP (a rank-R "
                     "matrix factorization X ≈ A B^T), whose rank is at most min(n_samples, "
@@ -309,7 +309,7 @@ class CP:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "components_"):
-            raise AttributeError(
+            raise NotFittedError(
                 f"this {type(self).__name__} is not fitted yet: call fit(X) before using it"
             )
 
@@ -400,7 +400,9 @@ class CP:
         self._check_fitted()
         a = np.asarray(X, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != self.rank:
-            raise ValueError(f"expected features of shape (n, {self.rank}), got {a.shape}")
+            raise InvalidArgumentError(
+                f"expected features of shape (n, {self.rank}), got {a.shape}"
+            )
         model = CPModel(np.ones(self.rank), [a, *self.components_])
         out = model.reconstruct()
         return out.reshape(len(a), -1) if self.sample_shape is not None else out
@@ -409,7 +411,7 @@ class CP:
 def _real_array(x: Any) -> np.ndarray:
     """``x`` as a real ndarray (a view where possible); floats kept, other numbers float64."""
     if hasattr(x, "toarray") and hasattr(x, "nnz"):  # scipy.sparse: asarray gives an object
-        raise TypeError(
+        raise InvalidTypeError(
             f"X is a sparse {type(x).__name__}; CP needs dense samples: pass X.toarray()"
         )
     if hasattr(x, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
@@ -418,7 +420,7 @@ def _real_array(x: Any) -> np.ndarray:
     else:
         arr = np.asarray(x)
     if arr.dtype.kind == "c":
-        raise ValueError(
+        raise DataError(
             f"Complex data not supported: X has dtype {arr.dtype}; CP factors real data: "
             "pass X.real, np.abs(X), or the real and imaginary parts as separate features"
         )
@@ -426,9 +428,11 @@ def _real_array(x: Any) -> np.ndarray:
         try:
             return arr.astype(np.float64)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"X has dtype object and an entry that is not a number: {err}") from err
+            raise InvalidTypeError(
+                f"X has dtype object and an entry that is not a number: {err}"
+            ) from err
     if arr.dtype.kind not in "fiub":
-        raise TypeError(f"X must hold numbers, got dtype {arr.dtype}")
+        raise InvalidTypeError(f"X must hold numbers, got dtype {arr.dtype}")
     return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
 
 
