@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .errors import MissingDependencyError
+
 __all__ = ["require"]
 
 
@@ -42,7 +44,7 @@ def require(module: str, extra: str, what: str, package: str | None = None) -> A
         return importlib.import_module(module)
     except ImportError as err:
         package = package or module.split(".")[0]
-        raise ImportError(
+        raise MissingDependencyError(
             f"{what} needs {package}, which is not installed: "
             f'pip install "peekcore[{extra}]" (or pip install {package})'
         ) from err

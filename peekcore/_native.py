@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from .errors import MissingDependencyError
+
 _core: ModuleType | None = None
 _error: BaseException | None = None
 
@@ -21,7 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised when the build is mis
 def core() -> ModuleType:
     """The compiled extension, or an ImportError that says how to build it."""
     if _core is None:
-        raise ImportError(
+        raise MissingDependencyError(
             "peekcore's native extension (peekcore._core) is not built: install the package "
             "with `pip install .` (or `pip install -e .` in a checkout), which compiles it with "
             f"CMake and a C++17 compiler. Original error: {_error}"

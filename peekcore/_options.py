@@ -19,6 +19,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from .errors import InvalidTypeError
+
 __all__ = ["SharedOptions"]
 
 _F = TypeVar("_F", bound=Callable)
@@ -46,7 +48,7 @@ class SharedOptions:
         fields = dataclasses.fields(cls)
         unknown = set(defaults) - {f.name for f in fields}
         if unknown:  # pragma: no cover - a programming error in peekcore
-            raise TypeError(f"no {cls.__name__} fields {sorted(unknown)}")
+            raise InvalidTypeError(f"no {cls.__name__} fields {sorted(unknown)}")
         kw = inspect.Parameter.KEYWORD_ONLY
         shown = [
             inspect.Parameter(
@@ -81,7 +83,7 @@ class SharedOptions:
             # every keyword the function takes, its own too (a typo of ``sweeps`` or
             # ``overwrite`` must find the right name in the list)
             keywords = [n for n, p in shown.items() if p.kind == p.KEYWORD_ONLY]
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{func.__qualname__}() got an unexpected keyword argument {unknown[0]!r}; "
                 f"its keyword arguments are: {', '.join(keywords)}"
             )

@@ -207,7 +207,7 @@ def numeric_labels(y: np.ndarray) -> np.ndarray:
         return y.astype(np.int64, copy=False)
     if y.dtype.kind == "f":
         return y.astype(np.float64, copy=False)
-    raise TypeError(
+    raise InvalidTypeError(
         f"labels must be numeric (integers or floats), got dtype {y.dtype}; map them to "
         "numbers first, or pass data without labels"
     )

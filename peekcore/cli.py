@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import check_output_file, parse_ranks
+from .errors import FileFormatError, InvalidArgumentError, MissingInputError, UnknownNameError
 
 __all__ = ["main", "parse_ranks", "section_names"]
 
@@ -38,14 +39,14 @@ def _open_data(path: str, layer: str | None):
     """An .npy file, or a layer of an activation store."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no such file or store: {p}")
+        raise MissingInputError(f"no such file or store: {p}")
     if p.is_dir():
         from .store import ActivationStore
 
         store = ActivationStore(p)
         if layer is None:
             if len(store.layers) != 1:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"the store {p} holds layers {list(store.layers)}: choose one with --layer"
                 )
             layer = store.layers[0]
@@ -54,10 +55,10 @@ def _open_data(path: str, layer: str | None):
 
             close = difflib.get_close_matches(layer, store.layers, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"no layer {layer!r} in {p} (it has {list(store.layers)}){hint}")
+            raise UnknownNameError(f"no layer {layer!r} in {p} (it has {list(store.layers)}){hint}")
         return store[layer]
     if layer is not None:
-        raise ValueError(f"--layer applies to activation stores (folders), not to {p}")
+        raise InvalidArgumentError(f"--layer applies to activation stores (folders), not to {p}")
     return str(p)
 
 
@@ -123,7 +124,7 @@ def _profile(args: argparse.Namespace) -> dict:
     paths = [Path(p) for p in args.checkpoints]
     for p in paths:
         if not p.is_file():
-            raise FileNotFoundError(f"no such checkpoint file: {p}")
+            raise MissingInputError(f"no such checkpoint file: {p}")
     names = section_names(paths)
     log = (lambda line: print(line, file=sys.stderr)) if not args.json else None
     profile = rank_profile(
@@ -380,7 +381,7 @@ def _spatial(text: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m:
-        raise ValueError(f"--spatial {text!r}: give the spatial shape as HxW, e.g. 7x7")
+        raise InvalidArgumentError(f"--spatial {text!r}: give the spatial shape as HxW, e.g. 7x7")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -398,7 +399,7 @@ def _info(args: argparse.Namespace) -> dict:
         return peekcore.build_info()
     p = Path(args.path)
     if not p.exists():
-        raise FileNotFoundError(f"no such file or store: {p}")
+        raise MissingInputError(f"no such file or store: {p}")
     if p.is_dir():
         from .store import ActivationStore
 
@@ -462,7 +463,7 @@ def _info(args: argparse.Namespace) -> dict:
             "points": len(prof.points),
             "verdict": prof.verdict,
         }
-    raise ValueError(f"{p}: unknown peekcore file format {kind!r}")
+    raise FileFormatError(f"{p}: unknown peekcore file format {kind!r}")
 
 
 def _bench(args: argparse.Namespace) -> dict:

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidArgumentError, PeekcoreError, RuntimeEnvironmentError
+
 __all__ = [
     "Communicator",
     "PeerFailure",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class PeerFailure(RuntimeError):
+class PeerFailure(PeekcoreError, RuntimeError):
     """Another process of a data-parallel fit failed (or stalled past the timeout)."""
 
 
@@ -128,7 +130,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(
+        raise RuntimeEnvironmentError(
             "distributed=True needs a process group: launch with torchrun (which sets RANK, "
             "WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or call torch.distributed."
             "init_process_group yourself"
@@ -165,7 +167,7 @@ def communicator(distributed: bool | None, n: int, align: int = 1) -> Communicat
         return Communicator(0, 1, 0, n, n)
     rank, world = dist.get_rank(), dist.get_world_size()
     if n < world:
-        raise ValueError(f"{n} samples cannot be split over {world} processes")
+        raise InvalidArgumentError(f"{n} samples cannot be split over {world} processes")
     lo, hi = shard_bounds(n, rank, world, align)
     return Communicator(rank, world, lo, hi, n, align)
 

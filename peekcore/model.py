@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._io import load_npz, save_npz
+from .errors import MissingDependencyError
 
 __all__ = ["CPModel", "FitHistory", "normalize_factors", "solve_sample_rows"]
 
@@ -202,7 +203,9 @@ class CPModel:
         try:
             from tensorly.cp_tensor import CPTensor
         except ImportError as err:
-            raise ImportError("to_tensorly() needs TensorLy: pip install tensorly") from err
+            raise MissingDependencyError(
+                "to_tensorly() needs TensorLy: pip install tensorly"
+            ) from err
         return CPTensor((self.weights.copy(), [f.copy() for f in self.factors]))
 
     @classmethod

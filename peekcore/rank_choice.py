@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 __all__ = ["RANK_RULES", "RankChoice", "choose_rank"]
 
 #: Names accepted by :func:`choose_rank`'s ``rule`` (a callable is accepted too).
@@ -150,7 +152,7 @@ def choose_rank(
     """
     r, cc, fit, st = _sorted_inputs(ranks, corcondia, fits, stability)
     if not callable(rule) and rule not in RANK_RULES:
-        raise ValueError(f"rule must be one of {RANK_RULES} or a callable, got {rule!r}")
+        raise InvalidArgumentError(f"rule must be one of {RANK_RULES} or a callable, got {rule!r}")
     notes: list[str] = []
     good = _high_quality(r, cc, threshold, min_gap if rule != "largest" else None, notes)
     if st is not None:
@@ -177,15 +179,15 @@ def _sorted_inputs(
     r = np.asarray(ranks)[order]
     n = len(r)
     if n == 0:
-        raise ValueError("no ranks to choose from")
+        raise InvalidArgumentError("no ranks to choose from")
     if len(set(r.tolist())) != n or not np.issubdtype(r.dtype, np.integer):
-        raise ValueError(f"ranks must be distinct integers, got {list(ranks)}")
+        raise InvalidArgumentError(f"ranks must be distinct integers, got {list(ranks)}")
     cc = np.asarray(corcondia, dtype=np.float64)
     fit = np.asarray(fits, dtype=np.float64)
     st = None if stability is None else np.asarray(stability, dtype=np.float64)
     for name, arr in (("corcondia", cc), ("fits", fit), ("stability", st)):
         if arr is not None and arr.shape != (n,):
-            raise ValueError(f"{name} has shape {arr.shape}, expected ({n},) like ranks")
+            raise InvalidArgumentError(f"{name} has shape {arr.shape}, expected ({n},) like ranks")
     return r, cc[order], fit[order], None if st is None else st[order]
 
 

@@ -30,6 +30,7 @@ from . import diagnostics as diag
 from ._io import load_npz, save_npz
 from ._validate import check_int, parse_ranks
 from ._version import __version__
+from .errors import InvalidArgumentError, InvalidTypeError, UnknownNameError
 from .kernels import ALS, HALS, PassKernel
 from .model import CPModel, FitHistory
 from .solvers.checks import check_random_state, check_rank
@@ -109,7 +110,7 @@ class RankSweep:
         """A model of the sweep: the best replicate of ``rank`` (default the chosen rank)."""
         rank = self.chosen_rank if rank is None else rank
         if rank not in self.ranks:
-            raise KeyError(f"rank {rank} is not in this sweep (ranks {self.ranks})")
+            raise UnknownNameError(f"rank {rank} is not in this sweep (ranks {self.ranks})")
         k = self.ranks.index(rank)
         return self.models[k][int(self.best[k]) if replicate is None else replicate]
 
@@ -329,22 +330,22 @@ def rank_sweep(
     t_start = time.perf_counter()
     random_state = check_random_state(random_state)
     if random_state is None:
-        raise TypeError(
+        raise InvalidTypeError(
             "rank_sweep needs an integer random_state: replicate p uses seed random_state + p"
         )
     if method not in _METHODS:
-        raise ValueError(f"method must be 'cp' or 'ncp', got {method!r}")
+        raise InvalidArgumentError(f"method must be 'cp' or 'ncp', got {method!r}")
     replicates = check_int(replicates, "replicates", purpose=" (restarts per rank)")
     refine_iters = check_int(
         refine_iters, "refine_iters", minimum=0, purpose=" (exact passes after a compressed sweep)"
     )
     if init == "gram" and replicates > 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             "init='gram' is deterministic, so its replicates would be identical: use "
             "init='random' for replicates, or replicates=1"
         )
     if compress and method != "cp":
-        raise ValueError(
+        raise InvalidArgumentError(
             "compress=True works with method='cp' only: a projected tensor is not "
             "nonnegative, so HALS cannot run on it"
         )
@@ -360,7 +361,7 @@ def rank_sweep(
     )
     problem = prepare(data, method=_METHODS[method], distributed=distributed, **kw)
     if compress and problem.comm.active:
-        raise ValueError("compress=True runs in one process; use distributed=False")
+        raise InvalidArgumentError("compress=True runs in one process; use distributed=False")
     ranks = _check_ranks(ranks, problem.shape)
     if compress:
         return _compressed_sweep(
@@ -485,7 +486,7 @@ def _compress_dims(compress_dims: Any, dims: tuple[int, ...], ranks: list[int]) 
     elif isinstance(compress_dims, int):
         compress_dims = [min(n, compress_dims) for n in dims]
     if len(compress_dims) != len(dims) or any(k < 1 for k in compress_dims):
-        raise ValueError(f"compress_dims must give one positive size per mode {dims}")
+        raise InvalidArgumentError(f"compress_dims must give one positive size per mode {dims}")
     return list(compress_dims)
 
 

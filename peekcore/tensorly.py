@@ -36,6 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    MissingDependencyError,
+    UnsupportedOptionError,
+)
+
 try:
     import tensorly as tl
     import tensorly.decomposition as tl_decomposition
@@ -43,7 +50,7 @@ try:
     from tensorly.decomposition._cp import initialize_cp
     from tensorly.tenalg.svd import SVD_FUNS
 except ImportError as err:  # pragma: no cover - tensorly is a test dependency
-    raise ImportError(
+    raise MissingDependencyError(
         "peekcore.tensorly is a drop-in for TensorLy's CP functions and needs TensorLy: "
         "pip install tensorly"
     ) from err
@@ -61,7 +68,7 @@ _CRITERIA = ("abs_rec_error", "rec_error")
 
 
 def _refuse(option: str, why: str) -> None:
-    raise NotImplementedError(
+    raise UnsupportedOptionError(
         f"peekcore.tensorly does not support {option} ({why}); use "
         f"tensorly.decomposition for it, or drop the option"
     )
@@ -115,7 +122,9 @@ class _Start:
 
     def __post_init__(self) -> None:
         if not (self.svd in SVD_FUNS or callable(self.svd)):
-            raise ValueError(f"Got svd={self.svd}. However, the possible choices are {SVD_FUNS}")
+            raise InvalidArgumentError(
+                f"Got svd={self.svd}. However, the possible choices are {SVD_FUNS}"
+            )
 
     def model(
         self, tensor: Any, rank: int, non_negative: bool
@@ -162,12 +171,12 @@ class _Stopping:
 
     def __post_init__(self) -> None:
         if self.cvg_criterion not in _CRITERIA:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Unknown convergence criterion {self.cvg_criterion!r}: one of {_CRITERIA}"
             )
         tol = self.tol
         if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a nonnegative number or None, got {tol!r}")
+            raise InvalidArgumentError(f"tol must be a nonnegative number or None, got {tol!r}")
 
     def __call__(self, errors: list[float], current: Callable[[], CPTensor]) -> bool:
         """Whether to stop after the iteration whose relative error is ``errors[-1]``;

@@ -62,8 +62,8 @@ def test_json_before_or_after_the_subcommand(tmp_path, npy, where):
 
 def test_json_errors_are_one_json_document(tmp_path, npy):
     for argv, kind, code in (
-        (["fit", "missing.npy", "--rank", "2"], "FileNotFoundError", 1),
-        (["fit", "x.npy", "--rank", "0"], None, 1),
+        (["fit", "missing.npy", "--rank", "2"], "MissingInputError", 1),
+        (["fit", "x.npy", "--rank", "0"], "InvalidArgumentError", 1),
         (["info", "x.npy", "--no-such-option"], "UsageError", 2),
         (["sweep", "x.npy", "--ranks", "3-1"], None, 1),
     ):
