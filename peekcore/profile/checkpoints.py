@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidTypeError
+from .._validate import check_device
+from ..errors import InvalidArgumentError, InvalidTypeError, MissingInputError
 
 __all__ = ["CheckpointSpec", "accuracy", "checkpoint_specs"]
 
@@ -84,7 +85,7 @@ def _one_spec(i: int, item: Any) -> CheckpointSpec:
         )
     if not isinstance(spec.model, nn.Module) and not Path(spec.model).is_file():
         # checked before any checkpoint runs, not when its turn comes
-        raise FileNotFoundError(f"checkpoint {spec.name!r}: no such file {spec.model}")
+        raise MissingInputError(f"checkpoint {spec.name!r}: no such file {spec.model}")
     spec.name = str(spec.name)
     spec.condition = str(spec.condition or spec.name)
     if spec.seed is not None:
@@ -193,6 +194,8 @@ def accuracy(
         )
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise InvalidTypeError(f"labels must be integer class indices, got {y.dtype}")
+    if device is not None:  # checked now, not when the first checkpoint runs
+        device = check_device(device, "accuracy's device")
 
     def quality(model: nn.Module) -> float:
         dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from .._io import load_npz, save_npz
+from .._validate import check_device
 from .._version import __version__
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, MissingDependencyError, UnknownNameError
 from .association import Association, associate, associate_pooled, holm, summarize
 from .checkpoints import accuracy, checkpoint_specs, load_spec_model, store_stem
 from .measures import MEASURES, bootstrap_measures, measure_sweep
@@ -117,7 +118,7 @@ class RankProfile:
         try:
             import pandas as pd
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 "RankProfile.to_pandas needs pandas: pip install pandas (or use to_records())"
             ) from err
         return pd.DataFrame(self.to_records())
@@ -127,7 +128,7 @@ class RankProfile:
         for a in self.associations:
             if a.layer == layer and a.measure == measure:
                 return a
-        raise KeyError(f"no association for layer {layer!r} and measure {measure!r}")
+        raise UnknownNameError(f"no association for layer {layer!r} and measure {measure!r}")
 
     def seed_spread(self) -> list[dict]:
         """Spread of each measure over training seeds, per layer and condition.
@@ -454,6 +455,9 @@ def rank_profile(
     if not layer_list:
         raise InvalidArgumentError("layers is empty: name at least one layer, e.g. ['layer3']")
     cap_kw = {"dtype": "float32", "fold_spatial": True, "batch_size": 256}
+    for opts, what in ((capture_options, "capture_options"), (sweep_options, "sweep_options")):
+        if (opts or {}).get("device") is not None:  # refused before the first checkpoint runs
+            check_device(opts["device"], f"{what}['device']")
     plan = _Plan(
         layers=layer_list,
         ranks=sorted(int(r) for r in ranks),
