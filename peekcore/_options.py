@@ -73,7 +73,7 @@ class SharedOptions:
 
         Raises
         ------
-        TypeError
+        InvalidTypeError
             For a name that is no option, as Python says it of a wrong keyword.
         """
         names = [f.name for f in dataclasses.fields(cls)]

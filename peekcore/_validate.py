@@ -200,7 +200,7 @@ def numeric_labels(y: np.ndarray) -> np.ndarray:
 
     Raises
     ------
-    TypeError
+    InvalidTypeError
         For any other dtype (strings, objects, complex), with the fix.
     """
     if y.dtype.kind in "biu":

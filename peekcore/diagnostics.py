@@ -133,7 +133,7 @@ def factor_match_score(
 
     Raises
     ------
-    ValueError
+    InvalidArgumentError
         When the models differ in order or mode sizes, or ``R_a > R_b``.
     """
     wa, fa = _unpack(model_a, weights_a)

@@ -346,7 +346,7 @@ def component_importance(
 
     Raises
     ------
-    KeyError
+    UnknownNameError
         No such layer (closest names listed).
     InvalidArgumentError
         The layer's shape (after the layout) is not the model's, the model's

@@ -134,8 +134,8 @@ def capture(
         integer indices (an ``nn.Embedding`` first) given floats. Nothing is
         rescaled.
     layers : str or sequence of str
-        Module names as ``model.get_submodule`` takes them. A wrong name gets a
-        ``KeyError`` listing the closest names.
+        Module names as ``model.get_submodule`` takes them. A wrong name gets an
+        ``UnknownNameError`` (a ``KeyError``) listing the closest names.
     store : path-like
         Folder of the zarr store to write (created; parents too).
     dtype : {"float16", "bfloat16", "float32"}

@@ -54,11 +54,11 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, n
 
     Raises
     ------
-    KeyError
+    UnknownNameError
         For a name that is not a submodule, listing the closest names.
     InvalidTypeError
         For ``layers`` that is neither a name nor a list of names (None, say).
-    ValueError
+    InvalidArgumentError
         For an empty list, a repeated name, or the empty name (the whole model).
     """
     if isinstance(layers, str):

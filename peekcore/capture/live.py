@@ -99,7 +99,7 @@ class ModelSource:
 
         Raises
         ------
-        RuntimeError
+        CaptureError
             When the first batch differs from the one computed at construction,
             or a later one from what it was on the first pass (before any of its
             samples are yielded).

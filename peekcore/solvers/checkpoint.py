@@ -208,8 +208,8 @@ def load_checkpoint(
 
     Raises
     ------
-    FileNotFoundError
-        No file at ``path``.
+    MissingInputError
+        No file at ``path`` (a ``FileNotFoundError``).
     CheckpointMismatchError
         Written for other data or settings (its ``differences`` name them).
     CheckpointError

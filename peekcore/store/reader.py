@@ -423,8 +423,8 @@ class ActivationStore:
 
     Raises
     ------
-    FileNotFoundError
-        No store at ``path``.
+    MissingInputError
+        No store at ``path`` (a ``FileNotFoundError``).
     StoreError
         Not a peekcore store, an unfinished capture, missing chunk files, or
         metadata that disagrees with the arrays; the message says which and

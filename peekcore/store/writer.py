@@ -431,7 +431,7 @@ def check_replaceable(path: Path) -> None:
 
     Raises
     ------
-    FileExistsError
+    OutputExistsError
         When ``path`` holds something that is not a peekcore activation store.
     """
     if not os.path.lexists(path) or is_empty_dir(path):
@@ -458,7 +458,7 @@ def remove_store(path: Path) -> None:
 
     Raises
     ------
-    FileExistsError
+    OutputExistsError
         When ``path`` holds something that is not a peekcore activation store.
     """
     check_replaceable(path)
