@@ -353,6 +353,12 @@ def _associations(
     return holm(out)
 
 
+def _checkpoint_line(points: list[dict], spec: Any, quality_name: str) -> str:
+    """The log line of one checkpoint: its quality and each layer's autoten rank."""
+    summary = ", ".join(f"{p['layer']} {_fmt(p['measures']['autoten'])}" for p in points)
+    return f"[profile] {spec.name}: {quality_name} {spec.quality:.3f}; autoten rank {summary}"
+
+
 def rank_profile(
     checkpoints: Sequence[Any],
     data: Any,
@@ -504,14 +510,7 @@ def rank_profile(
             for layer in layer_list:
                 _profile_layer(plan, spec, acts[layer], layer, lab)
             if log is not None:
-                summary = ", ".join(
-                    f"{p['layer']} {_fmt(p['measures']['autoten'])}"
-                    for p in plan.points[-len(layer_list) :]
-                )
-                log(
-                    f"[profile] {spec.name}: {quality_name} {spec.quality:.3f}; "
-                    f"autoten rank {summary}"
-                )
+                log(_checkpoint_line(plan.points[-len(layer_list) :], spec, quality_name))
     finally:
         if tmp is not None:
             tmp.cleanup()

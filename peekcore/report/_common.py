@@ -96,6 +96,18 @@ def load_result(obj: Any) -> CPModel | RankSweep:
     )
 
 
+def load_saved(obj: Any, cls: type, what: str) -> Any:
+    """An instance of ``cls``, from itself or from the ``.npz`` its ``save`` wrote.
+
+    ``what`` names the class in the error (e.g. ``"RankProfile"``).
+    """
+    if isinstance(obj, cls):
+        return obj
+    if isinstance(obj, str | os.PathLike):
+        return cls.load(obj)
+    raise InvalidTypeError(f"give a {what} or the path of its .npz, got {type(obj).__name__}")
+
+
 def load_model(obj: Any) -> CPModel:
     """A ``CPModel`` from a model, a sweep (its chosen rank's best model) or a file of either."""
     res = load_result(obj)

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidTypeError
 from ..importance import ComponentImportance
-from ._common import label_names
+from ._common import label_names, load_saved
 from .figures import FigureOutput, _finish, _new_figure
 from .html import LayerSection
 
@@ -34,13 +33,7 @@ _AGAINST = {
 
 def load_importance(obj: Any) -> ComponentImportance:
     """A :class:`ComponentImportance` from itself or from the file it was saved to."""
-    if isinstance(obj, ComponentImportance):
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        return ComponentImportance.load(obj)
-    raise InvalidTypeError(
-        f"give a ComponentImportance or the path of its .npz, got {type(obj).__name__}"
-    )
+    return load_saved(obj, ComponentImportance, "ComponentImportance")
 
 
 def importance_figure(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidTypeError
+from ._common import load_saved
 from .figures import FigureOutput, _new_figure, _write
 
 __all__ = ["profile_report", "rank_profile_figure"]
@@ -28,13 +28,7 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 def _load(profile_or_path: Any):
     from ..profile.profile import RankProfile
 
-    if isinstance(profile_or_path, RankProfile):
-        return profile_or_path
-    if isinstance(profile_or_path, (str, os.PathLike)):
-        return RankProfile.load(profile_or_path)
-    raise InvalidTypeError(
-        f"give a RankProfile or the path of its .npz, got {type(profile_or_path).__name__}"
-    )
+    return load_saved(profile_or_path, RankProfile, "RankProfile")
 
 
 def _rho_text(a: Any) -> str:
