@@ -340,11 +340,15 @@ def _importance_view(checkpoints: list[dict], x_te, y_te, cfg: DemoConfig, out: 
     """What the well-trained network does with each component of its last layer's model.
 
     The clean-label network of the first seed at its last epoch: its last
-    layer captured on the held-out digits, the model of it from the example
-    sweep (its chosen rank) or, without one, a nonnegative CP fit at the
-    largest rank swept, and :func:`peekcore.component_importance` of every
-    component. Returns the report section (class purity beside importance),
-    or None when no such network was trained.
+    layer captured on the held-out digits, a model of it, and
+    :func:`peekcore.component_importance` of every component. The model is
+    the example sweep's smallest rank whose reconstruction keeps the
+    network's held-out accuracy within ``RECONSTRUCTION_TOLERANCE`` (else its
+    largest rank): importance read off a model that does not carry what the
+    network uses says little (the sweep's own choice, rank 2 in the full demo,
+    leaves the network at chance). Without a sweep: a nonnegative CP fit at
+    the largest rank swept. Returns the report section (class purity beside
+    importance), or None when no such network was trained.
     """
     from . import capture, ncp_hals
     from .importance import component_importance
@@ -363,8 +367,10 @@ def _importance_view(checkpoints: list[dict], x_te, y_te, cfg: DemoConfig, out: 
         fold_spatial=True, overwrite=True, progress=False,
     )  # fmt: skip
     swept = out / "sweeps" / f"{name}_{layer}_sweep.npz"
+    rule = {}
     if swept.exists():
-        cp = RankSweep.load(swept).model()
+        sweep = RankSweep.load(swept)
+        cp, rule = _faithful_model(found[0], layer, sweep, x_te, y_te, store)
     else:
         kw = dict(n_iter_max=cfg.n_iter_max, tol=cfg.tol, random_state=cfg.seed, progress=False)
         cp = ncp_hals(store[layer], max(cfg.ranks), **kw)
@@ -379,9 +385,50 @@ def _importance_view(checkpoints: list[dict], x_te, y_te, cfg: DemoConfig, out: 
     figs = out / "report_figures"
     return LayerSection(
         name=f"{layer} of {name}: what each component drives",
-        summary={"rank": cp.rank, "fit": cp.fit, **imp.summary()},
+        summary={"rank": cp.rank, **rule, "fit": cp.fit, **imp.summary()},
         figures=[
             class_component_figure(cp, y_te, figs / f"importance_{layer}_classes"),
             importance_figure(imp, figs / f"importance_{layer}"),
         ],
     )
+
+
+#: How far below the network's own held-out accuracy the importance view's
+#: reconstruction may fall (the rank rule of :func:`_importance_view`).
+RECONSTRUCTION_TOLERANCE = 0.05
+
+
+def _faithful_model(model, layer: str, sweep: Any, x_te, y_te, store) -> tuple[Any, dict]:
+    """The sweep's smallest rank whose reconstruction keeps accuracy within the tolerance.
+
+    Each rank's best model replaces ``layer`` by all its components (one
+    forward pass of the held-out data per rank); returns that model and the
+    rule's record for the report (the network's accuracy, the rank the sweep
+    chose and its reconstruction accuracy). The largest rank when none keeps it.
+    """
+    from .edits import edited_outputs
+    from .profile.checkpoints import accuracy
+
+    y = np.asarray(y_te)
+    base = accuracy(x_te, y)(model)
+    acc: dict[int, float] = {}
+
+    def reconstruction_accuracy(r: int) -> float:
+        if r not in acc:
+            cp = sweep.model(r)
+            logits = edited_outputs(model, layer, cp, x_te, keep=list(range(r)), store=store)
+            acc[r] = float((logits.argmax(1) == y).mean())
+        return acc[r]
+
+    ranks = sorted(sweep.ranks)
+    rank = next(
+        (r for r in ranks if reconstruction_accuracy(r) >= base - RECONSTRUCTION_TOLERANCE),
+        ranks[-1],
+    )
+    rule = {
+        "rank rule": f"smallest swept rank whose reconstruction keeps accuracy within "
+        f"{RECONSTRUCTION_TOLERANCE} of the network's {base:.3f}",
+        "sweep's chosen rank": sweep.chosen_rank,
+        "its reconstruction accuracy": reconstruction_accuracy(sweep.chosen_rank),
+    }
+    return sweep.model(rank), rule

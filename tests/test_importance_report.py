@@ -190,3 +190,42 @@ def test_demo_importance_view(tmp_path):
     assert imp.baseline_accuracy == pytest.approx(acc)
     assert section.summary["baseline_accuracy"] == imp.baseline_accuracy and len(lines) == 1
     assert _importance_view([], x.numpy(), y.numpy(), cfg, tmp_path, lines.append) is None
+
+
+@pytest.mark.slow
+def test_demo_importance_view_takes_the_smallest_faithful_rank(tmp_path):
+    """With the example sweep, the view's model is the smallest rank whose
+    reconstruction keeps the network's accuracy within the tolerance (the
+    sweep's own choice may leave the network near chance)."""
+    from peekcore.demo import RECONSTRUCTION_TOLERANCE, DemoConfig, _importance_view, _train_run
+
+    cfg = DemoConfig()  # trained as the full demo trains (a small net stays near chance)
+    data = peekcore.datasets.digits()
+    x = torch.as_tensor(np.asarray(data.inputs), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
+    net = _train_run(x[:1000], y[:1000], 0, [max(cfg.epochs)], cfg)[max(cfg.epochs)]
+    name = f"net0-noise0-e{max(cfg.epochs)}"
+    x_te, y_te = x[1000:1400].numpy(), y[1000:1400].numpy()
+    acts = peekcore.capture(net, x_te, "act3", tmp_path / "a.zarr", fold_spatial=True)
+    ranks = [1, 2, 4, 8, 12, 16]
+    sweep = peekcore.rank_sweep(acts["act3"], ranks=ranks, method="ncp", random_state=0)
+    (tmp_path / "sweeps").mkdir()
+    sweep.save(tmp_path / "sweeps" / f"{name}_act3_sweep.npz")
+
+    section = _importance_view([{"name": name, "model": net}], x_te, y_te, cfg, tmp_path, print)
+    imp = ComponentImportance.load(tmp_path / "importance" / f"{name}_act3_importance.npz")
+    rank = imp.rank
+    assert section.summary["rank"] == rank
+
+    def recon(r):  # reconstruction accuracy of rank r, from component_importance itself
+        sweep.model(r).save(tmp_path / f"m{r}.npz")
+        return peekcore.component_importance(
+            net, "act3", tmp_path / f"m{r}.npz", (x_te, y_te), store=acts, modes=("keep",)
+        ).reconstruction_accuracy
+
+    floor = imp.baseline_accuracy - RECONSTRUCTION_TOLERANCE
+    assert rank < max(sweep.ranks) and imp.reconstruction_accuracy >= floor  # 12 of 16 here
+    assert all(recon(r) < floor for r in sweep.ranks if r < rank)  # the smallest such rank
+    chosen = sweep.chosen_rank
+    assert section.summary["sweep's chosen rank"] == chosen
+    assert section.summary["its reconstruction accuracy"] == pytest.approx(recon(chosen))
