@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from _table import finish, per_iteration
+from _table import case_parser, finish, per_iteration
 
 import peekcore
 from peekcore.model import CPModel
@@ -105,11 +105,7 @@ print(json.dumps({{"base_kib": base, "peak_kib": peak, "chunk": m.metadata["chun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--c", type=int, default=256)
-    parser.add_argument("--s", type=int, default=196)
-    parser.add_argument("--rank", type=int, default=16)
+    parser = case_parser(__doc__)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--skip-tensorly", action="store_true")

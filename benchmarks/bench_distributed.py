@@ -9,7 +9,6 @@ values. Default 2,000 x 256 x 196 float32, R = 16: 16 x 50,176 floats = 3.2 MB.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from _table import finish
+from _table import case_parser, finish
 
 WORKER = textwrap.dedent(
     """
@@ -72,11 +71,7 @@ def run(world: int, threads: int, data: Path, rank: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--c", type=int, default=256)
-    parser.add_argument("--s", type=int, default=196)
-    parser.add_argument("--rank", type=int, default=16)
+    parser = case_parser(__doc__)
     parser.add_argument("--json")
     args = parser.parse_args()
     cores = os.cpu_count() or 2

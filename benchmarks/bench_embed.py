@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from _cpp_example import ROOT, build_example, run
-from _table import finish, per_iteration
+from _table import case_parser, finish, per_iteration
 
 import peekcore
 from peekcore.model import CPModel
@@ -157,11 +156,7 @@ def cpp_against_python(x: np.ndarray, rank: int, iters: int, tmp: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--c", type=int, default=256)
-    parser.add_argument("--s", type=int, default=196)
-    parser.add_argument("--rank", type=int, default=16)
+    parser = case_parser(__doc__)
     parser.add_argument("--iters", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[250, 500, 1000])
     parser.add_argument(
