@@ -19,7 +19,7 @@ again, so two processes never hold "the" lock on two different files. A file
 left by a killed process is harmless: the next writer takes it over. Where
 the file system has no ``flock`` (some network file systems), or the folder
 takes no new file (a store resumed in a folder the user may not write to), the
-write goes on unlocked, as it did before this module.
+write goes on unlocked, with a ``RuntimeWarning`` that says so.
 """
 
 from __future__ import annotations
